@@ -1,0 +1,162 @@
+//! SWIM timing, shared by the agent and the simulator.
+
+use std::num::{NonZeroU8, NonZeroUsize};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Timing and sizing of the SWIM protocol. The defaults suit a LAN of up to a
+/// few hundred nodes (close to foca's `Config::new_lan`), with faster
+/// re-announcing to down members so partitions heal by themselves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SwimConfig {
+    /// How often each node probes one random member.
+    #[serde(with = "crate::duration")]
+    pub probe_period: Duration,
+    /// How long to wait for a direct ack before asking others to probe.
+    #[serde(with = "crate::duration")]
+    pub probe_rtt: Duration,
+    /// How many members are asked to probe indirectly.
+    pub indirect_probes: usize,
+    /// How long a member stays suspect before it is declared down.
+    #[serde(with = "crate::duration")]
+    pub suspect_to_down_after: Duration,
+    /// How long a down member is remembered before it is forgotten.
+    #[serde(with = "crate::duration")]
+    pub remove_down_after: Duration,
+    /// How many times each update is piggybacked.
+    pub max_transmissions: u8,
+    /// The largest SWIM datagram this node builds.
+    pub max_packet_size: usize,
+    /// How often updates are pushed to `gossip_fanout` random members.
+    #[serde(with = "crate::duration")]
+    pub gossip_interval: Duration,
+    /// Members each gossip round goes to.
+    pub gossip_fanout: usize,
+    /// How often to announce to a random live member (keeps views full).
+    #[serde(with = "crate::duration")]
+    pub announce_interval: Duration,
+    /// How often to announce to members we believe are down: this is what
+    /// rejoins the two sides of a healed partition.
+    #[serde(with = "crate::duration")]
+    pub announce_down_interval: Duration,
+    /// Down members announced to each time.
+    pub announce_down_fanout: usize,
+}
+
+impl Default for SwimConfig {
+    fn default() -> Self {
+        Self {
+            probe_period: Duration::from_secs(1),
+            probe_rtt: Duration::from_millis(500),
+            indirect_probes: 3,
+            suspect_to_down_after: Duration::from_secs(4),
+            remove_down_after: Duration::from_secs(6 * 3600),
+            max_transmissions: 10,
+            max_packet_size: 1100,
+            gossip_interval: Duration::from_millis(200),
+            gossip_fanout: 3,
+            announce_interval: Duration::from_secs(30),
+            announce_down_interval: Duration::from_secs(3),
+            announce_down_fanout: 2,
+        }
+    }
+}
+
+/// A timing value that foca would refuse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("swim.{key}: {problem}")]
+pub struct InvalidSwimConfig {
+    /// The offending key.
+    pub key: &'static str,
+    /// What is wrong with it.
+    pub problem: &'static str,
+}
+
+impl SwimConfig {
+    /// Checks the values; on success `to_foca` cannot fail.
+    pub fn validate(&self) -> Result<(), InvalidSwimConfig> {
+        let bad = |key, problem| Err(InvalidSwimConfig { key, problem });
+        if self.probe_period.is_zero() {
+            return bad("probe_period", "must be positive");
+        }
+        if self.probe_rtt.is_zero() || self.probe_rtt >= self.probe_period {
+            return bad("probe_rtt", "must be positive and shorter than probe_period");
+        }
+        if self.indirect_probes == 0 {
+            return bad("indirect_probes", "must be at least 1");
+        }
+        if self.suspect_to_down_after.is_zero() {
+            return bad("suspect_to_down_after", "must be positive");
+        }
+        if self.max_transmissions == 0 {
+            return bad("max_transmissions", "must be at least 1");
+        }
+        if !(256..=crate::codec::MAX_DATAGRAM).contains(&self.max_packet_size) {
+            return bad("max_packet_size", "must be between 256 and 65536");
+        }
+        if self.gossip_interval.is_zero() || self.gossip_fanout == 0 {
+            return bad("gossip_interval", "interval and fanout must be positive");
+        }
+        if self.announce_interval.is_zero() || self.announce_down_interval.is_zero() {
+            return bad("announce_interval", "must be positive");
+        }
+        if self.announce_down_fanout == 0 {
+            return bad("announce_down_fanout", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The equivalent foca configuration.
+    pub fn to_foca(&self) -> Result<foca::Config, InvalidSwimConfig> {
+        self.validate()?;
+        let nz = |n: usize| NonZeroUsize::new(n).expect("validated");
+        Ok(foca::Config {
+            probe_period: self.probe_period,
+            probe_rtt: self.probe_rtt,
+            num_indirect_probes: nz(self.indirect_probes),
+            max_transmissions: NonZeroU8::new(self.max_transmissions).expect("validated"),
+            suspect_to_down_after: self.suspect_to_down_after,
+            remove_down_after: Some(self.remove_down_after),
+            max_packet_size: nz(self.max_packet_size),
+            notify_down_members: true,
+            periodic_announce: Some(foca::PeriodicParams {
+                frequency: self.announce_interval,
+                num_members: nz(1),
+            }),
+            periodic_announce_to_down_members: Some(foca::PeriodicParams {
+                frequency: self.announce_down_interval,
+                num_members: nz(self.announce_down_fanout),
+            }),
+            periodic_gossip: Some(foca::PeriodicParams {
+                frequency: self.gossip_interval,
+                num_members: nz(self.gossip_fanout),
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        SwimConfig::default().to_foca().unwrap();
+    }
+
+    #[test]
+    fn rejects_nonsense() {
+        let mut c = SwimConfig {
+            probe_rtt: Duration::from_secs(5),
+            ..Default::default()
+        };
+        assert_eq!(c.validate().unwrap_err().key, "probe_rtt");
+        c = SwimConfig {
+            max_packet_size: 10,
+            ..Default::default()
+        };
+        assert_eq!(c.validate().unwrap_err().key, "max_packet_size");
+    }
+}

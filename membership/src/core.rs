@@ -1,0 +1,506 @@
+//! The driver around foca: time in, effects out.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+use foca::{AccumulatingRuntime, Foca, OwnedNotification, Timer};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use crate::codec::{self, CodecError, WireCodec};
+use crate::config::{InvalidSwimConfig, SwimConfig};
+use crate::gossip::{GossipHandler, Leave};
+use crate::identity::NodeId;
+
+/// A member's state as the mesh sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MemberState {
+    /// Answering probes.
+    Alive,
+    /// Missed a probe; will be declared down unless it refutes.
+    Suspect,
+    /// Declared down after suspicion ran out.
+    Down,
+    /// Left on purpose.
+    Left,
+}
+
+impl MemberState {
+    /// Lower-case name used by the API and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Alive => "alive",
+            Self::Suspect => "suspect",
+            Self::Down => "down",
+            Self::Left => "left",
+        }
+    }
+
+    /// Whether the member should receive traffic.
+    pub fn is_active(self) -> bool {
+        matches!(self, Self::Alive | Self::Suspect)
+    }
+}
+
+/// One row of the member table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberView {
+    /// Who.
+    pub id: NodeId,
+    /// SWIM incarnation (bumped by the member to refute suspicion).
+    pub incarnation: u16,
+    /// What we believe.
+    pub state: MemberState,
+}
+
+/// Something that happened to the membership, for the driver to act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A member became active.
+    MemberUp(NodeId),
+    /// A member was declared down.
+    MemberDown(NodeId),
+    /// A member left on purpose.
+    MemberLeft(NodeId),
+    /// A member restarted or rejoined under a newer generation.
+    MemberRenamed {
+        /// The identity it had.
+        old: NodeId,
+        /// The identity it has now.
+        new: NodeId,
+    },
+    /// This node was declared down and rejoined with a new generation.
+    Rejoined(NodeId),
+    /// This node knows at least one other active member.
+    Connected,
+    /// This node knows no active member any more.
+    Isolated,
+}
+
+/// A datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// The destination member.
+    pub to: NodeId,
+    /// Encoded SWIM message.
+    pub data: Bytes,
+}
+
+/// Why an input was refused. Nothing changed when this is returned, except
+/// for `Protocol`, where foca may have applied part of a valid prefix.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    /// The bytes did not decode.
+    #[error("undecodable datagram: {0}")]
+    Decode(#[from] CodecError),
+    /// The datagram claims another sender than the authenticated peer.
+    #[error("datagram from {certified} claims to be from {claimed}")]
+    IdentityMismatch {
+        /// Name in the SWIM header.
+        claimed: String,
+        /// Name in the peer's certificate.
+        certified: String,
+    },
+    /// foca refused the message.
+    #[error("SWIM protocol error: {0}")]
+    Protocol(String),
+    /// Bad timing configuration.
+    #[error(transparent)]
+    Config(#[from] InvalidSwimConfig),
+}
+
+type Swim = Foca<NodeId, WireCodec, StdRng, GossipHandler>;
+
+/// The sans-IO membership core.
+///
+/// The caller owns the clock: every input carries `now`, the time elapsed
+/// since any fixed epoch the caller picks. After each input, drain
+/// [`Membership::poll_transmit`] and [`Membership::poll_event`], and call
+/// [`Membership::handle_timeout`] when [`Membership::poll_timeout`] says so.
+pub struct Membership {
+    swim: Swim,
+    gossip: GossipHandler,
+    runtime: AccumulatingRuntime<NodeId>,
+    timers: BTreeMap<(Duration, u64), Timer<NodeId>>,
+    timer_seq: u64,
+    now: Duration,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    left: bool,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("identity", self.swim.identity())
+            .field("members", &self.swim.num_members())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Membership {
+    /// A core for `identity`, with randomness from `seed`.
+    pub fn new(identity: NodeId, config: &SwimConfig, seed: u64) -> Result<Self, MembershipError> {
+        let gossip = GossipHandler::default();
+        let swim = Foca::with_custom_broadcast(
+            identity,
+            config.to_foca()?,
+            StdRng::seed_from_u64(seed),
+            WireCodec,
+            gossip.clone(),
+        );
+        Ok(Self {
+            swim,
+            gossip,
+            runtime: AccumulatingRuntime::new(),
+            timers: BTreeMap::new(),
+            timer_seq: 0,
+            now: Duration::ZERO,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            left: false,
+        })
+    }
+
+    /// This node's current identity (its generation changes on rejoin).
+    pub fn identity(&self) -> &NodeId {
+        self.swim.identity()
+    }
+
+    /// Number of active members, not counting this node.
+    pub fn num_active(&self) -> usize {
+        self.swim.num_members()
+    }
+
+    /// Whether `leave` was called.
+    pub fn has_left(&self) -> bool {
+        self.left
+    }
+
+    /// Asks `dst` to let us in (join through a seed or a remembered member).
+    pub fn announce(&mut self, now: Duration, dst: NodeId) -> Result<(), MembershipError> {
+        self.advance(now);
+        let result = self.swim.announce(dst, &mut self.runtime);
+        self.drain();
+        result.map_err(protocol)
+    }
+
+    /// Feeds one datagram received from the peer whose certificate names
+    /// `certified`.
+    pub fn handle_datagram(
+        &mut self,
+        now: Duration,
+        certified: &str,
+        data: &[u8],
+    ) -> Result<(), MembershipError> {
+        self.advance(now);
+        let header = codec::peek_header(data)?;
+        if header.src.name != certified {
+            return Err(MembershipError::IdentityMismatch {
+                claimed: header.src.name,
+                certified: certified.to_owned(),
+            });
+        }
+        let result = self.swim.handle_data(data, &mut self.runtime);
+        self.drain();
+        result.map_err(protocol)
+    }
+
+    /// When [`Membership::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        self.timers.keys().next().map(|(at, _)| *at)
+    }
+
+    /// Fires every timer due at or before `now`.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        self.advance(now);
+        while let Some(entry) = self.timers.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let timer = entry.remove();
+            // A timer can only fail on internal inconsistencies foca already
+            // recovers from; the next probe round proceeds regardless.
+            let _ = self.swim.handle_timer(timer, &mut self.runtime);
+            self.drain();
+        }
+    }
+
+    /// Leaves the cluster: tells peers we are going, on purpose.
+    pub fn leave(&mut self, now: Duration) -> Result<(), MembershipError> {
+        self.advance(now);
+        if self.left {
+            return Ok(());
+        }
+        let id = self.identity().clone();
+        let leave = Leave {
+            name: id.name,
+            generation: id.generation,
+        };
+        self.swim
+            .add_broadcast(&leave.encode()?)
+            .map_err(protocol)?;
+        // Push the item (and our down update) to everyone we know, not only
+        // to the usual fanout, so peers learn of it at once.
+        for _ in 0..self.swim.num_members().div_ceil(3).max(1) {
+            let _ = self.swim.gossip(&mut self.runtime);
+        }
+        let result = self.swim.leave_cluster(&mut self.runtime);
+        self.left = true;
+        self.drain();
+        self.timers.clear();
+        result.map_err(protocol)
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next membership event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Every known member (active, and down ones not yet forgotten), sorted
+    /// by name.
+    pub fn members(&self) -> Vec<MemberView> {
+        let gossip = self.gossip.state();
+        let mut out: Vec<MemberView> = self
+            .swim
+            .iter_membership_state()
+            .map(|m| {
+                let state = match m.state() {
+                    foca::State::Alive => MemberState::Alive,
+                    foca::State::Suspect => MemberState::Suspect,
+                    foca::State::Down if gossip.has_left(m.id()) => MemberState::Left,
+                    foca::State::Down => MemberState::Down,
+                };
+                MemberView {
+                    id: m.id().clone(),
+                    incarnation: m.incarnation(),
+                    state,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    fn advance(&mut self, now: Duration) {
+        // Time never goes backwards inside the core.
+        self.now = self.now.max(now);
+    }
+
+    fn drain(&mut self) {
+        while let Some((to, data)) = self.runtime.to_send() {
+            self.transmits.push_back(Transmit { to, data });
+        }
+        while let Some((after, timer)) = self.runtime.to_schedule() {
+            self.timer_seq += 1;
+            self.timers
+                .insert((self.now + after, self.timer_seq), timer);
+        }
+        while let Some(n) = self.runtime.to_notify() {
+            let event = match n {
+                OwnedNotification::MemberUp(id) => Event::MemberUp(id),
+                OwnedNotification::MemberDown(id) => {
+                    if self.gossip.state().has_left(&id) {
+                        Event::MemberLeft(id)
+                    } else {
+                        Event::MemberDown(id)
+                    }
+                }
+                OwnedNotification::Rename(old, new) => Event::MemberRenamed { old, new },
+                OwnedNotification::Rejoin(id) => Event::Rejoined(id),
+                OwnedNotification::Active => Event::Connected,
+                OwnedNotification::Idle => Event::Isolated,
+                OwnedNotification::Defunct => continue,
+            };
+            self.events.push_back(event);
+        }
+    }
+}
+
+fn protocol(e: foca::Error) -> MembershipError {
+    MembershipError::Protocol(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lossless in-memory network on manual time.
+    struct Net {
+        nodes: Vec<Option<Membership>>,
+        now: Duration,
+    }
+
+    impl Net {
+        fn new(n: usize) -> Self {
+            let config = SwimConfig::default();
+            let nodes = (0..n)
+                .map(|i| {
+                    let id = NodeId::new(format!("n{i}"), ([10, 0, 0, i as u8], 7946).into(), 1)
+                        .unwrap();
+                    Some(Membership::new(id, &config, i as u64).unwrap())
+                })
+                .collect();
+            Self {
+                nodes,
+                now: Duration::ZERO,
+            }
+        }
+
+        fn id(&self, i: usize) -> NodeId {
+            self.nodes[i].as_ref().unwrap().identity().clone()
+        }
+
+        fn index(&self, name: &str) -> usize {
+            name[1..].parse().unwrap()
+        }
+
+        /// Delivers every pending datagram until the network is quiet.
+        fn deliver(&mut self) {
+            loop {
+                let mut moved = false;
+                for i in 0..self.nodes.len() {
+                    let Some(node) = self.nodes[i].as_mut() else { continue };
+                    let from = node.identity().name.clone();
+                    let out: Vec<_> = std::iter::from_fn(|| node.poll_transmit()).collect();
+                    for t in out {
+                        moved = true;
+                        let j = self.index(&t.to.name);
+                        if let Some(dst) = self.nodes[j].as_mut() {
+                            let _ = dst.handle_datagram(self.now, &from, &t.data);
+                        }
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+
+        fn run_for(&mut self, d: Duration) {
+            let end = self.now + d;
+            while self.now < end {
+                self.now += Duration::from_millis(10);
+                for node in self.nodes.iter_mut().flatten() {
+                    node.handle_timeout(self.now);
+                }
+                self.deliver();
+            }
+        }
+
+        fn view(&self, i: usize) -> Vec<(String, MemberState)> {
+            self.nodes[i]
+                .as_ref()
+                .unwrap()
+                .members()
+                .into_iter()
+                .map(|m| (m.id.name, m.state))
+                .collect()
+        }
+    }
+
+    fn joined(n: usize) -> Net {
+        let mut net = Net::new(n);
+        let seed = net.id(0);
+        for i in 1..n {
+            let now = net.now;
+            net.nodes[i].as_mut().unwrap().announce(now, seed.clone()).unwrap();
+        }
+        net.deliver();
+        net.run_for(Duration::from_secs(3));
+        net
+    }
+
+    #[test]
+    fn nodes_join_through_one_seed() {
+        let net = joined(5);
+        for i in 0..5 {
+            let view = net.view(i);
+            assert_eq!(view.len(), 4, "node {i} sees {view:?}");
+            assert!(view.iter().all(|(_, s)| *s == MemberState::Alive));
+        }
+    }
+
+    #[test]
+    fn crash_is_detected_as_down() {
+        let mut net = joined(5);
+        net.nodes[3] = None;
+        net.run_for(Duration::from_secs(10));
+        for i in [0, 1, 2, 4] {
+            assert!(
+                net.view(i).contains(&("n3".into(), MemberState::Down)),
+                "node {i}: {:?}",
+                net.view(i)
+            );
+        }
+    }
+
+    #[test]
+    fn leave_is_seen_as_left_quickly() {
+        let mut net = joined(5);
+        let now = net.now;
+        net.nodes[2].as_mut().unwrap().leave(now).unwrap();
+        net.deliver();
+        net.nodes[2] = None;
+        net.run_for(Duration::from_secs(1));
+        for i in [0, 1, 3, 4] {
+            assert!(
+                net.view(i).contains(&("n2".into(), MemberState::Left)),
+                "node {i}: {:?}",
+                net.view(i)
+            );
+        }
+    }
+
+    #[test]
+    fn restart_with_newer_generation_replaces_old_self() {
+        let mut net = joined(3);
+        net.nodes[2] = None;
+        net.run_for(Duration::from_secs(10));
+        let id = NodeId::new("n2", ([10, 0, 0, 2], 7946).into(), 2).unwrap();
+        let mut fresh = Membership::new(id, &SwimConfig::default(), 99).unwrap();
+        fresh.announce(net.now, net.id(0)).unwrap();
+        net.nodes[2] = Some(fresh);
+        net.deliver();
+        net.run_for(Duration::from_secs(3));
+        for i in 0..3 {
+            let view = net.view(i);
+            assert!(view.iter().all(|(_, s)| *s == MemberState::Alive), "node {i}: {view:?}");
+            assert_eq!(view.len(), 2);
+        }
+    }
+
+    #[test]
+    fn spoofed_sender_is_refused() {
+        let mut net = joined(2);
+        let mut other = Net::new(3);
+        let now = net.now;
+        // n2 announces to n0 but the datagram arrives on a connection
+        // certified as "n1".
+        other.nodes[2].as_mut().unwrap().announce(now, net.id(0)).unwrap();
+        let t = other.nodes[2].as_mut().unwrap().poll_transmit().unwrap();
+        let before = net.view(0);
+        let err = net.nodes[0]
+            .as_mut()
+            .unwrap()
+            .handle_datagram(now, "n1", &t.data)
+            .unwrap_err();
+        assert!(matches!(err, MembershipError::IdentityMismatch { .. }));
+        assert_eq!(net.view(0), before, "nothing changed");
+    }
+
+    #[test]
+    fn same_seed_same_run() {
+        let a = joined(6);
+        let b = joined(6);
+        for i in 0..6 {
+            assert_eq!(a.view(i), b.view(i));
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! Custom broadcasts piggybacked on SWIM traffic.
+//!
+//! Each item is one kind byte and a bincode body. foca calls
+//! [`GossipHandler::receive_item`] for every item it sees (our own included);
+//! returning a key means "new to me, pass it on".
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, CodecError};
+use crate::identity::{NodeId, validate_name};
+
+const KIND_LEAVE: u8 = 1;
+
+/// A node announcing that it leaves on purpose (so peers show it `left`, not
+/// `down`). It carries the generation so a later restart is not mistaken for
+/// the departed one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leave {
+    /// The departing node.
+    pub name: String,
+    /// Which generation of it departs.
+    pub generation: u64,
+}
+
+impl Leave {
+    /// The broadcast bytes for this item.
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        let mut out = vec![KIND_LEAVE];
+        out.extend(codec::encode(self)?);
+        Ok(out)
+    }
+}
+
+/// The dedup key of a broadcast: a newer item for the same key replaces the
+/// older one in foca's retransmission queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GossipKey {
+    /// A [`Leave`] by this node name.
+    Leave(String),
+}
+
+impl foca::Invalidates for GossipKey {
+    fn invalidates(&self, other: &Self) -> bool {
+        self == other
+    }
+}
+
+/// State learned from broadcasts, shared between foca's handler and the
+/// membership core (both live on the same task; the lock is never contended).
+#[derive(Debug, Default)]
+pub(crate) struct GossipState {
+    /// Highest departed generation per node name.
+    pub(crate) left: HashMap<String, u64>,
+}
+
+impl GossipState {
+    pub(crate) fn has_left(&self, id: &NodeId) -> bool {
+        self.left.get(&id.name) == Some(&id.generation)
+    }
+}
+
+/// foca's `BroadcastHandler` for Gossamer's items.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct GossipHandler {
+    state: Arc<Mutex<GossipState>>,
+}
+
+impl GossipHandler {
+    pub(crate) fn state(&self) -> MutexGuard<'_, GossipState> {
+        // The state holds plain maps that are valid after any panic.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl foca::BroadcastHandler<NodeId> for GossipHandler {
+    type Key = GossipKey;
+    type Error = CodecError;
+
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        _sender: Option<&NodeId>,
+    ) -> Result<Option<GossipKey>, CodecError> {
+        let (&kind, body) = data.split_first().ok_or(CodecError::Truncated)?;
+        match kind {
+            KIND_LEAVE => {
+                let (leave, used): (Leave, usize) = codec::decode(body)?;
+                if used != body.len() {
+                    return Err(CodecError::TooLarge {
+                        len: body.len(),
+                        max: used,
+                    });
+                }
+                validate_name(&leave.name)?;
+                let mut state = self.state();
+                let known = state.left.entry(leave.name.clone()).or_insert(0);
+                if *known >= leave.generation && *known != 0 {
+                    return Ok(None);
+                }
+                *known = leave.generation;
+                Ok(Some(GossipKey::Leave(leave.name)))
+            }
+            other => Err(CodecError::BadMagic(other)),
+        }
+    }
+}

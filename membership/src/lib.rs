@@ -1,0 +1,28 @@
+//! Gossamer's membership core: SWIM (foca) without I/O.
+//!
+//! The agent and the simulator drive the same [`Membership`]: time comes in as
+//! an argument (a `Duration` since the caller's epoch), randomness from a
+//! seed, and effects come out as data: datagrams to send
+//! ([`Membership::poll_transmit`]), the next timer deadline
+//! ([`Membership::poll_timeout`]) and membership events
+//! ([`Membership::poll_event`]). Nothing here reads a clock, opens a socket
+//! or asks the OS for randomness.
+//!
+//! # Layout
+//! - [`identity`]: [`NodeId`] (name, address, generation) and name rules.
+//! - [`codec`]: the versioned, size-capped wire codec (bincode behind one module).
+//! - [`config`]: [`SwimConfig`], SWIM timing shared with the simulator.
+//! - [`gossip`]: custom broadcasts piggybacked on SWIM (leave notices).
+//! - [`core`]: the [`Membership`] driver.
+//! - [`duration`]: `"2s"`-style durations for config files.
+
+pub mod codec;
+pub mod config;
+pub mod core;
+pub mod duration;
+pub mod gossip;
+pub mod identity;
+
+pub use crate::config::SwimConfig;
+pub use crate::core::{Event, MemberState, MemberView, Membership, MembershipError, Transmit};
+pub use crate::identity::NodeId;
