@@ -1,1 +1,27 @@
-pub fn x(){}
+//! Gossamer's node-to-node transport: QUIC with mutual TLS from the mesh CA.
+//!
+//! One [`Transport`] per agent binds one UDP port. Every peer gets at most one
+//! cached connection, made on first use from either side. On it travel SWIM
+//! datagrams (as QUIC datagrams, or on a uni stream when too big for the
+//! path) and bidirectional streams for the catalog sync and proxied requests.
+//! Both sides of every connection verify the peer's certificate against the
+//! mesh CA; the node name in the certificate is what every inbound item is
+//! attributed to ([`Inbound`]), so a peer cannot speak for another.
+//!
+//! # Layout
+//! - [`pki`]: the mesh CA, node certificates, and loading a [`MeshIdentity`].
+//! - [`tls`]: rustls client and server configuration.
+//! - [`endpoint`]: the [`Transport`] and its connection cache.
+//! - [`frame`]: size-capped length-prefixed frames on streams.
+//! - [`stats`]: counters for metrics.
+
+pub mod endpoint;
+pub mod frame;
+pub mod pki;
+pub mod stats;
+pub mod tls;
+
+pub use crate::endpoint::{Inbound, Transport, TransportConfig, TransportError};
+pub use crate::pki::{MeshIdentity, PkiError};
+pub use crate::stats::Stats;
+pub use quinn::{RecvStream, SendStream};

@@ -1,0 +1,550 @@
+//! The QUIC endpoint: one UDP socket, one cached connection per peer.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendDatagramError, SendStream};
+use tokio::sync::mpsc;
+use tracing::{debug, trace};
+
+use crate::pki::{self, MeshIdentity};
+use crate::stats::Stats;
+use crate::tls;
+
+/// Tunables of the transport.
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    /// A connection without traffic for this long is closed.
+    pub idle_timeout: Duration,
+    /// How long a dial (handshake included) may take.
+    pub connect_timeout: Duration,
+    /// The largest datagram accepted over the uni-stream fallback.
+    pub max_datagram: usize,
+    /// Inbound datagrams and streams queued for the agent before dropping.
+    pub inbound_queue: usize,
+    /// Datagrams held per peer while its connection is being made.
+    pub pending_per_peer: usize,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            max_datagram: 64 * 1024,
+            inbound_queue: 4096,
+            pending_per_peer: 32,
+        }
+    }
+}
+
+/// Something a peer sent us. `from` is the node name in its certificate.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A datagram (SWIM).
+    Datagram {
+        /// Certified sender.
+        from: String,
+        /// Payload.
+        data: Bytes,
+    },
+    /// A bidirectional stream the peer opened.
+    Stream {
+        /// Certified sender.
+        from: String,
+        /// Our sending half.
+        send: SendStream,
+        /// Our receiving half.
+        recv: RecvStream,
+    },
+}
+
+/// Why a connection or stream could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The endpoint could not start a connection.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        source: quinn::ConnectError,
+    },
+    /// The handshake failed.
+    #[error("handshake with {addr} failed: {source}")]
+    Handshake {
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        source: ConnectionError,
+    },
+    /// No answer in time.
+    #[error("no answer from {0} in time")]
+    Timeout(SocketAddr),
+    /// The peer's certificate is not acceptable.
+    #[error("peer at {addr} refused: {reason}")]
+    Identity {
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// We dialed ourselves (a seed list that includes this node).
+    #[error("{0} is this node")]
+    SelfConnection(SocketAddr),
+    /// Traffic to this peer is cut by fault injection.
+    #[error("traffic to {0} is blocked by fault injection")]
+    Blocked(String),
+    /// Opening a stream failed.
+    #[error("stream to {peer} failed: {source}")]
+    Stream {
+        /// Peer name.
+        peer: String,
+        /// Why.
+        source: ConnectionError,
+    },
+    /// Socket setup failed.
+    #[error("cannot start the QUIC endpoint: {0}")]
+    Io(#[from] std::io::Error),
+    /// TLS setup failed.
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+}
+
+enum Slot {
+    Ready(Connection),
+    Dialing(Vec<Bytes>),
+}
+
+struct Inner {
+    endpoint: Endpoint,
+    identity: MeshIdentity,
+    config: TransportConfig,
+    peers: Mutex<HashMap<String, Slot>>,
+    inbound: mpsc::Sender<Inbound>,
+    blocked: RwLock<HashSet<String>>,
+    stats: Stats,
+}
+
+/// The node's QUIC transport. Cheap to clone.
+#[derive(Clone)]
+pub struct Transport(Arc<Inner>);
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("name", &self.0.identity.name)
+            .field("local_addr", &self.0.endpoint.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Transport {
+    /// Starts the endpoint on an already bound UDP socket. Returns the
+    /// transport and the queue of what peers send.
+    pub fn bind(
+        identity: MeshIdentity,
+        config: TransportConfig,
+        socket: std::net::UdpSocket,
+    ) -> Result<(Self, mpsc::Receiver<Inbound>), TransportError> {
+        let tls_err = |e: rustls::Error| TransportError::Tls(e.to_string());
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_idle_timeout(Some(
+                config
+                    .idle_timeout
+                    .try_into()
+                    .map_err(|_| TransportError::Tls("idle timeout too large".into()))?,
+            ))
+            .max_concurrent_bidi_streams(1024u32.into())
+            .max_concurrent_uni_streams(64u32.into())
+            .datagram_receive_buffer_size(Some(1 << 20))
+            .datagram_send_buffer_size(1 << 20);
+        let transport = Arc::new(transport);
+
+        let server_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(
+            tls::server_config(&identity).map_err(tls_err)?,
+        )
+        .map_err(|e| TransportError::Tls(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        server.transport_config(transport.clone());
+
+        let client_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(
+            tls::client_config(&identity).map_err(tls_err)?,
+        )
+        .map_err(|e| TransportError::Tls(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+        client.transport_config(transport);
+
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+        let mut endpoint =
+            Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)?;
+        endpoint.set_default_client_config(client);
+
+        let (tx, rx) = mpsc::channel(config.inbound_queue);
+        let inner = Arc::new(Inner {
+            endpoint,
+            identity,
+            config,
+            peers: Mutex::new(HashMap::new()),
+            inbound: tx,
+            blocked: RwLock::new(HashSet::new()),
+            stats: Stats::default(),
+        });
+        let this = Self(inner);
+        tokio::spawn(this.clone().accept_loop());
+        Ok((this, rx))
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.endpoint.local_addr()
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.0.identity.name
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.0.stats
+    }
+
+    /// Names of peers with an open connection.
+    pub fn connected_peers(&self) -> Vec<String> {
+        let peers = self.peers();
+        let mut out: Vec<String> = peers
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Ready(c) if c.close_reason().is_none()))
+            .map(|(n, _)| n.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Sends a datagram to node `name` at `addr`, dialing it if needed. Never
+    /// blocks: if no connection is ready the datagram waits (bounded) for
+    /// the dial, and is dropped if it fails.
+    pub fn send_datagram(&self, name: &str, addr: SocketAddr, data: Bytes) {
+        if self.is_blocked(name) {
+            Stats::add(&self.0.stats.fault_drops, 1);
+            return;
+        }
+        let mut peers = self.peers();
+        match peers.get_mut(name) {
+            Some(Slot::Ready(conn)) => {
+                let conn = conn.clone();
+                drop(peers);
+                self.send_on(name, addr, &conn, data);
+            }
+            Some(Slot::Dialing(pending)) => {
+                if pending.len() < self.0.config.pending_per_peer {
+                    pending.push(data);
+                } else {
+                    Stats::add(&self.0.stats.outbound_dropped, 1);
+                }
+            }
+            None => {
+                peers.insert(name.to_owned(), Slot::Dialing(vec![data]));
+                drop(peers);
+                let this = self.clone();
+                let name = name.to_owned();
+                tokio::spawn(async move {
+                    if let Err(e) = this.dial(addr, Some(&name)).await {
+                        debug!(peer = %name, %addr, error = %e, "dial failed");
+                        let mut peers = this.peers();
+                        if let Some(Slot::Dialing(pending)) = peers.remove(&name) {
+                            Stats::add(&this.0.stats.outbound_dropped, pending.len() as u64);
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    fn send_on(&self, name: &str, addr: SocketAddr, conn: &Connection, data: Bytes) {
+        let len = data.len() as u64;
+        let fits = conn.max_datagram_size().is_some_and(|max| data.len() <= max);
+        if fits {
+            match conn.send_datagram(data.clone()) {
+                Ok(()) => {
+                    Stats::add(&self.0.stats.datagrams_out, 1);
+                    Stats::add(&self.0.stats.bytes_out, len);
+                }
+                Err(SendDatagramError::ConnectionLost(_)) => {
+                    self.forget(name, conn);
+                    self.send_datagram(name, addr, data);
+                }
+                Err(e) => {
+                    debug!(peer = name, error = %e, "datagram not sent");
+                    Stats::add(&self.0.stats.outbound_dropped, 1);
+                }
+            }
+            return;
+        }
+        // Too big for one QUIC datagram on this path: carry it on a uni
+        // stream instead (ordered and reliable, which SWIM does not mind).
+        let conn = conn.clone();
+        let stats = self.clone();
+        tokio::spawn(async move {
+            let sent = async {
+                let mut send = conn.open_uni().await.ok()?;
+                send.write_all(&data).await.ok()?;
+                send.finish().ok()
+            }
+            .await;
+            if sent.is_some() {
+                Stats::add(&stats.0.stats.datagrams_out, 1);
+                Stats::add(&stats.0.stats.bytes_out, len);
+            } else {
+                Stats::add(&stats.0.stats.outbound_dropped, 1);
+            }
+        });
+    }
+
+    /// Dials a seed whose name we do not know: the certificate must come
+    /// from our CA; its name is returned.
+    pub async fn connect_seed(&self, addr: SocketAddr) -> Result<String, TransportError> {
+        let conn = self.dial(addr, None).await?;
+        pki::node_identity(&peer_cert(&conn).ok_or_else(|| TransportError::Identity {
+            addr,
+            reason: "no certificate".into(),
+        })?)
+        .map(|(_, name)| name)
+        .ok_or(TransportError::Identity {
+            addr,
+            reason: "no node name in certificate".into(),
+        })
+    }
+
+    /// Opens a bidirectional stream to node `name` at `addr`.
+    pub async fn open_bi(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+    ) -> Result<(SendStream, RecvStream), TransportError> {
+        if self.is_blocked(name) {
+            Stats::add(&self.0.stats.fault_drops, 1);
+            return Err(TransportError::Blocked(name.to_owned()));
+        }
+        let ready = match self.peers().get(name) {
+            Some(Slot::Ready(c)) if c.close_reason().is_none() => Some(c.clone()),
+            _ => None,
+        };
+        let conn = match ready {
+            Some(c) => c,
+            None => self.dial(addr, Some(name)).await?,
+        };
+        conn.open_bi().await.map_err(|source| TransportError::Stream {
+            peer: name.to_owned(),
+            source,
+        })
+    }
+
+    /// Cuts (fault injection) all traffic to and from these peers.
+    pub fn block(&self, names: impl IntoIterator<Item = String>) {
+        self.0
+            .blocked
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(names);
+    }
+
+    /// Restores traffic to every peer.
+    pub fn unblock_all(&self) {
+        self.0
+            .blocked
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Peers currently cut off by fault injection.
+    pub fn blocked(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .0
+            .blocked
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn is_blocked(&self, name: &str) -> bool {
+        self.0
+            .blocked
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name)
+    }
+
+    /// Closes every connection and waits (up to `deadline`) for the peers to
+    /// acknowledge.
+    pub async fn close(&self, deadline: Duration) {
+        self.0.endpoint.close(0u32.into(), b"shutdown");
+        let _ = tokio::time::timeout(deadline, self.0.endpoint.wait_idle()).await;
+    }
+
+    fn peers(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
+        // The map stays consistent across a panic in a holder.
+        self.0.peers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn forget(&self, name: &str, conn: &Connection) {
+        let mut peers = self.peers();
+        if matches!(peers.get(name), Some(Slot::Ready(c)) if c.stable_id() == conn.stable_id()) {
+            peers.remove(name);
+        }
+    }
+
+    async fn dial(
+        &self,
+        addr: SocketAddr,
+        expected: Option<&str>,
+    ) -> Result<Connection, TransportError> {
+        let server_name = expected.unwrap_or(tls::SEED_SERVER_NAME);
+        let connecting = self
+            .0
+            .endpoint
+            .connect(addr, server_name)
+            .map_err(|source| TransportError::Connect { addr, source })?;
+        let conn = match tokio::time::timeout(self.0.config.connect_timeout, connecting).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(source)) => {
+                Stats::add(&self.0.stats.handshake_failures, 1);
+                return Err(TransportError::Handshake { addr, source });
+            }
+            Err(_) => return Err(TransportError::Timeout(addr)),
+        };
+        self.register(conn.clone(), expected)?;
+        Ok(conn)
+    }
+
+    async fn accept_loop(self) {
+        while let Some(incoming) = self.0.endpoint.accept().await {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => {
+                        if let Err(e) = this.register(conn, None) {
+                            debug!(%remote, error = %e, "inbound connection refused");
+                        }
+                    }
+                    Err(e) => {
+                        Stats::add(&this.0.stats.handshake_failures, 1);
+                        debug!(%remote, error = %e, "inbound handshake failed");
+                    }
+                }
+            });
+        }
+    }
+
+    /// Checks a fresh connection's certificate and caches it under the
+    /// node name it proves.
+    fn register(&self, conn: Connection, expected: Option<&str>) -> Result<String, TransportError> {
+        let addr = conn.remote_address();
+        let refuse = |reason: String| {
+            Stats::add(&self.0.stats.identity_rejections, 1);
+            conn.close(1u32.into(), b"identity refused");
+            Err(TransportError::Identity { addr, reason })
+        };
+        let Some((domain, name)) = peer_cert(&conn).as_ref().and_then(pki::node_identity) else {
+            return refuse("certificate carries no node identity".into());
+        };
+        if domain != self.0.identity.trust_domain {
+            return refuse(format!("trust domain {domain:?} is not ours"));
+        }
+        if let Some(expected) = expected
+            && expected != name
+        {
+            return refuse(format!("dialed {expected:?} but the certificate names {name:?}"));
+        }
+        if name == self.0.identity.name {
+            conn.close(0u32.into(), b"self");
+            return Err(TransportError::SelfConnection(addr));
+        }
+        if self.is_blocked(&name) {
+            Stats::add(&self.0.stats.fault_drops, 1);
+            conn.close(2u32.into(), b"blocked");
+            return Err(TransportError::Blocked(name));
+        }
+        let previous = self
+            .peers()
+            .insert(name.clone(), Slot::Ready(conn.clone()));
+        if let Some(Slot::Dialing(pending)) = previous {
+            for data in pending {
+                self.send_on(&name, addr, &conn, data);
+            }
+        }
+        trace!(peer = %name, %addr, "connection ready");
+        tokio::spawn(self.clone().drive(name.clone(), conn));
+        Ok(name)
+    }
+
+    /// Reads everything a peer sends on one connection until it closes.
+    async fn drive(self, name: String, conn: Connection) {
+        loop {
+            let inbound = tokio::select! {
+                d = conn.read_datagram() => match d {
+                    Ok(data) => Inbound::Datagram { from: name.clone(), data },
+                    Err(_) => break,
+                },
+                u = conn.accept_uni() => match u {
+                    Ok(mut recv) => {
+                        let this = self.clone();
+                        let name = name.clone();
+                        tokio::spawn(async move {
+                            match recv.read_to_end(this.0.config.max_datagram).await {
+                                Ok(data) => this.deliver(Inbound::Datagram { from: name, data: data.into() }),
+                                Err(e) => debug!(peer = %name, error = %e, "bad uni stream"),
+                            }
+                        });
+                        continue;
+                    }
+                    Err(_) => break,
+                },
+                b = conn.accept_bi() => match b {
+                    Ok((send, recv)) => Inbound::Stream { from: name.clone(), send, recv },
+                    Err(_) => break,
+                },
+            };
+            self.deliver(inbound);
+        }
+        self.forget(&name, &conn);
+        trace!(peer = %name, reason = ?conn.close_reason(), "connection closed");
+    }
+
+    fn deliver(&self, inbound: Inbound) {
+        let from = match &inbound {
+            Inbound::Datagram { from, .. } | Inbound::Stream { from, .. } => from,
+        };
+        if self.is_blocked(from) {
+            Stats::add(&self.0.stats.fault_drops, 1);
+            return;
+        }
+        if let Inbound::Datagram { data, .. } = &inbound {
+            Stats::add(&self.0.stats.datagrams_in, 1);
+            Stats::add(&self.0.stats.bytes_in, data.len() as u64);
+        }
+        if self.0.inbound.try_send(inbound).is_err() {
+            Stats::add(&self.0.stats.inbound_dropped, 1);
+        }
+    }
+}
+
+fn peer_cert(conn: &Connection) -> Option<rustls_pki_types::CertificateDer<'static>> {
+    conn.peer_identity()?
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .ok()?
+        .into_iter()
+        .next()
+}

@@ -1,0 +1,38 @@
+//! Transport counters, read by the agent's `/metrics`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Monotonic counters of one transport.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Datagrams received (including those carried on uni streams).
+    pub datagrams_in: AtomicU64,
+    /// Datagrams sent.
+    pub datagrams_out: AtomicU64,
+    /// Datagram payload bytes received.
+    pub bytes_in: AtomicU64,
+    /// Datagram payload bytes sent.
+    pub bytes_out: AtomicU64,
+    /// Handshakes that failed (wrong CA, bad certificate, timeout, ...).
+    pub handshake_failures: AtomicU64,
+    /// Connections refused after the handshake: another trust domain, or a
+    /// certificate for another node than the one dialed.
+    pub identity_rejections: AtomicU64,
+    /// Inbound datagrams dropped because the agent was not keeping up.
+    pub inbound_dropped: AtomicU64,
+    /// Datagrams or streams dropped by fault injection.
+    pub fault_drops: AtomicU64,
+    /// Outbound datagrams dropped (no connection could be made, queue full).
+    pub outbound_dropped: AtomicU64,
+}
+
+impl Stats {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Reads a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}

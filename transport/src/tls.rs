@@ -1,0 +1,115 @@
+//! rustls configuration for mutual TLS inside the mesh (TLS 1.3, ring).
+
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::pki::MeshIdentity;
+
+/// ALPN protocol of node-to-node connections.
+pub const ALPN: &[u8] = b"gossamer/1";
+
+/// The server name used when dialing a seed whose node name we do not know
+/// yet: the chain is still checked against the CA, and the name is read from
+/// the certificate afterwards.
+pub const SEED_SERVER_NAME: &str = "seed.gossamer.invalid";
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The server side: requires a client certificate issued by the mesh CA.
+pub fn server_config(id: &MeshIdentity) -> Result<rustls::ServerConfig, rustls::Error> {
+    let client_verifier = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider())
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(id.chain.clone(), id.key.clone_key())?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(config)
+}
+
+/// The client side: presents our certificate and checks the server's.
+pub fn client_config(id: &MeshIdentity) -> Result<rustls::ClientConfig, rustls::Error> {
+    let inner = WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider())
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(MeshServerVerifier {
+            inner,
+            roots: id.roots.clone(),
+        }))
+        .with_client_auth_cert(id.chain.clone(), id.key.clone_key())?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(config)
+}
+
+/// Checks the chain against the mesh CA always, and the node name whenever we
+/// know whom we are dialing (everything but a seed).
+#[derive(Debug)]
+struct MeshServerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    roots: Arc<rustls::RootCertStore>,
+}
+
+impl ServerCertVerifier for MeshServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let is_seed = matches!(server_name, ServerName::DnsName(d) if d.as_ref() == SEED_SERVER_NAME);
+        if !is_seed {
+            return self.inner.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            );
+        }
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            provider().signature_verification_algorithms.all,
+        )?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
