@@ -152,7 +152,11 @@ impl foca::Codec<NodeId> for WireCodec {
         self.decode_header_inner(buf)
     }
 
-    fn encode_member(&mut self, member: &Member<NodeId>, buf: impl BufMut) -> Result<(), Self::Error> {
+    fn encode_member(
+        &mut self,
+        member: &Member<NodeId>,
+        buf: impl BufMut,
+    ) -> Result<(), Self::Error> {
         put(member, buf)
     }
 
@@ -218,7 +222,10 @@ mod tests {
             assert!(peek_header(&buf[..cut]).is_err(), "cut at {cut}");
         }
         let huge = vec![MAGIC; MAX_DATAGRAM + 1];
-        assert!(matches!(peek_header(&huge), Err(CodecError::TooLarge { .. })));
+        assert!(matches!(
+            peek_header(&huge),
+            Err(CodecError::TooLarge { .. })
+        ));
     }
 
     #[test]

@@ -82,7 +82,10 @@ impl SwimConfig {
             return bad("probe_period", "must be positive");
         }
         if self.probe_rtt.is_zero() || self.probe_rtt >= self.probe_period {
-            return bad("probe_rtt", "must be positive and shorter than probe_period");
+            return bad(
+                "probe_rtt",
+                "must be positive and shorter than probe_period",
+            );
         }
         if self.indirect_probes == 0 {
             return bad("indirect_probes", "must be at least 1");

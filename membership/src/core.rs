@@ -128,6 +128,7 @@ pub struct Membership {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     left: bool,
+    incarnation: u16,
 }
 
 impl std::fmt::Debug for Membership {
@@ -160,6 +161,7 @@ impl Membership {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             left: false,
+            incarnation: 0,
         })
     }
 
@@ -171,6 +173,11 @@ impl Membership {
     /// Number of active members, not counting this node.
     pub fn num_active(&self) -> usize {
         self.swim.num_members()
+    }
+
+    /// This node's SWIM incarnation, as last put on the wire.
+    pub fn incarnation(&self) -> u16 {
+        self.incarnation
     }
 
     /// Whether `leave` was called.
@@ -295,6 +302,11 @@ impl Membership {
 
     fn drain(&mut self) {
         while let Some((to, data)) = self.runtime.to_send() {
+            if self.transmits.is_empty()
+                && let Ok(header) = codec::peek_header(&data)
+            {
+                self.incarnation = header.src_incarnation;
+            }
             self.transmits.push_back(Transmit { to, data });
         }
         while let Some((after, timer)) = self.runtime.to_schedule() {
@@ -366,7 +378,9 @@ mod tests {
             loop {
                 let mut moved = false;
                 for i in 0..self.nodes.len() {
-                    let Some(node) = self.nodes[i].as_mut() else { continue };
+                    let Some(node) = self.nodes[i].as_mut() else {
+                        continue;
+                    };
                     let from = node.identity().name.clone();
                     let out: Vec<_> = std::iter::from_fn(|| node.poll_transmit()).collect();
                     for t in out {
@@ -410,7 +424,11 @@ mod tests {
         let seed = net.id(0);
         for i in 1..n {
             let now = net.now;
-            net.nodes[i].as_mut().unwrap().announce(now, seed.clone()).unwrap();
+            net.nodes[i]
+                .as_mut()
+                .unwrap()
+                .announce(now, seed.clone())
+                .unwrap();
         }
         net.deliver();
         net.run_for(Duration::from_secs(3));
@@ -471,7 +489,10 @@ mod tests {
         net.run_for(Duration::from_secs(3));
         for i in 0..3 {
             let view = net.view(i);
-            assert!(view.iter().all(|(_, s)| *s == MemberState::Alive), "node {i}: {view:?}");
+            assert!(
+                view.iter().all(|(_, s)| *s == MemberState::Alive),
+                "node {i}: {view:?}"
+            );
             assert_eq!(view.len(), 2);
         }
     }
@@ -483,7 +504,11 @@ mod tests {
         let now = net.now;
         // n2 announces to n0 but the datagram arrives on a connection
         // certified as "n1".
-        other.nodes[2].as_mut().unwrap().announce(now, net.id(0)).unwrap();
+        other.nodes[2]
+            .as_mut()
+            .unwrap()
+            .announce(now, net.id(0))
+            .unwrap();
         let t = other.nodes[2].as_mut().unwrap().poll_transmit().unwrap();
         let before = net.view(0);
         let err = net.nodes[0]

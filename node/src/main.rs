@@ -1,1 +1,192 @@
-fn main(){}
+//! `gossamer`: parse, validate, bind, run, wait for a signal, drain.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use gossamer_node::cli::{AgentArgs, CaCommand, CertCommand, Cli, Command, MembersArgs};
+use gossamer_node::config::AgentConfig;
+use gossamer_node::{agent, client, identity, logging};
+use gossamer_transport::pki;
+use http::Method;
+
+/// Exit code for bad usage or configuration (sysexits EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        Command::Agent(args) => run_agent(&args),
+        Command::Ca(CaCommand::Init { dir, trust_domain }) => report(ca_init(&dir, &trust_domain)),
+        Command::Cert(CertCommand::Issue {
+            ca_dir,
+            name,
+            out,
+            trust_domain,
+        }) => report(cert_issue(&ca_dir, &name, &out, &trust_domain)),
+        Command::Members(args) => report(runtime().and_then(|rt| rt.block_on(members(args)))),
+        Command::Health(args) => report(runtime().and_then(|rt| {
+            rt.block_on(client::call(args.admin, Method::GET, "/health", None))
+                .map(|_| println!("ok"))
+                .map_err(Into::into)
+        })),
+        Command::Leave(args) => report(runtime().and_then(|rt| {
+            rt.block_on(client::call(args.admin, Method::POST, "/v1/leave", None))
+                .map(|_| println!("the agent is leaving the mesh"))
+                .map_err(Into::into)
+        })),
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gossamer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run_agent(args: &AgentArgs) -> ExitCode {
+    let config = match AgentConfig::from_args(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gossamer: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    logging::init(config.log_level.as_deref(), config.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gossamer: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let sockets = agent::Sockets::bind(&config).await?;
+        agent::run(config, sockets, shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gossamer: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the agent runs until killed.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("gossamer: second signal, exiting now");
+        std::process::exit(130);
+    });
+}
+
+fn ca_init(dir: &std::path::Path, trust_domain: &str) -> anyhow::Result<()> {
+    if dir.join("ca.pem").exists() || dir.join("ca.key").exists() {
+        anyhow::bail!(
+            "{} already holds a CA (ca.pem/ca.key); refusing to overwrite it",
+            dir.display()
+        );
+    }
+    identity::ensure_ca(dir, trust_domain)?;
+    println!(
+        "wrote {0}/ca.pem and {0}/ca.key (trust domain {trust_domain}); keep ca.key secret",
+        dir.display()
+    );
+    Ok(())
+}
+
+fn cert_issue(
+    ca_dir: &std::path::Path,
+    name: &str,
+    out: &std::path::Path,
+    trust_domain: &str,
+) -> anyhow::Result<()> {
+    gossamer_membership::identity::validate_name(name)?;
+    let ca = pki::read_pair(&ca_dir.join("ca.pem"), &ca_dir.join("ca.key"))?;
+    let pair = pki::issue_node_cert(&ca, name, trust_domain)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let cert = out.join(format!("{name}.pem"));
+    let key = out.join(format!("{name}.key"));
+    if cert.exists() || key.exists() {
+        anyhow::bail!(
+            "{} or {} already exists; refusing to overwrite",
+            cert.display(),
+            key.display()
+        );
+    }
+    pki::write_new(&key, &pair.key, true)?;
+    pki::write_new(&cert, &pair.cert, false)?;
+    println!("wrote {} and {}", cert.display(), key.display());
+    Ok(())
+}
+
+async fn members(args: MembersArgs) -> anyhow::Result<()> {
+    let body = client::call(args.admin.admin, Method::GET, "/v1/members", None).await?;
+    if args.json {
+        print!("{}", String::from_utf8_lossy(&body));
+        return Ok(());
+    }
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&body).context("bad answer")?;
+    println!(
+        "{:<24} {:<24} {:<8} {:>11} {:>15}",
+        "NAME", "ADDRESS", "STATE", "INCARNATION", "GENERATION"
+    );
+    for r in rows {
+        let self_mark = if r["self"].as_bool() == Some(true) {
+            " (self)"
+        } else {
+            ""
+        };
+        println!(
+            "{:<24} {:<24} {:<8} {:>11} {:>15}",
+            format!("{}{self_mark}", r["name"].as_str().unwrap_or("?")),
+            r["addr"].as_str().unwrap_or("?"),
+            r["state"].as_str().unwrap_or("?"),
+            r["incarnation"].to_string(),
+            r["generation"].to_string(),
+        );
+    }
+    Ok(())
+}

@@ -1,1 +1,386 @@
+//! Harness for multi-process tests: a mesh CA, real `gossamer agent`
+//! processes on loopback with port 0, and polling helpers.
+//!
+//! The binary is found next to the test executable (`target/<profile>/`);
+//! `cargo test --workspace` builds it. `GOSSAMER_BIN` overrides the path.
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// Path of the `gossamer` binary under test.
+pub fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("GOSSAMER_BIN") {
+        // Relative paths are relative to the workspace root.
+        return Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/gossamer
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("gossamer");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build -p gossamer-node` (or `cargo test --workspace`) first",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `gossamer` with arguments and returns its output.
+pub fn gossamer(args: &[&str]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run gossamer")
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or fails after
+/// `deadline` with `what` and the last thing `check` saw.
+pub fn poll<T>(
+    what: &str,
+    deadline: Duration,
+    mut check: impl FnMut() -> std::result::Result<T, String>,
+) -> Result<(T, Duration)> {
+    let start = Instant::now();
+    let mut last;
+    loop {
+        match check() {
+            Ok(v) => return Ok((v, start.elapsed())),
+            Err(seen) => last = seen,
+        }
+        if start.elapsed() > deadline {
+            bail!("timed out after {deadline:?} waiting for {what}; last seen: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A mesh CA in a temp dir, issuing certificates with the real CLI.
+#[derive(Debug)]
+pub struct Pki {
+    /// Root of everything this test writes.
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    /// `gossamer ca init`.
+    pub fn new() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let ca = dir.path().join("ca");
+        let out = gossamer(&["ca", "init", "--dir", ca.to_str().unwrap()]);
+        if !out.status.success() {
+            bail!("ca init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(Self { dir })
+    }
+
+    /// CA certificate path.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca/ca.pem")
+    }
+
+    /// `gossamer cert issue` for `name`; returns (cert, key).
+    pub fn issue(&self, name: &str) -> Result<(PathBuf, PathBuf)> {
+        let certs = self.dir.path().join("certs");
+        let cert = certs.join(format!("{name}.pem"));
+        if !cert.exists() {
+            let out = gossamer(&[
+                "cert",
+                "issue",
+                "--ca-dir",
+                self.dir.path().join("ca").to_str().unwrap(),
+                "--name",
+                name,
+                "--out",
+                certs.to_str().unwrap(),
+            ]);
+            if !out.status.success() {
+                bail!(
+                    "cert issue failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        Ok((cert, certs.join(format!("{name}.key"))))
+    }
+
+    /// A fresh data dir for `name`.
+    pub fn data_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join("data").join(name)
+    }
+}
+
+/// A running `gossamer agent`.
+#[derive(Debug)]
+pub struct Agent {
+    /// Node name.
+    pub name: String,
+    /// Its data dir.
+    pub data_dir: PathBuf,
+    /// Bound QUIC address.
+    pub quic: SocketAddr,
+    /// Bound admin address.
+    pub admin: SocketAddr,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+/// How to start an agent.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// Seeds (`--seed`).
+    pub seeds: Vec<String>,
+    /// Extra arguments.
+    pub extra: Vec<String>,
+    /// Use this data dir instead of a fresh one.
+    pub data_dir: Option<PathBuf>,
+    /// Use this config file.
+    pub config: Option<PathBuf>,
+}
+
+impl Agent {
+    /// Starts `name` with certificates from `pki` and waits until its
+    /// `agent.json` shows the bound addresses.
+    pub fn start(pki: &Pki, name: &str, opts: AgentOptions) -> Result<Self> {
+        let (cert, key) = pki.issue(name)?;
+        Self::start_with(pki, name, &pki.ca(), &cert, &key, opts)
+    }
+
+    /// Starts an agent with explicit identity files.
+    pub fn start_with(
+        pki: &Pki,
+        name: &str,
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+        opts: AgentOptions,
+    ) -> Result<Self> {
+        let data_dir = opts.data_dir.clone().unwrap_or_else(|| pki.data_dir(name));
+        std::fs::create_dir_all(&data_dir)?;
+        let info = data_dir.join("agent.json");
+        let _ = std::fs::remove_file(&info);
+        let log = pki.dir.path().join(format!(
+            "{name}-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos()
+        ));
+        let mut cmd = Command::new(binary());
+        cmd.args(["agent", "--name", name])
+            .args(["--bind", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .arg("--ca")
+            .arg(ca)
+            .arg("--cert")
+            .arg(cert)
+            .arg("--key")
+            .arg(key)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--log-level", "debug", "--log-format", "json"]);
+        for seed in &opts.seeds {
+            cmd.args(["--seed", seed]);
+        }
+        if let Some(c) = &opts.config {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.args(&opts.extra)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        let mut child = cmd.spawn().context("spawn gossamer agent")?;
+        let started = poll(
+            &format!("{name} to write agent.json"),
+            Duration::from_secs(30),
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Ok(Err(format!("exited with {status}")));
+                }
+                let text = std::fs::read_to_string(&info).map_err(|e| e.to_string())?;
+                serde_json::from_str::<Value>(&text)
+                    .map(Ok)
+                    .map_err(|e| e.to_string())
+            },
+        );
+        let v = match started {
+            Ok((Ok(v), _)) => v,
+            Ok((Err(exit), _)) => bail!(
+                "{name} {exit}: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
+            Err(e) => {
+                let _ = child.kill();
+                bail!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default())
+            }
+        };
+        let addr = |k: &str| -> Result<SocketAddr> {
+            v[k].as_str()
+                .with_context(|| format!("agent.json lacks {k}"))?
+                .parse()
+                .context("bad address")
+        };
+        Ok(Self {
+            name: name.to_owned(),
+            data_dir,
+            quic: addr("quic")?,
+            admin: addr("admin")?,
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// The QUIC address as a seed argument.
+    pub fn seed(&self) -> String {
+        self.quic.to_string()
+    }
+
+    /// `GET path` on the admin API: (status, body).
+    pub fn get(&self, path: &str) -> Result<(u16, String)> {
+        http(self.admin, "GET", path, None)
+    }
+
+    /// `GET /v1/members` as (name, state) pairs.
+    pub fn members(&self) -> Result<Vec<(String, String)>> {
+        let (status, body) = self.get("/v1/members")?;
+        if status != 200 {
+            bail!("/v1/members answered {status}: {body}");
+        }
+        let rows: Vec<Value> = serde_json::from_str(&body)?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r["name"].as_str().unwrap_or_default().to_owned(),
+                    r["state"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect())
+    }
+
+    /// The state this agent reports for `name`, if listed.
+    pub fn state_of(&self, name: &str) -> Option<String> {
+        self.members()
+            .ok()?
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s)
+    }
+
+    /// One Prometheus sample (`name{labels}` exactly as printed), if present.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = self.get("/metrics").ok()?;
+        body.lines().find_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            (k == series).then(|| v.parse().ok())?
+        })
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits up to `deadline` for the exit status.
+    pub fn terminate(&mut self, deadline: Duration) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("not running")?;
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()?;
+        let (status, _) = poll("agent to exit", deadline, || match child.try_wait() {
+            Ok(Some(s)) => Ok(s),
+            _ => Err("still running".into()),
+        })
+        .inspect_err(|_| {
+            let _ = child.kill();
+        })?;
+        Ok(status)
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls until every agent in `observers` reports each `(name, state)`.
+pub fn wait_states(
+    observers: &[&Agent],
+    expected: &[(&str, &str)],
+    deadline: Duration,
+) -> Result<Duration> {
+    let (_, took) = poll("member states", deadline, || {
+        for a in observers {
+            let members = a.members().map_err(|e| format!("{}: {e}", a.name))?;
+            for (name, state) in expected {
+                let seen = members
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, s)| s.as_str());
+                if seen != Some(*state) {
+                    return Err(format!("{} sees {name} as {seen:?}: {members:?}", a.name));
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(took)
+}
+
+/// A minimal HTTP/1.1 client (one request per connection).
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let body = body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status: u16 = response
+        .split(' ')
+        .nth(1)
+        .context("no status line")?
+        .parse()
+        .context("bad status")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}

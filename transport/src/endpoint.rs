@@ -124,6 +124,8 @@ struct Inner {
     identity: MeshIdentity,
     config: TransportConfig,
     peers: Mutex<HashMap<String, Slot>>,
+    /// Every open connection (duplicates included), for UDP byte counts.
+    live: Mutex<HashMap<usize, Connection>>,
     inbound: mpsc::Sender<Inbound>,
     blocked: RwLock<HashSet<String>>,
     stats: Stats,
@@ -181,8 +183,12 @@ impl Transport {
 
         let runtime = quinn::default_runtime()
             .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
-        let mut endpoint =
-            Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)?;
+        let mut endpoint = Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            runtime,
+        )?;
         endpoint.set_default_client_config(client);
 
         let (tx, rx) = mpsc::channel(config.inbound_queue);
@@ -191,6 +197,7 @@ impl Transport {
             identity,
             config,
             peers: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
             inbound: tx,
             blocked: RwLock::new(HashSet::new()),
             stats: Stats::default(),
@@ -213,6 +220,22 @@ impl Transport {
     /// Counters.
     pub fn stats(&self) -> &Stats {
         &self.0.stats
+    }
+
+    /// UDP bytes (received, sent) on the wire by all connections so far,
+    /// QUIC and TLS overhead included.
+    pub fn udp_bytes(&self) -> (u64, u64) {
+        let live = self.0.live.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut rx, mut tx) = (
+            Stats::get(&self.0.stats.udp_in_closed),
+            Stats::get(&self.0.stats.udp_out_closed),
+        );
+        for conn in live.values() {
+            let s = conn.stats();
+            rx += s.udp_rx.bytes;
+            tx += s.udp_tx.bytes;
+        }
+        (rx, tx)
     }
 
     /// Names of peers with an open connection.
@@ -269,7 +292,9 @@ impl Transport {
 
     fn send_on(&self, name: &str, addr: SocketAddr, conn: &Connection, data: Bytes) {
         let len = data.len() as u64;
-        let fits = conn.max_datagram_size().is_some_and(|max| data.len() <= max);
+        let fits = conn
+            .max_datagram_size()
+            .is_some_and(|max| data.len() <= max);
         if fits {
             match conn.send_datagram(data.clone()) {
                 Ok(()) => {
@@ -340,10 +365,12 @@ impl Transport {
             Some(c) => c,
             None => self.dial(addr, Some(name)).await?,
         };
-        conn.open_bi().await.map_err(|source| TransportError::Stream {
-            peer: name.to_owned(),
-            source,
-        })
+        conn.open_bi()
+            .await
+            .map_err(|source| TransportError::Stream {
+                peer: name.to_owned(),
+                source,
+            })
     }
 
     /// Cuts (fault injection) all traffic to and from these peers.
@@ -466,7 +493,9 @@ impl Transport {
         if let Some(expected) = expected
             && expected != name
         {
-            return refuse(format!("dialed {expected:?} but the certificate names {name:?}"));
+            return refuse(format!(
+                "dialed {expected:?} but the certificate names {name:?}"
+            ));
         }
         if name == self.0.identity.name {
             conn.close(0u32.into(), b"self");
@@ -477,14 +506,17 @@ impl Transport {
             conn.close(2u32.into(), b"blocked");
             return Err(TransportError::Blocked(name));
         }
-        let previous = self
-            .peers()
-            .insert(name.clone(), Slot::Ready(conn.clone()));
+        let previous = self.peers().insert(name.clone(), Slot::Ready(conn.clone()));
         if let Some(Slot::Dialing(pending)) = previous {
             for data in pending {
                 self.send_on(&name, addr, &conn, data);
             }
         }
+        self.0
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(conn.stable_id(), conn.clone());
         trace!(peer = %name, %addr, "connection ready");
         tokio::spawn(self.clone().drive(name.clone(), conn));
         Ok(name)
@@ -520,6 +552,14 @@ impl Transport {
             self.deliver(inbound);
         }
         self.forget(&name, &conn);
+        self.0
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&conn.stable_id());
+        let s = conn.stats();
+        Stats::add(&self.0.stats.udp_in_closed, s.udp_rx.bytes);
+        Stats::add(&self.0.stats.udp_out_closed, s.udp_tx.bytes);
         trace!(peer = %name, reason = ?conn.close_reason(), "connection closed");
     }
 

@@ -52,7 +52,9 @@ pub enum PkiError {
         reason: String,
     },
     /// The certificate is for another node.
-    #[error("{cert} is issued to {found:?}, not to node {expected:?}: use --name {found} or issue a certificate for {expected}")]
+    #[error(
+        "{cert} is issued to {found:?}, not to node {expected:?}: use --name {found} or issue a certificate for {expected}"
+    )]
     WrongName {
         /// The node certificate file.
         cert: PathBuf,
@@ -89,9 +91,10 @@ pub struct PemPair {
 pub fn generate_ca(trust_domain: &str) -> Result<PemPair, PkiError> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("Gossamer mesh CA ({trust_domain})"));
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("Gossamer mesh CA ({trust_domain})"),
+    );
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -106,18 +109,14 @@ pub fn generate_ca(trust_domain: &str) -> Result<PemPair, PkiError> {
 }
 
 /// Issues a certificate for node `name`, signed by the CA given in PEM.
-pub fn issue_node_cert(
-    ca: &PemPair,
-    name: &str,
-    trust_domain: &str,
-) -> Result<PemPair, PkiError> {
+pub fn issue_node_cert(ca: &PemPair, name: &str, trust_domain: &str) -> Result<PemPair, PkiError> {
     let ca_key = KeyPair::from_pem(&ca.key)?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key)?;
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(vec![name.to_owned()])?;
-    params.subject_alt_names.push(SanType::URI(
-        spiffe_id(trust_domain, name).try_into()?,
-    ));
+    params
+        .subject_alt_names
+        .push(SanType::URI(spiffe_id(trust_domain, name).try_into()?));
     params.distinguished_name.push(DnType::CommonName, name);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![
@@ -146,8 +145,7 @@ pub fn node_identity(cert: &CertificateDer<'_>) -> Option<(String, String)> {
             let rest = uri.strip_prefix("spiffe://")?;
             let (domain, path) = rest.split_once('/')?;
             let name = path.strip_prefix("node/")?;
-            (!name.is_empty() && !name.contains('/'))
-                .then(|| (domain.to_owned(), name.to_owned()))
+            (!name.is_empty() && !name.contains('/')).then(|| (domain.to_owned(), name.to_owned()))
         }
         _ => None,
     })

@@ -24,6 +24,10 @@ pub struct Stats {
     pub fault_drops: AtomicU64,
     /// Outbound datagrams dropped (no connection could be made, queue full).
     pub outbound_dropped: AtomicU64,
+    /// UDP bytes received on connections that have since closed.
+    pub(crate) udp_in_closed: AtomicU64,
+    /// UDP bytes sent on connections that have since closed.
+    pub(crate) udp_out_closed: AtomicU64,
 }
 
 impl Stats {

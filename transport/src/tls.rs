@@ -70,7 +70,8 @@ impl ServerCertVerifier for MeshServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let is_seed = matches!(server_name, ServerName::DnsName(d) if d.as_ref() == SEED_SERVER_NAME);
+        let is_seed =
+            matches!(server_name, ServerName::DnsName(d) if d.as_ref() == SEED_SERVER_NAME);
         if !is_seed {
             return self.inner.verify_server_cert(
                 end_entity,

@@ -50,10 +50,16 @@ async fn datagrams_streams_and_identity() {
     assert_eq!(a.connect_seed(b_addr).await.unwrap(), "b");
 
     a.send_datagram("b", b_addr, Bytes::from_static(b"ping"));
-    assert_eq!(next_datagram(&mut b_rx).await, ("a".into(), Bytes::from_static(b"ping")));
+    assert_eq!(
+        next_datagram(&mut b_rx).await,
+        ("a".into(), Bytes::from_static(b"ping"))
+    );
     // The reply reuses the cached connection the other way.
     b.send_datagram("a", a.local_addr().unwrap(), Bytes::from_static(b"ack"));
-    assert_eq!(next_datagram(&mut a_rx).await, ("b".into(), Bytes::from_static(b"ack")));
+    assert_eq!(
+        next_datagram(&mut a_rx).await,
+        ("b".into(), Bytes::from_static(b"ack"))
+    );
 
     // Larger than any QUIC datagram: goes on a uni stream.
     let big = Bytes::from(vec![7u8; 20_000]);
@@ -63,14 +69,25 @@ async fn datagrams_streams_and_identity() {
     // A bi-stream with frames both ways.
     let (mut send, mut recv) = a.open_bi("b", b_addr).await.unwrap();
     write_frame(&mut send, b"hello").await.unwrap();
-    let Some(Inbound::Stream { from, send: mut bs, recv: mut br }) = b_rx.recv().await else {
+    let Some(Inbound::Stream {
+        from,
+        send: mut bs,
+        recv: mut br,
+    }) = b_rx.recv().await
+    else {
         panic!("expected a stream");
     };
     assert_eq!(from, "a");
-    assert_eq!(read_frame(&mut br, 1024).await.unwrap().unwrap(), &b"hello"[..]);
+    assert_eq!(
+        read_frame(&mut br, 1024).await.unwrap().unwrap(),
+        &b"hello"[..]
+    );
     write_frame(&mut bs, b"world").await.unwrap();
     bs.finish().unwrap();
-    assert_eq!(read_frame(&mut recv, 1024).await.unwrap().unwrap(), &b"world"[..]);
+    assert_eq!(
+        read_frame(&mut recv, 1024).await.unwrap().unwrap(),
+        &b"world"[..]
+    );
     assert!(read_frame(&mut recv, 1024).await.unwrap().is_none());
 
     // Oversized frames are refused before allocation.
@@ -83,7 +100,10 @@ async fn datagrams_streams_and_identity() {
 
     // Dialing b's address while expecting another name is refused.
     let err = a.open_bi("c", b_addr).await.unwrap_err();
-    assert!(err.to_string().contains("handshake") || err.to_string().contains("refused"), "{err}");
+    assert!(
+        err.to_string().contains("handshake") || err.to_string().contains("refused"),
+        "{err}"
+    );
 
     // Fault injection drops traffic both ways.
     b.block(["a".to_string()]);
@@ -92,7 +112,10 @@ async fn datagrams_streams_and_identity() {
     assert!(Stats::get(&b.stats().fault_drops) >= 1);
     b.unblock_all();
     a.send_datagram("b", b_addr, Bytes::from_static(b"after"));
-    assert_eq!(next_datagram(&mut b_rx).await.1, Bytes::from_static(b"after"));
+    assert_eq!(
+        next_datagram(&mut b_rx).await.1,
+        Bytes::from_static(b"after")
+    );
 
     a.close(Duration::from_secs(1)).await;
     b.close(Duration::from_secs(1)).await;
@@ -114,7 +137,10 @@ async fn foreign_ca_is_refused_both_ways() {
     // Both sides count the failed handshakes; nothing is delivered.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while Stats::get(&a.stats().handshake_failures) < 2 {
-        assert!(std::time::Instant::now() < deadline, "handshake failures not counted");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "handshake failures not counted"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(Stats::get(&rogue.stats().handshake_failures) >= 1);

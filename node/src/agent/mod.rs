@@ -1,0 +1,268 @@
+//! Wiring of one agent: identity, sockets, the membership task, the join
+//! loop and the admin API, and graceful shutdown.
+
+pub mod join;
+pub mod swim;
+
+use std::future::Future;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use gossamer_membership::{Membership, NodeId};
+use gossamer_transport::{Inbound, Transport, TransportConfig};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use crate::admin::{self, AdminState};
+use crate::config::AgentConfig;
+use crate::metrics::{Counters, Metrics};
+use crate::store::{SavedState, Store};
+
+/// How long shutdown waits for peers to acknowledge the close.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
+/// Time given to the leave notices to reach the wire before closing.
+const LEAVE_GRACE: Duration = Duration::from_millis(300);
+
+/// Errors that stop the agent from starting. All are the user's to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Identity files are missing, unreadable or invalid.
+    #[error(transparent)]
+    Identity(#[from] gossamer_transport::PkiError),
+    /// The data dir is unusable.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// A socket could not be bound.
+    #[error("{key}: cannot bind {addr}: {source}")]
+    Bind {
+        /// Which setting.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The transport could not start.
+    #[error(transparent)]
+    Transport(#[from] gossamer_transport::TransportError),
+    /// Bad SWIM settings.
+    #[error(transparent)]
+    Membership(#[from] gossamer_membership::MembershipError),
+}
+
+/// The sockets an agent serves on, bound before anything else starts.
+#[derive(Debug)]
+pub struct Sockets {
+    /// QUIC/UDP.
+    pub udp: UdpSocket,
+    /// Admin API.
+    pub admin: TcpListener,
+}
+
+impl Sockets {
+    /// Binds both sockets from the configuration.
+    pub async fn bind(config: &AgentConfig) -> Result<Self, StartError> {
+        let udp = UdpSocket::bind(config.bind).map_err(|source| StartError::Bind {
+            key: "bind",
+            addr: config.bind,
+            source,
+        })?;
+        let admin = TcpListener::bind(config.admin)
+            .await
+            .map_err(|source| StartError::Bind {
+                key: "admin",
+                addr: config.admin,
+                source,
+            })?;
+        Ok(Self { udp, admin })
+    }
+}
+
+/// `agent.json` in the data dir: where a running agent can be reached.
+#[derive(Debug, Serialize)]
+struct AgentInfo<'a> {
+    name: &'a str,
+    pid: u32,
+    quic: SocketAddr,
+    advertise: SocketAddr,
+    admin: SocketAddr,
+    generation: u64,
+}
+
+/// Runs an agent on bound sockets until `shutdown` resolves or the admin API
+/// asks it to leave; then leaves the mesh and closes cleanly.
+pub async fn run(
+    config: AgentConfig,
+    sockets: Sockets,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let store = Store::open(&config.data_dir)?;
+    let identity = crate::identity::load(&config.tls, config.name.as_deref(), &config.data_dir)?;
+    let name = identity.name.clone();
+    let bound = sockets
+        .udp
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            key: "bind",
+            addr: config.bind,
+            source,
+        })?;
+    let admin_addr = sockets
+        .admin
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            key: "admin",
+            addr: config.admin,
+            source,
+        })?;
+    let advertise = config
+        .advertise
+        .unwrap_or_else(|| advertise_for(bound, &config.seeds));
+
+    // A generation that beats every earlier run of this node, even when the
+    // data dir was lost (then wall-clock milliseconds win).
+    let saved = store.load_state();
+    let generation = (saved.generation + 1).max(unix_millis());
+    store.save_state(&SavedState {
+        generation,
+        members: saved.members.clone(),
+    })?;
+
+    let (transport, inbound) = Transport::bind(identity, TransportConfig::default(), sockets.udp)?;
+    let local = NodeId::new(name.clone(), advertise, generation)
+        .expect("the certificate name was validated");
+    let core = Membership::new(local, &config.swim, rand::random())?;
+
+    let counters = Arc::new(Counters::default());
+    let (command_tx, command_rx) = mpsc::channel(256);
+    let (stream_tx, stream_rx) = mpsc::channel(256);
+    let (task, snapshot) = swim::SwimTask::new(
+        core,
+        transport.clone(),
+        inbound,
+        command_rx,
+        stream_tx,
+        counters.clone(),
+        store.clone(),
+    );
+    let swim_handle = tokio::spawn(task.run());
+    tokio::spawn(refuse_streams(stream_rx));
+
+    let saved_members: Vec<NodeId> = saved
+        .members
+        .iter()
+        .filter(|m| m.name != name)
+        .filter_map(|m| NodeId::new(m.name.clone(), m.addr, 0).ok())
+        .collect();
+    let self_seed = Arc::new(AtomicBool::new(false));
+    let join_handle = tokio::spawn(join::join_loop(
+        config.seeds.clone(),
+        self_seed.clone(),
+        saved_members,
+        transport.clone(),
+        command_tx.clone(),
+        snapshot.clone(),
+    ));
+
+    let leave = Arc::new(Notify::new());
+    let admin_state = Arc::new(AdminState {
+        snapshot: snapshot.clone(),
+        metrics: Metrics::new(transport.clone(), counters, snapshot.clone()),
+        has_seeds: !config.seeds.is_empty(),
+        self_seed,
+        leave: leave.clone(),
+    });
+    let (stop_admin, admin_stopped) = watch::channel(false);
+    let admin_handle = tokio::spawn(admin::serve(sockets.admin, admin_state, admin_stopped));
+
+    let info = AgentInfo {
+        name: &name,
+        pid: std::process::id(),
+        quic: bound,
+        advertise,
+        admin: admin_addr,
+        generation,
+    };
+    store.write_atomic(
+        "agent.json",
+        &serde_json::to_vec_pretty(&info).expect("serializable"),
+    )?;
+    info!(
+        node = %name, quic = %bound, %advertise, admin = %admin_addr, generation,
+        seeds = ?config.seeds, data_dir = %store.dir().display(), "agent started"
+    );
+
+    tokio::select! {
+        () = shutdown => info!("shutting down: leaving the mesh"),
+        () = leave.notified() => info!("leave requested through the admin API"),
+    }
+
+    join_handle.abort();
+    let (done_tx, done_rx) = oneshot::channel();
+    if command_tx.send(swim::Command::Leave(done_tx)).await.is_ok() {
+        let _ = tokio::time::timeout(CLOSE_DEADLINE, done_rx).await;
+    }
+    tokio::time::sleep(LEAVE_GRACE).await;
+    drop(command_tx);
+    let _ = tokio::time::timeout(CLOSE_DEADLINE, swim_handle).await;
+    transport.close(CLOSE_DEADLINE).await;
+    let _ = stop_admin.send(true);
+    if tokio::time::timeout(Duration::from_secs(1), admin_handle)
+        .await
+        .is_err()
+    {
+        warn!("admin API did not stop in time");
+    }
+    store.remove("agent.json");
+    info!("stopped");
+    Ok(())
+}
+
+/// Streams nobody serves yet are refused at once, so the opener gets an
+/// error rather than a hang.
+async fn refuse_streams(mut streams: mpsc::Receiver<Inbound>) {
+    while let Some(item) = streams.recv().await {
+        if let Inbound::Stream {
+            mut send, mut recv, ..
+        } = item
+        {
+            let _ = send.reset(0u32.into());
+            let _ = recv.stop(0u32.into());
+        }
+    }
+}
+
+/// The address peers should use when none is configured: the bound one,
+/// or if bound to every interface, the local address that routes to the
+/// first seed (learned without sending anything), else loopback.
+fn advertise_for(bound: SocketAddr, seeds: &[String]) -> SocketAddr {
+    if !bound.ip().is_unspecified() {
+        return bound;
+    }
+    let routed = seeds.iter().find_map(|seed| {
+        use std::net::ToSocketAddrs;
+        let target = seed.to_socket_addrs().ok()?.next()?;
+        let probe = UdpSocket::bind((bound.ip(), 0)).ok()?;
+        probe.connect(target).ok()?;
+        probe.local_addr().ok().map(|a| a.ip())
+    });
+    let ip = routed.unwrap_or_else(|| {
+        if bound.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        }
+    });
+    SocketAddr::new(ip, bound.port())
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

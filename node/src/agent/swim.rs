@@ -1,0 +1,293 @@
+//! The one task that owns the membership core.
+//!
+//! Inputs arrive on channels (datagrams from the transport, commands from the
+//! join loop and the admin API) or from the timer queue; outputs are sent on
+//! the transport right away. Everyone else reads the published [`Snapshot`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gossamer_membership::{Event, MemberState, MemberView, Membership, MembershipError, NodeId};
+use gossamer_transport::{Inbound, Transport};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::metrics::Counters;
+use crate::store::{SavedMember, SavedState, Store};
+
+/// Requests to the membership task.
+#[derive(Debug)]
+pub enum Command {
+    /// Ask a peer to let us in.
+    Announce(NodeId),
+    /// Leave the mesh; replies once the leave notices are on the wire.
+    Leave(oneshot::Sender<()>),
+}
+
+/// What the rest of the agent sees of the membership.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// This node.
+    pub local: NodeId,
+    /// This node's SWIM incarnation.
+    pub local_incarnation: u16,
+    /// Whether this node has left.
+    pub left: bool,
+    /// Other members, sorted by name.
+    pub members: Vec<MemberView>,
+    /// Active members besides us.
+    pub active: usize,
+    /// Whether we ever had another active member.
+    pub joined: bool,
+}
+
+impl Snapshot {
+    /// Members per state, this node included.
+    pub fn count(&self, state: MemberState) -> usize {
+        let local = if self.left {
+            MemberState::Left
+        } else {
+            MemberState::Alive
+        };
+        self.members.iter().filter(|m| m.state == state).count() + usize::from(local == state)
+    }
+}
+
+/// How often the snapshot is refreshed even without events (suspicion is
+/// not an event, but the API should show it).
+const SNAPSHOT_EVERY: Duration = Duration::from_millis(200);
+/// How often changed members are written to the data dir at most.
+const SAVE_EVERY: Duration = Duration::from_secs(2);
+
+/// The membership task's state.
+pub struct SwimTask {
+    core: Membership,
+    transport: Transport,
+    inbound: mpsc::Receiver<Inbound>,
+    commands: mpsc::Receiver<Command>,
+    streams: mpsc::Sender<Inbound>,
+    epoch: Instant,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    counters: Arc<Counters>,
+    store: Store,
+    joined: bool,
+    dirty: bool,
+    last_save: Instant,
+}
+
+impl std::fmt::Debug for SwimTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SwimTask")
+            .field("core", &self.core)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SwimTask {
+    /// Wires the task; run it with [`SwimTask::run`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        core: Membership,
+        transport: Transport,
+        inbound: mpsc::Receiver<Inbound>,
+        commands: mpsc::Receiver<Command>,
+        streams: mpsc::Sender<Inbound>,
+        counters: Arc<Counters>,
+        store: Store,
+    ) -> (Self, watch::Receiver<Arc<Snapshot>>) {
+        let (snapshot, rx) = watch::channel(Arc::new(Snapshot {
+            local: core.identity().clone(),
+            local_incarnation: 0,
+            left: false,
+            members: Vec::new(),
+            active: 0,
+            joined: false,
+        }));
+        let now = Instant::now();
+        let task = Self {
+            core,
+            transport,
+            inbound,
+            commands,
+            streams,
+            epoch: now,
+            snapshot,
+            counters,
+            store,
+            joined: false,
+            dirty: false,
+            last_save: now,
+        };
+        (task, rx)
+    }
+
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    /// Runs until the command channel closes.
+    pub async fn run(mut self) {
+        let mut tick = tokio::time::interval(SNAPSHOT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline = self
+                .core
+                .poll_timeout()
+                .map(|at| self.epoch + at)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => break,
+                },
+                Some(item) = self.inbound.recv() => self.on_inbound(item),
+                () = tokio::time::sleep_until(deadline) => {
+                    let now = self.now();
+                    self.core.handle_timeout(now);
+                }
+                _ = tick.tick() => {
+                    self.publish();
+                    self.maybe_save(false);
+                    continue;
+                }
+            }
+            self.flush();
+        }
+        self.maybe_save(true);
+    }
+
+    fn on_command(&mut self, command: Command) {
+        let now = self.now();
+        match command {
+            Command::Announce(dst) => {
+                if let Err(e) = self.core.announce(now, dst.clone()) {
+                    debug!(peer = %dst, error = %e, "announce failed");
+                }
+            }
+            Command::Leave(reply) => {
+                // Save who we knew before leaving: that is what a restart
+                // rejoins through.
+                self.maybe_save(true);
+                if let Err(e) = self.core.leave(now) {
+                    warn!(error = %e, "leave notice not sent");
+                }
+                self.flush();
+                self.publish();
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    fn on_inbound(&mut self, item: Inbound) {
+        match item {
+            Inbound::Datagram { from, data } => {
+                let now = self.now();
+                if let Err(e) = self.core.handle_datagram(now, &from, &data) {
+                    match &e {
+                        MembershipError::IdentityMismatch { .. } => {
+                            self.counters.identity_mismatch()
+                        }
+                        MembershipError::Decode(_) => self.counters.decode_error(),
+                        _ => {}
+                    }
+                    debug!(peer = %from, len = data.len(), error = %e, "datagram dropped");
+                }
+            }
+            stream @ Inbound::Stream { .. } => {
+                if self.streams.try_send(stream).is_err() {
+                    debug!("stream dropped: stream handler busy");
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        while let Some(t) = self.core.poll_transmit() {
+            self.transport.send_datagram(&t.to.name, t.to.addr, t.data);
+        }
+        let mut changed = false;
+        while let Some(event) = self.core.poll_event() {
+            changed = true;
+            match &event {
+                Event::MemberUp(id) => info!(member = %id.name, addr = %id.addr, "member up"),
+                Event::MemberDown(id) => warn!(member = %id.name, addr = %id.addr, "member down"),
+                Event::MemberLeft(id) => info!(member = %id.name, "member left"),
+                Event::MemberRenamed { old, new } => {
+                    info!(member = %new.name, old = old.generation, new = new.generation, "member restarted")
+                }
+                Event::Rejoined(id) => warn!(
+                    generation = id.generation,
+                    "declared down by peers; rejoined"
+                ),
+                Event::Connected => {
+                    if !self.joined {
+                        info!("joined the mesh");
+                    }
+                    self.joined = true;
+                }
+                Event::Isolated => warn!("no other member reachable"),
+            }
+        }
+        if changed {
+            self.dirty = true;
+            self.publish();
+        }
+    }
+
+    fn publish(&mut self) {
+        let members = self.core.members();
+        let active = self.core.num_active();
+        let snapshot = Snapshot {
+            local: self.core.identity().clone(),
+            local_incarnation: self.core.incarnation(),
+            left: self.core.has_left(),
+            members,
+            active,
+            joined: self.joined,
+        };
+        self.snapshot.send_if_modified(|current| {
+            let same = current.members == snapshot.members
+                && current.local == snapshot.local
+                && current.left == snapshot.left
+                && current.joined == snapshot.joined
+                && current.local_incarnation == snapshot.local_incarnation;
+            if !same {
+                *current = Arc::new(snapshot);
+            }
+            !same
+        });
+    }
+
+    fn maybe_save(&mut self, force: bool) {
+        if !self.dirty || (!force && self.last_save.elapsed() < SAVE_EVERY) || self.core.has_left()
+        {
+            return;
+        }
+        let members: Vec<SavedMember> = self
+            .core
+            .members()
+            .into_iter()
+            .filter(|m| m.state.is_active())
+            .map(|m| SavedMember {
+                name: m.id.name,
+                addr: m.id.addr,
+            })
+            .collect();
+        if members.is_empty() {
+            // Keep the last useful list rather than forgetting everyone.
+            return;
+        }
+        let state = SavedState {
+            generation: self.core.identity().generation,
+            members,
+        };
+        match self.store.save_state(&state) {
+            Ok(()) => {
+                self.dirty = false;
+                self.last_save = Instant::now();
+            }
+            Err(e) => warn!(error = %e, "cannot save members"),
+        }
+    }
+}

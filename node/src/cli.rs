@@ -1,0 +1,143 @@
+//! Command-line interface (clap). Every agent flag also reads a `GOSSAMER_*`
+//! environment variable; the config file fills in what neither sets.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Default admin API address, also used by the CLI subcommands.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:7947";
+
+/// Gossamer: a service mesh with no control plane.
+#[derive(Debug, Parser)]
+#[command(name = "gossamer", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: join the mesh and serve the admin API.
+    Agent(Box<AgentArgs>),
+    /// Manage the mesh certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Issue node certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Show the members a running agent knows.
+    Members(MembersArgs),
+    /// Exit 0 if the local agent answers /health (for container healthchecks).
+    Health(AdminArgs),
+    /// Ask the local agent to leave the mesh and shut down.
+    Leave(AdminArgs),
+}
+
+/// `gossamer ca ...`
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a new mesh CA: writes DIR/ca.pem and DIR/ca.key.
+    Init {
+        /// Where to write the CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Trust domain of the mesh (in every node's spiffe:// identity).
+        #[arg(long, default_value = gossamer_transport::pki::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
+}
+
+/// `gossamer cert ...`
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Issue a node certificate: writes OUT/NAME.pem and OUT/NAME.key.
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The node name the certificate is for.
+        #[arg(long)]
+        name: String,
+        /// Where to write the certificate and key.
+        #[arg(long)]
+        out: PathBuf,
+        /// Trust domain of the mesh.
+        #[arg(long, default_value = gossamer_transport::pki::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
+}
+
+/// Flags of `gossamer agent`. All optional: unset ones come from the
+/// environment, then the config file, then defaults.
+#[derive(Debug, Default, Args)]
+pub struct AgentArgs {
+    /// TOML config file.
+    #[arg(long, env = "GOSSAMER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Node name (default: the name in the certificate, or the host name).
+    #[arg(long, env = "GOSSAMER_NAME")]
+    pub name: Option<String>,
+    /// QUIC/UDP address to bind [default: 0.0.0.0:7946].
+    #[arg(long, env = "GOSSAMER_BIND", value_name = "IP:PORT")]
+    pub bind: Option<String>,
+    /// Address peers should use to reach this node [default: the bind
+    /// address, or the address that routes to the first seed].
+    #[arg(long, env = "GOSSAMER_ADVERTISE", value_name = "IP:PORT")]
+    pub advertise: Option<String>,
+    /// Admin HTTP API address [default: 127.0.0.1:7947].
+    #[arg(long, env = "GOSSAMER_ADMIN", value_name = "IP:PORT")]
+    pub admin: Option<String>,
+    /// A peer to join through (repeatable; host names resolve).
+    #[arg(
+        long = "seed",
+        env = "GOSSAMER_SEEDS",
+        value_delimiter = ',',
+        value_name = "HOST:PORT"
+    )]
+    pub seeds: Vec<String>,
+    /// Mesh CA certificate (PEM).
+    #[arg(long, env = "GOSSAMER_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// This node's certificate (PEM).
+    #[arg(long, env = "GOSSAMER_CERT", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, env = "GOSSAMER_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Where the agent keeps its state (members, generation).
+    #[arg(long, env = "GOSSAMER_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Development mode: make a CA and certificate in the data dir.
+    #[arg(long, env = "GOSSAMER_DEV")]
+    pub dev: bool,
+    /// Log level or filter (overrides RUST_LOG), e.g. `debug` or
+    /// `gossamer=debug,info`.
+    #[arg(long, env = "GOSSAMER_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Log format: `auto` (text on a terminal, JSON otherwise), `text`, `json`.
+    #[arg(long, env = "GOSSAMER_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// `--admin` for the client subcommands.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// Admin API of the agent to ask.
+    #[arg(long, env = "GOSSAMER_ADMIN", default_value = DEFAULT_ADMIN, value_name = "IP:PORT")]
+    pub admin: SocketAddr,
+}
+
+/// `gossamer members`.
+#[derive(Debug, Args)]
+pub struct MembersArgs {
+    #[command(flatten)]
+    /// Which agent.
+    pub admin: AdminArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,339 @@
+//! Agent configuration: flags > environment > file > defaults, parsed and
+//! checked before anything binds.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use gossamer_membership::SwimConfig;
+use gossamer_membership::identity::validate_name;
+use serde::Deserialize;
+
+use crate::cli::AgentArgs;
+
+/// The agent's settings, validated.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Node name, when set explicitly (otherwise taken from the certificate).
+    pub name: Option<String>,
+    /// UDP bind address.
+    pub bind: SocketAddr,
+    /// Address to advertise, if set.
+    pub advertise: Option<SocketAddr>,
+    /// Admin API address.
+    pub admin: SocketAddr,
+    /// Seeds as given (host:port), resolved at join time.
+    pub seeds: Vec<String>,
+    /// Where certificates come from.
+    pub tls: TlsSource,
+    /// State directory.
+    pub data_dir: PathBuf,
+    /// SWIM timing.
+    pub swim: SwimConfig,
+    /// Log filter.
+    pub log_level: Option<String>,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+/// Where the node's identity comes from.
+#[derive(Debug, Clone)]
+pub enum TlsSource {
+    /// Files issued by `gossamer ca init` / `gossamer cert issue`.
+    Files {
+        /// CA certificate.
+        ca: PathBuf,
+        /// Node certificate.
+        cert: PathBuf,
+        /// Node key.
+        key: PathBuf,
+    },
+    /// `--dev`: a CA and certificate generated in the data dir.
+    Dev,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Text on a terminal, JSON lines otherwise.
+    Auto,
+    /// Human-readable text.
+    Text,
+    /// JSON lines.
+    Json,
+}
+
+/// A configuration problem; printed as one line, exit code 64.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// The TOML file. Unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    name: Option<String>,
+    bind: Option<String>,
+    advertise: Option<String>,
+    admin: Option<String>,
+    seeds: Option<Vec<String>>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    dev: Option<bool>,
+    log_level: Option<String>,
+    log_format: Option<String>,
+    swim: Option<SwimConfig>,
+}
+
+impl FileConfig {
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .or_else(|e| err(format!("config file {}: {e}", path.display())))?;
+        toml::from_str(&text).or_else(|e| {
+            let msg = e.message().to_owned();
+            let line = e
+                .span()
+                .map(|s| text[..s.start].lines().count().max(1))
+                .map(|l| format!(" (line {l})"))
+                .unwrap_or_default();
+            err(format!("config file {}{line}: {msg}", path.display()))
+        })
+    }
+}
+
+fn addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().or_else(|_| {
+        err(format!(
+            "{key}: {value:?} is not an IP:PORT address (for example 127.0.0.1:7946)"
+        ))
+    })
+}
+
+impl AgentConfig {
+    /// Merges flags/env (already combined by clap) over the file over defaults.
+    pub fn from_args(args: &AgentArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let name = args.name.clone().or(file.name);
+        if let Some(n) = &name {
+            validate_name(n).or_else(|e| err(format!("name: {e}")))?;
+        }
+        let bind = addr(
+            "bind",
+            args.bind
+                .as_deref()
+                .or(file.bind.as_deref())
+                .unwrap_or("0.0.0.0:7946"),
+        )?;
+        let advertise = match args.advertise.as_deref().or(file.advertise.as_deref()) {
+            Some(a) => {
+                let a = addr("advertise", a)?;
+                if a.ip().is_unspecified() || a.port() == 0 {
+                    return err(format!(
+                        "advertise: {a} cannot be reached by peers; give a concrete IP and port"
+                    ));
+                }
+                Some(a)
+            }
+            None => None,
+        };
+        let admin = addr(
+            "admin",
+            args.admin
+                .as_deref()
+                .or(file.admin.as_deref())
+                .unwrap_or(crate::cli::DEFAULT_ADMIN),
+        )?;
+        let seeds = if args.seeds.is_empty() {
+            file.seeds.unwrap_or_default()
+        } else {
+            args.seeds.clone()
+        };
+        for seed in &seeds {
+            check_seed(seed)?;
+        }
+        let dev = args.dev || file.dev.unwrap_or(false);
+        let ca = args.ca.clone().or(file.ca);
+        let cert = args.cert.clone().or(file.cert);
+        let key = args.key.clone().or(file.key);
+        let tls = match (dev, ca, cert, key) {
+            (_, Some(ca), Some(cert), Some(key)) => TlsSource::Files { ca, cert, key },
+            (true, None, None, None) => TlsSource::Dev,
+            (true, ..) => {
+                return err("dev: give all of ca, cert and key, or none of them with --dev");
+            }
+            (false, ca, cert, _) => {
+                let missing = if ca.is_none() {
+                    "ca"
+                } else if cert.is_none() {
+                    "cert"
+                } else {
+                    "key"
+                };
+                return err(format!(
+                    "{missing}: not set; give --ca, --cert and --key (see `gossamer ca init` and `gossamer cert issue`), or use --dev"
+                ));
+            }
+        };
+        let data_dir = match args.data_dir.clone().or(file.data_dir) {
+            Some(d) => d,
+            None if dev => std::env::temp_dir().join(format!(
+                "gossamer-dev-{}",
+                name.as_deref().unwrap_or("agent")
+            )),
+            None => {
+                return err("data_dir: not set; give --data-dir DIR (state kept across restarts)");
+            }
+        };
+        let swim = file.swim.unwrap_or_default();
+        swim.validate().or_else(|e| err(e.to_string()))?;
+        let log_format = match args
+            .log_format
+            .as_deref()
+            .or(file.log_format.as_deref())
+            .unwrap_or("auto")
+        {
+            "auto" => LogFormat::Auto,
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return err(format!(
+                    "log_format: {other:?} is not one of auto, text, json"
+                ));
+            }
+        };
+        let log_level = args.log_level.clone().or(file.log_level);
+        if let Some(filter) = &log_level {
+            tracing_subscriber::EnvFilter::try_new(filter)
+                .or_else(|e| err(format!("log_level: {filter:?}: {e}")))?;
+        }
+        Ok(Self {
+            name,
+            bind,
+            advertise,
+            admin,
+            seeds,
+            tls,
+            data_dir,
+            swim,
+            log_level,
+            log_format,
+        })
+    }
+}
+
+fn check_seed(seed: &str) -> Result<(), ConfigError> {
+    let bad = || {
+        err(format!(
+            "seed: {seed:?} is not HOST:PORT (for example 10.0.0.5:7946 or node1:7946)"
+        ))
+    };
+    if seed.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let Some((host, port)) = seed.rsplit_once(':') else {
+        return bad();
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() || host.contains(['/', ' ']) {
+        return bad();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> AgentArgs {
+        AgentArgs {
+            dev: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = AgentConfig::from_args(&args()).unwrap();
+        assert_eq!(c.bind, "0.0.0.0:7946".parse().unwrap());
+        assert_eq!(c.admin, "127.0.0.1:7947".parse().unwrap());
+        assert!(matches!(c.tls, TlsSource::Dev));
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.toml");
+        std::fs::write(
+            &path,
+            "name = \"filename\"\nbind = \"127.0.0.1:1000\"\nseeds = [\"a:1\"]\n[swim]\nprobe_period = \"2s\"\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(path);
+        a.bind = Some("127.0.0.1:2000".into());
+        let c = AgentConfig::from_args(&a).unwrap();
+        assert_eq!(c.name.as_deref(), Some("filename"));
+        assert_eq!(c.bind.port(), 2000);
+        assert_eq!(c.seeds, vec!["a:1".to_string()]);
+        assert_eq!(c.swim.probe_period, std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.toml");
+        std::fs::write(&path, "nmae = \"x\"\n").unwrap();
+        let mut a = args();
+        a.config = Some(path.clone());
+        let e = AgentConfig::from_args(&a).unwrap_err().0;
+        assert!(e.contains("nmae"), "{e}");
+
+        std::fs::write(&path, "[swim]\nprobe_period = \"fast\"\n").unwrap();
+        let e = AgentConfig::from_args(&a).unwrap_err().0;
+        assert!(e.contains("fast"), "{e}");
+
+        let mut a = args();
+        a.bind = Some("localhost".into());
+        assert!(
+            AgentConfig::from_args(&a)
+                .unwrap_err()
+                .0
+                .starts_with("bind:")
+        );
+        let mut a = args();
+        a.seeds = vec!["nope".into()];
+        assert!(
+            AgentConfig::from_args(&a)
+                .unwrap_err()
+                .0
+                .starts_with("seed:")
+        );
+        let mut a = args();
+        a.dev = false;
+        assert!(AgentConfig::from_args(&a).unwrap_err().0.starts_with("ca:"));
+        let mut a = args();
+        a.name = Some("bad name".into());
+        assert!(
+            AgentConfig::from_args(&a)
+                .unwrap_err()
+                .0
+                .starts_with("name:")
+        );
+        let mut a = args();
+        a.config = Some(dir.path().join("missing.toml"));
+        assert!(
+            AgentConfig::from_args(&a)
+                .unwrap_err()
+                .0
+                .contains("missing.toml")
+        );
+    }
+}

@@ -1,0 +1,25 @@
+//! The `gossamer` agent and CLI.
+//!
+//! `main.rs` is a thin shell over this library: parse ([`cli`]), validate
+//! ([`config`]), bind ([`agent::Sockets`]), run ([`agent::run`]) and drain.
+//!
+//! # Layout
+//! - [`cli`]: clap definitions of every subcommand.
+//! - [`config`]: flags > env > file > defaults, validated before binding.
+//! - [`identity`]: the node's mesh identity, `--dev` generation.
+//! - [`agent`]: wiring; [`agent::swim`] owns the membership core,
+//!   [`agent::join`] keeps the node joined.
+//! - [`admin`]: the admin HTTP API; [`client`]: the CLI's side of it.
+//! - [`metrics`]: Prometheus exposition.
+//! - [`store`]: the data dir (atomic writes).
+//! - [`logging`]: tracing setup.
+
+pub mod admin;
+pub mod agent;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod identity;
+pub mod logging;
+pub mod metrics;
+pub mod store;

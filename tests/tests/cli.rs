@@ -1,0 +1,185 @@
+//! The CLI's contract: exit codes and one-line errors for bad configuration.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use gossamer_tests::{Agent, AgentOptions, Pki, gossamer, wait_states};
+
+fn agent_exit(args: &[&str]) -> (i32, String) {
+    let out = gossamer(args);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    )
+}
+
+#[test]
+fn bad_configuration_exits_64_with_one_line() -> Result<()> {
+    let pki = Pki::new()?;
+    let (cert, key) = pki.issue("n1")?;
+    let (other_cert, other_key) = pki.issue("n2")?;
+    let rogue = Pki::new()?;
+    let (rogue_cert, rogue_key) = rogue.issue("n1")?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let ca = pki.ca();
+    let ca = ca.to_str().unwrap();
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let bad_toml = dir.path().join("bad.toml");
+    std::fs::write(&bad_toml, "name = \"n1\"\nport = 7946\n")?;
+
+    let base = |cert: &str, key: &str| -> Vec<String> {
+        [
+            "agent",
+            "--bind",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--data-dir",
+            data,
+            "--ca",
+            ca,
+            "--cert",
+            cert,
+            "--key",
+            key,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            [
+                base(&s(&cert), &s(&key)),
+                vec!["--config".into(), s(&bad_toml)],
+            ]
+            .concat(),
+            "port",
+        ),
+        (
+            base(&s(&cert), &s(&key))
+                .into_iter()
+                .map(|a| {
+                    if a == "127.0.0.1:0" {
+                        "not-an-address".into()
+                    } else {
+                        a
+                    }
+                })
+                .collect(),
+            "bind",
+        ),
+        (
+            [
+                base(&s(&cert), &s(&key)),
+                vec!["--config".into(), "/nonexistent/g.toml".into()],
+            ]
+            .concat(),
+            "/nonexistent/g.toml",
+        ),
+        (base("/nonexistent/n1.pem", &s(&key)), "/nonexistent/n1.pem"),
+        (
+            base(&s(&rogue_cert), &s(&rogue_key)),
+            "not signed by the mesh CA",
+        ),
+        (
+            [
+                base(&s(&other_cert), &s(&other_key)),
+                vec!["--name".into(), "n1".into()],
+            ]
+            .concat(),
+            "issued to \"n2\"",
+        ),
+        (
+            [
+                base(&s(&cert), &s(&key)),
+                vec!["--seed".into(), "no-port".into()],
+            ]
+            .concat(),
+            "seed",
+        ),
+        (
+            vec!["agent".into(), "--no-such-flag".into()],
+            "--no-such-flag",
+        ),
+    ];
+    for (args, needle) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, stderr) = agent_exit(&args);
+        assert_eq!(code, 64, "{args:?} -> {code}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: {stderr:?} should mention {needle:?}"
+        );
+        if !args.contains(&"--no-such-flag") {
+            assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn members_command_prints_the_table() -> Result<()> {
+    let pki = Pki::new()?;
+    let a = Agent::start(&pki, "n1", AgentOptions::default())?;
+    let b = Agent::start(
+        &pki,
+        "n2",
+        AgentOptions {
+            seeds: vec![a.seed()],
+            ..Default::default()
+        },
+    )?;
+    wait_states(
+        &[&a, &b],
+        &[("n1", "alive"), ("n2", "alive")],
+        Duration::from_secs(15),
+    )?;
+    let admin = a.admin.to_string();
+    let out = gossamer(&["members", "--admin", &admin]);
+    assert!(out.status.success());
+    let table = String::from_utf8(out.stdout)?;
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("n2 ") && l.contains("alive")),
+        "{table}"
+    );
+    let out = gossamer(&["members", "--admin", &admin, "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(rows.as_array().map(Vec::len), Some(2));
+    for key in ["name", "addr", "state", "incarnation"] {
+        assert!(rows[0].get(key).is_some(), "missing {key}");
+    }
+    let out = gossamer(&["health", "--admin", &admin]);
+    assert!(out.status.success());
+    // An agent that is not there: a clear error, non-zero exit.
+    let out = gossamer(&["members", "--admin", "127.0.0.1:1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+    Ok(())
+}
+
+#[test]
+fn ca_and_cert_refuse_to_overwrite() -> Result<()> {
+    let pki = Pki::new()?;
+    let ca_dir = pki.dir.path().join("ca");
+    let out = gossamer(&["ca", "init", "--dir", ca_dir.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to overwrite"));
+    let out = gossamer(&[
+        "cert",
+        "issue",
+        "--ca-dir",
+        ca_dir.to_str().unwrap(),
+        "--name",
+        "bad name",
+        "--out",
+        "/tmp",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid node name"));
+    Ok(())
+}
