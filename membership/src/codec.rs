@@ -56,6 +56,9 @@ pub enum CodecError {
     /// Decoded, but a node name in it is not valid.
     #[error(transparent)]
     InvalidName(#[from] crate::identity::InvalidName),
+    /// Bytes left over after a complete value.
+    #[error("{0} trailing bytes after the value")]
+    TrailingBytes(usize),
     /// The output buffer has no room for the value.
     #[error("no room in the output buffer")]
     NoSpace,
@@ -70,6 +73,39 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
 /// bytes used. Never reads past `bytes` and never allocates more than the cap.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), CodecError> {
     Ok(bincode::serde::decode_from_slice(bytes, config())?)
+}
+
+type LargeConfig = Configuration<LittleEndian, Varint, Limit<{ crate::catalog::MAX_SYNC_FRAME }>>;
+
+fn large_config() -> LargeConfig {
+    bincode::config::standard().with_limit::<{ crate::catalog::MAX_SYNC_FRAME }>()
+}
+
+/// Encodes a stream frame payload (catalog sync), refusing anything over `max`.
+pub fn encode_large<T: Serialize>(value: &T, max: usize) -> Result<Vec<u8>, CodecError> {
+    let bytes = bincode::serde::encode_to_vec(value, large_config())?;
+    if bytes.len() > max {
+        return Err(CodecError::TooLarge {
+            len: bytes.len(),
+            max,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Decodes a whole stream frame payload; trailing bytes are an error.
+pub fn decode_large<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, CodecError> {
+    if bytes.len() > max {
+        return Err(CodecError::TooLarge {
+            len: bytes.len(),
+            max,
+        });
+    }
+    let (value, used) = bincode::serde::decode_from_slice(bytes, large_config())?;
+    if used != bytes.len() {
+        return Err(CodecError::TrailingBytes(bytes.len() - used));
+    }
+    Ok(value)
 }
 
 fn put(value: &impl Serialize, mut buf: impl BufMut) -> Result<(), CodecError> {

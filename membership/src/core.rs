@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 
 use crate::codec::{self, CodecError, WireCodec};
 use crate::config::{InvalidSwimConfig, SwimConfig};
-use crate::gossip::{GossipHandler, Leave};
+use crate::gossip::{CatalogNotice, GossipHandler, Leave};
 use crate::identity::NodeId;
 
 /// A member's state as the mesh sees it.
@@ -76,6 +76,13 @@ pub enum Event {
     Connected,
     /// This node knows no active member any more.
     Isolated,
+    /// A node announced a new catalog version.
+    CatalogNotice {
+        /// The owner.
+        node: String,
+        /// Its new version.
+        version: u64,
+    },
 }
 
 /// A datagram to send.
@@ -143,7 +150,7 @@ impl std::fmt::Debug for Membership {
 impl Membership {
     /// A core for `identity`, with randomness from `seed`.
     pub fn new(identity: NodeId, config: &SwimConfig, seed: u64) -> Result<Self, MembershipError> {
-        let gossip = GossipHandler::default();
+        let gossip = GossipHandler::new(identity.name.clone());
         let swim = Foca::with_custom_broadcast(
             identity,
             config.to_foca()?,
@@ -232,6 +239,25 @@ impl Membership {
             let _ = self.swim.handle_timer(timer, &mut self.runtime);
             self.drain();
         }
+    }
+
+    /// Announces that this node's catalog entry is now at `version`; peers
+    /// with an older one will fetch it from us.
+    pub fn publish_catalog(&mut self, now: Duration, version: u64) -> Result<(), MembershipError> {
+        self.advance(now);
+        let notice = CatalogNotice {
+            node: self.identity().name.clone(),
+            version,
+        };
+        self.swim
+            .add_broadcast(&notice.encode()?)
+            .map_err(protocol)?;
+        Ok(())
+    }
+
+    /// Bytes of new broadcast items (leave and catalog notices) received.
+    pub fn broadcast_bytes(&self) -> u64 {
+        self.gossip.state().broadcast_bytes
     }
 
     /// Leaves the cluster: tells peers we are going, on purpose.
@@ -331,6 +357,13 @@ impl Membership {
                 OwnedNotification::Defunct => continue,
             };
             self.events.push_back(event);
+        }
+        let notices: Vec<CatalogNotice> = self.gossip.state().notices.drain(..).collect();
+        for n in notices {
+            self.events.push_back(Event::CatalogNotice {
+                node: n.node,
+                version: n.version,
+            });
         }
     }
 }
@@ -518,6 +551,39 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, MembershipError::IdentityMismatch { .. }));
         assert_eq!(net.view(0), before, "nothing changed");
+    }
+
+    #[test]
+    fn catalog_notice_reaches_everyone_once() {
+        let mut net = joined(8);
+        for node in net.nodes.iter_mut().flatten() {
+            while node.poll_event().is_some() {}
+        }
+        let now = net.now;
+        net.nodes[3]
+            .as_mut()
+            .unwrap()
+            .publish_catalog(now, 7)
+            .unwrap();
+        net.run_for(Duration::from_secs(3));
+        for (i, node) in net.nodes.iter_mut().enumerate() {
+            let node = node.as_mut().unwrap();
+            let notices: Vec<_> = std::iter::from_fn(|| node.poll_event())
+                .filter(|e| matches!(e, Event::CatalogNotice { .. }))
+                .collect();
+            if i == 3 {
+                assert!(notices.is_empty(), "no notice about ourselves");
+            } else {
+                assert_eq!(
+                    notices,
+                    vec![Event::CatalogNotice {
+                        node: "n3".into(),
+                        version: 7
+                    }],
+                    "node {i}"
+                );
+            }
+        }
     }
 
     #[test]

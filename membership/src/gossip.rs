@@ -13,6 +13,10 @@ use crate::codec::{self, CodecError};
 use crate::identity::{NodeId, validate_name};
 
 const KIND_LEAVE: u8 = 1;
+const KIND_CATALOG: u8 = 2;
+/// Notices held for the driver before the oldest are dropped (the
+/// anti-entropy sync catches up on anything dropped).
+const MAX_PENDING_NOTICES: usize = 65_536;
 
 /// A node announcing that it leaves on purpose (so peers show it `left`, not
 /// `down`). It carries the generation so a later restart is not mistaken for
@@ -34,12 +38,33 @@ impl Leave {
     }
 }
 
+/// "Node `node` now publishes catalog version `version`": peers that hold
+/// an older entry fetch the new one from the node itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogNotice {
+    /// The owner of the entry.
+    pub node: String,
+    /// Its new version.
+    pub version: u64,
+}
+
+impl CatalogNotice {
+    /// The broadcast bytes for this item.
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        let mut out = vec![KIND_CATALOG];
+        out.extend(codec::encode(self)?);
+        Ok(out)
+    }
+}
+
 /// The dedup key of a broadcast: a newer item for the same key replaces the
 /// older one in foca's retransmission queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GossipKey {
     /// A [`Leave`] by this node name.
     Leave(String),
+    /// A [`CatalogNotice`] about this node's entry.
+    Catalog(String),
 }
 
 impl foca::Invalidates for GossipKey {
@@ -54,6 +79,12 @@ impl foca::Invalidates for GossipKey {
 pub(crate) struct GossipState {
     /// Highest departed generation per node name.
     pub(crate) left: HashMap<String, u64>,
+    /// Highest catalog version announced per node.
+    pub(crate) catalog: HashMap<String, u64>,
+    /// Notices about other nodes not yet handed to the driver.
+    pub(crate) notices: std::collections::VecDeque<CatalogNotice>,
+    /// Bytes of custom broadcast items received (new ones only).
+    pub(crate) broadcast_bytes: u64,
 }
 
 impl GossipState {
@@ -62,13 +93,29 @@ impl GossipState {
     }
 }
 
+fn whole<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
+    let (value, used): (T, usize) = codec::decode(body)?;
+    if used != body.len() {
+        return Err(CodecError::TrailingBytes(body.len() - used));
+    }
+    Ok(value)
+}
+
 /// foca's `BroadcastHandler` for Gossamer's items.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct GossipHandler {
     state: Arc<Mutex<GossipState>>,
+    local: String,
 }
 
 impl GossipHandler {
+    pub(crate) fn new(local: String) -> Self {
+        Self {
+            state: Arc::default(),
+            local,
+        }
+    }
+
     pub(crate) fn state(&self) -> MutexGuard<'_, GossipState> {
         // The state holds plain maps that are valid after any panic.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -87,13 +134,7 @@ impl foca::BroadcastHandler<NodeId> for GossipHandler {
         let (&kind, body) = data.split_first().ok_or(CodecError::Truncated)?;
         match kind {
             KIND_LEAVE => {
-                let (leave, used): (Leave, usize) = codec::decode(body)?;
-                if used != body.len() {
-                    return Err(CodecError::TooLarge {
-                        len: body.len(),
-                        max: used,
-                    });
-                }
+                let leave: Leave = whole(body)?;
                 validate_name(&leave.name)?;
                 let mut state = self.state();
                 let known = state.left.entry(leave.name.clone()).or_insert(0);
@@ -101,7 +142,27 @@ impl foca::BroadcastHandler<NodeId> for GossipHandler {
                     return Ok(None);
                 }
                 *known = leave.generation;
+                state.broadcast_bytes += data.len() as u64;
                 Ok(Some(GossipKey::Leave(leave.name)))
+            }
+            KIND_CATALOG => {
+                let notice: CatalogNotice = whole(body)?;
+                validate_name(&notice.node)?;
+                let mut state = self.state();
+                let known = state.catalog.entry(notice.node.clone()).or_insert(0);
+                if *known >= notice.version && *known != 0 {
+                    return Ok(None);
+                }
+                *known = notice.version;
+                state.broadcast_bytes += data.len() as u64;
+                let key = GossipKey::Catalog(notice.node.clone());
+                if notice.node != self.local {
+                    if state.notices.len() >= MAX_PENDING_NOTICES {
+                        state.notices.pop_front();
+                    }
+                    state.notices.push_back(notice);
+                }
+                Ok(Some(key))
             }
             other => Err(CodecError::BadMagic(other)),
         }

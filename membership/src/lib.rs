@@ -10,12 +10,14 @@
 //!
 //! # Layout
 //! - [`identity`]: [`NodeId`] (name, address, generation) and name rules.
+//! - [`catalog`]: catalog entries, their merge, and the sync protocol messages.
 //! - [`codec`]: the versioned, size-capped wire codec (bincode behind one module).
 //! - [`config`]: [`SwimConfig`], SWIM timing shared with the simulator.
 //! - [`gossip`]: custom broadcasts piggybacked on SWIM (leave notices).
 //! - [`core`]: the [`Membership`] driver.
 //! - [`duration`]: `"2s"`-style durations for config files.
 
+pub mod catalog;
 pub mod codec;
 pub mod config;
 pub mod core;

@@ -17,7 +17,10 @@ use tokio::sync::{Notify, watch};
 use tracing::debug;
 
 use crate::agent::swim::Snapshot;
+use crate::catalog::registry::ServiceSpec;
+use crate::catalog::{CatalogHandle, RegisterError, view};
 use crate::metrics::Metrics;
+use gossamer_transport::Transport;
 
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 1 << 20;
@@ -36,6 +39,12 @@ pub struct AdminState {
     pub self_seed: Arc<AtomicBool>,
     /// Notified when `POST /v1/leave` asks the agent to stop.
     pub leave: Arc<Notify>,
+    /// The catalog task.
+    pub catalog: CatalogHandle,
+    /// The transport (for fault injection).
+    pub transport: Transport,
+    /// Whether `/v1/debug/*` is served.
+    pub fault_injection: bool,
 }
 
 /// One row of `GET /v1/members`.
@@ -111,34 +120,193 @@ pub fn error(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
 async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    // Bodies are not used yet by any route, but are drained (capped) so
-    // keep-alive connections stay usable.
-    let _ = http_body_util::Limited::new(req.into_body(), MAX_BODY)
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
         .collect()
-        .await;
-    match (&method, path.as_str()) {
-        (&Method::GET, "/health") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-        (&Method::GET, "/ready") => ready(state),
-        (&Method::GET, "/metrics") => Response::builder()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body over 1 MiB"),
+    };
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["health"]) => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        (&Method::GET, ["ready"]) => ready(state),
+        (&Method::GET, ["metrics"]) => Response::builder()
             .header(
                 header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )
             .body(Full::new(state.metrics.render().into()))
             .expect("valid response"),
-        (&Method::GET, "/v1/members") => json(StatusCode::OK, &members(&state.snapshot.borrow())),
-        (&Method::GET, "/v1/agent") => agent(&state.snapshot.borrow()),
-        (&Method::POST, "/v1/leave") => {
+        (&Method::GET, ["v1", "members"]) => {
+            json(StatusCode::OK, &members(&state.snapshot.borrow()))
+        }
+        (&Method::GET, ["v1", "agent"]) => agent(&state.snapshot.borrow()),
+        (&Method::POST, ["v1", "leave"]) => {
             state.leave.notify_one();
             json(StatusCode::OK, &serde_json::json!({"leaving": true}))
         }
-        (_, "/health" | "/ready" | "/metrics" | "/v1/members" | "/v1/agent" | "/v1/leave") => {
+        (&Method::GET, ["v1", "catalog"]) => catalog(state),
+        (&Method::GET, ["v1", "services", name]) => service(state, name),
+        (&Method::GET, ["v1", "agent", "services"]) => local_services(state),
+        (&Method::PUT, ["v1", "agent", "services", id]) => register(state, id, &body).await,
+        (&Method::DELETE, ["v1", "agent", "services", id]) => {
+            match state.catalog.deregister((*id).to_owned()).await {
+                Ok(version) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({"id": id, "version": version}),
+                ),
+                Err(e) => register_error(e),
+            }
+        }
+        (_, ["v1", "debug", "partition"]) if state.fault_injection => {
+            partition(state, &method, &body)
+        }
+        (_, ["v1", "debug", ..]) => error(
+            StatusCode::NOT_FOUND,
+            "fault injection is disabled (start the agent with --enable-fault-injection)",
+        ),
+        (
+            _,
+            ["health" | "ready" | "metrics"] | ["v1", "members" | "agent" | "leave" | "catalog"],
+        ) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed on {path}"),
+        ),
+        _ => {
+            let _ = query;
             error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("{method} is not allowed on {path}"),
+                StatusCode::NOT_FOUND,
+                format!("no such endpoint: {method} {path}"),
             )
         }
-        _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
+    }
+}
+
+async fn register(state: &AdminState, id: &str, body: &[u8]) -> Response<Body> {
+    let value: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: not JSON ({e})")),
+    };
+    let spec = match ServiceSpec::from_json(Some(id), &value) {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    match state.catalog.register(spec).await {
+        Ok(version) => json(
+            StatusCode::OK,
+            &serde_json::json!({"id": id, "version": version}),
+        ),
+        Err(e) => register_error(e),
+    }
+}
+
+fn register_error(e: RegisterError) -> Response<Body> {
+    let status = match &e {
+        RegisterError::NotFound(_) => StatusCode::NOT_FOUND,
+        RegisterError::ConfigOwned(_) | RegisterError::TooMany => StatusCode::CONFLICT,
+        RegisterError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        RegisterError::Closed => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    error(status, e.to_string())
+}
+
+fn catalog(state: &AdminState) -> Response<Body> {
+    let catalog = state.catalog.shared.catalog.borrow().clone();
+    let members = state.snapshot.borrow().clone();
+    let nodes: std::collections::BTreeMap<&str, serde_json::Value> = catalog
+        .entries()
+        .map(|e| {
+            (
+                e.node.as_str(),
+                serde_json::json!({
+                    "version": e.version,
+                    "services": e.services.len(),
+                    "available": view::node_available(&e.node, &members),
+                }),
+            )
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "services": view::services(&catalog, &members), "nodes": nodes }),
+    )
+}
+
+fn service(state: &AdminState, name: &str) -> Response<Body> {
+    let catalog = state.catalog.shared.catalog.borrow().clone();
+    let members = state.snapshot.borrow().clone();
+    match view::services(&catalog, &members).remove(name) {
+        Some(instances) => json(StatusCode::OK, &instances),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no service named {name:?} in the catalog"),
+        ),
+    }
+}
+
+fn local_services(state: &AdminState) -> Response<Body> {
+    let local = state.catalog.shared.local.borrow().clone();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({"version": local.version, "services": local.services.iter().map(|s| serde_json::json!({
+        "id": s.id, "name": s.name, "address": s.address, "port": s.port, "tags": s.tags,
+        "version": s.version, "weight": s.weight, "hash_policy": s.hash_policy, "health": s.health.as_str(),
+    })).collect::<Vec<_>>()}),
+    )
+}
+
+fn partition(state: &AdminState, method: &Method, body: &[u8]) -> Response<Body> {
+    match *method {
+        Method::POST => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Partition {
+                peers: Vec<String>,
+            }
+            let req: Partition = match serde_json::from_slice(body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("peers: expected {{\"peers\": [\"n4\", ...]}} ({e})"),
+                    );
+                }
+            };
+            if let Some(bad) = req
+                .peers
+                .iter()
+                .find(|p| gossamer_membership::identity::validate_name(p).is_err())
+            {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("peers: {bad:?} is not a node name"),
+                );
+            }
+            tracing::warn!(peers = ?req.peers, "fault injection: cutting traffic");
+            state.transport.block(req.peers);
+            json(
+                StatusCode::OK,
+                &serde_json::json!({"blocked": state.transport.blocked()}),
+            )
+        }
+        Method::DELETE => {
+            tracing::warn!("fault injection: healing all partitions");
+            state.transport.unblock_all();
+            json(
+                StatusCode::OK,
+                &serde_json::json!({"blocked": state.transport.blocked()}),
+            )
+        }
+        Method::GET => json(
+            StatusCode::OK,
+            &serde_json::json!({"blocked": state.transport.blocked()}),
+        ),
+        _ => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed here"),
+        ),
     }
 }
 

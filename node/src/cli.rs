@@ -31,6 +31,10 @@ pub enum Command {
     Cert(CertCommand),
     /// Show the members a running agent knows.
     Members(MembersArgs),
+    /// List the mesh's services with their passing/total instances.
+    Services(ListArgs),
+    /// Show the instances of one service.
+    Service(ServiceArgs),
     /// Exit 0 if the local agent answers /health (for container healthchecks).
     Health(AdminArgs),
     /// Ask the local agent to leave the mesh and shut down.
@@ -121,6 +125,9 @@ pub struct AgentArgs {
     /// Log format: `auto` (text on a terminal, JSON otherwise), `text`, `json`.
     #[arg(long, env = "GOSSAMER_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Serve the `/v1/debug/partition` fault-injection routes (tests, drills).
+    #[arg(long, env = "GOSSAMER_ENABLE_FAULT_INJECTION")]
+    pub enable_fault_injection: bool,
 }
 
 /// `--admin` for the client subcommands.
@@ -134,6 +141,30 @@ pub struct AdminArgs {
 /// `gossamer members`.
 #[derive(Debug, Args)]
 pub struct MembersArgs {
+    #[command(flatten)]
+    /// Which agent.
+    pub admin: AdminArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `gossamer services`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    /// Which agent.
+    pub admin: AdminArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `gossamer service NAME`.
+#[derive(Debug, Args)]
+pub struct ServiceArgs {
+    /// The service.
+    pub name: String,
     #[command(flatten)]
     /// Which agent.
     pub admin: AdminArgs,

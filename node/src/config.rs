@@ -8,6 +8,8 @@ use gossamer_membership::SwimConfig;
 use gossamer_membership::identity::validate_name;
 use serde::Deserialize;
 
+use crate::catalog::CatalogConfig;
+use crate::catalog::registry::ServiceSpec;
 use crate::cli::AgentArgs;
 
 /// The agent's settings, validated.
@@ -33,6 +35,12 @@ pub struct AgentConfig {
     pub log_level: Option<String>,
     /// Log format.
     pub log_format: LogFormat,
+    /// Services from `[[service]]` blocks.
+    pub services: Vec<ServiceSpec>,
+    /// Catalog timing.
+    pub catalog: CatalogConfig,
+    /// Whether `/v1/debug/*` fault injection is served.
+    pub fault_injection: bool,
 }
 
 /// Where the node's identity comes from.
@@ -88,6 +96,9 @@ pub struct FileConfig {
     log_level: Option<String>,
     log_format: Option<String>,
     swim: Option<SwimConfig>,
+    catalog: Option<CatalogConfig>,
+    service: Option<Vec<toml::Value>>,
+    enable_fault_injection: Option<bool>,
 }
 
 impl FileConfig {
@@ -210,6 +221,26 @@ impl AgentConfig {
                 ));
             }
         };
+        let mut services: Vec<ServiceSpec> = Vec::new();
+        for (i, block) in file.service.unwrap_or_default().iter().enumerate() {
+            let json =
+                serde_json::to_value(block).or_else(|e| err(format!("service[{i}]: {e}")))?;
+            let spec = ServiceSpec::from_json(None, &json)
+                .or_else(|e| err(format!("service[{i}].{}: {}", e.field, e.problem)))?;
+            if services.iter().any(|s| s.id == spec.id) {
+                return err(format!(
+                    "service[{i}].id: {:?} is used twice; give each block a unique id",
+                    spec.id
+                ));
+            }
+            services.push(spec);
+        }
+        let catalog = file.catalog.unwrap_or_default();
+        if catalog.anti_entropy_interval.is_zero() {
+            return err("catalog.anti_entropy_interval: must be positive");
+        }
+        let fault_injection =
+            args.enable_fault_injection || file.enable_fault_injection.unwrap_or(false);
         let log_level = args.log_level.clone().or(file.log_level);
         if let Some(filter) = &log_level {
             tracing_subscriber::EnvFilter::try_new(filter)
@@ -226,6 +257,9 @@ impl AgentConfig {
             swim,
             log_level,
             log_format,
+            services,
+            catalog,
+            fault_injection,
         })
     }
 }
@@ -284,6 +318,32 @@ mod tests {
         assert_eq!(c.bind.port(), 2000);
         assert_eq!(c.seeds, vec!["a:1".to_string()]);
         assert_eq!(c.swim.probe_period, std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn service_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.toml");
+        std::fs::write(
+            &path,
+            "[[service]]\nname = \"web\"\nport = 8080\ncheck = { http = \"/health\", interval = \"1s\" }\n\n[[service]]\nid = \"web-2\"\nname = \"web\"\nport = 8081\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(path.clone());
+        let c = AgentConfig::from_args(&a).unwrap();
+        assert_eq!(c.services.len(), 2);
+        assert_eq!(c.services[0].id, "web");
+        std::fs::write(&path, "[[service]]\nname = \"web\"\nport = 0\n").unwrap();
+        let e = AgentConfig::from_args(&a).unwrap_err().0;
+        assert!(e.starts_with("service[0].port"), "{e}");
+        std::fs::write(
+            &path,
+            "[[service]]\nname = \"web\"\nport = 1\n[[service]]\nname = \"web\"\nport = 2\n",
+        )
+        .unwrap();
+        let e = AgentConfig::from_args(&a).unwrap_err().0;
+        assert!(e.starts_with("service[1].id"), "{e}");
     }
 
     #[test]

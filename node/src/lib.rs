@@ -9,6 +9,7 @@
 //! - [`identity`]: the node's mesh identity, `--dev` generation.
 //! - [`agent`]: wiring; [`agent::swim`] owns the membership core,
 //!   [`agent::join`] keeps the node joined.
+//! - [`catalog`]: registrations, health checks, the catalog sync and view.
 //! - [`admin`]: the admin HTTP API; [`client`]: the CLI's side of it.
 //! - [`metrics`]: Prometheus exposition.
 //! - [`store`]: the data dir (atomic writes).
@@ -16,6 +17,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod catalog;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use gossamer_node::cli::{AgentArgs, CaCommand, CertCommand, Cli, Command, MembersArgs};
+use gossamer_node::cli::{
+    AgentArgs, CaCommand, CertCommand, Cli, Command, ListArgs, MembersArgs, ServiceArgs,
+};
 use gossamer_node::config::AgentConfig;
 use gossamer_node::{agent, client, identity, logging};
 use gossamer_transport::pki;
@@ -35,6 +37,8 @@ fn main() -> ExitCode {
             trust_domain,
         }) => report(cert_issue(&ca_dir, &name, &out, &trust_domain)),
         Command::Members(args) => report(runtime().and_then(|rt| rt.block_on(members(args)))),
+        Command::Services(args) => report(runtime().and_then(|rt| rt.block_on(services(args)))),
+        Command::Service(args) => report(runtime().and_then(|rt| rt.block_on(service(args)))),
         Command::Health(args) => report(runtime().and_then(|rt| {
             rt.block_on(client::call(args.admin, Method::GET, "/health", None))
                 .map(|_| println!("ok"))
@@ -186,6 +190,63 @@ async fn members(args: MembersArgs) -> anyhow::Result<()> {
             r["state"].as_str().unwrap_or("?"),
             r["incarnation"].to_string(),
             r["generation"].to_string(),
+        );
+    }
+    Ok(())
+}
+
+async fn services(args: ListArgs) -> anyhow::Result<()> {
+    let body = client::call(args.admin.admin, Method::GET, "/v1/catalog", None).await?;
+    if args.json {
+        print!("{}", String::from_utf8_lossy(&body));
+        return Ok(());
+    }
+    let catalog: serde_json::Value = serde_json::from_slice(&body).context("bad answer")?;
+    let empty = serde_json::Map::new();
+    let services = catalog["services"].as_object().unwrap_or(&empty);
+    if services.is_empty() {
+        println!("no services registered in the mesh");
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:>8} {:>8} {:>12}",
+        "SERVICE", "PASSING", "TOTAL", "UNAVAILABLE"
+    );
+    for (name, instances) in services {
+        let list = instances.as_array().map(Vec::as_slice).unwrap_or_default();
+        let count = |h: &str| list.iter().filter(|i| i["health"] == h).count();
+        println!(
+            "{:<32} {:>8} {:>8} {:>12}",
+            name,
+            count("passing"),
+            list.len(),
+            count("unavailable")
+        );
+    }
+    Ok(())
+}
+
+async fn service(args: ServiceArgs) -> anyhow::Result<()> {
+    let path = format!("/v1/services/{}", args.name);
+    let body = client::call(args.admin.admin, Method::GET, &path, None).await?;
+    if args.json {
+        print!("{}", String::from_utf8_lossy(&body));
+        return Ok(());
+    }
+    let instances: Vec<serde_json::Value> = serde_json::from_slice(&body).context("bad answer")?;
+    println!(
+        "{:<24} {:<20} {:<28} {:<12} {:>6} {:<10}",
+        "ID", "NODE", "ADDRESS", "HEALTH", "WEIGHT", "VERSION"
+    );
+    for i in instances {
+        println!(
+            "{:<24} {:<20} {:<28} {:<12} {:>6} {:<10}",
+            i["id"].as_str().unwrap_or("?"),
+            i["node"].as_str().unwrap_or("?"),
+            format!("{}:{}", i["address"].as_str().unwrap_or("?"), i["port"]),
+            i["health"].as_str().unwrap_or("?"),
+            i["weight"].to_string(),
+            i["version"].as_str().unwrap_or(""),
         );
     }
     Ok(())

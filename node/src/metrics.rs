@@ -14,6 +14,8 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::agent::swim::Snapshot;
+use crate::catalog::Shared;
+use crate::catalog::view::{self, Effective};
 
 /// Counters owned by the agent (the transport keeps its own).
 #[derive(Debug, Default)]
@@ -37,6 +39,7 @@ impl Counters {
 /// Everything `/metrics` reports.
 #[derive(Debug)]
 struct AgentCollector {
+    catalog: Arc<Shared>,
     transport: Transport,
     counters: Arc<Counters>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
@@ -151,6 +154,7 @@ impl Collector for AgentCollector {
                 (&[("reason", "fault_injection")], get(&s.fault_drops)),
             ],
         )?;
+        self.encode_catalog(&mut encoder, &snapshot)?;
         let mut info = encoder.encode_descriptor(
             "gossamer_agent",
             "Agent identity",
@@ -168,6 +172,111 @@ impl Collector for AgentCollector {
     }
 }
 
+impl AgentCollector {
+    fn encode_catalog(
+        &self,
+        encoder: &mut DescriptorEncoder<'_>,
+        snapshot: &Snapshot,
+    ) -> Result<(), std::fmt::Error> {
+        let catalog = self.catalog.catalog.borrow().clone();
+        let local_version = self.catalog.local.borrow().version;
+        let services = view::services(&catalog, snapshot);
+        let mut counts = [0i64; 3];
+        for instance in services.values().flatten() {
+            counts[instance.health as usize] += 1;
+        }
+        {
+            let mut g = encoder.encode_descriptor(
+                "gossamer_catalog_instances",
+                "Service instances in the catalog by effective health",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (health, n) in [
+                (Effective::Passing, counts[0]),
+                (Effective::Critical, counts[1]),
+                (Effective::Unavailable, counts[2]),
+            ] {
+                let label = match health {
+                    Effective::Passing => "passing",
+                    Effective::Critical => "critical",
+                    Effective::Unavailable => "unavailable",
+                };
+                ConstGauge::new(n).encode(g.encode_family(&vec![("health", label)])?)?;
+            }
+        }
+        for (name, help, value) in [
+            (
+                "gossamer_catalog_nodes",
+                "Nodes with an entry in the catalog",
+                catalog.len() as i64,
+            ),
+            (
+                "gossamer_catalog_services",
+                "Distinct service names in the catalog",
+                services.len() as i64,
+            ),
+            (
+                "gossamer_catalog_local_version",
+                "Version of this node's own catalog entry",
+                local_version as i64,
+            ),
+        ] {
+            let g = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value).encode(g)?;
+        }
+        let c = &self.catalog.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        counter(
+            encoder,
+            "gossamer_catalog_syncs",
+            "Catalog syncs this node started, by kind and result",
+            &[
+                (&[("kind", "fetch"), ("result", "ok")], get(&c.fetch_ok)),
+                (&[("kind", "fetch"), ("result", "error")], get(&c.fetch_err)),
+                (&[("kind", "digest"), ("result", "ok")], get(&c.digest_ok)),
+                (
+                    &[("kind", "digest"), ("result", "error")],
+                    get(&c.digest_err),
+                ),
+            ],
+        )?;
+        {
+            let m = encoder.encode_descriptor(
+                "gossamer_catalog_sync_seconds",
+                "Time spent in catalog syncs this node started",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(get(&c.sync_micros) as f64 / 1e6).encode(m)?;
+        }
+        counter(
+            encoder,
+            "gossamer_catalog_sync_bytes",
+            "Catalog sync stream bytes",
+            &[
+                (&[("direction", "in")], get(&c.bytes_in)),
+                (&[("direction", "out")], get(&c.bytes_out)),
+            ],
+        )?;
+        counter(
+            encoder,
+            "gossamer_gossip_broadcast_bytes",
+            "Bytes of new broadcast items (catalog and leave notices) received by gossip",
+            &[(&[], snapshot.broadcast_bytes)],
+        )?;
+        counter(
+            encoder,
+            "gossamer_health_checks",
+            "Health checks run on local services, by result",
+            &[
+                (&[("result", "pass")], get(&c.checks_pass)),
+                (&[("result", "fail")], get(&c.checks_fail)),
+            ],
+        )
+    }
+}
+
 /// The metrics registry of one agent.
 #[derive(Debug)]
 pub struct Metrics {
@@ -180,9 +289,11 @@ impl Metrics {
         transport: Transport,
         counters: Arc<Counters>,
         snapshot: watch::Receiver<Arc<Snapshot>>,
+        catalog: Arc<Shared>,
     ) -> Self {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(AgentCollector {
+            catalog,
             transport,
             counters,
             snapshot,

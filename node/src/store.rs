@@ -101,6 +101,28 @@ impl Store {
         Ok(())
     }
 
+    /// Writes `value` as pretty JSON to `name`, atomically.
+    pub fn write_json(&self, name: &str, value: &impl Serialize) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec_pretty(value).expect("serializable");
+        self.write_atomic(name, &bytes)
+    }
+
+    /// Reads JSON from `name`; a missing file gives the default.
+    pub fn read_json<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        name: &str,
+    ) -> Result<T, StoreError> {
+        let path = self.dir.join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError {
+                path,
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+            Err(source) => Err(StoreError { path, source }),
+        }
+    }
+
     /// Removes a file from the data dir, ignoring a missing one.
     pub fn remove(&self, name: &str) {
         let _ = std::fs::remove_file(self.dir.join(name));

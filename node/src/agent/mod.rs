@@ -18,6 +18,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
+use crate::catalog::{CatalogHandle, CatalogTask};
 use crate::config::AgentConfig;
 use crate::metrics::{Counters, Metrics};
 use crate::store::{SavedState, Store};
@@ -140,7 +141,7 @@ pub async fn run(
     let counters = Arc::new(Counters::default());
     let (command_tx, command_rx) = mpsc::channel(256);
     let (stream_tx, stream_rx) = mpsc::channel(256);
-    let (task, snapshot) = swim::SwimTask::new(
+    let (mut task, snapshot) = swim::SwimTask::new(
         core,
         transport.clone(),
         inbound,
@@ -149,8 +150,19 @@ pub async fn run(
         counters.clone(),
         store.clone(),
     );
+    let (catalog_task, catalog) = CatalogTask::new(
+        name.clone(),
+        config.catalog.clone(),
+        config.services.clone(),
+        transport.clone(),
+        store.clone(),
+        command_tx.clone(),
+        snapshot.clone(),
+    );
+    task.set_catalog(catalog.sender());
     let swim_handle = tokio::spawn(task.run());
-    tokio::spawn(refuse_streams(stream_rx));
+    let catalog_handle = tokio::spawn(catalog_task.run());
+    tokio::spawn(dispatch_streams(stream_rx, catalog.clone()));
 
     let saved_members: Vec<NodeId> = saved
         .members
@@ -171,7 +183,15 @@ pub async fn run(
     let leave = Arc::new(Notify::new());
     let admin_state = Arc::new(AdminState {
         snapshot: snapshot.clone(),
-        metrics: Metrics::new(transport.clone(), counters, snapshot.clone()),
+        metrics: Metrics::new(
+            transport.clone(),
+            counters,
+            snapshot.clone(),
+            catalog.shared.clone(),
+        ),
+        catalog: catalog.clone(),
+        transport: transport.clone(),
+        fault_injection: config.fault_injection,
         has_seeds: !config.seeds.is_empty(),
         self_seed,
         leave: leave.clone(),
@@ -207,6 +227,7 @@ pub async fn run(
         let _ = tokio::time::timeout(CLOSE_DEADLINE, done_rx).await;
     }
     tokio::time::sleep(LEAVE_GRACE).await;
+    catalog_handle.abort();
     drop(command_tx);
     let _ = tokio::time::timeout(CLOSE_DEADLINE, swim_handle).await;
     transport.close(CLOSE_DEADLINE).await;
@@ -222,17 +243,43 @@ pub async fn run(
     Ok(())
 }
 
-/// Streams nobody serves yet are refused at once, so the opener gets an
-/// error rather than a hang.
-async fn refuse_streams(mut streams: mpsc::Receiver<Inbound>) {
+/// How long a peer may take to say what a new stream is for.
+const STREAM_KIND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Routes inbound streams by their first byte; unknown kinds are refused
+/// at once so the opener gets an error rather than a hang.
+async fn dispatch_streams(mut streams: mpsc::Receiver<Inbound>, catalog: CatalogHandle) {
     while let Some(item) = streams.recv().await {
-        if let Inbound::Stream {
-            mut send, mut recv, ..
+        let Inbound::Stream {
+            from,
+            mut send,
+            mut recv,
         } = item
-        {
-            let _ = send.reset(0u32.into());
-            let _ = recv.stop(0u32.into());
-        }
+        else {
+            continue;
+        };
+        let catalog = catalog.clone();
+        tokio::spawn(async move {
+            let mut kind = [0u8; 1];
+            let read = tokio::time::timeout(STREAM_KIND_TIMEOUT, recv.read_exact(&mut kind)).await;
+            match (read, kind[0]) {
+                (Ok(Ok(())), crate::catalog::sync::STREAM_CATALOG) => {
+                    crate::catalog::sync::serve(
+                        from,
+                        send,
+                        recv,
+                        catalog.shared.clone(),
+                        catalog.sender(),
+                    )
+                    .await;
+                }
+                _ => {
+                    tracing::debug!(peer = %from, kind = kind[0], "unknown or silent stream refused");
+                    let _ = send.reset(0u32.into());
+                    let _ = recv.stop(0u32.into());
+                }
+            }
+        });
     }
 }
 
@@ -260,7 +307,8 @@ fn advertise_for(bound: SocketAddr, seeds: &[String]) -> SocketAddr {
     SocketAddr::new(ip, bound.port())
 }
 
-fn unix_millis() -> u64 {
+/// Wall-clock milliseconds since 1970 (for versions that must beat earlier runs).
+pub fn unix_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -23,6 +23,8 @@ pub enum Command {
     Announce(NodeId),
     /// Leave the mesh; replies once the leave notices are on the wire.
     Leave(oneshot::Sender<()>),
+    /// Announce our catalog entry's new version.
+    PublishCatalog(u64),
 }
 
 /// What the rest of the agent sees of the membership.
@@ -40,6 +42,8 @@ pub struct Snapshot {
     pub active: usize,
     /// Whether we ever had another active member.
     pub joined: bool,
+    /// Bytes of new gossip broadcast items received.
+    pub broadcast_bytes: u64,
 }
 
 impl Snapshot {
@@ -67,6 +71,7 @@ pub struct SwimTask {
     inbound: mpsc::Receiver<Inbound>,
     commands: mpsc::Receiver<Command>,
     streams: mpsc::Sender<Inbound>,
+    catalog: Option<mpsc::Sender<crate::catalog::Input>>,
     epoch: Instant,
     snapshot: watch::Sender<Arc<Snapshot>>,
     counters: Arc<Counters>,
@@ -103,6 +108,7 @@ impl SwimTask {
             members: Vec::new(),
             active: 0,
             joined: false,
+            broadcast_bytes: 0,
         }));
         let now = Instant::now();
         let task = Self {
@@ -111,6 +117,7 @@ impl SwimTask {
             inbound,
             commands,
             streams,
+            catalog: None,
             epoch: now,
             snapshot,
             counters,
@@ -120,6 +127,11 @@ impl SwimTask {
             last_save: now,
         };
         (task, rx)
+    }
+
+    /// Where catalog notices go.
+    pub fn set_catalog(&mut self, catalog: mpsc::Sender<crate::catalog::Input>) {
+        self.catalog = Some(catalog);
     }
 
     fn now(&self) -> Duration {
@@ -165,6 +177,11 @@ impl SwimTask {
                     debug!(peer = %dst, error = %e, "announce failed");
                 }
             }
+            Command::PublishCatalog(version) => {
+                if let Err(e) = self.core.publish_catalog(now, version) {
+                    warn!(error = %e, "catalog notice not queued");
+                }
+            }
             Command::Leave(reply) => {
                 // Save who we knew before leaving: that is what a restart
                 // rejoins through.
@@ -208,7 +225,6 @@ impl SwimTask {
         }
         let mut changed = false;
         while let Some(event) = self.core.poll_event() {
-            changed = true;
             match &event {
                 Event::MemberUp(id) => info!(member = %id.name, addr = %id.addr, "member up"),
                 Event::MemberDown(id) => warn!(member = %id.name, addr = %id.addr, "member down"),
@@ -227,7 +243,20 @@ impl SwimTask {
                     self.joined = true;
                 }
                 Event::Isolated => warn!("no other member reachable"),
+                Event::CatalogNotice { node, version } => {
+                    let notice = crate::catalog::Input::Notice {
+                        node: node.clone(),
+                        version: *version,
+                    };
+                    if let Some(catalog) = &self.catalog
+                        && catalog.try_send(notice).is_err()
+                    {
+                        debug!("catalog task busy; notice left to anti-entropy");
+                    }
+                    continue;
+                }
             }
+            changed = true;
         }
         if changed {
             self.dirty = true;
@@ -245,13 +274,15 @@ impl SwimTask {
             members,
             active,
             joined: self.joined,
+            broadcast_bytes: self.core.broadcast_bytes(),
         };
         self.snapshot.send_if_modified(|current| {
             let same = current.members == snapshot.members
                 && current.local == snapshot.local
                 && current.left == snapshot.left
                 && current.joined == snapshot.joined
-                && current.local_incarnation == snapshot.local_incarnation;
+                && current.local_incarnation == snapshot.local_incarnation
+                && current.broadcast_bytes == snapshot.broadcast_bytes;
             if !same {
                 *current = Arc::new(snapshot);
             }

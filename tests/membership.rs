@@ -4,8 +4,10 @@ use std::net::UdpSocket;
 use std::time::Duration;
 
 use anyhow::Result;
-use gossamer_tests::{Agent, AgentOptions, Pki, poll, wait_states};
+mod support;
+
 use rand::{Rng, RngExt};
+use support::{Agent, AgentOptions, Pki, poll, wait_states};
 
 fn seeded(seed: &Agent) -> AgentOptions {
     AgentOptions {

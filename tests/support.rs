@@ -1,8 +1,10 @@
 //! Harness for multi-process tests: a mesh CA, real `gossamer agent`
 //! processes on loopback with port 0, and polling helpers.
 //!
-//! The binary is found next to the test executable (`target/<profile>/`);
-//! `cargo test --workspace` builds it. `GOSSAMER_BIN` overrides the path.
+//! Included by every test file with `mod support;`. The binary is the one
+//! cargo built for this test run; `GOSSAMER_BIN` overrides it (relative
+//! paths are taken from the workspace root).
+#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -15,20 +17,10 @@ use serde_json::Value;
 
 /// Path of the `gossamer` binary under test.
 pub fn binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("GOSSAMER_BIN") {
-        // Relative paths are relative to the workspace root.
-        return Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p);
+    match std::env::var_os("GOSSAMER_BIN") {
+        Some(p) => Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_gossamer")),
     }
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/gossamer
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("gossamer");
-    assert!(
-        bin.exists(),
-        "{} not found: run `cargo build -p gossamer-node` (or `cargo test --workspace`) first",
-        bin.display()
-    );
-    bin
 }
 
 /// Runs `gossamer` with arguments and returns its output.
@@ -383,4 +375,151 @@ pub fn http(
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// A tiny HTTP server for tests: answers every request with the current
+/// status (settable) and a body naming itself. Stops when dropped.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Upstream {
+    /// Starts on a free loopback port.
+    pub fn start(name: &str) -> Result<Self> {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let status = Arc::new(AtomicU16::new(200));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp, name) = (status.clone(), stop.clone(), name.to_owned());
+        std::thread::spawn(move || {
+            while !sp.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                        let mut buf = [0u8; 4096];
+                        let _ = conn.read(&mut buf);
+                        let code = st.load(Ordering::Relaxed);
+                        let body = format!("{name}\n");
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 {code} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Ok(Self { addr, status, stop })
+    }
+
+    /// Sets the status every later request gets.
+    pub fn set_status(&self, code: u16) {
+        self.status
+            .store(code, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Agent {
+    /// `PUT /v1/agent/services/{id}` with a JSON body; returns the status.
+    pub fn register(&self, id: &str, body: &str) -> Result<(u16, String)> {
+        http(
+            self.admin,
+            "PUT",
+            &format!("/v1/agent/services/{id}"),
+            Some(body),
+        )
+    }
+
+    /// `DELETE /v1/agent/services/{id}`.
+    pub fn deregister(&self, id: &str) -> Result<(u16, String)> {
+        http(
+            self.admin,
+            "DELETE",
+            &format!("/v1/agent/services/{id}"),
+            None,
+        )
+    }
+
+    /// `GET /v1/catalog` parsed.
+    pub fn catalog(&self) -> Result<Value> {
+        let (status, body) = self.get("/v1/catalog")?;
+        if status != 200 {
+            bail!("/v1/catalog answered {status}: {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// The health of instance `id` of `service` as this agent reports it.
+    pub fn instance_health(&self, service: &str, id: &str) -> Option<String> {
+        let c = self.catalog().ok()?;
+        c["services"][service]
+            .as_array()?
+            .iter()
+            .find(|i| i["id"] == id)
+            .and_then(|i| i["health"].as_str().map(str::to_owned))
+    }
+
+    /// `node -> version` of every catalog entry this agent holds.
+    pub fn node_versions(&self) -> Option<Vec<(String, u64)>> {
+        let c = self.catalog().ok()?;
+        let mut v: Vec<(String, u64)> = c["nodes"]
+            .as_object()?
+            .iter()
+            .map(|(n, e)| (n.clone(), e["version"].as_u64().unwrap_or(0)))
+            .collect();
+        v.sort();
+        Some(v)
+    }
+
+    /// `POST` or `DELETE /v1/debug/partition`.
+    pub fn partition(&self, peers: Option<&[&str]>) -> Result<u16> {
+        let (status, _) = match peers {
+            Some(p) => {
+                let body = serde_json::json!({ "peers": p }).to_string();
+                http(self.admin, "POST", "/v1/debug/partition", Some(&body))?
+            }
+            None => http(self.admin, "DELETE", "/v1/debug/partition", None)?,
+        };
+        Ok(status)
+    }
+}
+
+/// Polls until every agent reports `id` of `service` with `health`
+/// (`None`: not listed at all).
+pub fn wait_health(
+    agents: &[&Agent],
+    service: &str,
+    id: &str,
+    health: Option<&str>,
+    deadline: Duration,
+) -> Result<Duration> {
+    let (_, took) = poll(
+        &format!("{service}/{id} to be {health:?} everywhere"),
+        deadline,
+        || {
+            for a in agents {
+                let seen = a.instance_health(service, id);
+                if seen.as_deref() != health {
+                    return Err(format!("{} sees {seen:?}", a.name));
+                }
+            }
+            Ok(())
+        },
+    )?;
+    Ok(took)
 }

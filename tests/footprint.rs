@@ -5,13 +5,15 @@
 //!
 //! ```text
 //! cargo build --release -p gossamer-node
-//! GOSSAMER_BIN=target/release/gossamer cargo test -p gossamer-tests --test footprint -- --ignored --nocapture
+//! GOSSAMER_BIN=target/release/gossamer cargo test -p gossamer-node --test footprint -- --ignored --nocapture
 //! ```
 
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use gossamer_tests::{Agent, AgentOptions, Pki, wait_states};
+mod support;
+
+use support::{Agent, AgentOptions, Pki, wait_states};
 
 #[test]
 #[ignore = "samples for ~40 s; run by hand (see the file header)"]

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use gossamer_tests::{Agent, AgentOptions, Pki, gossamer, wait_states};
+mod support;
+
+use support::{Agent, AgentOptions, Pki, gossamer, wait_states};
 
 fn agent_exit(args: &[&str]) -> (i32, String) {
     let out = gossamer(args);

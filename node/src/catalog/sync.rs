@@ -1,0 +1,188 @@
+//! The catalog sync protocol on QUIC bi-streams.
+//!
+//! A stream starts with the kind byte [`STREAM_CATALOG`], then one
+//! [`SyncRequest`] frame:
+//! - `Fetch`: the server answers with its *own* entry (head frame, then
+//!   service chunks). Entries are only ever fetched from their owner, whose
+//!   certificate the transport has verified: that is what makes a node
+//!   unable to publish another's entry.
+//! - `Digest(ours)`: the server answers with its digest; both sides then
+//!   fetch from the owners whatever the other knows newer.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gossamer_membership::catalog::{
+    EntryAssembler, MAX_SYNC_FRAME, NodeEntry, SyncError, SyncRequest, SyncResponse, decode_sync,
+    encode_sync, entry_frames,
+};
+use gossamer_transport::frame::{read_frame, write_frame};
+use gossamer_transport::{RecvStream, SendStream, Transport};
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use super::{CatalogCounters, Input, Shared};
+
+/// First byte of a catalog sync stream.
+pub const STREAM_CATALOG: u8 = 1;
+/// Longest a whole sync exchange may take.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a sync failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncFailure {
+    /// Could not reach the peer.
+    #[error(transparent)]
+    Transport(#[from] gossamer_transport::TransportError),
+    /// The stream broke or a frame was bad.
+    #[error(transparent)]
+    Frame(#[from] gossamer_transport::frame::FrameError),
+    /// The peer broke the protocol.
+    #[error(transparent)]
+    Protocol(#[from] SyncError),
+    /// An entry came from someone other than its owner.
+    #[error("{from} sent the entry of {owner}")]
+    NotOwner {
+        /// Who sent it.
+        from: String,
+        /// Whose entry it was.
+        owner: String,
+    },
+    /// The exchange took too long.
+    #[error("timed out")]
+    Timeout,
+}
+
+async fn next(
+    recv: &mut RecvStream,
+    counters: &CatalogCounters,
+) -> Result<SyncResponse, SyncFailure> {
+    let frame = read_frame(recv, MAX_SYNC_FRAME)
+        .await?
+        .ok_or(SyncError::Protocol("stream ended early"))?;
+    counters.sync_bytes(frame.len() as u64 + 4, 0);
+    Ok(decode_sync(&frame).map_err(SyncError::from)?)
+}
+
+async fn send(
+    send: &mut SendStream,
+    payload: &[u8],
+    counters: &CatalogCounters,
+) -> Result<(), SyncFailure> {
+    write_frame(send, payload).await?;
+    counters.sync_bytes(0, payload.len() as u64 + 4);
+    Ok(())
+}
+
+async fn open(
+    transport: &Transport,
+    peer: &str,
+    addr: std::net::SocketAddr,
+) -> Result<(SendStream, RecvStream), SyncFailure> {
+    let (mut tx, rx) = transport.open_bi(peer, addr).await?;
+    tx.write_all(&[STREAM_CATALOG])
+        .await
+        .map_err(gossamer_transport::frame::FrameError::from)?;
+    Ok((tx, rx))
+}
+
+/// Fetches `owner`'s entry from `owner` itself.
+pub async fn fetch(
+    transport: &Transport,
+    owner: &str,
+    addr: std::net::SocketAddr,
+    counters: &CatalogCounters,
+) -> Result<NodeEntry, SyncFailure> {
+    let started = Instant::now();
+    let result = tokio::time::timeout(SYNC_TIMEOUT, async {
+        let (mut tx, mut rx) = open(transport, owner, addr).await?;
+        let req = encode_sync(&SyncRequest::Fetch).map_err(SyncError::from)?;
+        send(&mut tx, &req, counters).await?;
+        let _ = tx.finish();
+        let mut asm = EntryAssembler::start(next(&mut rx, counters).await?)?;
+        while !asm.is_complete() {
+            asm.push(next(&mut rx, counters).await?)?;
+        }
+        let entry = asm.finish()?;
+        if entry.node != owner {
+            return Err(SyncFailure::NotOwner {
+                from: owner.to_owned(),
+                owner: entry.node,
+            });
+        }
+        Ok(entry)
+    })
+    .await
+    .unwrap_or(Err(SyncFailure::Timeout));
+    counters.sync_done("fetch", result.is_ok(), started.elapsed());
+    result
+}
+
+/// Exchanges digests with `peer`; returns theirs.
+pub async fn exchange_digest(
+    transport: &Transport,
+    peer: &str,
+    addr: std::net::SocketAddr,
+    ours: Vec<(String, u64)>,
+    counters: &CatalogCounters,
+) -> Result<Vec<(String, u64)>, SyncFailure> {
+    let started = Instant::now();
+    let result = tokio::time::timeout(SYNC_TIMEOUT, async {
+        let (mut tx, mut rx) = open(transport, peer, addr).await?;
+        let req = encode_sync(&SyncRequest::Digest(ours)).map_err(SyncError::from)?;
+        send(&mut tx, &req, counters).await?;
+        let _ = tx.finish();
+        match next(&mut rx, counters).await? {
+            SyncResponse::Digest(theirs) => Ok(theirs),
+            _ => Err(SyncError::Protocol("expected a digest").into()),
+        }
+    })
+    .await
+    .unwrap_or(Err(SyncFailure::Timeout));
+    counters.sync_done("digest", result.is_ok(), started.elapsed());
+    result
+}
+
+/// Serves one inbound sync stream (the kind byte already read).
+pub async fn serve(
+    from: String,
+    mut tx: SendStream,
+    mut rx: RecvStream,
+    shared: Arc<Shared>,
+    inputs: mpsc::Sender<Input>,
+) {
+    let counters = shared.counters.clone();
+    let result: Result<(), SyncFailure> = tokio::time::timeout(SYNC_TIMEOUT, async {
+        let frame = read_frame(&mut rx, MAX_SYNC_FRAME)
+            .await?
+            .ok_or(SyncError::Protocol("empty stream"))?;
+        counters.sync_bytes(frame.len() as u64 + 4, 0);
+        match decode_sync::<SyncRequest>(&frame).map_err(SyncError::from)? {
+            SyncRequest::Fetch => {
+                let local = shared.local.borrow().clone();
+                for f in entry_frames(&local).map_err(SyncError::from)? {
+                    send(&mut tx, &f, &counters).await?;
+                }
+            }
+            SyncRequest::Digest(theirs) => {
+                let ours = shared.digest.borrow().clone();
+                let reply =
+                    encode_sync(&SyncResponse::Digest(ours.to_vec())).map_err(SyncError::from)?;
+                send(&mut tx, &reply, &counters).await?;
+                let _ = inputs
+                    .send(Input::Digest {
+                        from: from.clone(),
+                        digest: theirs,
+                    })
+                    .await;
+            }
+        }
+        let _ = tx.finish();
+        Ok(())
+    })
+    .await
+    .unwrap_or(Err(SyncFailure::Timeout));
+    if let Err(e) = result {
+        debug!(peer = %from, error = %e, "sync stream failed");
+    }
+}

@@ -1,0 +1,82 @@
+//! The catalog as the API and the proxy see it: every instance with its
+//! effective health, which is `unavailable` when its node is not alive.
+
+use std::collections::BTreeMap;
+
+use gossamer_membership::catalog::{Catalog, Health};
+use serde::Serialize;
+
+use crate::agent::swim::Snapshot;
+
+/// Effective health of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Effective {
+    /// Owner alive, checks pass.
+    Passing,
+    /// Owner alive, checks fail.
+    Critical,
+    /// Owner down, departed or unknown.
+    Unavailable,
+}
+
+/// One instance, as `GET /v1/catalog` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InstanceView {
+    /// Instance id.
+    pub id: String,
+    /// Owning node.
+    pub node: String,
+    /// Address on the owning node.
+    pub address: String,
+    /// Port.
+    pub port: u16,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Version label.
+    pub version: String,
+    /// Weight.
+    pub weight: u32,
+    /// Hash policy.
+    pub hash_policy: String,
+    /// Effective health.
+    pub health: Effective,
+}
+
+/// Whether `node`'s instances can take traffic, per the membership.
+pub fn node_available(node: &str, members: &Snapshot) -> bool {
+    if node == members.local.name {
+        return !members.left;
+    }
+    members
+        .members
+        .iter()
+        .any(|m| m.id.name == node && m.state.is_active())
+}
+
+/// Every service with its instances, sorted by node then id.
+pub fn services(catalog: &Catalog, members: &Snapshot) -> BTreeMap<String, Vec<InstanceView>> {
+    let mut out: BTreeMap<String, Vec<InstanceView>> = BTreeMap::new();
+    for entry in catalog.entries() {
+        let available = node_available(&entry.node, members);
+        for s in &entry.services {
+            let health = match (available, s.health) {
+                (false, _) => Effective::Unavailable,
+                (true, Health::Passing) => Effective::Passing,
+                (true, Health::Critical) => Effective::Critical,
+            };
+            out.entry(s.name.clone()).or_default().push(InstanceView {
+                id: s.id.clone(),
+                node: entry.node.clone(),
+                address: s.address.clone(),
+                port: s.port,
+                tags: s.tags.clone(),
+                version: s.version.clone(),
+                weight: s.weight,
+                hash_policy: s.hash_policy.clone(),
+                health,
+            });
+        }
+    }
+    out
+}
