@@ -339,3 +339,80 @@ fn restarted_agent_brings_back_runtime_registrations() -> Result<()> {
     eprintln!("restarted n3's registration re-published everywhere after {took:?}");
     Ok(())
 }
+
+#[test]
+fn large_catalog_of_1000_services_times_two() -> Result<()> {
+    // Five agents with 400 config-file services each: 1,000 service names,
+    // two instances of each, on different nodes.
+    let pki = Pki::new()?;
+    let mut configs = Vec::new();
+    for node in 0..5usize {
+        let mut text = String::new();
+        for k in 0..400usize {
+            let svc = (node * 200 + k) % 1000;
+            text.push_str(&format!(
+                "[[service]]\nid = \"svc-{svc:04}-{node}\"\nname = \"svc-{svc:04}\"\nport = {}\ntags = [\"bulk\"]\n\n",
+                10_000 + k
+            ));
+        }
+        let path = pki.dir.path().join(format!("n{}.toml", node + 1));
+        std::fs::write(&path, text)?;
+        configs.push(path);
+    }
+    let first = Agent::start(
+        &pki,
+        "n1",
+        AgentOptions {
+            config: Some(configs[0].clone()),
+            ..Default::default()
+        },
+    )?;
+    let mut agents = vec![];
+    for (i, config) in configs.iter().enumerate().skip(1) {
+        agents.push(Agent::start(
+            &pki,
+            &format!("n{}", i + 1),
+            AgentOptions {
+                seeds: vec![first.seed()],
+                config: Some(config.clone()),
+                ..Default::default()
+            },
+        )?);
+    }
+    agents.insert(0, first);
+    let (_, took) = poll(
+        "1,000 services x 2 passing instances everywhere",
+        Duration::from_secs(30),
+        || {
+            for a in &agents {
+                let c = a.catalog().map_err(|e| e.to_string())?;
+                let services = c["services"].as_object().ok_or("no services")?;
+                let complete = services
+                    .values()
+                    .filter(|list| {
+                        list.as_array().is_some_and(|l| {
+                            l.len() == 2 && l.iter().all(|i| i["health"] == "passing")
+                        })
+                    })
+                    .count();
+                if complete != 1000 {
+                    return Err(format!(
+                        "{} has {complete} complete services of {}",
+                        a.name,
+                        services.len()
+                    ));
+                }
+            }
+            Ok(())
+        },
+    )?;
+    eprintln!("1,000 services x 2 instances complete on all 5 agents after {took:?}");
+    let bytes = agents[0]
+        .metric("gossamer_catalog_sync_bytes_total{direction=\"in\"}")
+        .unwrap_or(0.0);
+    assert!(
+        bytes > 50_000.0,
+        "entries came over sync streams ({bytes} bytes)"
+    );
+    Ok(())
+}
