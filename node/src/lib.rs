@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod balance;
 pub mod catalog;
 pub mod cli;
 pub mod client;
