@@ -119,6 +119,8 @@ pub struct Agent {
     pub quic: SocketAddr,
     /// Bound admin address.
     pub admin: SocketAddr,
+    /// Bound outbound proxy address.
+    pub proxy: SocketAddr,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -165,7 +167,14 @@ impl Agent {
         ));
         let mut cmd = Command::new(binary());
         cmd.args(["agent", "--name", name])
-            .args(["--bind", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args([
+                "--bind",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--proxy",
+                "127.0.0.1:0",
+            ])
             .arg("--ca")
             .arg(ca)
             .arg("--cert")
@@ -222,6 +231,7 @@ impl Agent {
             data_dir,
             quic: addr("quic")?,
             admin: addr("admin")?,
+            proxy: addr("proxy")?,
             child: Some(child),
             log,
         })
@@ -522,4 +532,90 @@ pub fn wait_health(
         },
     )?;
     Ok(took)
+}
+
+/// A `gossamer demo-service` process on a free loopback port.
+#[derive(Debug)]
+pub struct DemoService {
+    /// Its name (what it answers with).
+    pub name: String,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl DemoService {
+    /// Starts one on `addr` (port 0 picks a free port first).
+    pub fn start(name: &str, addr: Option<SocketAddr>) -> Result<Self> {
+        let addr = match addr {
+            Some(a) => a,
+            None => std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?,
+        };
+        let child = Command::new(binary())
+            .args([
+                "demo-service",
+                "--listen",
+                &addr.to_string(),
+                "--name",
+                name,
+            ])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        poll(
+            &format!("{name} to listen"),
+            Duration::from_secs(10),
+            || {
+                TcpStream::connect(addr)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            },
+        )?;
+        Ok(Self {
+            name: name.to_owned(),
+            addr,
+            child,
+        })
+    }
+
+    /// Stops it (kill -9).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for DemoService {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One request through an agent's proxy: (status, x-served-by or body).
+pub fn via_proxy(proxy: SocketAddr, service: &str, key: &str, path: &str) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&proxy, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {service}\r\nx-hash-key: {key}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status: u16 = response.split(' ').nth(1).context("no status")?.parse()?;
+    let served = response
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("x-served-by")
+                .then(|| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| {
+            response
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.trim().to_owned())
+                .unwrap_or_default()
+        });
+    Ok((status, served))
 }

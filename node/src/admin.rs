@@ -45,6 +45,8 @@ pub struct AdminState {
     pub transport: Transport,
     /// Whether `/v1/debug/*` is served.
     pub fault_injection: bool,
+    /// The data plane (for `/v1/route`).
+    pub proxy: Arc<crate::proxy::Proxy>,
 }
 
 /// One row of `GET /v1/members`.
@@ -148,6 +150,7 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
             json(StatusCode::OK, &serde_json::json!({"leaving": true}))
         }
         (&Method::GET, ["v1", "catalog"]) => catalog(state),
+        (&Method::GET, ["v1", "route"]) => route_of(state, &query),
         (&Method::GET, ["v1", "services", name]) => service(state, name),
         (&Method::GET, ["v1", "agent", "services"]) => local_services(state),
         (&Method::PUT, ["v1", "agent", "services", id]) => register(state, id, &body).await,
@@ -232,6 +235,76 @@ fn catalog(state: &AdminState) -> Response<Body> {
         StatusCode::OK,
         &serde_json::json!({ "services": view::services(&catalog, &members), "nodes": nodes }),
     )
+}
+
+fn route_of(state: &AdminState, query: &str) -> Response<Body> {
+    let param = |name: &str| {
+        query.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == name).then(|| percent_decode(v))
+        })
+    };
+    let Some(service) = param("service") else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "service: required, as /v1/route?service=NAME&key=KEY",
+        );
+    };
+    let key = param("key").unwrap_or_default();
+    let Some(route) = state.proxy.route(&service) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no service named {service:?} in the catalog"),
+        );
+    };
+    let hash = crate::balance::rendezvous::hash_key(key.as_bytes());
+    let first = route
+        .table()
+        .lookup(hash)
+        .map(|i| route.backends[i].key.clone());
+    match state.proxy.pick(&route, hash, &[]) {
+        Some(i) => {
+            let b = &route.backends[i];
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "service": service, "key": key, "instance": b.id, "node": b.node,
+                    "address": b.address, "port": b.port, "local": b.local,
+                    "failover": first.as_deref() != Some(b.key.as_str()),
+                }),
+            )
+        }
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no healthy instance of {service:?}"),
+        ),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                if let (Some(h), Some(l)) = (
+                    bytes.get(i + 1).copied().and_then(hex),
+                    bytes.get(i + 2).copied().and_then(hex),
+                ) {
+                    out.push(h * 16 + l);
+                    i += 3;
+                    continue;
+                }
+                out.push(b'%');
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn service(state: &AdminState, name: &str) -> Response<Body> {

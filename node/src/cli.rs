@@ -35,6 +35,8 @@ pub enum Command {
     Services(ListArgs),
     /// Show the instances of one service.
     Service(ServiceArgs),
+    /// Run the small demo HTTP service (reports which instance answered).
+    DemoService(DemoServiceArgs),
     /// Exit 0 if the local agent answers /health (for container healthchecks).
     Health(AdminArgs),
     /// Ask the local agent to leave the mesh and shut down.
@@ -92,6 +94,9 @@ pub struct AgentArgs {
     /// address, or the address that routes to the first seed].
     #[arg(long, env = "GOSSAMER_ADVERTISE", value_name = "IP:PORT")]
     pub advertise: Option<String>,
+    /// Outbound HTTP proxy for local applications [default: 127.0.0.1:7948].
+    #[arg(long, env = "GOSSAMER_PROXY", value_name = "IP:PORT")]
+    pub proxy: Option<String>,
     /// Admin HTTP API address [default: 127.0.0.1:7947].
     #[arg(long, env = "GOSSAMER_ADMIN", value_name = "IP:PORT")]
     pub admin: Option<String>,
@@ -171,4 +176,20 @@ pub struct ServiceArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `gossamer demo-service`.
+#[derive(Debug, Args)]
+pub struct DemoServiceArgs {
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "DEMO_LISTEN",
+        default_value = "127.0.0.1:8080",
+        value_name = "IP:PORT"
+    )]
+    pub listen: SocketAddr,
+    /// The name it answers with (default: the host name).
+    #[arg(long, env = "DEMO_NAME")]
+    pub name: Option<String>,
 }

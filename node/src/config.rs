@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::catalog::CatalogConfig;
 use crate::catalog::registry::ServiceSpec;
 use crate::cli::AgentArgs;
+use crate::proxy::ProxyConfig;
 
 /// The agent's settings, validated.
 #[derive(Debug, Clone)]
@@ -41,6 +42,10 @@ pub struct AgentConfig {
     pub catalog: CatalogConfig,
     /// Whether `/v1/debug/*` fault injection is served.
     pub fault_injection: bool,
+    /// Outbound proxy address.
+    pub proxy_listen: SocketAddr,
+    /// Data-plane settings.
+    pub proxy: ProxyConfig,
 }
 
 /// Where the node's identity comes from.
@@ -97,6 +102,7 @@ pub struct FileConfig {
     log_format: Option<String>,
     swim: Option<SwimConfig>,
     catalog: Option<CatalogConfig>,
+    proxy: Option<ProxyConfig>,
     service: Option<Vec<toml::Value>>,
     enable_fault_injection: Option<bool>,
 }
@@ -239,6 +245,9 @@ impl AgentConfig {
         if catalog.anti_entropy_interval.is_zero() {
             return err("catalog.anti_entropy_interval: must be positive");
         }
+        let proxy = file.proxy.unwrap_or_default();
+        proxy.validate().or_else(err)?;
+        let proxy_listen = addr("proxy", args.proxy.as_deref().unwrap_or(&proxy.listen))?;
         let fault_injection =
             args.enable_fault_injection || file.enable_fault_injection.unwrap_or(false);
         let log_level = args.log_level.clone().or(file.log_level);
@@ -260,6 +269,8 @@ impl AgentConfig {
             services,
             catalog,
             fault_injection,
+            proxy_listen,
+            proxy,
         })
     }
 }

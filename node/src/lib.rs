@@ -11,6 +11,9 @@
 //!   [`agent::join`] keeps the node joined.
 //! - [`catalog`]: registrations, health checks, the catalog sync and view.
 //! - [`admin`]: the admin HTTP API; [`client`]: the CLI's side of it.
+//! - [`proxy`]: the data plane (outbound listener, QUIC forwarding, inbound).
+//! - [`balance`]: consistent hashing.
+//! - [`demo`]: `gossamer demo` and the demo HTTP service.
 //! - [`metrics`]: Prometheus exposition.
 //! - [`store`]: the data dir (atomic writes).
 //! - [`logging`]: tracing setup.
@@ -22,7 +25,9 @@ pub mod catalog;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod demo;
 pub mod identity;
 pub mod logging;
 pub mod metrics;
+pub mod proxy;
 pub mod store;

@@ -39,6 +39,14 @@ fn main() -> ExitCode {
         Command::Members(args) => report(runtime().and_then(|rt| rt.block_on(members(args)))),
         Command::Services(args) => report(runtime().and_then(|rt| rt.block_on(services(args)))),
         Command::Service(args) => report(runtime().and_then(|rt| rt.block_on(service(args)))),
+        Command::DemoService(args) => {
+            logging::init(None, gossamer_node::config::LogFormat::Auto);
+            let name = args.name.unwrap_or_else(identity::host_name);
+            report(runtime().and_then(|rt| {
+                rt.block_on(gossamer_node::demo::service::run(args.listen, name))
+                    .with_context(|| format!("demo service on {}", args.listen))
+            }))
+        }
         Command::Health(args) => report(runtime().and_then(|rt| {
             rt.block_on(client::call(args.admin, Method::GET, "/health", None))
                 .map(|_| println!("ok"))

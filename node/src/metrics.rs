@@ -290,15 +290,16 @@ impl Metrics {
         counters: Arc<Counters>,
         snapshot: watch::Receiver<Arc<Snapshot>>,
         catalog: Arc<Shared>,
-    ) -> Self {
+    ) -> (Self, crate::proxy::metrics::ProxyMetrics) {
         let mut registry = Registry::default();
+        let proxy = crate::proxy::metrics::ProxyMetrics::register(&mut registry);
         registry.register_collector(Box::new(AgentCollector {
             catalog,
             transport,
             counters,
             snapshot,
         }));
-        Self { registry }
+        (Self { registry }, proxy)
     }
 
     /// The Prometheus text exposition.

@@ -21,6 +21,7 @@ use crate::admin::{self, AdminState};
 use crate::catalog::{CatalogHandle, CatalogTask};
 use crate::config::AgentConfig;
 use crate::metrics::{Counters, Metrics};
+use crate::proxy::Proxy;
 use crate::store::{SavedState, Store};
 
 /// How long shutdown waits for peers to acknowledge the close.
@@ -62,6 +63,8 @@ pub struct Sockets {
     pub udp: UdpSocket,
     /// Admin API.
     pub admin: TcpListener,
+    /// Outbound proxy for local applications.
+    pub proxy: TcpListener,
 }
 
 impl Sockets {
@@ -79,7 +82,14 @@ impl Sockets {
                 addr: config.admin,
                 source,
             })?;
-        Ok(Self { udp, admin })
+        let proxy = TcpListener::bind(config.proxy_listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                key: "proxy",
+                addr: config.proxy_listen,
+                source,
+            })?;
+        Ok(Self { udp, admin, proxy })
     }
 }
 
@@ -91,6 +101,7 @@ struct AgentInfo<'a> {
     quic: SocketAddr,
     advertise: SocketAddr,
     admin: SocketAddr,
+    proxy: SocketAddr,
     generation: u64,
 }
 
@@ -162,7 +173,20 @@ pub async fn run(
     task.set_catalog(catalog.sender());
     let swim_handle = tokio::spawn(task.run());
     let catalog_handle = tokio::spawn(catalog_task.run());
-    tokio::spawn(dispatch_streams(stream_rx, catalog.clone()));
+    let (metrics, proxy_metrics) = Metrics::new(
+        transport.clone(),
+        counters,
+        snapshot.clone(),
+        catalog.shared.clone(),
+    );
+    let proxy = Proxy::new(
+        config.proxy.clone(),
+        transport.clone(),
+        catalog.shared.clone(),
+        snapshot.clone(),
+        proxy_metrics,
+    );
+    tokio::spawn(dispatch_streams(stream_rx, catalog.clone(), proxy.clone()));
 
     let saved_members: Vec<NodeId> = saved
         .members
@@ -183,12 +207,8 @@ pub async fn run(
     let leave = Arc::new(Notify::new());
     let admin_state = Arc::new(AdminState {
         snapshot: snapshot.clone(),
-        metrics: Metrics::new(
-            transport.clone(),
-            counters,
-            snapshot.clone(),
-            catalog.shared.clone(),
-        ),
+        metrics,
+        proxy: proxy.clone(),
         catalog: catalog.clone(),
         transport: transport.clone(),
         fault_injection: config.fault_injection,
@@ -197,6 +217,19 @@ pub async fn run(
         leave: leave.clone(),
     });
     let (stop_admin, admin_stopped) = watch::channel(false);
+    let proxy_addr = sockets
+        .proxy
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            key: "proxy",
+            addr: config.proxy_listen,
+            source,
+        })?;
+    let proxy_handle = tokio::spawn(crate::proxy::outbound::serve(
+        sockets.proxy,
+        proxy,
+        admin_stopped.clone(),
+    ));
     let admin_handle = tokio::spawn(admin::serve(sockets.admin, admin_state, admin_stopped));
 
     let info = AgentInfo {
@@ -205,6 +238,7 @@ pub async fn run(
         quic: bound,
         advertise,
         admin: admin_addr,
+        proxy: proxy_addr,
         generation,
     };
     store.write_atomic(
@@ -212,7 +246,7 @@ pub async fn run(
         &serde_json::to_vec_pretty(&info).expect("serializable"),
     )?;
     info!(
-        node = %name, quic = %bound, %advertise, admin = %admin_addr, generation,
+        node = %name, quic = %bound, %advertise, admin = %admin_addr, proxy = %proxy_addr, generation,
         seeds = ?config.seeds, data_dir = %store.dir().display(), "agent started"
     );
 
@@ -232,6 +266,7 @@ pub async fn run(
     let _ = tokio::time::timeout(CLOSE_DEADLINE, swim_handle).await;
     transport.close(CLOSE_DEADLINE).await;
     let _ = stop_admin.send(true);
+    proxy_handle.abort();
     if tokio::time::timeout(Duration::from_secs(1), admin_handle)
         .await
         .is_err()
@@ -248,7 +283,11 @@ const STREAM_KIND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Routes inbound streams by their first byte; unknown kinds are refused
 /// at once so the opener gets an error rather than a hang.
-async fn dispatch_streams(mut streams: mpsc::Receiver<Inbound>, catalog: CatalogHandle) {
+async fn dispatch_streams(
+    mut streams: mpsc::Receiver<Inbound>,
+    catalog: CatalogHandle,
+    proxy: Arc<Proxy>,
+) {
     while let Some(item) = streams.recv().await {
         let Inbound::Stream {
             from,
@@ -259,10 +298,14 @@ async fn dispatch_streams(mut streams: mpsc::Receiver<Inbound>, catalog: Catalog
             continue;
         };
         let catalog = catalog.clone();
+        let proxy = proxy.clone();
         tokio::spawn(async move {
             let mut kind = [0u8; 1];
             let read = tokio::time::timeout(STREAM_KIND_TIMEOUT, recv.read_exact(&mut kind)).await;
             match (read, kind[0]) {
+                (Ok(Ok(())), crate::proxy::wire::STREAM_PROXY) => {
+                    crate::proxy::inbound::serve(from, send, recv, proxy).await;
+                }
                 (Ok(Ok(())), crate::catalog::sync::STREAM_CATALOG) => {
                     crate::catalog::sync::serve(
                         from,

@@ -1,0 +1,3 @@
+//! `gossamer demo` and the demo service it runs.
+
+pub mod service;

@@ -1,0 +1,116 @@
+//! Data-plane metrics: per service and instance.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// `service`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabel {
+    /// Service name.
+    pub service: String,
+}
+
+/// `service`, `instance` (`node/id`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabels {
+    /// Service name.
+    pub service: String,
+    /// `node/id`.
+    pub instance: String,
+}
+
+/// `service`, `instance`, `class` (`2xx`…`5xx`, `error`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Service name.
+    pub service: String,
+    /// `node/id`, or `none` when no instance was chosen.
+    pub instance: String,
+    /// Status class.
+    pub class: String,
+}
+
+/// `service`, `direction` (`request` or `response` body bytes).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    /// Service name.
+    pub service: String,
+    /// Which body.
+    pub direction: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+/// The proxy's metric families.
+#[derive(Debug, Clone)]
+pub struct ProxyMetrics {
+    /// Requests by outcome.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time to response head.
+    pub latency: Family<ServiceLabel, Histogram, fn() -> Histogram>,
+    /// Retries.
+    pub retries: Family<ServiceLabel, Counter>,
+    /// Ejections.
+    pub ejections: Family<InstanceLabels, Counter>,
+    /// Body bytes.
+    pub bytes: Family<BytesLabels, Counter>,
+    /// Requests in flight through this agent (both sides).
+    pub active: Gauge,
+}
+
+impl ProxyMetrics {
+    /// Creates the families and registers them.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            retries: Family::default(),
+            ejections: Family::default(),
+            bytes: Family::default(),
+            active: Gauge::default(),
+        };
+        registry.register(
+            "gossamer_proxy_requests",
+            "Proxied requests by service, instance and status class",
+            m.requests.clone(),
+        );
+        registry.register(
+            "gossamer_proxy_request_duration_seconds",
+            "Time from request to response head",
+            m.latency.clone(),
+        );
+        registry.register("gossamer_proxy_retries", "Retries", m.retries.clone());
+        registry.register(
+            "gossamer_proxy_ejections",
+            "Outlier ejections",
+            m.ejections.clone(),
+        );
+        registry.register(
+            "gossamer_proxy_body_bytes",
+            "Request and response body bytes",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "gossamer_proxy_active_streams",
+            "Requests in flight (outbound and inbound)",
+            m.active.clone(),
+        );
+        m
+    }
+
+    /// The byte counter of one service and direction.
+    pub fn bytes(&self, service: &str, direction: &str) -> Counter {
+        self.bytes
+            .get_or_create(&BytesLabels {
+                service: service.to_owned(),
+                direction: direction.to_owned(),
+            })
+            .clone()
+    }
+}
