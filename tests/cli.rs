@@ -185,3 +185,21 @@ fn ca_and_cert_refuse_to_overwrite() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid node name"));
     Ok(())
 }
+
+#[test]
+fn demo_runs_end_to_end() -> Result<()> {
+    let out = std::process::Command::new(support::binary())
+        .args(["demo", "--keys", "300"])
+        .env_remove("RUST_LOG")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("same instance for every key from every agent"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("keys returned"), "{stdout}");
+    assert!(stderr.contains("[5/6]"), "progress shown: {stderr}");
+    Ok(())
+}

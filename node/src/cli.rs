@@ -35,6 +35,10 @@ pub enum Command {
     Services(ListArgs),
     /// Show the instances of one service.
     Service(ServiceArgs),
+    /// Start a 3-node mesh on loopback, drive traffic, break it, report.
+    Demo(DemoArgs),
+    /// Send steady traffic through an agent's proxy and report who answered.
+    Loadgen(LoadgenArgs),
     /// Run the small demo HTTP service (reports which instance answered).
     DemoService(DemoServiceArgs),
     /// Exit 0 if the local agent answers /health (for container healthchecks).
@@ -192,4 +196,49 @@ pub struct DemoServiceArgs {
     /// The name it answers with (default: the host name).
     #[arg(long, env = "DEMO_NAME")]
     pub name: Option<String>,
+}
+
+/// `gossamer demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Leave the mesh running afterwards and print commands to try.
+    #[arg(long)]
+    pub keep_running: bool,
+    /// Distinct keys sent through each agent.
+    #[arg(long, default_value_t = 1000)]
+    pub keys: usize,
+    /// Keep certificates and data here instead of a temp dir.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Show the agents' logs (level or filter, e.g. `info`).
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+/// `gossamer loadgen`.
+#[derive(Debug, Args)]
+pub struct LoadgenArgs {
+    /// The agent's outbound proxy.
+    #[arg(
+        long,
+        env = "GOSSAMER_PROXY",
+        default_value = "127.0.0.1:7948",
+        value_name = "IP:PORT"
+    )]
+    pub proxy: SocketAddr,
+    /// Service to call.
+    #[arg(long, default_value = "web")]
+    pub service: String,
+    /// Requests per second.
+    #[arg(long, default_value_t = 10)]
+    pub rate: u32,
+    /// Distinct hash keys to cycle through.
+    #[arg(long, default_value_t = 100)]
+    pub keys: u32,
+    /// Stop after this many seconds (0: run until stopped).
+    #[arg(long, default_value_t = 0)]
+    pub duration: u64,
+    /// Print one JSON summary at the end instead of per-second lines.
+    #[arg(long)]
+    pub json: bool,
 }

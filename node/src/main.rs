@@ -39,6 +39,49 @@ fn main() -> ExitCode {
         Command::Members(args) => report(runtime().and_then(|rt| rt.block_on(members(args)))),
         Command::Services(args) => report(runtime().and_then(|rt| rt.block_on(services(args)))),
         Command::Service(args) => report(runtime().and_then(|rt| rt.block_on(service(args)))),
+        Command::Demo(args) => {
+            logging::init(
+                Some(args.log_level.as_deref().unwrap_or("off")),
+                gossamer_node::config::LogFormat::Text,
+            );
+            let options = gossamer_node::demo::run::DemoOptions {
+                keys: args.keys.max(1),
+                keep_running: args.keep_running,
+                dir: args.dir,
+            };
+            match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => report(
+                    rt.block_on(gossamer_node::demo::run::run(options, shutdown_signal()))
+                        .map_err(Into::into),
+                ),
+                Err(e) => report(Err(e.into())),
+            }
+        }
+        Command::Loadgen(args) => {
+            let options = gossamer_node::demo::loadgen::LoadOptions {
+                proxy: args.proxy,
+                service: args.service,
+                rate: args.rate,
+                keys: args.keys,
+                duration: (args.duration > 0)
+                    .then(|| std::time::Duration::from_secs(args.duration)),
+                json: args.json,
+            };
+            report(runtime().map(|rt| {
+                let totals = rt.block_on(gossamer_node::demo::loadgen::run(options.clone()));
+                if options.json {
+                    println!("{}", serde_json::to_string(&totals).expect("serializable"));
+                } else {
+                    println!(
+                        "total sent={} ok={} failed={}",
+                        totals.sent, totals.ok, totals.failed
+                    );
+                }
+            }))
+        }
         Command::DemoService(args) => {
             logging::init(None, gossamer_node::config::LogFormat::Auto);
             let name = args.name.unwrap_or_else(identity::host_name);

@@ -373,6 +373,26 @@ impl Transport {
             })
     }
 
+    /// Closes every connection to `name` (SWIM declared it down): requests in
+    /// flight on them fail at once instead of waiting for a timeout.
+    pub fn disconnect(&self, name: &str) {
+        let mut peers = self.peers();
+        if let Some(Slot::Ready(conn)) = peers.remove(name) {
+            conn.close(3u32.into(), b"peer declared down");
+        }
+        drop(peers);
+        let live = self.0.live.lock().unwrap_or_else(|e| e.into_inner());
+        for conn in live.values() {
+            if peer_cert(conn)
+                .as_ref()
+                .and_then(pki::node_identity)
+                .is_some_and(|(_, n)| n == name)
+            {
+                conn.close(3u32.into(), b"peer declared down");
+            }
+        }
+    }
+
     /// Cuts (fault injection) all traffic to and from these peers.
     pub fn block(&self, names: impl IntoIterator<Item = String>) {
         self.0

@@ -227,8 +227,14 @@ impl SwimTask {
         while let Some(event) = self.core.poll_event() {
             match &event {
                 Event::MemberUp(id) => info!(member = %id.name, addr = %id.addr, "member up"),
-                Event::MemberDown(id) => warn!(member = %id.name, addr = %id.addr, "member down"),
-                Event::MemberLeft(id) => info!(member = %id.name, "member left"),
+                Event::MemberDown(id) => {
+                    warn!(member = %id.name, addr = %id.addr, "member down");
+                    self.transport.disconnect(&id.name);
+                }
+                Event::MemberLeft(id) => {
+                    info!(member = %id.name, "member left");
+                    self.transport.disconnect(&id.name);
+                }
                 Event::MemberRenamed { old, new } => {
                     info!(member = %new.name, old = old.generation, new = new.generation, "member restarted")
                 }

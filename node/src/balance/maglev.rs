@@ -1,6 +1,6 @@
 //! Weighted Maglev consistent hashing (Eisenbud et al., NSDI 2016).
 //!
-//! A lookup table of `M` slots (a prime, at least 100 per backend) is filled
+//! A lookup table of `M = 65,537` slots (a prime) is filled
 //! by letting backends take turns claiming their next preferred free slot,
 //! each backend's preference order being a permutation of the slots derived
 //! from the hash of its name. Turns are handed out in proportion to weight.
@@ -17,13 +17,9 @@
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-/// Table sizes: primes, each about twice the previous.
-const SIZES: [u32; 10] = [
-    5_003, 10_007, 20_011, 40_009, 80_021, 160_001, 320_009, 640_007, 1_280_023, 2_560_021,
-];
-
-/// Slots per unit of weight share aimed for (table balance ≤ 1 + 1/this).
-const SLOTS_PER_BACKEND: u64 = 100;
+/// Table size: the prime the Maglev paper uses, fixed so that the table
+/// does not change size (and remap everything) as backends come and go.
+const SIZE: u32 = 65_537;
 
 /// A built lookup table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,13 +33,8 @@ pub fn hash_key(key: &[u8]) -> u64 {
     xxh3_64(key)
 }
 
-fn table_size(backends: usize) -> u32 {
-    let want = (backends as u64).saturating_mul(SLOTS_PER_BACKEND);
-    SIZES
-        .iter()
-        .copied()
-        .find(|&m| u64::from(m) >= want)
-        .unwrap_or(SIZES[SIZES.len() - 1])
+fn table_size(_backends: usize) -> u32 {
+    SIZE
 }
 
 impl Maglev {

@@ -1,3 +1,5 @@
-//! `gossamer demo` and the demo service it runs.
+//! `gossamer demo`, the demo service it runs, and a small load generator.
 
+pub mod loadgen;
+pub mod run;
 pub mod service;

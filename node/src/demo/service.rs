@@ -36,28 +36,46 @@ struct State {
     health: AtomicU16,
 }
 
-/// Serves the demo service on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, name: String) {
+/// Serves the demo service on `listener` until `stop` flips (then every
+/// open connection is dropped too, like a crashed process).
+pub async fn serve_until(
+    listener: TcpListener,
+    name: String,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let state = Arc::new(State {
         name,
         health: AtomicU16::new(200),
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => return,
+        };
+        let Ok((stream, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         let builder = builder.clone();
+        let mut stop = stop.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| handle(state.clone(), req));
-            let _ = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .await;
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.changed() => {}
+            }
         });
     }
+}
+
+/// Serves the demo service on `listener` forever.
+pub async fn serve(listener: TcpListener, name: String) {
+    let (_keep, stop) = tokio::sync::watch::channel(false);
+    serve_until(listener, name, stop).await;
 }
 
 /// Binds and serves (for `gossamer demo-service`).

@@ -2,10 +2,11 @@
 //! order with a consistent-hash table over them, rebuilt when the catalog
 //! or the membership changes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
+use gossamer_membership::MemberState;
 use gossamer_membership::catalog::Catalog;
 use http::HeaderName;
 
@@ -115,6 +116,14 @@ impl Routes {
             .iter()
             .map(|m| (m.id.name.as_str(), m.id.addr))
             .collect();
+        // A suspected node may be gone: new requests avoid it until it
+        // refutes (its keys come back) or is declared down.
+        let suspect: HashSet<&str> = members
+            .members
+            .iter()
+            .filter(|m| m.state == MemberState::Suspect)
+            .map(|m| m.id.name.as_str())
+            .collect();
         let mut services = HashMap::new();
         for (name, mut instances) in view::services(catalog, members) {
             instances.sort_by(|a, b| (&a.node, &a.id).cmp(&(&b.node, &b.id)));
@@ -127,7 +136,8 @@ impl Routes {
                     address: i.address.clone(),
                     port: i.port,
                     weight: i.weight,
-                    usable: i.health == view::Effective::Passing,
+                    usable: i.health == view::Effective::Passing
+                        && !suspect.contains(i.node.as_str()),
                     local: i.node == members.local.name,
                     owner_addr: addrs.get(i.node.as_str()).copied(),
                 })

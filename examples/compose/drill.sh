@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# The partition drill: build the image, start the 5-node cluster, check it,
+# cut two nodes off, check both sides, heal, check convergence, kill a node,
+# check failover, tear everything down. Every wait is bounded; cleanup runs
+# whatever happens. Exit code 0 only if every check passed.
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+cd "$here"
+project="gossamer-drill"
+if docker compose version >/dev/null 2>&1; then
+    compose=(docker compose -p "$project")
+elif command -v docker-compose >/dev/null; then
+    compose=(docker-compose -p "$project")
+else
+    echo "FAIL: neither 'docker compose' nor 'docker-compose' is installed"
+    exit 1
+fi
+network="${project}_mesh"
+failures=0
+started=$SECONDS
+
+pass() { echo "PASS: $*"; }
+fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+info() { echo "---- [$((SECONDS - started))s] $*"; }
+
+cleanup() {
+    info "tearing down"
+    "${compose[@]}" down -v --remove-orphans >/dev/null 2>&1
+    docker network rm "$network" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+cid() { "${compose[@]}" ps -q "$1"; }
+# Runs the gossamer binary inside node $1's container.
+g() { local c; c="$(cid "$1")"; shift; docker exec "$c" /gossamer "$@"; }
+
+# alive_count NODE -> how many members NODE lists as alive
+alive_count() {
+    g "$1" members --json 2>/dev/null | python3 -c \
+        'import sys,json; print(sum(1 for m in json.load(sys.stdin) if m["state"]=="alive"))' 2>/dev/null || echo 0
+}
+state_of() {
+    g "$1" members --json 2>/dev/null | python3 -c \
+        'import sys,json; print(next((m["state"] for m in json.load(sys.stdin) if m["name"]==sys.argv[1]), "none"))' "$2" 2>/dev/null || echo none
+}
+passing_web() {
+    g "$1" service web --json 2>/dev/null | python3 -c \
+        'import sys,json; print(sum(1 for i in json.load(sys.stdin) if i["health"]=="passing"))' 2>/dev/null || echo 0
+}
+versions() {
+    g "$1" services --json 2>/dev/null | python3 -c \
+        'import sys,json; d=json.load(sys.stdin)["nodes"]; print(sorted((k,v["version"]) for k,v in d.items()))' 2>/dev/null
+}
+# wait_until SECONDS DESCRIPTION COMMAND... : polls COMMAND until it succeeds.
+wait_until() {
+    local limit=$1 what=$2; shift 2
+    local deadline=$((SECONDS + limit))
+    while (( SECONDS < deadline )); do
+        if "$@"; then pass "$what ($((SECONDS - started))s)"; return 0; fi
+        sleep 1
+    done
+    fail "$what: not true within ${limit}s"
+    return 1
+}
+# load NODE SECONDS -> JSON report of loadgen through NODE's proxy
+load() { g "$1" loadgen --rate 40 --keys 200 --duration "$2" --json 2>/dev/null | tail -1; }
+field() { python3 -c 'import sys,json; d=json.loads(sys.argv[1]); print(eval(sys.argv[2], {}, d))' "$1" "$2" 2>/dev/null; }
+
+all_see() {  # all_see NODES... -> every listed node sees all of them alive and the expected web count
+    local want=$1; shift
+    for n in "$@"; do
+        [ "$(alive_count "$n")" -ge "$want" ] || return 1
+        [ "$(passing_web "$n")" -ge "$want" ] || return 1
+    done
+}
+majority_sees_cut() {
+    for n in n1 n2 n3; do for m in n4 n5; do
+        [ "$(state_of "$n" "$m")" = down ] || return 1
+    done; done
+}
+survivors_see_n3_down() {
+    for n in n1 n2 n4 n5; do [ "$(state_of "$n" n3)" = down ] || return 1; done
+}
+catalogs_agree() {
+    local first; first="$(versions n1)"
+    [ -n "$first" ] || return 1
+    for n in n2 n3 n4 n5; do [ "$(versions "$n")" = "$first" ] || return 1; done
+}
+
+info "building the image (static binary, FROM scratch, no registry)"
+if ! ./build-image.sh; then fail "image build"; exit 1; fi
+./gen-pki.sh || { fail "certificates"; exit 1; }
+
+info "starting the cluster"
+"${compose[@]}" down -v --remove-orphans >/dev/null 2>&1
+if ! "${compose[@]}" up -d >/dev/null; then fail "docker-compose up"; exit 1; fi
+
+wait_until 120 "every agent sees 5 alive members and 5 passing web instances" \
+    all_see 5 n1 n2 n3 n4 n5
+wait_until 30 "catalogs agree on every node" catalogs_agree
+
+info "traffic through n1"
+report="$(load n1 5)"
+echo "     $report"
+if [ "$(field "$report" 'failed')" = "0" ] && [ "$(field "$report" 'len(by_instance)')" = "5" ]; then
+    pass "traffic through n1: no failures, all 5 instances answered"
+else
+    fail "traffic through n1: $report"
+fi
+
+info "cutting n4 and n5 off the network"
+docker network disconnect "$network" "$(cid n4)"
+docker network disconnect "$network" "$(cid n5)"
+wait_until 30 "n1, n2, n3 list n4 and n5 down" majority_sees_cut
+report="$(load n1 5)"
+echo "     majority side: $report"
+if [ "$(field "$report" 'failed')" = "0" ] && [ "$(field "$report" 'sorted(by_instance)')" = "['web1', 'web2', 'web3']" ]; then
+    pass "majority side keeps serving from web1..web3"
+else
+    fail "majority side: $report"
+fi
+report="$(load n4 3)"
+echo "     n4 alone: $report"
+if [ "$(field "$report" 'failed')" = "0" ] && [ "$(field "$report" 'sorted(by_instance)')" = "['web4']" ]; then
+    pass "cut-off n4 keeps serving its own instance"
+else
+    fail "cut-off n4: $report"
+fi
+
+info "healing the partition"
+docker network connect --ip 10.213.47.14 "$network" "$(cid n4)"
+docker network connect --ip 10.213.47.15 "$network" "$(cid n5)"
+wait_until 60 "after healing, every agent sees 5 alive and 5 passing web instances" \
+    all_see 5 n1 n2 n3 n4 n5
+wait_until 30 "after healing, catalogs agree on every node" catalogs_agree
+report="$(load n1 5)"
+echo "     $report"
+if [ "$(field "$report" 'failed')" = "0" ] && [ "$(field "$report" 'len(by_instance)')" = "5" ]; then
+    pass "traffic balanced over 5 instances again"
+else
+    fail "traffic after healing: $report"
+fi
+
+info "docker kill n3"
+docker kill "$(cid n3)" >/dev/null
+report="$(load n1 8)"
+echo "     during and after the crash: $report"
+if [ "$(field "$report" 'failed')" = "0" ]; then
+    pass "failover: no request through n1 failed while n3 died"
+else
+    fail "failover after killing n3: $report"
+fi
+wait_until 30 "survivors list n3 down" survivors_see_n3_down
+
+echo
+if (( failures == 0 )); then
+    echo "PASS: drill complete in $((SECONDS - started))s"
+    exit 0
+fi
+echo "FAIL: $failures check(s) failed ($((SECONDS - started))s)"
+exit 1

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Makes the mesh CA and one certificate per compose node in ./pki, using the
+# image itself. Run once before `docker compose up` (the drill does it).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+pki="$here/pki"
+if [ -f "$pki/ca/ca.pem" ]; then
+    echo "$pki already holds a CA; remove it to start over"
+    exit 0
+fi
+mkdir -p "$pki"
+run() { docker run --rm --user "$(id -u):$(id -g)" -v "$pki:/pki" gossamer:local "$@"; }
+run ca init --dir /pki/ca >/dev/null
+for n in n1 n2 n3 n4 n5; do
+    run cert issue --ca-dir /pki/ca --name "$n" --out /pki/certs >/dev/null
+done
+# The agents run as an unprivileged user in the containers: let them read.
+chmod -R a+rX "$pki"
+echo "wrote $pki (CA and certificates for n1..n5)"

@@ -1,0 +1,399 @@
+//! `gossamer demo`: a 3-node mesh on loopback in one process, with traffic,
+//! a failure and a report.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::agent::{self, Sockets};
+use crate::catalog::registry::ServiceSpec;
+use crate::client;
+use crate::config::{AgentConfig, LogFormat, TlsSource};
+use gossamer_transport::pki;
+
+/// Options of `gossamer demo`.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Keys sent through each agent.
+    pub keys: usize,
+    /// Leave the mesh running and print commands to try.
+    pub keep_running: bool,
+    /// Where to keep certificates and data (a temp dir by default).
+    pub dir: Option<PathBuf>,
+}
+
+/// A demo failure: what did not hold.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DemoError(String);
+
+fn fail<T>(msg: impl Into<String>) -> Result<T, DemoError> {
+    Err(DemoError(msg.into()))
+}
+
+struct Node {
+    name: String,
+    admin: SocketAddr,
+    proxy: SocketAddr,
+    service_addr: SocketAddr,
+    service_stop: watch::Sender<bool>,
+    service_task: JoinHandle<()>,
+}
+
+type Http = Client<HttpConnector, Empty<Bytes>>;
+
+async fn served_by(client: &Http, proxy: SocketAddr, key: &str) -> Result<String, String> {
+    let req = Request::get(format!("http://{proxy}/"))
+        .header(http::header::HOST, "web")
+        .header("x-hash-key", key)
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let by = resp
+        .headers()
+        .get("x-served-by")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let _ = resp.into_body().collect().await;
+    if status.is_success() {
+        Ok(by)
+    } else {
+        Err(format!("status {status}"))
+    }
+}
+
+async fn mapping(
+    client: &Http,
+    proxy: SocketAddr,
+    keys: &[String],
+) -> Result<Vec<String>, DemoError> {
+    let mut out = Vec::with_capacity(keys.len());
+    for k in keys {
+        out.push(
+            served_by(client, proxy, k)
+                .await
+                .or_else(|e| fail(format!("request for key {k}: {e}")))?,
+        );
+    }
+    Ok(out)
+}
+
+fn step(n: usize, total: usize, what: &str) -> Instant {
+    eprint!("[{n}/{total}] {what} ... ");
+    Instant::now()
+}
+
+fn done(started: Instant, detail: &str) {
+    eprintln!(
+        "ok ({:.1} s){}{detail}",
+        started.elapsed().as_secs_f64(),
+        if detail.is_empty() { "" } else { ": " }
+    );
+}
+
+async fn wait_for(
+    what: &str,
+    deadline: Duration,
+    mut check: impl AsyncFnMut() -> Result<(), String>,
+) -> Result<(), DemoError> {
+    let start = Instant::now();
+    loop {
+        match check().await {
+            Ok(()) => return Ok(()),
+            Err(seen) if start.elapsed() > deadline => {
+                return fail(format!("timed out waiting for {what}: {seen}"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+async fn health_of(admin: SocketAddr, id: &str) -> Result<String, String> {
+    let body = client::call(admin, Method::GET, "/v1/services/web", None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    list.iter()
+        .find(|i| i["id"] == id)
+        .and_then(|i| i["health"].as_str().map(str::to_owned))
+        .ok_or_else(|| format!("{id} not listed"))
+}
+
+fn node_config(
+    dir: &Path,
+    name: &str,
+    seed: Option<SocketAddr>,
+    service_port: u16,
+) -> Result<AgentConfig, DemoError> {
+    let args = crate::cli::AgentArgs {
+        name: Some(name.into()),
+        bind: Some("127.0.0.1:0".into()),
+        admin: Some("127.0.0.1:0".into()),
+        proxy: Some("127.0.0.1:0".into()),
+        seeds: seed.map(|s| vec![s.to_string()]).unwrap_or_default(),
+        dev: true,
+        data_dir: Some(dir.join(name)),
+        ..Default::default()
+    };
+    let mut config = AgentConfig::from_args(&args).or_else(|e| fail(e.0))?;
+    config.tls = TlsSource::Files {
+        ca: dir.join("ca/ca.pem"),
+        cert: dir.join(format!("certs/{name}.pem")),
+        key: dir.join(format!("certs/{name}.key")),
+    };
+    config.log_format = LogFormat::Text;
+    let spec = serde_json::json!({
+        "name": "web", "port": service_port,
+        "check": {"http": "/health", "interval": "1s", "timeout": "500ms", "rise": 1, "fall": 1},
+    });
+    let id = format!("web-{}", &name[1..]);
+    config.services =
+        vec![ServiceSpec::from_json(Some(&id), &spec).or_else(|e| fail(e.to_string()))?];
+    Ok(config)
+}
+
+/// Runs the demo; returns when it is over (or, with `keep_running`, on
+/// `shutdown`).
+pub async fn run(
+    options: DemoOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DemoError> {
+    const STEPS: usize = 6;
+    let temp;
+    let dir = match &options.dir {
+        Some(d) => d.clone(),
+        None => {
+            temp = tempdir()?;
+            temp.clone()
+        }
+    };
+    let t = step(1, STEPS, "making a mesh CA and 3 node certificates");
+    let ca = crate::identity::ensure_ca(&dir.join("ca"), pki::DEFAULT_TRUST_DOMAIN)
+        .or_else(|e| fail(e.to_string()))?;
+    std::fs::create_dir_all(dir.join("certs")).or_else(|e| fail(e.to_string()))?;
+    for name in ["n1", "n2", "n3"] {
+        let cert = dir.join(format!("certs/{name}.pem"));
+        if !cert.exists() {
+            let pair = pki::issue_node_cert(&ca, name, pki::DEFAULT_TRUST_DOMAIN)
+                .or_else(|e| fail(e.to_string()))?;
+            pki::write_new(&dir.join(format!("certs/{name}.key")), &pair.key, true)
+                .or_else(|e| fail(e.to_string()))?;
+            pki::write_new(&cert, &pair.cert, false).or_else(|e| fail(e.to_string()))?;
+        }
+    }
+    done(t, &dir.display().to_string());
+
+    let t = step(
+        2,
+        STEPS,
+        "starting 3 agents, each with one instance of `web`",
+    );
+    let (stop_all, stopped) = watch::channel(false);
+    let mut nodes = Vec::new();
+    let mut agents = Vec::new();
+    let mut seed = None;
+    for i in 1..=3 {
+        let name = format!("n{i}");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .or_else(|e| fail(e.to_string()))?;
+        let service_addr = listener.local_addr().or_else(|e| fail(e.to_string()))?;
+        let (service_stop, service_stopped) = watch::channel(false);
+        let service_task = tokio::spawn(super::service::serve_until(
+            listener,
+            format!("web-{i}"),
+            service_stopped,
+        ));
+        let config = node_config(&dir, &name, seed, service_addr.port())?;
+        let sockets = Sockets::bind(&config)
+            .await
+            .or_else(|e| fail(e.to_string()))?;
+        let quic = sockets.udp.local_addr().or_else(|e| fail(e.to_string()))?;
+        let admin = sockets
+            .admin
+            .local_addr()
+            .or_else(|e| fail(e.to_string()))?;
+        let proxy = sockets
+            .proxy
+            .local_addr()
+            .or_else(|e| fail(e.to_string()))?;
+        seed.get_or_insert(quic);
+        let mut stop = stopped.clone();
+        agents.push(tokio::spawn(agent::run(config, sockets, async move {
+            let _ = stop.changed().await;
+        })));
+        nodes.push(Node {
+            name,
+            admin,
+            proxy,
+            service_addr,
+            service_stop,
+            service_task,
+        });
+    }
+    for n in &nodes {
+        for id in ["web-1", "web-2", "web-3"] {
+            wait_for(
+                &format!("{} to see {id} passing", n.name),
+                Duration::from_secs(20),
+                async || match health_of(n.admin, id).await? {
+                    h if h == "passing" => Ok(()),
+                    h => Err(h),
+                },
+            )
+            .await?;
+        }
+    }
+    done(
+        t,
+        "all 3 agents list 3 members alive and 3 passing instances",
+    );
+
+    let http: Http = Client::builder(TokioExecutor::new()).build_http();
+    let keys: Vec<String> = (0..options.keys).map(|i| format!("user-{i}")).collect();
+    let t = step(
+        3,
+        STEPS,
+        &format!("sending {} keys through each agent's proxy", keys.len()),
+    );
+    let first = mapping(&http, nodes[0].proxy, &keys).await?;
+    for n in &nodes[1..] {
+        if mapping(&http, n.proxy, &keys).await? != first {
+            return fail(format!("{} maps keys differently from n1", n.name));
+        }
+    }
+    let mut load: HashMap<&str, usize> = HashMap::new();
+    for s in &first {
+        *load.entry(s).or_default() += 1;
+    }
+    let mut shares: Vec<_> = load.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    shares.sort();
+    let max = *load.values().max().unwrap_or(&0) as f64;
+    let balance = max / (keys.len() as f64 / 3.0);
+    done(
+        t,
+        &format!(
+            "every key answered by the same instance from all 3 agents; {}; max/avg {balance:.2}",
+            shares.join(", ")
+        ),
+    );
+
+    let t = step(4, STEPS, "stopping web-2 while traffic flows");
+    let _ = nodes[1].service_stop.send(true);
+    let (mut sent, mut failed) = (0usize, 0usize);
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        for k in keys.iter().step_by(10) {
+            sent += 1;
+            if served_by(&http, nodes[0].proxy, k).await.is_err() {
+                failed += 1;
+            }
+        }
+    }
+    let after = mapping(&http, nodes[2].proxy, &keys).await?;
+    let survivors: Vec<usize> = (0..keys.len()).filter(|&i| first[i] != "web-2").collect();
+    let stayed = survivors.iter().filter(|&&i| after[i] == first[i]).count();
+    let moved_from_2 = keys.len() - survivors.len();
+    done(
+        t,
+        &format!(
+            "{failed} of {sent} requests failed during the transition; {stayed}/{} keys of web-1 and web-3 stayed put; web-2's {moved_from_2} keys failed over",
+            survivors.len()
+        ),
+    );
+    if stayed * 100 < survivors.len() * 99 {
+        return fail("more than 1 % of the surviving instances' keys moved");
+    }
+
+    let t = step(5, STEPS, "restarting web-2");
+    let listener = TcpListener::bind(nodes[1].service_addr)
+        .await
+        .or_else(|e| fail(format!("rebinding web-2: {e}")))?;
+    let (service_stop, service_stopped) = watch::channel(false);
+    nodes[1].service_task.abort();
+    nodes[1].service_task = tokio::spawn(super::service::serve_until(
+        listener,
+        "web-2".into(),
+        service_stopped,
+    ));
+    nodes[1].service_stop = service_stop;
+    wait_for(
+        "web-2's keys to return",
+        Duration::from_secs(20),
+        async || match mapping(&http, nodes[0].proxy, &keys).await {
+            Ok(m) if m == first => Ok(()),
+            Ok(_) => Err("mapping differs".into()),
+            Err(e) => Err(e.0),
+        },
+    )
+    .await?;
+    done(t, "its keys are back on it, everything else untouched");
+
+    eprintln!("[6/{STEPS}] report");
+    println!();
+    println!(
+        "Gossamer demo: 3 agents, 3 instances of `web`, {} keys per agent",
+        keys.len()
+    );
+    println!(
+        "  consistent hashing  same instance for every key from every agent; max/avg load {balance:.2}"
+    );
+    println!("  failover            {failed} failed of {sent} requests while web-2 was down");
+    println!(
+        "  minimal remapping   {stayed}/{} keys of healthy instances stayed put",
+        survivors.len()
+    );
+    println!("  recovery            web-2's keys returned when it came back");
+    println!();
+
+    if options.keep_running {
+        println!("The mesh keeps running (Ctrl-C to stop). Try:");
+        for n in &nodes {
+            println!(
+                "  curl -H 'Host: web' -H 'x-hash-key: alice' http://{}/          # through {}",
+                n.proxy, n.name
+            );
+        }
+        println!("  curl http://{}/v1/catalog", nodes[0].admin);
+        println!(
+            "  curl 'http://{}/v1/route?service=web&key=alice'",
+            nodes[0].admin
+        );
+        println!("  gossamer members --admin {}", nodes[0].admin);
+        println!("  gossamer services --admin {}", nodes[0].admin);
+        shutdown.await;
+    }
+    let _ = stop_all.send(true);
+    for a in agents {
+        let _ = tokio::time::timeout(Duration::from_secs(10), a).await;
+    }
+    for n in &nodes {
+        let _ = n.service_stop.send(true);
+    }
+    if options.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+fn tempdir() -> Result<PathBuf, DemoError> {
+    let dir = std::env::temp_dir().join(format!("gossamer-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).or_else(|e| fail(format!("{}: {e}", dir.display())))?;
+    Ok(dir)
+}
