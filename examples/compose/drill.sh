@@ -93,7 +93,7 @@ if ! ./build-image.sh; then fail "image build"; exit 1; fi
 
 info "starting the cluster"
 "${compose[@]}" down -v --remove-orphans >/dev/null 2>&1
-if ! "${compose[@]}" up -d >/dev/null; then fail "docker-compose up"; exit 1; fi
+if ! "${compose[@]}" up -d >/dev/null 2>&1; then fail "docker-compose up"; exit 1; fi
 
 wait_until 120 "every agent sees 5 alive members and 5 passing web instances" \
     all_see 5 n1 n2 n3 n4 n5
