@@ -134,6 +134,9 @@ pub struct AgentArgs {
     /// Log format: `auto` (text on a terminal, JSON otherwise), `text`, `json`.
     #[arg(long, env = "GOSSAMER_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Async worker threads [default: 2].
+    #[arg(long, env = "GOSSAMER_THREADS", value_name = "N")]
+    pub threads: Option<usize>,
     /// Serve the `/v1/debug/partition` fault-injection routes (tests, drills).
     #[arg(long, env = "GOSSAMER_ENABLE_FAULT_INJECTION")]
     pub enable_fault_injection: bool,

@@ -130,7 +130,7 @@ fn run_agent(args: &AgentArgs) -> ExitCode {
     };
     logging::init(config.log_level.as_deref(), config.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(args.threads.unwrap_or(2).clamp(1, 64))
         .enable_all()
         .build()
     {

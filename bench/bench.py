@@ -1,0 +1,477 @@
+#!/usr/bin/env python3
+"""Side-by-side data-plane benchmark (see docs/benchmarks.md).
+
+Paths, all to the same 1 kB response from one nginx upstream:
+  P0 direct     client -> upstream
+  P1 gossamer   client -> agent A (outbound) -> QUIC mTLS -> agent B -> upstream,
+                gossip running, synthetic catalog of 1,000 services / 2,000 instances
+  P2 haproxy    client -> haproxy A -> TLS 1.3 mTLS -> haproxy B -> upstream
+  P3 nginx      client -> nginx A -> TLS mTLS -> nginx B -> upstream
+
+The load generator (oha) runs on core 0; proxies and the upstream on core 1,
+one worker/thread each. Each repetition runs the paths in a shuffled order.
+"""
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+LOAD_CORE = "0"
+PROXY_CORE = "1"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, what, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"{what} did not listen on {port} within {timeout}s")
+
+
+def cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def all_pids(pid):
+    """The process and its children (nginx master + worker)."""
+    pids = [pid]
+    try:
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            pids.extend(all_pids(int(child)))
+    except OSError:
+        pass
+    return pids
+
+
+class Proc:
+    def __init__(self, name, argv, log_dir, env=None):
+        self.name = name
+        log = open(Path(log_dir) / f"{name}.log", "w")
+        self.p = subprocess.Popen(
+            ["taskset", "-c", PROXY_CORE] + argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+
+    def pids(self):
+        return all_pids(self.p.pid)
+
+    def stop(self):
+        self.p.terminate()
+        try:
+            self.p.wait(10)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+
+
+def run(argv, **kw):
+    return subprocess.run(argv, check=True, capture_output=True, text=True, **kw)
+
+
+def http_get(port, path, host=None):
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host or '127.0.0.1'}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.dir = Path(tempfile.mkdtemp(prefix="gossamer-bench-"))
+        # nginx workers run as an unprivileged user and must read the files.
+        self.dir.chmod(0o755)
+        self.procs = []
+        self.paths = {}
+
+    # ---- setup -------------------------------------------------------
+    def pki(self):
+        g = self.args.gossamer
+        run([g, "ca", "init", "--dir", str(self.dir / "ca")])
+        for name in ["ga", "gb", "proxy-a", "proxy-b"]:
+            run([g, "cert", "issue", "--ca-dir", str(self.dir / "ca"), "--name", name, "--out", str(self.dir / "certs")])
+        for name in ["proxy-a", "proxy-b"]:
+            pem = (self.dir / f"certs/{name}.pem").read_text() + (self.dir / f"certs/{name}.key").read_text()
+            (self.dir / f"certs/{name}.bundle").write_text(pem)
+
+    def nginx_conf(self, name, body):
+        prefix = self.dir / name
+        prefix.mkdir(exist_ok=True)
+        conf = prefix / "nginx.conf"
+        conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    keepalive_requests 1000000;
+    {body}
+}}
+""")
+        return ["nginx", "-p", str(prefix), "-c", str(conf)]
+
+    def start(self, name, argv, port, env=None):
+        p = Proc(name, argv, self.dir, env)
+        self.procs.append(p)
+        wait_port(port, name)
+        return p
+
+    def upstream(self):
+        www = self.dir / "www"
+        www.mkdir(mode=0o755)
+        (www / "1k").write_bytes(b"x" * 1024)
+        with open(www / "big", "wb") as f:
+            f.truncate(1 << 30)
+        self.up_port = free_port()
+        argv = self.nginx_conf("upstream", f"server {{ listen 127.0.0.1:{self.up_port}; root {www}; sendfile on; }}")
+        self.upstream_proc = self.start("upstream", argv, self.up_port)
+        self.paths["P0 direct"] = {"port": self.up_port, "host": None, "procs": []}
+
+    def gossamer(self):
+        g = self.args.gossamer
+        ports = {k: free_port() for k in ["qa", "qb", "aa", "ab", "xa", "xb"]}
+        for node, other in [("ga", "a"), ("gb", "b")]:
+            blocks = []
+            for i in range(1000):
+                blocks.append(f'[[service]]\nid = "svc-{i:04}-{other}"\nname = "svc-{i:04}"\nport = {20000 + i}\n')
+            if node == "gb":
+                blocks.append(f'[[service]]\nid = "bench-b"\nname = "bench"\nport = {self.up_port}\n')
+            (self.dir / f"{node}.toml").write_text("\n".join(blocks))
+        common = ["--ca", str(self.dir / "ca/ca.pem"), "--log-level", "warn", "--threads", "1"]
+        b = self.start("agent-b", [g, "agent", "--name", "gb", "--bind", f"127.0.0.1:{ports['qb']}",
+                                   "--admin", f"127.0.0.1:{ports['ab']}", "--proxy", f"127.0.0.1:{ports['xb']}",
+                                   "--cert", str(self.dir / "certs/gb.pem"), "--key", str(self.dir / "certs/gb.key"),
+                                   "--data-dir", str(self.dir / "data-b"), "--config", str(self.dir / "gb.toml")] + common,
+                       ports["ab"])
+        a = self.start("agent-a", [g, "agent", "--name", "ga", "--bind", f"127.0.0.1:{ports['qa']}",
+                                   "--admin", f"127.0.0.1:{ports['aa']}", "--proxy", f"127.0.0.1:{ports['xa']}",
+                                   "--seed", f"127.0.0.1:{ports['qb']}",
+                                   "--cert", str(self.dir / "certs/ga.pem"), "--key", str(self.dir / "certs/ga.key"),
+                                   "--data-dir", str(self.dir / "data-a"), "--config", str(self.dir / "ga.toml")] + common,
+                       ports["aa"])
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                body = http_get(ports["aa"], "/v1/catalog").split(b"\r\n\r\n", 1)[1]
+                services = json.loads(body)["services"]
+                instances = sum(len(v) for v in services.values())
+                if len(services) == 1001 and instances == 2001:
+                    break
+            except (OSError, ValueError, KeyError, IndexError):
+                pass
+            time.sleep(0.5)
+        else:
+            sys.exit("gossamer catalog did not reach 1,001 services on agent A")
+        response = http_get(ports["xa"], "/1k", host="bench")
+        if b"x" * 1024 not in response:
+            sys.exit(f"gossamer path does not serve the 1 kB response: {response[:300]!r}")
+        self.paths["P1 gossamer"] = {"port": ports["xa"], "host": "bench", "procs": [a, b]}
+
+    def haproxy(self):
+        pa, pb = free_port(), free_port()
+        c = self.dir / "certs"
+        common = """
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    option http-keep-alive
+    http-reuse always
+"""
+        (self.dir / "haproxy-b.cfg").write_text(f"""
+global
+    nbthread 1
+    maxconn 8000
+    ssl-default-bind-options ssl-min-ver TLSv1.3
+{common}
+frontend fb
+    bind 127.0.0.1:{pb} ssl crt {c}/proxy-b.bundle ca-file {self.dir}/ca/ca.pem verify required alpn http/1.1
+    default_backend up
+backend up
+    server u 127.0.0.1:{self.up_port}
+""")
+        (self.dir / "haproxy-a.cfg").write_text(f"""
+global
+    nbthread 1
+    maxconn 8000
+    ssl-default-server-options ssl-min-ver TLSv1.3
+{common}
+frontend fa
+    bind 127.0.0.1:{pa}
+    default_backend b
+backend b
+    server b 127.0.0.1:{pb} ssl crt {c}/proxy-a.bundle ca-file {self.dir}/ca/ca.pem verify required verifyhost proxy-b sni str(proxy-b) alpn http/1.1
+""")
+        b = self.start("haproxy-b", ["haproxy", "-db", "-f", str(self.dir / "haproxy-b.cfg")], pb)
+        a = self.start("haproxy-a", ["haproxy", "-db", "-f", str(self.dir / "haproxy-a.cfg")], pa)
+        if b"x" * 1024 not in http_get(pa, "/1k"):
+            sys.exit("haproxy path does not serve the 1 kB response")
+        self.paths["P2 haproxy"] = {"port": pa, "host": None, "procs": [a, b]}
+
+    def nginx(self):
+        pa, pb = free_port(), free_port()
+        c = self.dir / "certs"
+        b = self.start("nginx-b", self.nginx_conf("nginx-b", f"""
+    upstream up {{ server 127.0.0.1:{self.up_port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{pb} ssl;
+        ssl_protocols TLSv1.3;
+        ssl_certificate {c}/proxy-b.pem;
+        ssl_certificate_key {c}/proxy-b.key;
+        ssl_client_certificate {self.dir}/ca/ca.pem;
+        ssl_verify_client on;
+        location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+    }}"""), pb)
+        a = self.start("nginx-a", self.nginx_conf("nginx-a", f"""
+    upstream b {{ server 127.0.0.1:{pb}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{pa};
+        location / {{
+            proxy_pass https://b;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_ssl_protocols TLSv1.3;
+            proxy_ssl_certificate {c}/proxy-a.pem;
+            proxy_ssl_certificate_key {c}/proxy-a.key;
+            proxy_ssl_trusted_certificate {self.dir}/ca/ca.pem;
+            proxy_ssl_verify on;
+            proxy_ssl_name proxy-b;
+            proxy_ssl_server_name on;
+            proxy_ssl_session_reuse on;
+        }}
+    }}"""), pa)
+        if b"x" * 1024 not in http_get(pa, "/1k"):
+            sys.exit("nginx path does not serve the 1 kB response")
+        self.paths["P3 nginx"] = {"port": pa, "host": None, "procs": [a, b]}
+
+    # ---- measurement -------------------------------------------------
+    def oha(self, path, extra, seconds):
+        url = f"http://127.0.0.1:{path['port']}/1k"
+        argv = ["taskset", "-c", LOAD_CORE, self.args.oha, "--no-tui", "--output-format", "json",
+                "-z", f"{seconds}s"] + extra + [url]
+        if path["host"]:
+            argv[4:4] = ["-H", f"Host: {path['host']}"]
+        out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+        return json.loads(out)
+
+    def proxy_pids(self, path):
+        return [pid for p in path["procs"] for pid in p.pids()]
+
+    def measure(self, name):
+        path = self.paths[name]
+        procs = path["procs"]
+        result = {"idle_rss_kib": [sum(rss_kib(pid) for pid in p.pids()) for p in procs]}
+        # Saturation, closed loop, sampling RSS while it runs.
+        peak = [0] * len(procs)
+        stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                for i, p in enumerate(procs):
+                    peak[i] = max(peak[i], sum(rss_kib(pid) for pid in p.pids()))
+                time.sleep(0.25)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        cpu0 = [sum(cpu_seconds(pid) for pid in p.pids()) for p in procs]
+        sat = self.oha(path, ["-c", str(self.args.connections)], self.args.saturation_seconds)
+        cpu1 = [sum(cpu_seconds(pid) for pid in p.pids()) for p in procs]
+        stop.set()
+        sampler.join()
+        ok = sat["statusCodeDistribution"].get("200", 0)
+        result["saturation_rps"] = sat["summary"]["requestsPerSec"]
+        result["saturation_errors"] = sum(sat.get("errorDistribution", {}).values())
+        result["load_rss_kib"] = peak
+        result["cpu_s_per_1000_req"] = [(b - a) / (ok / 1000) if ok else None for a, b in zip(cpu0, cpu1)]
+        result["rates"] = {}
+        for rate in self.args.rates:
+            cpu0 = [sum(cpu_seconds(pid) for pid in p.pids()) for p in procs]
+            t0 = time.time()
+            r = self.oha(path, ["-q", str(rate), "-c", "32", "--latency-correction"], self.args.latency_seconds)
+            elapsed = time.time() - t0
+            cpu1 = [sum(cpu_seconds(pid) for pid in p.pids()) for p in procs]
+            lat = r["latencyPercentiles"]
+            result["rates"][str(rate)] = {
+                "p50_ms": lat["p50"] * 1000,
+                "p90_ms": lat["p90"] * 1000,
+                "p99_ms": lat["p99"] * 1000,
+                "achieved_rps": r["summary"]["requestsPerSec"],
+                "vcpu": [(b - a) / elapsed for a, b in zip(cpu0, cpu1)],
+            }
+        return result
+
+    def transfer(self, name):
+        path = self.paths[name]
+        argv = ["taskset", "-c", LOAD_CORE, "curl", "-s", "-o", "/dev/null", "-w", "%{time_total} %{size_download}",
+                f"http://127.0.0.1:{path['port']}/big"]
+        if path["host"]:
+            argv[4:4] = ["-H", f"Host: {path['host']}"]
+        out = run(argv).stdout.split()
+        return {"seconds": float(out[0]), "bytes": int(out[1])}
+
+    def go(self):
+        results = {name: [] for name in ["P0 direct", "P1 gossamer", "P2 haproxy", "P3 nginx"]}
+        transfers = {}
+        try:
+            self.pki()
+            self.upstream()
+            self.gossamer()
+            self.haproxy()
+            self.nginx()
+            rng = random.Random(self.args.seed)
+            for rep in range(self.args.repetitions):
+                order = list(results)
+                rng.shuffle(order)
+                for name in order:
+                    print(f"[rep {rep + 1}/{self.args.repetitions}] {name}", file=sys.stderr, flush=True)
+                    results[name].append(self.measure(name))
+            for name in ["P0 direct", "P1 gossamer"]:
+                transfers[name] = self.transfer(name)
+                print(f"1 GiB via {name}: {transfers[name]}", file=sys.stderr)
+        finally:
+            for p in reversed(self.procs):
+                p.stop()
+        return {"machine": machine(), "args": {k: v for k, v in vars(self.args).items() if k not in ("gossamer", "oha", "out")},
+                "runs": results, "transfer_1gib": transfers}
+
+
+def machine():
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), "unknown")
+    mem = next((l.split()[1] for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")), "0")
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(int(mem) / 1024 / 1024, 1),
+            "kernel": os.uname().release,
+            "haproxy": run(["haproxy", "-v"]).stdout.splitlines()[0],
+            "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()}
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(data, out):
+    runs = data["runs"]
+    direct = runs["P0 direct"]
+    rates = [str(r) for r in data["args"]["rates"]]
+    lines = ["| path | saturation req/s | vs direct | " +
+             " | ".join(f"added p50/p90/p99 ms @ {r}/s" for r in rates) +
+             " | CPU s per 1,000 req (A, B) | vCPU @ 1,000/s (A, B) | RSS idle MB (A, B) | RSS load MB (A, B) |",
+             "|---" * (7 + len(rates)) + "|"]
+    d_rps = med([r["saturation_rps"] for r in direct])
+    for name, rs in runs.items():
+        rps = med([r["saturation_rps"] for r in rs])
+        cells = [name, f"{rps:,.0f}", f"{rps / d_rps:.2f}"]
+        for rate in rates:
+            added = []
+            for q in ["p50_ms", "p90_ms", "p99_ms"]:
+                if name == "P0 direct":
+                    added.append(f"{med([r['rates'][rate][q] for r in rs]):.3f} (abs)")
+                else:
+                    deltas = [r["rates"][rate][q] - d["rates"][rate][q] for r, d in zip(rs, direct)]
+                    added.append(f"{med(deltas):+.3f}")
+            cells.append(" / ".join(added))
+        n = len(rs[0]["idle_rss_kib"])
+        if n:
+            cpu = [med([r["cpu_s_per_1000_req"][i] for r in rs]) for i in range(n)]
+            vcpu = [med([r["rates"].get("1000", {}).get("vcpu", [None] * n)[i] for r in rs]) for i in range(n)]
+            idle = [med([r["idle_rss_kib"][i] for r in rs]) / 1024 for i in range(n)]
+            load = [med([r["load_rss_kib"][i] for r in rs]) / 1024 for i in range(n)]
+            cells += [", ".join(f"{c:.3f}" for c in cpu), ", ".join(f"{c:.3f}" for c in vcpu),
+                      ", ".join(f"{c:.1f}" for c in idle), ", ".join(f"{c:.1f}" for c in load)]
+        else:
+            cells += ["-", "-", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for name, t in data["transfer_1gib"].items():
+        lines.append(f"\n1 GiB transfer via {name}: {t['seconds']:.2f} s ({t['bytes'] / t['seconds'] / 1e6:,.0f} MB/s)")
+    table = "\n".join(lines)
+    (out / "summary.md").write_text(table + "\n")
+    print(table)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+        names = [n for n in runs if n != "P0 direct"]
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            ys = [med([r["rates"][rate]["p99_ms"] - d["rates"][rate]["p99_ms"] for r, d in zip(runs[name], direct)])
+                  for rate in rates]
+            ax1.bar([j + i * width for j in range(len(rates))], ys, width, label=name)
+        ax1.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(rates))], [f"{r}/s" for r in rates])
+        ax1.set_ylabel("added p99 latency (ms)")
+        ax1.set_title("Added p99 latency vs direct (lower is better)")
+        ax1.legend()
+        all_names = list(runs)
+        ax2.bar(all_names, [med([r["saturation_rps"] for r in runs[n]]) for n in all_names])
+        ax2.set_ylabel("requests/s")
+        ax2.set_title("Saturation throughput (higher is better)")
+        fig.tight_layout()
+        fig.savefig(out / "bench.png", dpi=100)
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gossamer", required=True)
+    ap.add_argument("--oha", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--repetitions", type=int, default=3)
+    ap.add_argument("--rates", type=int, nargs="+", default=[200, 1000, 2000])
+    ap.add_argument("--saturation-seconds", type=int, default=10)
+    ap.add_argument("--latency-seconds", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="1 repetition, 5 s phases")
+    args = ap.parse_args()
+    if args.quick:
+        args.repetitions, args.saturation_seconds, args.latency_seconds = 1, 5, 5
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Bench(args).go()
+    (out / "results.json").write_text(json.dumps(data, indent=2))
+    summarize(data, out)
+
+
+if __name__ == "__main__":
+    main()
