@@ -62,6 +62,15 @@ pub enum Inbound {
     },
 }
 
+/// The queues a transport delivers into.
+#[derive(Debug)]
+pub struct Receivers {
+    /// Datagrams ([`Inbound::Datagram`]).
+    pub datagrams: mpsc::Receiver<Inbound>,
+    /// Bidirectional streams ([`Inbound::Stream`]).
+    pub streams: mpsc::Receiver<Inbound>,
+}
+
 /// Why a connection or stream could not be had.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -127,6 +136,7 @@ struct Inner {
     /// Every open connection (duplicates included), for UDP byte counts.
     live: Mutex<HashMap<usize, Connection>>,
     inbound: mpsc::Sender<Inbound>,
+    streams: mpsc::Sender<Inbound>,
     blocked: RwLock<HashSet<String>>,
     stats: Stats,
 }
@@ -146,12 +156,14 @@ impl std::fmt::Debug for Transport {
 
 impl Transport {
     /// Starts the endpoint on an already bound UDP socket. Returns the
-    /// transport and the queue of what peers send.
+    /// transport and the queues of what peers send: datagrams (for the
+    /// membership task) and streams (for whoever serves them), kept apart so
+    /// a busy stream consumer never delays SWIM and the other way round.
     pub fn bind(
         identity: MeshIdentity,
         config: TransportConfig,
         socket: std::net::UdpSocket,
-    ) -> Result<(Self, mpsc::Receiver<Inbound>), TransportError> {
+    ) -> Result<(Self, Receivers), TransportError> {
         let tls_err = |e: rustls::Error| TransportError::Tls(e.to_string());
         let mut transport = quinn::TransportConfig::default();
         transport
@@ -192,6 +204,7 @@ impl Transport {
         endpoint.set_default_client_config(client);
 
         let (tx, rx) = mpsc::channel(config.inbound_queue);
+        let (streams_tx, streams_rx) = mpsc::channel(config.inbound_queue);
         let inner = Arc::new(Inner {
             endpoint,
             identity,
@@ -199,12 +212,19 @@ impl Transport {
             peers: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
             inbound: tx,
+            streams: streams_tx,
             blocked: RwLock::new(HashSet::new()),
             stats: Stats::default(),
         });
         let this = Self(inner);
         tokio::spawn(this.clone().accept_loop());
-        Ok((this, rx))
+        Ok((
+            this,
+            Receivers {
+                datagrams: rx,
+                streams: streams_rx,
+            },
+        ))
     }
 
     /// The bound UDP address.
@@ -595,7 +615,11 @@ impl Transport {
             Stats::add(&self.0.stats.datagrams_in, 1);
             Stats::add(&self.0.stats.bytes_in, data.len() as u64);
         }
-        if self.0.inbound.try_send(inbound).is_err() {
+        let queue = match &inbound {
+            Inbound::Datagram { .. } => &self.0.inbound,
+            Inbound::Stream { .. } => &self.0.streams,
+        };
+        if queue.try_send(inbound).is_err() {
             Stats::add(&self.0.stats.inbound_dropped, 1);
         }
     }

@@ -21,7 +21,7 @@ pub mod pki;
 pub mod stats;
 pub mod tls;
 
-pub use crate::endpoint::{Inbound, Transport, TransportConfig, TransportError};
+pub use crate::endpoint::{Inbound, Receivers, Transport, TransportConfig, TransportError};
 pub use crate::pki::{MeshIdentity, PkiError};
 pub use crate::stats::Stats;
 pub use quinn::{RecvStream, SendStream};

@@ -19,9 +19,10 @@ fn identity(dir: &std::path::Path, ca: &PemPair, name: &str) -> MeshIdentity {
     MeshIdentity::load(&ca_p, &cert_p, &key_p, Some(name)).unwrap()
 }
 
-fn start(id: MeshIdentity) -> (Transport, Receiver<Inbound>) {
+fn start(id: MeshIdentity) -> (Transport, Receiver<Inbound>, Receiver<Inbound>) {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    Transport::bind(id, TransportConfig::default(), socket).unwrap()
+    let (t, r) = Transport::bind(id, TransportConfig::default(), socket).unwrap();
+    (t, r.datagrams, r.streams)
 }
 
 async fn next_datagram(rx: &mut Receiver<Inbound>) -> (String, Bytes) {
@@ -42,8 +43,8 @@ async fn next_datagram(rx: &mut Receiver<Inbound>) -> (String, Bytes) {
 async fn datagrams_streams_and_identity() {
     let dir = tempfile::tempdir().unwrap();
     let ca = pki::generate_ca("test.mesh").unwrap();
-    let (a, mut a_rx) = start(identity(dir.path(), &ca, "a"));
-    let (b, mut b_rx) = start(identity(dir.path(), &ca, "b"));
+    let (a, mut a_rx, _a_streams) = start(identity(dir.path(), &ca, "a"));
+    let (b, mut b_rx, mut b_streams) = start(identity(dir.path(), &ca, "b"));
     let b_addr = b.local_addr().unwrap();
 
     // A seed dial learns the peer's name from its certificate.
@@ -93,7 +94,7 @@ async fn datagrams_streams_and_identity() {
     // Oversized frames are refused before allocation.
     let (mut send2, _recv2) = a.open_bi("b", b_addr).await.unwrap();
     write_frame(&mut send2, &[0u8; 2048]).await.unwrap();
-    let Some(Inbound::Stream { recv: mut br2, .. }) = b_rx.recv().await else {
+    let Some(Inbound::Stream { recv: mut br2, .. }) = b_streams.recv().await else {
         panic!("expected a stream");
     };
     assert!(read_frame(&mut br2, 1024).await.is_err());
@@ -126,8 +127,8 @@ async fn foreign_ca_is_refused_both_ways() {
     let dir = tempfile::tempdir().unwrap();
     let ca = pki::generate_ca("test.mesh").unwrap();
     let rogue_ca = pki::generate_ca("test.mesh").unwrap();
-    let (a, mut a_rx) = start(identity(dir.path(), &ca, "a"));
-    let (rogue, _rx) = start(identity(dir.path(), &rogue_ca, "r"));
+    let (a, mut a_rx, _a_streams) = start(identity(dir.path(), &ca, "a"));
+    let (rogue, _rx, _rogue_streams) = start(identity(dir.path(), &rogue_ca, "r"));
     let a_addr = a.local_addr().unwrap();
 
     assert!(rogue.connect_seed(a_addr).await.is_err());

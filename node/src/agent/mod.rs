@@ -144,20 +144,18 @@ pub async fn run(
         members: saved.members.clone(),
     })?;
 
-    let (transport, inbound) = Transport::bind(identity, TransportConfig::default(), sockets.udp)?;
+    let (transport, queues) = Transport::bind(identity, TransportConfig::default(), sockets.udp)?;
     let local = NodeId::new(name.clone(), advertise, generation)
         .expect("the certificate name was validated");
     let core = Membership::new(local, &config.swim, rand::random())?;
 
     let counters = Arc::new(Counters::default());
     let (command_tx, command_rx) = mpsc::channel(256);
-    let (stream_tx, stream_rx) = mpsc::channel(256);
     let (mut task, snapshot) = swim::SwimTask::new(
         core,
         transport.clone(),
-        inbound,
+        queues.datagrams,
         command_rx,
-        stream_tx,
         counters.clone(),
         store.clone(),
     );
@@ -186,7 +184,11 @@ pub async fn run(
         snapshot.clone(),
         proxy_metrics,
     );
-    tokio::spawn(dispatch_streams(stream_rx, catalog.clone(), proxy.clone()));
+    tokio::spawn(dispatch_streams(
+        queues.streams,
+        catalog.clone(),
+        proxy.clone(),
+    ));
 
     let saved_members: Vec<NodeId> = saved
         .members

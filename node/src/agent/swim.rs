@@ -70,7 +70,6 @@ pub struct SwimTask {
     transport: Transport,
     inbound: mpsc::Receiver<Inbound>,
     commands: mpsc::Receiver<Command>,
-    streams: mpsc::Sender<Inbound>,
     catalog: Option<mpsc::Sender<crate::catalog::Input>>,
     epoch: Instant,
     snapshot: watch::Sender<Arc<Snapshot>>,
@@ -91,13 +90,11 @@ impl std::fmt::Debug for SwimTask {
 
 impl SwimTask {
     /// Wires the task; run it with [`SwimTask::run`].
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         core: Membership,
         transport: Transport,
         inbound: mpsc::Receiver<Inbound>,
         commands: mpsc::Receiver<Command>,
-        streams: mpsc::Sender<Inbound>,
         counters: Arc<Counters>,
         store: Store,
     ) -> (Self, watch::Receiver<Arc<Snapshot>>) {
@@ -116,7 +113,6 @@ impl SwimTask {
             transport,
             inbound,
             commands,
-            streams,
             catalog: None,
             epoch: now,
             snapshot,
@@ -211,10 +207,8 @@ impl SwimTask {
                     debug!(peer = %from, len = data.len(), error = %e, "datagram dropped");
                 }
             }
-            stream @ Inbound::Stream { .. } => {
-                if self.streams.try_send(stream).is_err() {
-                    debug!("stream dropped: stream handler busy");
-                }
+            Inbound::Stream { .. } => {
+                // The transport delivers streams on their own queue.
             }
         }
     }
