@@ -74,7 +74,7 @@ async fn datagrams_streams_and_identity() {
         from,
         send: mut bs,
         recv: mut br,
-    }) = b_rx.recv().await
+    }) = b_streams.recv().await
     else {
         panic!("expected a stream");
     };
