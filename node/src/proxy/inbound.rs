@@ -111,7 +111,6 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
         (body::from_quic(recv, counter), None)
     };
     let call = proxy.call_upstream(
-        &head.service,
         &instance.address,
         instance.port,
         parts,
@@ -181,12 +180,10 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
 }
 
 impl Proxy {
-    /// Sends a request to a local instance and returns its response as is
-    /// (the upgrade, if any, still pending on it).
-    #[allow(clippy::too_many_arguments)]
-    async fn call_upstream(
+    /// Sends a request to a local instance with the pooled client and
+    /// returns its response as is (the upgrade, if any, still pending on it).
+    pub(super) async fn call_upstream(
         &self,
-        _service: &str,
         address: &str,
         port: u16,
         parts: &http::request::Parts,

@@ -347,36 +347,17 @@ impl Proxy {
         on_upgrade: Option<OnUpgrade>,
         connect_timeout: Duration,
     ) -> Result<Response<ProxyBody>, AttemptError> {
-        let h2 = parts.version == Version::HTTP_2;
-        let host = if address.contains(':') {
-            format!("[{address}]")
-        } else {
-            address.to_owned()
-        };
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut req = Request::builder()
-            .method(parts.method.clone())
-            .uri(format!("http://{host}:{port}{path}"))
-            .version(if h2 {
-                Version::HTTP_2
-            } else {
-                Version::HTTP_11
-            })
-            .body(body)
-            .map_err(|e| AttemptError::Connect(e.to_string()))?;
-        *req.headers_mut() =
-            wire::headers_from_wire(&wire::headers_to_wire(&parts.headers, on_upgrade.is_some()));
-        if h2 {
-            req.headers_mut().remove(http::header::HOST);
-        }
-        let client = self.client(connect_timeout, h2);
-        let mut response = client.request(req).await.map_err(|e| {
-            if e.is_connect() {
-                AttemptError::Connect(format!("{host}:{port}: {e}"))
-            } else {
-                AttemptError::NoResponse(format!("{host}:{port}: {e}"))
-            }
-        })?;
+        let upgrade = on_upgrade.is_some();
+        let mut response = self
+            .call_upstream(address, port, parts, body, upgrade, connect_timeout)
+            .await
+            .map_err(|e| {
+                if e.is_connect() {
+                    AttemptError::Connect(format!("{address}:{port}: {e}"))
+                } else {
+                    AttemptError::NoResponse(format!("{address}:{port}: {e}"))
+                }
+            })?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_side) = on_upgrade
         {
