@@ -53,9 +53,48 @@ impl fmt::Display for NodeId {
     }
 }
 
+/// foca's conflict key for a [`NodeId`]: its name, held inline.
+///
+/// foca compares the keys of every known member on each update it applies,
+/// so the key must be cheap to produce: a copy of at most
+/// [`MAX_NAME_LEN`] bytes, with no allocation. Every name that enters a
+/// `NodeId` through [`NodeId::new`] or the wire codec is validated, so it
+/// fits; a longer one (only possible by writing the public field directly)
+/// is keyed by its first `MAX_NAME_LEN` bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NameKey {
+    len: u8,
+    bytes: [u8; MAX_NAME_LEN],
+}
+
+impl NameKey {
+    /// The key of `name`.
+    pub fn new(name: &str) -> Self {
+        let name = name.as_bytes();
+        let len = name.len().min(MAX_NAME_LEN);
+        let mut bytes = [0; MAX_NAME_LEN];
+        bytes[..len].copy_from_slice(&name[..len]);
+        Self {
+            len: len as u8,
+            bytes,
+        }
+    }
+
+    /// The name (the bytes are ASCII, as validated).
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("")
+    }
+}
+
+impl fmt::Debug for NameKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
 impl foca::Identity for NodeId {
     // Conflicts are by name: one name is one node, whatever its address.
-    type Addr = String;
+    type Addr = NameKey;
 
     fn renew(&self) -> Option<Self> {
         Some(Self {
@@ -64,8 +103,8 @@ impl foca::Identity for NodeId {
         })
     }
 
-    fn addr(&self) -> String {
-        self.name.clone()
+    fn addr(&self) -> NameKey {
+        NameKey::new(&self.name)
     }
 
     fn win_addr_conflict(&self, adversary: &Self) -> bool {
@@ -131,5 +170,17 @@ mod tests {
         assert_eq!(renewed.addr(), id.addr());
         assert!(renewed.win_addr_conflict(&id));
         assert!(!id.win_addr_conflict(&renewed));
+    }
+
+    #[test]
+    fn name_keys() {
+        let a = NodeId::new("n1", "127.0.0.1:1".parse().unwrap(), 1).unwrap();
+        let b = NodeId::new("n1", "127.0.0.2:2".parse().unwrap(), 2).unwrap();
+        let c = NodeId::new("n10", "127.0.0.1:1".parse().unwrap(), 1).unwrap();
+        assert_eq!(a.addr(), b.addr());
+        assert_ne!(a.addr(), c.addr());
+        assert_eq!(c.addr().as_str(), "n10");
+        let long = "a".repeat(MAX_NAME_LEN);
+        assert_eq!(NameKey::new(&long).as_str(), long);
     }
 }

@@ -27,4 +27,4 @@ pub mod identity;
 
 pub use crate::config::SwimConfig;
 pub use crate::core::{Event, MemberState, MemberView, Membership, MembershipError, Transmit};
-pub use crate::identity::NodeId;
+pub use crate::identity::{NameKey, NodeId};

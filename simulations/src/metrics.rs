@@ -42,12 +42,15 @@ pub struct Counters {
     /// missed the leave notice).
     pub downs_after_leave: u64,
     /// Suspicions (each member, generation and incarnation once, when first
-    /// sent) of a node that was running that generation.
+    /// sent) of a node that was running that generation, partitions aside.
     pub false_suspicions: u64,
     /// Those whose subject is a slow node.
     pub false_suspicions_of_slow: u64,
     /// Suspicions of processes that were really gone.
     pub true_suspicions: u64,
+    /// Suspicions of an identity that lived through a partition, during
+    /// the split or shortly after (as for `partition_downs`).
+    pub partition_suspicions: u64,
     /// Nodes that renewed their identity (they learned they were declared
     /// down, or were told so).
     pub rejoins: u64,
@@ -90,6 +93,7 @@ impl Counters {
             false_suspicions_of_slow: self.false_suspicions_of_slow
                 - earlier.false_suspicions_of_slow,
             true_suspicions: self.true_suspicions - earlier.true_suspicions,
+            partition_suspicions: self.partition_suspicions - earlier.partition_suspicions,
             rejoins: self.rejoins - earlier.rejoins,
             rejoins_without_down: self.rejoins_without_down - earlier.rejoins_without_down,
             starts: self.starts - earlier.starts,

@@ -297,21 +297,36 @@ pub fn detection_chart(report: &Report) -> Chart {
     }
 }
 
-/// False downs against loss.
+/// Failure-detector mistakes against loss.
 pub fn sweep_chart(report: &Report) -> Chart {
-    let points = report
-        .runs
-        .iter()
-        .map(|r| (r.loss * 100.0, r.failures.false_downs_per_node_hour))
+    let per_hour = |r: &RunReport, n: u64| {
+        if r.failures.node_hours > 0.0 {
+            n as f64 / r.failures.node_hours
+        } else {
+            0.0
+        }
+    };
+    let counts: [(&str, fn(&RunReport) -> u64); 3] = [
+        ("false downs", |r| r.failures.false_downs),
+        ("false suspicions", |r| r.failures.false_suspicions),
+        ("identity renewals", |r| r.failures.rejoins),
+    ];
+    let series = counts
+        .into_iter()
+        .map(|(name, count)| Series {
+            name: name.into(),
+            points: report
+                .runs
+                .iter()
+                .map(|r| (r.loss * 100.0, per_hour(r, count(r))))
+                .collect(),
+        })
         .collect();
     Chart {
-        title: title(report, "False downs"),
+        title: title(report, "Failure detector vs loss"),
         x_label: "datagram loss (%)".into(),
-        y_label: "false downs per node-hour".into(),
-        series: vec![Series {
-            name: "false downs".into(),
-            points,
-        }],
+        y_label: "per node-hour".into(),
+        series,
         markers: Vec::new(),
         x_range: None,
         y_range: None,

@@ -176,7 +176,8 @@ pub struct Failures {
     pub false_downs_per_node_hour: f64,
     /// `down` events between partitioned nodes (expected).
     pub partition_downs: u64,
-    /// Suspicions of running nodes (each suspected incarnation once).
+    /// Suspicions of running nodes (each suspected incarnation once),
+    /// partitions aside.
     pub false_suspicions: u64,
     /// Those whose subject was a slow node.
     pub false_suspicions_of_slow_nodes: u64,
@@ -184,6 +185,8 @@ pub struct Failures {
     pub false_suspicions_per_node_hour: f64,
     /// Suspicions of processes that were gone.
     pub true_suspicions: u64,
+    /// Suspicions caused by a partition (not counted as false).
+    pub partition_suspicions: u64,
     /// `down` events about nodes that were really gone.
     pub true_downs: u64,
     /// `left` events seen by observers.
@@ -335,7 +338,8 @@ pub struct Phases {
     pub phase_start: Duration,
     /// What convergence is measured from.
     pub reference: (String, Duration),
-    /// Just before the scenario's disturbance began, if it has one.
+    /// When the scenario's disturbance began, if it has one (the baseline
+    /// is the last sample before it).
     pub disturbed_at: Option<Duration>,
     /// Instants to mark on plots.
     pub markers: Vec<(Duration, String)>,
@@ -398,7 +402,7 @@ impl RunReport {
             samples
                 .iter()
                 .rev()
-                .find(|s| s.at <= at)
+                .find(|s| s.at < at)
                 .map(|s| s.membership_mismatch)
         });
         let back_to_before = wrong_pairs_before.and_then(|before| {
@@ -546,6 +550,7 @@ impl RunReport {
                 0.0
             },
             true_suspicions: phase.true_suspicions,
+            partition_suspicions: phase.partition_suspicions,
             true_downs: phase.true_downs,
             left_events: phase.lefts,
             downs_after_leave: phase.downs_after_leave,
@@ -821,6 +826,13 @@ impl RunReport {
             "downs: of gone identities / from partition",
             format!("{} / {}", f.true_downs, f.partition_downs),
         );
+        if f.partition_suspicions > 0 {
+            row(
+                out,
+                "suspicions from partition",
+                f.partition_suspicions.to_string(),
+            );
+        }
         if f.leaves > 0 {
             row(
                 out,

@@ -628,6 +628,10 @@ impl Sim {
                 continue;
             }
             if self.views.truth(y) == gen_of(id.generation) {
+                if self.lived_through_split(y) {
+                    self.counters.partition_suspicions += 1;
+                    continue;
+                }
                 self.counters.false_suspicions += 1;
                 if self.nodes[y].slow {
                     self.counters.false_suspicions_of_slow += 1;
@@ -729,15 +733,7 @@ impl Sim {
             return;
         }
         self.nodes[y].declared_down = true;
-        // A verdict about an identity that lived through a partition is the
-        // partition's doing, as long as such verdicts can still be arriving.
-        let s = &self.config.swim;
-        let window = (s.probe_period + s.probe_rtt + s.suspect_to_down_after) * 3;
-        let from_split = self
-            .net
-            .split_within(self.now, window)
-            .is_some_and(|healed| self.nodes[y].generation_since < healed);
-        if from_split {
+        if self.lived_through_split(y) {
             self.counters.partition_downs += 1;
         } else {
             self.counters.false_downs += 1;
@@ -745,6 +741,18 @@ impl Sim {
                 self.counters.false_downs_of_slow += 1;
             }
         }
+    }
+
+    /// Whether `y`'s running identity lived through a partition that is in
+    /// force or healed recently: verdicts about it are then the partition's
+    /// doing, as long as such verdicts can still be arriving (three
+    /// suspicion windows after the heal).
+    fn lived_through_split(&self, y: usize) -> bool {
+        let s = &self.config.swim;
+        let window = (s.probe_period + s.probe_rtt + s.suspect_to_down_after) * 3;
+        self.net
+            .split_within(self.now, window)
+            .is_some_and(|healed| self.nodes[y].generation_since < healed)
     }
 
     fn start(&mut self, x: usize) {
