@@ -25,8 +25,16 @@ pub struct SwimConfig {
     /// How long a down member is remembered before it is forgotten.
     #[serde(with = "crate::duration")]
     pub remove_down_after: Duration,
-    /// How many times each update is piggybacked.
+    /// The least number of times each update is sent on; in clusters of
+    /// 100 nodes and more the count grows with the size, see
+    /// [`SwimConfig::transmissions_for`].
     pub max_transmissions: u8,
+    /// Transmissions per decimal digit of the cluster size: each update is
+    /// sent on `max(max_transmissions, retransmit_mult × ⌈log10(n + 1)⌉)`
+    /// times. A node misses an update with probability about e^-T when
+    /// every holder sends it T times, so T must grow like log n for a whole
+    /// cluster of n² (observer, member) pairs to stay right.
+    pub retransmit_mult: u8,
     /// The largest SWIM datagram this node builds.
     pub max_packet_size: usize,
     /// How often updates are pushed to `gossip_fanout` random members.
@@ -54,6 +62,7 @@ impl Default for SwimConfig {
             suspect_to_down_after: Duration::from_secs(4),
             remove_down_after: Duration::from_secs(6 * 3600),
             max_transmissions: 10,
+            retransmit_mult: 4,
             max_packet_size: 1100,
             gossip_interval: Duration::from_millis(200),
             gossip_fanout: 3,
@@ -111,7 +120,26 @@ impl SwimConfig {
         Ok(())
     }
 
-    /// The equivalent foca configuration.
+    /// How many times each update is sent on in a cluster of `nodes`
+    /// (counting this one).
+    pub fn transmissions_for(&self, nodes: usize) -> u8 {
+        let digits = (nodes.saturating_add(1) as f64).log10().ceil() as u32;
+        let scaled = u32::from(self.retransmit_mult).saturating_mul(digits);
+        u8::try_from(scaled)
+            .unwrap_or(u8::MAX)
+            .max(self.max_transmissions)
+    }
+
+    /// The equivalent foca configuration for a cluster of `nodes` (see
+    /// [`SwimConfig::transmissions_for`]).
+    pub fn to_foca_for(&self, nodes: usize) -> Result<foca::Config, InvalidSwimConfig> {
+        let mut config = self.to_foca()?;
+        config.max_transmissions =
+            NonZeroU8::new(self.transmissions_for(nodes)).expect("validated");
+        Ok(config)
+    }
+
+    /// The equivalent foca configuration (with `max_transmissions` as is).
     pub fn to_foca(&self) -> Result<foca::Config, InvalidSwimConfig> {
         self.validate()?;
         let nz = |n: usize| NonZeroUsize::new(n).expect("validated");
@@ -147,6 +175,23 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         SwimConfig::default().to_foca().unwrap();
+    }
+
+    #[test]
+    fn transmissions_grow_with_log_n() {
+        let c = SwimConfig::default();
+        assert_eq!(c.transmissions_for(1), 10);
+        assert_eq!(c.transmissions_for(98), 10);
+        assert_eq!(c.transmissions_for(100), 12);
+        assert_eq!(c.transmissions_for(999), 12);
+        assert_eq!(c.transmissions_for(1_000), 16);
+        assert_eq!(c.transmissions_for(10_000), 20);
+        assert_eq!(c.to_foca_for(10_000).unwrap().max_transmissions.get(), 20);
+        let off = SwimConfig {
+            retransmit_mult: 0,
+            ..c
+        };
+        assert_eq!(off.transmissions_for(10_000), 10);
     }
 
     #[test]

@@ -136,6 +136,9 @@ pub struct Membership {
     events: VecDeque<Event>,
     left: bool,
     incarnation: u16,
+    config: SwimConfig,
+    /// The `max_transmissions` foca runs with now.
+    transmissions: u8,
 }
 
 impl std::fmt::Debug for Membership {
@@ -151,9 +154,11 @@ impl Membership {
     /// A core for `identity`, with randomness from `seed`.
     pub fn new(identity: NodeId, config: &SwimConfig, seed: u64) -> Result<Self, MembershipError> {
         let gossip = GossipHandler::new(identity.name.clone());
+        let foca_config = config.to_foca_for(1)?;
+        let transmissions = foca_config.max_transmissions.get();
         let swim = Foca::with_custom_broadcast(
             identity,
-            config.to_foca()?,
+            foca_config,
             StdRng::seed_from_u64(seed),
             WireCodec,
             gossip.clone(),
@@ -169,6 +174,8 @@ impl Membership {
             events: VecDeque::new(),
             left: false,
             incarnation: 0,
+            config: config.clone(),
+            transmissions,
         })
     }
 
@@ -358,6 +365,7 @@ impl Membership {
             };
             self.events.push_back(event);
         }
+        self.scale_transmissions();
         let notices: Vec<CatalogNotice> = self.gossip.state().notices.drain(..).collect();
         for n in notices {
             self.events.push_back(Event::CatalogNotice {
@@ -365,6 +373,29 @@ impl Membership {
                 version: n.version,
             });
         }
+    }
+}
+
+impl Membership {
+    /// Keeps the number of transmissions per update in step with the
+    /// cluster's size (see [`SwimConfig::transmissions_for`]).
+    fn scale_transmissions(&mut self) {
+        let want = self.config.transmissions_for(self.swim.num_members() + 1);
+        if want == self.transmissions {
+            return;
+        }
+        // Only max_transmissions differs from the running configuration,
+        // which foca accepts at any time.
+        if let Ok(config) = self.config.to_foca_for(self.swim.num_members() + 1)
+            && self.swim.set_config(config).is_ok()
+        {
+            self.transmissions = want;
+        }
+    }
+
+    /// How many times each update is currently sent on.
+    pub fn transmissions(&self) -> u8 {
+        self.transmissions
     }
 }
 
@@ -384,12 +415,15 @@ mod tests {
 
     impl Net {
         fn new(n: usize) -> Self {
-            let config = SwimConfig::default();
+            Self::with_config(n, &SwimConfig::default())
+        }
+
+        fn with_config(n: usize, config: &SwimConfig) -> Self {
             let nodes = (0..n)
                 .map(|i| {
                     let id = NodeId::new(format!("n{i}"), ([10, 0, 0, i as u8], 7946).into(), 1)
                         .unwrap();
-                    Some(Membership::new(id, &config, i as u64).unwrap())
+                    Some(Membership::new(id, config, i as u64).unwrap())
                 })
                 .collect();
             Self {
@@ -453,7 +487,11 @@ mod tests {
     }
 
     fn joined(n: usize) -> Net {
-        let mut net = Net::new(n);
+        join(Net::new(n))
+    }
+
+    fn join(mut net: Net) -> Net {
+        let n = net.nodes.len();
         let seed = net.id(0);
         for i in 1..n {
             let now = net.now;
@@ -476,6 +514,37 @@ mod tests {
             assert_eq!(view.len(), 4, "node {i} sees {view:?}");
             assert!(view.iter().all(|(_, s)| *s == MemberState::Alive));
         }
+    }
+
+    #[test]
+    fn transmissions_follow_cluster_size() {
+        let config = SwimConfig {
+            max_transmissions: 2,
+            retransmit_mult: 3,
+            ..SwimConfig::default()
+        };
+        let lone = Membership::new(
+            NodeId::new("a", ([10, 0, 0, 1], 1).into(), 1).unwrap(),
+            &config,
+            1,
+        )
+        .unwrap();
+        assert_eq!(lone.transmissions(), 3);
+        // 12 nodes: two digits.
+        let mut net = join(Net::with_config(12, &config));
+        for i in 0..12 {
+            assert_eq!(
+                net.nodes[i].as_ref().unwrap().transmissions(),
+                6,
+                "node {i}"
+            );
+        }
+        // Down to 9 live members: back to one digit.
+        for i in 9..12 {
+            net.nodes[i] = None;
+        }
+        net.run_for(Duration::from_secs(15));
+        assert_eq!(net.nodes[0].as_ref().unwrap().transmissions(), 3);
     }
 
     #[test]

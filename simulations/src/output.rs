@@ -306,7 +306,8 @@ pub fn sweep_chart(report: &Report) -> Chart {
             0.0
         }
     };
-    let counts: [(&str, fn(&RunReport) -> u64); 3] = [
+    type Count = fn(&RunReport) -> u64;
+    let counts: [(&str, Count); 3] = [
         ("false downs", |r| r.failures.false_downs),
         ("false suspicions", |r| r.failures.false_suspicions),
         ("identity renewals", |r| r.failures.rejoins),

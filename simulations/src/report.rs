@@ -666,14 +666,15 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "SWIM: probe every {:?} (rtt {:?}, {} indirect), suspect->down {:?}, gossip every {:?} to {}, {} transmissions, {} B packets",
+            "SWIM: probe every {:?} (rtt {:?}, {} indirect), suspect->down {:?}, gossip every {:?} to {}, {} transmissions per update at {} nodes, {} B packets",
             s.probe_period,
             s.probe_rtt,
             s.indirect_probes,
             s.suspect_to_down_after,
             s.gossip_interval,
             s.gossip_fanout,
-            s.max_transmissions,
+            s.transmissions_for(p.nodes),
+            p.nodes,
             s.max_packet_size
         );
         if self.runs.len() > 1 {
