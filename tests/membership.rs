@@ -50,6 +50,21 @@ fn five_agents_join_detect_crash_and_leave() -> Result<()> {
         assert_eq!(a.get("/ready")?.0, 200, "{} ready", a.name);
         assert_eq!(a.get("/health")?.0, 200);
     }
+    // Every agent that joined swapped member lists with a peer over QUIC
+    // right after (push-pull sync); none failed.
+    let synced = r#"gossamer_member_syncs_total{result="ok"}"#;
+    let failed = r#"gossamer_member_syncs_total{result="error"}"#;
+    for a in &agents[1..] {
+        poll(
+            &format!("{} member sync", a.name),
+            Duration::from_secs(15),
+            || match a.metric(synced) {
+                Some(n) if n >= 1.0 => Ok(()),
+                seen => Err(format!("{synced} = {seen:?}")),
+            },
+        )?;
+        assert_eq!(a.metric(failed), Some(0.0), "{}", a.name);
+    }
 
     // kill -9: every survivor lists it down (10 s with default timing).
     agents[2].kill();

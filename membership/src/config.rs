@@ -51,6 +51,12 @@ pub struct SwimConfig {
     pub announce_down_interval: Duration,
     /// Down members announced to each time.
     pub announce_down_fanout: usize,
+    /// How often to swap whole member lists with a random member (push-pull
+    /// sync), in clusters of up to 32 nodes; it grows with log2 of the size
+    /// beyond (see [`crate::sync::interval_for`]). A node also syncs once
+    /// right after it joins.
+    #[serde(with = "crate::duration")]
+    pub sync_interval: Duration,
 }
 
 impl Default for SwimConfig {
@@ -69,6 +75,7 @@ impl Default for SwimConfig {
             announce_interval: Duration::from_secs(30),
             announce_down_interval: Duration::from_secs(3),
             announce_down_fanout: 2,
+            sync_interval: Duration::from_secs(30),
         }
     }
 }
@@ -113,6 +120,9 @@ impl SwimConfig {
         }
         if self.announce_interval.is_zero() || self.announce_down_interval.is_zero() {
             return bad("announce_interval", "must be positive");
+        }
+        if self.sync_interval.is_zero() {
+            return bad("sync_interval", "must be positive");
         }
         if self.announce_down_fanout == 0 {
             return bad("announce_down_fanout", "must be at least 1");

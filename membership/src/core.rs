@@ -12,6 +12,7 @@ use crate::codec::{self, CodecError, WireCodec};
 use crate::config::{InvalidSwimConfig, SwimConfig};
 use crate::gossip::{CatalogNotice, GossipHandler, Leave};
 use crate::identity::NodeId;
+use crate::sync::{SyncMember, SyncPayload, SyncState};
 
 /// A member's state as the mesh sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -184,6 +185,11 @@ impl Membership {
         self.swim.identity()
     }
 
+    /// The SWIM settings this core was built with.
+    pub fn config(&self) -> &SwimConfig {
+        &self.config
+    }
+
     /// Number of active members, not counting this node.
     pub fn num_active(&self) -> usize {
         self.swim.num_members()
@@ -326,6 +332,72 @@ impl Membership {
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
+    }
+
+    /// This node's whole view, itself included, for a push-pull sync (see
+    /// [`crate::sync`]).
+    pub fn sync_payload(&self) -> SyncPayload {
+        let gossip = self.gossip.state();
+        let mut members: Vec<SyncMember> = self
+            .swim
+            .iter_membership_state()
+            .map(|m| SyncMember {
+                id: m.id().clone(),
+                incarnation: m.incarnation(),
+                state: match m.state() {
+                    foca::State::Alive => SyncState::Alive,
+                    foca::State::Suspect => SyncState::Suspect,
+                    foca::State::Down if gossip.has_left(m.id()) => SyncState::Left,
+                    foca::State::Down => SyncState::Down,
+                },
+            })
+            .collect();
+        if !self.left {
+            members.push(SyncMember {
+                id: self.identity().clone(),
+                incarnation: self.incarnation,
+                state: SyncState::Alive,
+            });
+        }
+        SyncPayload { members }
+    }
+
+    /// Takes in a peer's view from a push-pull sync: unknown members are
+    /// added, newer generations and states win as they do in gossip. With
+    /// `gossip`, what was news to this node is gossiped on like any update
+    /// (after a partition heals, one sync across the cut then spreads each
+    /// side's view through the other); a node that just joined passes
+    /// `false`, since what it learns is news to nobody else. Returns how
+    /// many records were taken.
+    pub fn merge_sync(&mut self, now: Duration, payload: SyncPayload, gossip: bool) -> usize {
+        self.advance(now);
+        if self.left {
+            return 0;
+        }
+        let count = payload.members.len();
+        {
+            let mut gossip = self.gossip.state();
+            for m in &payload.members {
+                if m.state == SyncState::Left {
+                    gossip.note_left(&m.id);
+                }
+            }
+        }
+        for m in payload.members {
+            let state = match m.state {
+                SyncState::Alive => foca::State::Alive,
+                SyncState::Suspect => foca::State::Suspect,
+                SyncState::Down | SyncState::Left => foca::State::Down,
+            };
+            let update = foca::Member::new(m.id, m.incarnation, state);
+            // One record at a time: foca stops a batch at the first record
+            // it refuses, and one bad record must not hide the others.
+            let _ = self
+                .swim
+                .apply_many(std::iter::once(update), gossip, &mut self.runtime);
+        }
+        self.drain();
+        count
     }
 
     fn advance(&mut self, now: Duration) {
@@ -545,6 +617,58 @@ mod tests {
         }
         net.run_for(Duration::from_secs(15));
         assert_eq!(net.nodes[0].as_ref().unwrap().transmissions(), 3);
+    }
+
+    #[test]
+    fn sync_joins_two_clusters_and_carries_leaves() {
+        let mut net = Net::new(5);
+        for (joiner, seed) in [(1, 0), (3, 2), (4, 2)] {
+            let (now, dst) = (net.now, net.id(seed));
+            net.nodes[joiner]
+                .as_mut()
+                .unwrap()
+                .announce(now, dst)
+                .unwrap();
+        }
+        net.deliver();
+        net.run_for(Duration::from_secs(2));
+        // n4 leaves its side; n2 keeps it as left.
+        let now = net.now;
+        net.nodes[4].as_mut().unwrap().leave(now).unwrap();
+        net.deliver();
+        net.nodes[4] = None;
+        net.run_for(Duration::from_secs(1));
+        assert_eq!(net.view(0).len(), 1, "{:?}", net.view(0));
+
+        let from_2 = net.nodes[2].as_ref().unwrap().sync_payload();
+        let from_0 = net.nodes[0].as_ref().unwrap().sync_payload();
+        let now = net.now;
+        assert_eq!(
+            net.nodes[0].as_mut().unwrap().merge_sync(now, from_2, true),
+            3
+        );
+        net.nodes[2].as_mut().unwrap().merge_sync(now, from_0, true);
+        let view = net.view(0);
+        assert!(
+            view.contains(&("n2".into(), MemberState::Alive)),
+            "{view:?}"
+        );
+        assert!(
+            view.contains(&("n3".into(), MemberState::Alive)),
+            "{view:?}"
+        );
+        assert!(view.contains(&("n4".into(), MemberState::Left)), "{view:?}");
+        assert!(net.view(2).contains(&("n0".into(), MemberState::Alive)));
+        // Gossip and probes take it from there: everyone sees everyone.
+        net.run_for(Duration::from_secs(5));
+        for i in 0..4 {
+            let alive = net
+                .view(i)
+                .iter()
+                .filter(|(_, s)| *s == MemberState::Alive)
+                .count();
+            assert_eq!(alive, 3, "node {i}: {:?}", net.view(i));
+        }
     }
 
     #[test]

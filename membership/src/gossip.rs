@@ -91,6 +91,12 @@ impl GossipState {
     pub(crate) fn has_left(&self, id: &NodeId) -> bool {
         self.left.get(&id.name) == Some(&id.generation)
     }
+
+    /// Records that `id` left (learned other than by its leave notice).
+    pub(crate) fn note_left(&mut self, id: &NodeId) {
+        let known = self.left.entry(id.name.clone()).or_insert(0);
+        *known = (*known).max(id.generation);
+    }
 }
 
 fn whole<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {

@@ -14,6 +14,7 @@
 //! - [`codec`]: the versioned, size-capped wire codec (bincode behind one module).
 //! - [`config`]: [`SwimConfig`], SWIM timing shared with the simulator.
 //! - [`gossip`]: custom broadcasts piggybacked on SWIM (leave notices).
+//! - [`sync`]: push-pull exchange of whole member lists.
 //! - [`core`]: the [`Membership`] driver.
 //! - [`duration`]: `"2s"`-style durations for config files.
 
@@ -24,6 +25,7 @@ pub mod core;
 pub mod duration;
 pub mod gossip;
 pub mod identity;
+pub mod sync;
 
 pub use crate::config::SwimConfig;
 pub use crate::core::{Event, MemberState, MemberView, Membership, MembershipError, Transmit};

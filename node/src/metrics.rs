@@ -22,6 +22,8 @@ use crate::catalog::view::{self, Effective};
 pub struct Counters {
     decode_errors: AtomicU64,
     identity_mismatches: AtomicU64,
+    member_syncs_ok: AtomicU64,
+    member_syncs_err: AtomicU64,
 }
 
 impl Counters {
@@ -33,6 +35,16 @@ impl Counters {
     /// A datagram claimed another sender than its connection's certificate.
     pub fn identity_mismatch(&self) {
         self.identity_mismatches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A push-pull member sync this node started finished.
+    pub fn member_sync(&self, ok: bool) {
+        let counter = if ok {
+            &self.member_syncs_ok
+        } else {
+            &self.member_syncs_err
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -112,6 +124,21 @@ impl Collector for AgentCollector {
             &[
                 (&[("direction", "in")], udp_in),
                 (&[("direction", "out")], udp_out),
+            ],
+        )?;
+        counter(
+            &mut encoder,
+            "gossamer_member_syncs",
+            "Push-pull member list exchanges this node started, by result",
+            &[
+                (
+                    &[("result", "ok")],
+                    self.counters.member_syncs_ok.load(Ordering::Relaxed),
+                ),
+                (
+                    &[("result", "error")],
+                    self.counters.member_syncs_err.load(Ordering::Relaxed),
+                ),
             ],
         )?;
         counter(

@@ -20,6 +20,8 @@ pub struct Counters {
     pub refused: u64,
     /// Catalog fetches and digests sent over streams.
     pub stream_messages: u64,
+    /// Bytes of member sync payloads sent.
+    pub sync_bytes: u64,
     /// Stream messages that failed (peer unreachable or restarted).
     pub stream_failures: u64,
     /// Fetches of entries that were never published (version 0): counted,
@@ -81,6 +83,7 @@ impl Counters {
             undeliverable: self.undeliverable - earlier.undeliverable,
             refused: self.refused - earlier.refused,
             stream_messages: self.stream_messages - earlier.stream_messages,
+            sync_bytes: self.sync_bytes - earlier.sync_bytes,
             stream_failures: self.stream_failures - earlier.stream_failures,
             empty_fetches: self.empty_fetches - earlier.empty_fetches,
             false_downs: self.false_downs - earlier.false_downs,

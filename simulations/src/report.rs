@@ -217,9 +217,11 @@ pub struct Traffic {
     pub datagrams_per_node_s: f64,
     /// SWIM bytes sent per running node per second.
     pub bytes_per_node_s: f64,
-    /// Catalog stream messages (fetches, answers, digests) per node per
-    /// second.
+    /// Stream messages (catalog fetches, answers, digests, member syncs)
+    /// per node per second.
     pub stream_messages_per_node_s: f64,
+    /// Member sync payload bytes sent per node per second.
+    pub sync_bytes_per_node_s: f64,
     /// Datagrams lost to random loss.
     pub lost: u64,
     /// Datagrams dropped by a partition.
@@ -235,6 +237,7 @@ impl Traffic {
             datagrams_per_node_s: per(c.datagrams),
             bytes_per_node_s: per(c.bytes),
             stream_messages_per_node_s: per(c.stream_messages),
+            sync_bytes_per_node_s: per(c.sync_bytes),
             lost: c.lost,
             cut: c.cut,
         }
@@ -891,8 +894,11 @@ impl RunReport {
                 out,
                 &format!("traffic per node per second ({name})"),
                 format!(
-                    "{:.2} datagrams, {:.1} B, {:.3} stream msgs",
-                    t.datagrams_per_node_s, t.bytes_per_node_s, t.stream_messages_per_node_s
+                    "{:.2} datagrams, {:.1} B, {:.3} stream msgs, {:.1} B member sync",
+                    t.datagrams_per_node_s,
+                    t.bytes_per_node_s,
+                    t.stream_messages_per_node_s,
+                    t.sync_bytes_per_node_s
                 ),
             );
         }

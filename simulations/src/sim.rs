@@ -17,6 +17,7 @@ use anyhow::Context as _;
 use bytes::{Buf, Bytes};
 use foca::{Codec, Message, State};
 use gossamer_membership::codec::WireCodec;
+use gossamer_membership::sync::{SyncPayload, interval_for};
 use gossamer_membership::{Event, Membership, NodeId, SwimConfig, Transmit};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -93,6 +94,17 @@ enum StreamMsg {
         versions: Vec<(usize, u64)>,
         answer: bool,
     },
+    /// A push-pull member sync: the sender's encoded view; the receiver
+    /// merges it and answers with its own unless this is the answer.
+    Members {
+        from: usize,
+        from_life: u32,
+        payload: Vec<u8>,
+        answer: bool,
+        /// Whether the initiator gossips news from the answer on (not for
+        /// the sync that follows its join).
+        gossip: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -115,6 +127,12 @@ enum Ev {
         node: usize,
         life: u32,
     },
+    MemberSync {
+        node: usize,
+        life: u32,
+        /// The sync that follows the join.
+        join: bool,
+    },
     Stream {
         to: usize,
         to_life: u32,
@@ -134,9 +152,10 @@ impl Ev {
     fn target(&self) -> Option<usize> {
         match self {
             Ev::Datagram { to, .. } | Ev::Stream { to, .. } => Some(*to),
-            Ev::Timer { node, .. } | Ev::JoinRetry { node, .. } | Ev::AntiEntropy { node, .. } => {
-                Some(*node)
-            }
+            Ev::Timer { node, .. }
+            | Ev::JoinRetry { node, .. }
+            | Ev::AntiEntropy { node, .. }
+            | Ev::MemberSync { node, .. } => Some(*node),
             Ev::StallEnd { .. } | Ev::Sample | Ev::Action(_) => None,
         }
     }
@@ -199,6 +218,9 @@ struct Node {
     /// Its own catalog version (kept on disk across restarts).
     catalog_version: u64,
     slow: bool,
+    /// Whether the running process has been connected (it syncs members
+    /// once when it first is, as the agent does).
+    joined: bool,
 }
 
 /// A simulation: nodes, network, event queue and measurements.
@@ -513,6 +535,7 @@ impl Sim {
             Ev::Timer { node, life, at } => self.on_timer(node, life, at),
             Ev::JoinRetry { node, life } => self.on_join_retry(node, life),
             Ev::AntiEntropy { node, life } => self.on_anti_entropy(node, life),
+            Ev::MemberSync { node, life, join } => self.on_member_sync(node, life, join),
             Ev::Stream { to, to_life, msg } => self.on_stream(to, to_life, msg),
             Ev::StallEnd { node, life, at } => self.on_stall_end(node, life, at),
             Ev::Sample => self.on_sample(),
@@ -693,7 +716,22 @@ impl Sim {
                 node.generation_since = now;
                 self.views.renew(x, gen_of(id.generation));
             }
-            Event::Connected => {}
+            Event::Connected => {
+                let node = &mut self.nodes[x];
+                if !node.joined {
+                    node.joined = true;
+                    let life = node.life;
+                    let join = true;
+                    self.push(
+                        now,
+                        Ev::MemberSync {
+                            node: x,
+                            life,
+                            join,
+                        },
+                    );
+                }
+            }
             Event::Isolated => {
                 let node = &mut self.nodes[x];
                 if !node.join_pending {
@@ -778,6 +816,7 @@ impl Sim {
         node.join_pending = true;
         node.join_retry = JOIN_FIRST_RETRY;
         node.declared_down = false;
+        node.joined = false;
         node.generation_since = self.now;
         let life = node.life;
         let generation = node.generation;
@@ -794,6 +833,22 @@ impl Sim {
                 .random_range(0..u64::try_from(ae.as_nanos()).unwrap_or(u64::MAX).max(1)),
         );
         self.push(self.now + phase, Ev::AntiEntropy { node: x, life });
+        // Periodic member syncs start at a random point of the first
+        // interval, as in the agent (another follows the join).
+        let first = self
+            .config
+            .swim
+            .sync_interval
+            .mul_f64(self.rng.random::<f64>());
+        let join = false;
+        self.push(
+            self.now + first,
+            Ev::MemberSync {
+                node: x,
+                life,
+                join,
+            },
+        );
     }
 
     fn stop(&mut self, x: usize) {
@@ -955,6 +1010,51 @@ impl Sim {
         self.stream(x, peer, msg);
     }
 
+    /// `x` swaps member lists with a random member it holds active, then
+    /// schedules its next sync (as the agent does: the interval grows with
+    /// log2 of the cluster, with 0.5-1.5 jitter).
+    fn on_member_sync(&mut self, x: usize, life: u32, join: bool) {
+        let node = &self.nodes[x];
+        if node.life != life || node.core.as_ref().is_none_or(Membership::has_left) {
+            return;
+        }
+        let active = self.views.active_count(x);
+        let interval = interval_for(self.config.swim.sync_interval, active + 1);
+        let jitter = 0.5 + self.rng.random::<f64>();
+        // The join sync does not move the periodic schedule.
+        if !join {
+            let next = Ev::MemberSync {
+                node: x,
+                life,
+                join: false,
+            };
+            self.push(self.now + interval.mul_f64(jitter), next);
+        }
+        if active == 0 {
+            return;
+        }
+        let pick = self.rng.random_range(0..active);
+        let Some(peer) = self.views.active_of(x).nth(pick) else {
+            return;
+        };
+        let Some(Ok(payload)) = self.nodes[x]
+            .core
+            .as_ref()
+            .map(|c| c.sync_payload().encode())
+        else {
+            return;
+        };
+        self.counters.sync_bytes += payload.len() as u64;
+        let msg = StreamMsg::Members {
+            from: x,
+            from_life: life,
+            payload,
+            answer: false,
+            gossip: !join,
+        };
+        self.stream(x, peer, msg);
+    }
+
     /// `x` fetches `owner`'s entry.
     fn fetch(&mut self, x: usize, owner: usize) {
         if owner == x || owner >= self.nodes.len() {
@@ -1024,6 +1124,53 @@ impl Sim {
                     self.stream_to_life(to, from, from_life, reply);
                 }
             }
+            StreamMsg::Members {
+                from,
+                from_life,
+                payload,
+                answer,
+                gossip,
+            } => self.on_members(to, from, from_life, &payload, answer, gossip),
+        }
+    }
+
+    /// A member sync frame reached `to`: merge it, and answer with the view
+    /// `to` held before merging (as the agent does) unless it is an answer.
+    fn on_members(
+        &mut self,
+        to: usize,
+        from: usize,
+        from_life: u32,
+        payload: &[u8],
+        answer: bool,
+        gossip: bool,
+    ) {
+        let now = self.now;
+        let Some(core) = self.nodes[to].core.as_mut() else {
+            return;
+        };
+        let Ok(theirs) = SyncPayload::decode(payload) else {
+            self.counters.refused += 1;
+            return;
+        };
+        let ours = if answer {
+            None
+        } else {
+            core.sync_payload().encode().ok()
+        };
+        // The answering side always gossips news on; the initiator as told.
+        core.merge_sync(now, theirs, gossip || !answer);
+        self.flush(to);
+        if let Some(ours) = ours {
+            self.counters.sync_bytes += ours.len() as u64;
+            let reply = StreamMsg::Members {
+                from: to,
+                from_life: self.nodes[to].life,
+                payload: ours,
+                answer: true,
+                gossip,
+            };
+            self.stream_to_life(to, from, from_life, reply);
         }
     }
 

@@ -3,6 +3,7 @@
 
 pub mod join;
 pub mod swim;
+pub mod sync;
 
 use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
@@ -169,6 +170,7 @@ pub async fn run(
         snapshot.clone(),
     );
     task.set_catalog(catalog.sender());
+    let member_sync = task.sync_sender();
     let swim_handle = tokio::spawn(task.run());
     let catalog_handle = tokio::spawn(catalog_task.run());
     let (metrics, proxy_metrics) = Metrics::new(
@@ -188,6 +190,7 @@ pub async fn run(
         queues.streams,
         catalog.clone(),
         proxy.clone(),
+        member_sync,
     ));
 
     let saved_members: Vec<NodeId> = saved
@@ -289,6 +292,7 @@ async fn dispatch_streams(
     mut streams: mpsc::Receiver<Inbound>,
     catalog: CatalogHandle,
     proxy: Arc<Proxy>,
+    member_sync: mpsc::Sender<sync::SyncInput>,
 ) {
     while let Some(item) = streams.recv().await {
         let Inbound::Stream {
@@ -301,12 +305,16 @@ async fn dispatch_streams(
         };
         let catalog = catalog.clone();
         let proxy = proxy.clone();
+        let member_sync = member_sync.clone();
         tokio::spawn(async move {
             let mut kind = [0u8; 1];
             let read = tokio::time::timeout(STREAM_KIND_TIMEOUT, recv.read_exact(&mut kind)).await;
             match (read, kind[0]) {
                 (Ok(Ok(())), crate::proxy::wire::STREAM_PROXY) => {
                     crate::proxy::inbound::serve(from, send, recv, proxy).await;
+                }
+                (Ok(Ok(())), sync::STREAM_MEMBERS) => {
+                    sync::serve(from, send, recv, member_sync).await;
                 }
                 (Ok(Ok(())), crate::catalog::sync::STREAM_CATALOG) => {
                     crate::catalog::sync::serve(

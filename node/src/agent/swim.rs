@@ -7,12 +7,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use gossamer_membership::sync::interval_for;
 use gossamer_membership::{Event, MemberState, MemberView, Membership, MembershipError, NodeId};
 use gossamer_transport::{Inbound, Transport};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::sync::SyncInput;
 use crate::metrics::Counters;
 use crate::store::{SavedMember, SavedState, Store};
 
@@ -78,6 +80,12 @@ pub struct SwimTask {
     joined: bool,
     dirty: bool,
     last_save: Instant,
+    sync_in: mpsc::Receiver<SyncInput>,
+    sync_tx: mpsc::Sender<SyncInput>,
+    sync_base: Duration,
+    next_sync: Instant,
+    /// The next sync is the one that follows the join.
+    join_sync: bool,
 }
 
 impl std::fmt::Debug for SwimTask {
@@ -108,6 +116,8 @@ impl SwimTask {
             broadcast_bytes: 0,
         }));
         let now = Instant::now();
+        let (sync_tx, sync_in) = mpsc::channel(64);
+        let sync_base = core.config().sync_interval;
         let task = Self {
             core,
             transport,
@@ -121,8 +131,20 @@ impl SwimTask {
             joined: false,
             dirty: false,
             last_save: now,
+            sync_in,
+            sync_tx,
+            sync_base,
+            // A sync follows the join (see `Event::Connected`); periodic
+            // ones start at a random point of the first interval.
+            next_sync: now + sync_base.mul_f64(rand::random::<f64>()),
+            join_sync: false,
         };
         (task, rx)
+    }
+
+    /// Where inbound sync streams hand their requests.
+    pub fn sync_sender(&self) -> mpsc::Sender<SyncInput> {
+        self.sync_tx.clone()
     }
 
     /// Where catalog notices go.
@@ -150,6 +172,8 @@ impl SwimTask {
                     None => break,
                 },
                 Some(item) = self.inbound.recv() => self.on_inbound(item),
+                Some(input) = self.sync_in.recv() => self.on_sync(input),
+                () = tokio::time::sleep_until(self.next_sync) => self.start_sync(),
                 () = tokio::time::sleep_until(deadline) => {
                     let now = self.now();
                     self.core.handle_timeout(now);
@@ -213,6 +237,85 @@ impl SwimTask {
         }
     }
 
+    /// Swaps member lists with one random active member (push-pull sync),
+    /// then schedules the next one.
+    fn start_sync(&mut self) {
+        let active: Vec<NodeId> = self
+            .core
+            .members()
+            .into_iter()
+            .filter(|m| m.state.is_active())
+            .map(|m| m.id)
+            .collect();
+        // Jitter (0.5..1.5 of the interval) keeps nodes from syncing in step.
+        let interval = interval_for(self.sync_base, active.len() + 1);
+        self.next_sync = Instant::now() + interval.mul_f64(0.5 + rand::random::<f64>());
+        if active.is_empty() || self.core.has_left() {
+            return;
+        }
+        let peer = active[rand::random_range(0..active.len())].clone();
+        let gossip = !std::mem::take(&mut self.join_sync);
+        let ours = match self.core.sync_payload().encode() {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                warn!(error = %e, "member list too large to sync");
+                return;
+            }
+        };
+        let (transport, tx, counters) = (
+            self.transport.clone(),
+            self.sync_tx.clone(),
+            self.counters.clone(),
+        );
+        tokio::spawn(async move {
+            match super::sync::exchange(&transport, &peer, ours).await {
+                Ok(payload) => {
+                    counters.member_sync(true);
+                    let from = peer.name;
+                    let answer = SyncInput::Answer {
+                        from,
+                        payload,
+                        gossip,
+                    };
+                    let _ = tx.send(answer).await;
+                }
+                Err(e) => {
+                    counters.member_sync(false);
+                    debug!(peer = %peer.name, error = %e, "member sync failed");
+                }
+            }
+        });
+    }
+
+    fn on_sync(&mut self, input: SyncInput) {
+        let now = self.now();
+        match input {
+            SyncInput::Request {
+                from,
+                payload,
+                reply,
+            } => {
+                let ours = self.core.sync_payload().encode();
+                let taken = self.core.merge_sync(now, payload, true);
+                debug!(peer = %from, members = taken, "member sync served");
+                match ours {
+                    Ok(bytes) => {
+                        let _ = reply.send(bytes);
+                    }
+                    Err(e) => warn!(error = %e, "member list too large to sync"),
+                }
+            }
+            SyncInput::Answer {
+                from,
+                payload,
+                gossip,
+            } => {
+                let taken = self.core.merge_sync(now, payload, gossip);
+                debug!(peer = %from, members = taken, "member sync done");
+            }
+        }
+    }
+
     fn flush(&mut self) {
         while let Some(t) = self.core.poll_transmit() {
             self.transport.send_datagram(&t.to.name, t.to.addr, t.data);
@@ -239,6 +342,10 @@ impl SwimTask {
                 Event::Connected => {
                     if !self.joined {
                         info!("joined the mesh");
+                        // Learn every member at once rather than one update
+                        // at a time.
+                        self.next_sync = Instant::now();
+                        self.join_sync = true;
                     }
                     self.joined = true;
                 }
