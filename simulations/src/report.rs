@@ -377,7 +377,16 @@ fn formation(samples: &[Sample], nodes: usize, phases: &Phases) -> Formation {
         .iter()
         .filter(|s| s.at <= phase && s.live == nodes)
         .collect();
-    let first = |ok: &dyn Fn(&Sample) -> bool| forming.iter().find(|s| ok(s)).map(|s| secs(s.at));
+    // Forming can end between two samples; if it ended with every view
+    // right, that instant meets every threshold not met by a sample before.
+    let all_right = phases.pairs_right_after_forming >= 1.0;
+    let first = |ok: &dyn Fn(&Sample) -> bool| {
+        forming
+            .iter()
+            .find(|s| ok(s))
+            .map(|s| secs(s.at))
+            .or_else(|| all_right.then(|| secs(phase)))
+    };
     Formation {
         last_start_s: secs(last_start),
         nodes_right_50_s: first(&|s| s.view_ok * 2 >= s.live),
