@@ -2,8 +2,11 @@
 # The standard simulation sweep behind docs/simulations.md.
 #
 #   bash simulations/sweep.sh [OUT] [SIZES...]
+#   bash simulations/sweep.sh OUT --series SIZES...
 #
-# OUT defaults to target/sim-sweep; SIZES default to "100 1000". Each run
+# OUT defaults to target/sim-sweep; SIZES default to "100 1000". With
+# --series, only `join` runs, for 120 s, at each size: the dissemination
+# growth series (about 20 catalog changes per size). Each run
 # writes OUT/n<N>-<scenario>/ (summary.json, CSVs, SVG plots, stdout.txt)
 # and a line "<N> <scenario> <wall seconds> <peak RSS KiB>" to OUT/costs.txt.
 # Two runs go at a time. Every run uses seed 1, so the results are the same
@@ -13,6 +16,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-target/sim-sweep}
 shift || true
+series=false
+if [ "${1:-}" = --series ]; then
+    series=true
+    shift
+fi
 sizes=("$@")
 [ ${#sizes[@]} -gt 0 ] || sizes=(100 1000)
 
@@ -22,7 +30,13 @@ bin=$PWD/target/release/gossamer-sim
 mkdir -p "$out"
 
 jobs=()
+if $series; then
+    for n in "${sizes[@]}"; do
+        jobs+=("$n join --duration 120")
+    done
+fi
 for n in "${sizes[@]}"; do
+    $series && break
     for s in join crash partition slow churn; do
         jobs+=("$n $s")
     done

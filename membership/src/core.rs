@@ -140,6 +140,8 @@ pub struct Membership {
     config: SwimConfig,
     /// The `max_transmissions` foca runs with now.
     transmissions: u8,
+    /// "You are down" messages not sent because the member is active.
+    suppressed_turn_undead: u64,
 }
 
 impl std::fmt::Debug for Membership {
@@ -177,6 +179,7 @@ impl Membership {
             incarnation: 0,
             config: config.clone(),
             transmissions,
+            suppressed_turn_undead: 0,
         })
     }
 
@@ -407,10 +410,18 @@ impl Membership {
 
     fn drain(&mut self) {
         while let Some((to, data)) = self.runtime.to_send() {
-            if self.transmits.is_empty()
-                && let Ok(header) = codec::peek_header(&data)
-            {
-                self.incarnation = header.src_incarnation;
+            if let Ok(header) = codec::peek_header(&data) {
+                if self.transmits.is_empty() {
+                    self.incarnation = header.src_incarnation;
+                }
+                if matches!(header.message, foca::Message::TurnUndead) && self.holds_active(&to) {
+                    // foca sends "you are down" when a suspicion timer
+                    // expires, even if the member refuted the suspicion in
+                    // the meantime (it is still active here); the receiver
+                    // would renew its identity for nothing.
+                    self.suppressed_turn_undead += 1;
+                    continue;
+                }
             }
             self.transmits.push_back(Transmit { to, data });
         }
@@ -465,6 +476,19 @@ impl Membership {
         }
     }
 
+    /// Whether foca holds exactly `id` as alive or suspect.
+    fn holds_active(&self, id: &NodeId) -> bool {
+        self.swim
+            .iter_membership_state()
+            .any(|m| m.id() == id && m.state() != foca::State::Down)
+    }
+
+    /// "You are down" messages held back because their member had refuted
+    /// the suspicion (see [`Membership::drain`]).
+    pub fn suppressed_turn_undead(&self) -> u64 {
+        self.suppressed_turn_undead
+    }
+
     /// How many times each update is currently sent on.
     pub fn transmissions(&self) -> u8 {
         self.transmissions
@@ -483,6 +507,8 @@ mod tests {
     struct Net {
         nodes: Vec<Option<Membership>>,
         now: Duration,
+        /// Nodes whose datagrams (in and out) are dropped.
+        cut: Vec<usize>,
     }
 
     impl Net {
@@ -501,6 +527,7 @@ mod tests {
             Self {
                 nodes,
                 now: Duration::ZERO,
+                cut: Vec::new(),
             }
         }
 
@@ -525,6 +552,9 @@ mod tests {
                     for t in out {
                         moved = true;
                         let j = self.index(&t.to.name);
+                        if self.cut.contains(&i) || self.cut.contains(&j) {
+                            continue;
+                        }
                         if let Some(dst) = self.nodes[j].as_mut() {
                             let _ = dst.handle_datagram(self.now, &from, &t.data);
                         }
@@ -668,6 +698,31 @@ mod tests {
                 .filter(|(_, s)| *s == MemberState::Alive)
                 .count();
             assert_eq!(alive, 3, "node {i}: {:?}", net.view(i));
+        }
+    }
+
+    #[test]
+    fn refuted_suspicion_does_not_renew_the_suspect() {
+        let mut net = joined(3);
+        let generation = net.id(1).generation;
+        // Cut n1 off long enough to be suspected, not declared down.
+        net.cut = vec![1];
+        net.run_for(Duration::from_millis(2_500));
+        net.cut.clear();
+        net.run_for(Duration::from_secs(10));
+        let suppressed: u64 = net
+            .nodes
+            .iter()
+            .flatten()
+            .map(Membership::suppressed_turn_undead)
+            .sum();
+        assert!(
+            suppressed > 0,
+            "no suspicion timer expired after a refutation"
+        );
+        assert_eq!(net.id(1).generation, generation, "n1 renewed its identity");
+        for i in [0, 2] {
+            assert!(net.view(i).contains(&("n1".into(), MemberState::Alive)));
         }
     }
 
