@@ -5,8 +5,9 @@
 //! measured phase of `--duration` seconds starts there. Times below are
 //! relative to that point.
 //!
-//! - `join`: the cluster forming is the measurement; once formed, a node
-//!   publishes a catalog change every 5 s until the end.
+//! - `join`: the cluster forming is the measurement; once every view is
+//!   right (or 30 s after the join window at the latest), a node publishes
+//!   a catalog change every 5 s until the end.
 //! - `crash`: at +1 s, `--kill` nodes (default 1 %, at least 1) crash; they
 //!   restart with a new generation halfway through the phase.
 //! - `partition`: at +1 s the nodes split into two random halves for
@@ -42,6 +43,8 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 const ANTI_ENTROPY_EVERY: Duration = Duration::from_secs(5);
 /// How often a node changes its catalog entry in the steady scenarios.
 const PUBLISH_EVERY: Duration = Duration::from_secs(5);
+/// `join` starts publishing at most this long after the join window.
+const PUBLISH_AFTER_JOIN_S: u64 = 30;
 /// Loss levels of the `loss` sweep.
 pub const LOSS_LEVELS: [f64; 7] = [0.0, 0.01, 0.02, 0.05, 0.10, 0.15, 0.20];
 
@@ -253,29 +256,40 @@ fn secs(s: u64) -> Duration {
 
 fn join(opts: &Options) -> anyhow::Result<RunReport> {
     let mut sim = new_sim(opts, opts.loss.unwrap_or(0.0))?;
-    let formed = form(&mut sim, opts, opts.duration);
+    // Catalog changes start once every view is right, or 30 s after the
+    // join window at the latest: in large clusters the last few pairs can
+    // wait for a member sync, and dissemination is worth measuring anyway.
+    let publish_by = (opts.join_window + secs(PUBLISH_AFTER_JOIN_S)).min(opts.duration);
+    let formed = form(&mut sim, opts, publish_by);
     let formed_at = sim.now();
     let at_formed = sim.counters();
     let pairs_right_after_forming = sim.views().pairs_right();
     let mut markers = vec![(formed.last_start, "last node started".to_owned())];
-    if let Some(t) = formed.joined {
-        markers.push((t, "all views right".to_owned()));
-        // Only nodes that never stall or leave publish; all are steady here.
-        let pool: Vec<usize> = (0..opts.nodes).collect();
-        schedule_publishes(
-            &mut sim,
-            &pool,
-            t + secs(1),
-            opts.duration.saturating_sub(secs(3)),
-        );
+    match formed.joined {
+        Some(t) => markers.push((t, "all views right".to_owned())),
+        None => markers.push((formed_at, "publishing starts".to_owned())),
     }
+    // Only nodes that never stall or leave publish; all are steady here.
+    let pool: Vec<usize> = (0..opts.nodes).collect();
+    schedule_publishes(
+        &mut sim,
+        &pool,
+        formed.joined.unwrap_or(formed_at) + secs(1),
+        opts.duration.saturating_sub(secs(3)),
+    );
     sim.run_until("steady", opts.duration);
+    // Views may all become right after publishing started.
+    let joined = formed.joined.or_else(|| {
+        let t = sim.agreed_since(formed_at, false)?;
+        markers.push((t, "all views right".to_owned()));
+        Some(t)
+    });
     Ok(RunReport::build(
         &mut sim,
         Phases {
             label: "join".to_owned(),
             loss: opts.loss.unwrap_or(0.0),
-            joined: formed.joined,
+            joined,
             last_start: formed.last_start,
             pairs_right_after_forming,
             at_formed,
