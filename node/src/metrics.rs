@@ -294,6 +294,12 @@ impl AgentCollector {
         )?;
         counter(
             encoder,
+            "gossamer_swim_held_down_notices",
+            "\"You are down\" messages not sent because the suspect refuted in time",
+            &[(&[], snapshot.held_down_notices)],
+        )?;
+        counter(
+            encoder,
             "gossamer_health_checks",
             "Health checks run on local services, by result",
             &[

@@ -46,6 +46,9 @@ pub struct Snapshot {
     pub joined: bool,
     /// Bytes of new gossip broadcast items received.
     pub broadcast_bytes: u64,
+    /// "You are down" messages held back because the member had refuted
+    /// the suspicion.
+    pub held_down_notices: u64,
 }
 
 impl Snapshot {
@@ -114,6 +117,7 @@ impl SwimTask {
             active: 0,
             joined: false,
             broadcast_bytes: 0,
+            held_down_notices: 0,
         }));
         let now = Instant::now();
         let (sync_tx, sync_in) = mpsc::channel(64);
@@ -382,6 +386,7 @@ impl SwimTask {
             active,
             joined: self.joined,
             broadcast_bytes: self.core.broadcast_bytes(),
+            held_down_notices: self.core.suppressed_turn_undead(),
         };
         self.snapshot.send_if_modified(|current| {
             let same = current.members == snapshot.members
@@ -389,7 +394,8 @@ impl SwimTask {
                 && current.left == snapshot.left
                 && current.joined == snapshot.joined
                 && current.local_incarnation == snapshot.local_incarnation
-                && current.broadcast_bytes == snapshot.broadcast_bytes;
+                && current.broadcast_bytes == snapshot.broadcast_bytes
+                && current.held_down_notices == snapshot.held_down_notices;
             if !same {
                 *current = Arc::new(snapshot);
             }
