@@ -19,6 +19,11 @@ use crate::catalog::MAX_SYNC_FRAME;
 use crate::codec::{self, CodecError};
 use crate::identity::{NodeId, validate_name};
 
+/// A node that renews its identity (it was declared down, most likely while
+/// cut off) syncs once more about this long after (±50 %), when the news of
+/// its rejoin has spread, to pick up what it missed meanwhile.
+pub const SYNC_AFTER_RENEWAL: Duration = Duration::from_secs(10);
+
 /// Most members one sync payload may carry.
 pub const MAX_SYNC_MEMBERS: usize = 50_000;
 

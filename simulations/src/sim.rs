@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use bytes::{Buf, Bytes};
 use foca::{Codec, Message, State};
 use gossamer_membership::codec::WireCodec;
-use gossamer_membership::sync::{SyncPayload, interval_for};
+use gossamer_membership::sync::{SYNC_AFTER_RENEWAL, SyncPayload, interval_for};
 use gossamer_membership::{Event, Membership, NodeId, SwimConfig, Transmit};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -107,6 +107,17 @@ enum StreamMsg {
     },
 }
 
+/// Why a node syncs members (as in the agent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SyncKind {
+    /// The periodic schedule; schedules the next one.
+    Periodic,
+    /// Right after joining; its news is not gossiped on.
+    Join,
+    /// Some seconds after renewing its identity (it was declared down).
+    Renewed,
+}
+
 #[derive(Debug)]
 enum Ev {
     Datagram {
@@ -130,8 +141,7 @@ enum Ev {
     MemberSync {
         node: usize,
         life: u32,
-        /// The sync that follows the join.
-        join: bool,
+        kind: SyncKind,
     },
     Stream {
         to: usize,
@@ -221,6 +231,8 @@ struct Node {
     /// Whether the running process has been connected (it syncs members
     /// once when it first is, as the agent does).
     joined: bool,
+    /// A sync after an identity renewal is scheduled.
+    renewal_sync_pending: bool,
 }
 
 /// A simulation: nodes, network, event queue and measurements.
@@ -535,7 +547,7 @@ impl Sim {
             Ev::Timer { node, life, at } => self.on_timer(node, life, at),
             Ev::JoinRetry { node, life } => self.on_join_retry(node, life),
             Ev::AntiEntropy { node, life } => self.on_anti_entropy(node, life),
-            Ev::MemberSync { node, life, join } => self.on_member_sync(node, life, join),
+            Ev::MemberSync { node, life, kind } => self.on_member_sync(node, life, kind),
             Ev::Stream { to, to_life, msg } => self.on_stream(to, to_life, msg),
             Ev::StallEnd { node, life, at } => self.on_stall_end(node, life, at),
             Ev::Sample => self.on_sample(),
@@ -715,19 +727,34 @@ impl Sim {
                 node.generation = id.generation;
                 node.generation_since = now;
                 self.views.renew(x, gen_of(id.generation));
+                // As the agent: sync members once more some seconds later.
+                if !node.renewal_sync_pending {
+                    node.renewal_sync_pending = true;
+                    let life = node.life;
+                    let delay = SYNC_AFTER_RENEWAL.mul_f64(0.5 + self.rng.random::<f64>());
+                    let kind = SyncKind::Renewed;
+                    self.push(
+                        now + delay,
+                        Ev::MemberSync {
+                            node: x,
+                            life,
+                            kind,
+                        },
+                    );
+                }
             }
             Event::Connected => {
                 let node = &mut self.nodes[x];
                 if !node.joined {
                     node.joined = true;
                     let life = node.life;
-                    let join = true;
+                    let kind = SyncKind::Join;
                     self.push(
                         now,
                         Ev::MemberSync {
                             node: x,
                             life,
-                            join,
+                            kind,
                         },
                     );
                 }
@@ -817,6 +844,7 @@ impl Sim {
         node.join_retry = JOIN_FIRST_RETRY;
         node.declared_down = false;
         node.joined = false;
+        node.renewal_sync_pending = false;
         node.generation_since = self.now;
         let life = node.life;
         let generation = node.generation;
@@ -840,13 +868,13 @@ impl Sim {
             .swim
             .sync_interval
             .mul_f64(self.rng.random::<f64>());
-        let join = false;
+        let kind = SyncKind::Periodic;
         self.push(
             self.now + first,
             Ev::MemberSync {
                 node: x,
                 life,
-                join,
+                kind,
             },
         );
     }
@@ -1013,20 +1041,23 @@ impl Sim {
     /// `x` swaps member lists with a random member it holds active, then
     /// schedules its next sync (as the agent does: the interval grows with
     /// log2 of the cluster, with 0.5-1.5 jitter).
-    fn on_member_sync(&mut self, x: usize, life: u32, join: bool) {
-        let node = &self.nodes[x];
+    fn on_member_sync(&mut self, x: usize, life: u32, kind: SyncKind) {
+        let node = &mut self.nodes[x];
         if node.life != life || node.core.as_ref().is_none_or(Membership::has_left) {
             return;
+        }
+        if kind == SyncKind::Renewed {
+            node.renewal_sync_pending = false;
         }
         let active = self.views.active_count(x);
         let interval = interval_for(self.config.swim.sync_interval, active + 1);
         let jitter = 0.5 + self.rng.random::<f64>();
-        // The join sync does not move the periodic schedule.
-        if !join {
+        // One-off syncs do not move the periodic schedule.
+        if kind == SyncKind::Periodic {
             let next = Ev::MemberSync {
                 node: x,
                 life,
-                join: false,
+                kind,
             };
             self.push(self.now + interval.mul_f64(jitter), next);
         }
@@ -1050,7 +1081,7 @@ impl Sim {
             from_life: life,
             payload,
             answer: false,
-            gossip: !join,
+            gossip: kind != SyncKind::Join,
         };
         self.stream(x, peer, msg);
     }

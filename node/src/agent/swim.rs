@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gossamer_membership::sync::interval_for;
+use gossamer_membership::sync::{SYNC_AFTER_RENEWAL, interval_for};
 use gossamer_membership::{Event, MemberState, MemberView, Membership, MembershipError, NodeId};
 use gossamer_transport::{Inbound, Transport};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -87,8 +87,9 @@ pub struct SwimTask {
     sync_tx: mpsc::Sender<SyncInput>,
     sync_base: Duration,
     next_sync: Instant,
-    /// The next sync is the one that follows the join.
-    join_sync: bool,
+    /// A one-off sync outside the periodic schedule, and whether news from
+    /// it is gossiped on (see [`SYNC_AFTER_RENEWAL`]).
+    extra_sync: Option<(Instant, bool)>,
 }
 
 impl std::fmt::Debug for SwimTask {
@@ -141,7 +142,7 @@ impl SwimTask {
             // A sync follows the join (see `Event::Connected`); periodic
             // ones start at a random point of the first interval.
             next_sync: now + sync_base.mul_f64(rand::random::<f64>()),
-            join_sync: false,
+            extra_sync: None,
         };
         (task, rx)
     }
@@ -170,6 +171,7 @@ impl SwimTask {
                 .poll_timeout()
                 .map(|at| self.epoch + at)
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let extra_at = self.extra_sync.map_or(deadline, |(at, _)| at);
             tokio::select! {
                 command = self.commands.recv() => match command {
                     Some(c) => self.on_command(c),
@@ -177,7 +179,11 @@ impl SwimTask {
                 },
                 Some(item) = self.inbound.recv() => self.on_inbound(item),
                 Some(input) = self.sync_in.recv() => self.on_sync(input),
-                () = tokio::time::sleep_until(self.next_sync) => self.start_sync(),
+                () = tokio::time::sleep_until(self.next_sync) => self.start_sync(true, true),
+                () = tokio::time::sleep_until(extra_at), if self.extra_sync.is_some() => {
+                    let gossip = self.extra_sync.take().is_some_and(|(_, g)| g);
+                    self.start_sync(false, gossip);
+                }
                 () = tokio::time::sleep_until(deadline) => {
                     let now = self.now();
                     self.core.handle_timeout(now);
@@ -241,9 +247,10 @@ impl SwimTask {
         }
     }
 
-    /// Swaps member lists with one random active member (push-pull sync),
-    /// then schedules the next one.
-    fn start_sync(&mut self) {
+    /// Swaps member lists with one random active member (push-pull sync);
+    /// a periodic sync also schedules the next one. With `gossip`, news in
+    /// the answer is gossiped on.
+    fn start_sync(&mut self, periodic: bool, gossip: bool) {
         let active: Vec<NodeId> = self
             .core
             .members()
@@ -252,13 +259,14 @@ impl SwimTask {
             .map(|m| m.id)
             .collect();
         // Jitter (0.5..1.5 of the interval) keeps nodes from syncing in step.
-        let interval = interval_for(self.sync_base, active.len() + 1);
-        self.next_sync = Instant::now() + interval.mul_f64(0.5 + rand::random::<f64>());
+        if periodic {
+            let interval = interval_for(self.sync_base, active.len() + 1);
+            self.next_sync = Instant::now() + interval.mul_f64(0.5 + rand::random::<f64>());
+        }
         if active.is_empty() || self.core.has_left() {
             return;
         }
         let peer = active[rand::random_range(0..active.len())].clone();
-        let gossip = !std::mem::take(&mut self.join_sync);
         let ours = match self.core.sync_payload().encode() {
             Ok(bytes) => bytes,
             Err(e) => {
@@ -339,17 +347,24 @@ impl SwimTask {
                 Event::MemberRenamed { old, new } => {
                     info!(member = %new.name, old = old.generation, new = new.generation, "member restarted")
                 }
-                Event::Rejoined(id) => warn!(
-                    generation = id.generation,
-                    "declared down by peers; rejoined"
-                ),
+                Event::Rejoined(id) => {
+                    warn!(
+                        generation = id.generation,
+                        "declared down by peers; rejoined"
+                    );
+                    // Probably cut off: once the rejoin has spread, swap
+                    // lists once more to pick up what was missed meanwhile.
+                    if self.extra_sync.is_none() {
+                        let delay = SYNC_AFTER_RENEWAL.mul_f64(0.5 + rand::random::<f64>());
+                        self.extra_sync = Some((Instant::now() + delay, true));
+                    }
+                }
                 Event::Connected => {
                     if !self.joined {
                         info!("joined the mesh");
                         // Learn every member at once rather than one update
                         // at a time.
-                        self.next_sync = Instant::now();
-                        self.join_sync = true;
+                        self.extra_sync = Some((Instant::now(), false));
                     }
                     self.joined = true;
                 }
