@@ -216,11 +216,52 @@ fn form(sim: &mut Sim, opts: &Options, limit: Duration) -> Formed {
     Formed { joined, last_start }
 }
 
-/// Forms the cluster for a scenario with a measured phase after it; the
-/// phase starts when it formed (or at the limit).
-fn form_then(sim: &mut Sim, opts: &Options) -> (Formed, Duration) {
+/// A formed cluster at the start of a scenario's measured phase.
+struct Baseline {
+    formed: Formed,
+    /// When the phase starts: when the cluster formed (or at the limit).
+    t0: Duration,
+    counters: crate::metrics::Counters,
+    pairs_right: f64,
+}
+
+impl Baseline {
+    /// The report's phases for a scenario measured from `t0`.
+    fn phases(
+        &self,
+        label: String,
+        loss: f64,
+        reference: (String, Duration),
+        disturbed_at: Option<Duration>,
+        markers: Vec<(Duration, String)>,
+    ) -> Phases {
+        Phases {
+            label,
+            loss,
+            joined: self.formed.joined,
+            last_start: self.formed.last_start,
+            pairs_right_after_forming: self.pairs_right,
+            at_formed: self.counters,
+            formed_at: self.t0,
+            at_phase_start: self.counters,
+            phase_start: self.t0,
+            reference,
+            disturbed_at,
+            markers,
+            connected_spread: true,
+        }
+    }
+}
+
+/// Forms the cluster for a scenario with a measured phase after it.
+fn form_then(sim: &mut Sim, opts: &Options) -> Baseline {
     let formed = form(sim, opts, opts.form_limit);
-    (formed, sim.now())
+    Baseline {
+        formed,
+        t0: sim.now(),
+        counters: sim.counters(),
+        pairs_right: sim.views().pairs_right(),
+    }
 }
 
 /// Picks `k` distinct nodes among `pool`, in a seeded random order.
@@ -307,9 +348,8 @@ fn join(opts: &Options) -> anyhow::Result<RunReport> {
 
 fn crash(opts: &Options) -> anyhow::Result<RunReport> {
     let mut sim = new_sim(opts, opts.loss.unwrap_or(0.0))?;
-    let (formed, t0) = form_then(&mut sim, opts);
-    let at_phase = sim.counters();
-    let pairs_right_after_forming = sim.views().pairs_right();
+    let base = form_then(&mut sim, opts);
+    let t0 = base.t0;
     let k = opts.kill.unwrap_or((opts.nodes / 100).max(1));
     let victims = pick(&mut sim, &non_seeds(opts), k);
     let crash_at = t0 + secs(1);
@@ -321,32 +361,23 @@ fn crash(opts: &Options) -> anyhow::Result<RunReport> {
     sim.run_until("crash", t0 + opts.duration);
     Ok(RunReport::build(
         &mut sim,
-        Phases {
-            label: "crash".to_owned(),
-            loss: opts.loss.unwrap_or(0.0),
-            joined: formed.joined,
-            last_start: formed.last_start,
-            pairs_right_after_forming,
-            at_formed: at_phase,
-            formed_at: t0,
-            at_phase_start: at_phase,
-            phase_start: t0,
-            reference: ("the restart".to_owned(), restart_at),
-            disturbed_at: Some(crash_at),
-            markers: vec![
+        base.phases(
+            "crash".to_owned(),
+            opts.loss.unwrap_or(0.0),
+            ("the restart".to_owned(), restart_at),
+            Some(crash_at),
+            vec![
                 (crash_at, format!("{k} crashed")),
                 (restart_at, format!("{k} restarted")),
             ],
-            connected_spread: true,
-        },
+        ),
     ))
 }
 
 fn partition(opts: &Options) -> anyhow::Result<RunReport> {
     let mut sim = new_sim(opts, opts.loss.unwrap_or(0.0))?;
-    let (formed, t0) = form_then(&mut sim, opts);
-    let at_phase = sim.counters();
-    let pairs_right_after_forming = sim.views().pairs_right();
+    let base = form_then(&mut sim, opts);
+    let t0 = base.t0;
     let all: Vec<usize> = (0..opts.nodes).collect();
     let order = pick(&mut sim, &all, opts.nodes);
     let half = opts.nodes / 2;
@@ -375,60 +406,46 @@ fn partition(opts: &Options) -> anyhow::Result<RunReport> {
     Ok(RunReport::build(
         &mut sim,
         Phases {
-            label: "partition".to_owned(),
-            loss: opts.loss.unwrap_or(0.0),
-            joined: formed.joined,
-            last_start: formed.last_start,
-            pairs_right_after_forming,
-            at_formed: at_phase,
-            formed_at: t0,
-            at_phase_start: at_phase,
-            phase_start: t0,
-            reference: ("the heal".to_owned(), heal_at),
-            disturbed_at: Some(split_at),
-            markers: vec![
-                (split_at, format!("split {half}/{}", opts.nodes - half)),
-                (heal_at, "heal".to_owned()),
-            ],
+            // The two sides gossip apart: times are not gossip rounds.
             connected_spread: false,
+            ..base.phases(
+                "partition".to_owned(),
+                opts.loss.unwrap_or(0.0),
+                ("the heal".to_owned(), heal_at),
+                Some(split_at),
+                vec![
+                    (split_at, format!("split {half}/{}", opts.nodes - half)),
+                    (heal_at, "heal".to_owned()),
+                ],
+            )
         },
     ))
 }
 
 fn loss_run(opts: &Options, loss: f64) -> anyhow::Result<RunReport> {
     let mut sim = new_sim(opts, loss)?;
-    let (formed, t0) = form_then(&mut sim, opts);
-    let at_phase = sim.counters();
-    let pairs_right_after_forming = sim.views().pairs_right();
+    let base = form_then(&mut sim, opts);
+    let t0 = base.t0;
     let end = t0 + opts.duration;
     let pool: Vec<usize> = (0..opts.nodes).collect();
     schedule_publishes(&mut sim, &pool, t0 + secs(1), end.saturating_sub(secs(3)));
     sim.run_until(&format!("loss {:.0}%", loss * 100.0), end);
     Ok(RunReport::build(
         &mut sim,
-        Phases {
-            label: format!("loss={:.0}%", loss * 100.0),
+        base.phases(
+            format!("loss={:.0}%", loss * 100.0),
             loss,
-            joined: formed.joined,
-            last_start: formed.last_start,
-            pairs_right_after_forming,
-            at_formed: at_phase,
-            formed_at: t0,
-            at_phase_start: at_phase,
-            phase_start: t0,
-            reference: ("the last node started".to_owned(), formed.last_start),
-            disturbed_at: None,
-            markers: Vec::new(),
-            connected_spread: true,
-        },
+            ("the last node started".to_owned(), base.formed.last_start),
+            None,
+            Vec::new(),
+        ),
     ))
 }
 
 fn slow(opts: &Options) -> anyhow::Result<RunReport> {
     let mut sim = new_sim(opts, opts.loss.unwrap_or(0.0))?;
-    let (formed, t0) = form_then(&mut sim, opts);
-    let at_phase = sim.counters();
-    let pairs_right_after_forming = sim.views().pairs_right();
+    let base = form_then(&mut sim, opts);
+    let t0 = base.t0;
     let end = t0 + opts.duration;
     let stop_stalls = end.saturating_sub(secs(10)).max(t0 + secs(1));
     let k = (opts.nodes * 5).div_ceil(100).max(1);
@@ -454,32 +471,23 @@ fn slow(opts: &Options) -> anyhow::Result<RunReport> {
     sim.run_until("slow", end);
     Ok(RunReport::build(
         &mut sim,
-        Phases {
-            label: "slow".to_owned(),
-            loss: opts.loss.unwrap_or(0.0),
-            joined: formed.joined,
-            last_start: formed.last_start,
-            pairs_right_after_forming,
-            at_formed: at_phase,
-            formed_at: t0,
-            at_phase_start: at_phase,
-            phase_start: t0,
-            reference: ("the last stall".to_owned(), last_stall_end),
-            disturbed_at: Some(t0 + secs(1)),
-            markers: vec![
+        base.phases(
+            "slow".to_owned(),
+            opts.loss.unwrap_or(0.0),
+            ("the last stall".to_owned(), last_stall_end),
+            Some(t0 + secs(1)),
+            vec![
                 (t0 + secs(1), format!("{k} nodes start stalling")),
                 (last_stall_end, "last stall ends".to_owned()),
             ],
-            connected_spread: true,
-        },
+        ),
     ))
 }
 
 fn churn(opts: &Options) -> anyhow::Result<RunReport> {
     let mut sim = new_sim(opts, opts.loss.unwrap_or(0.0))?;
-    let (formed, t0) = form_then(&mut sim, opts);
-    let at_phase = sim.counters();
-    let pairs_right_after_forming = sim.views().pairs_right();
+    let base = form_then(&mut sim, opts);
+    let t0 = base.t0;
     let end = t0 + opts.duration;
     let quiet = (opts.duration / 3).min(secs(20));
     let churn_end = end.saturating_sub(quiet);
@@ -510,24 +518,16 @@ fn churn(opts: &Options) -> anyhow::Result<RunReport> {
     sim.run_until("churn", end);
     Ok(RunReport::build(
         &mut sim,
-        Phases {
-            label: "churn".to_owned(),
-            loss: opts.loss.unwrap_or(0.0),
-            joined: formed.joined,
-            last_start: formed.last_start,
-            pairs_right_after_forming,
-            at_formed: at_phase,
-            formed_at: t0,
-            at_phase_start: at_phase,
-            phase_start: t0,
-            reference: ("the last rejoin".to_owned(), last_rejoin),
-            disturbed_at: Some(t0 + secs(1)),
-            markers: vec![
+        base.phases(
+            "churn".to_owned(),
+            opts.loss.unwrap_or(0.0),
+            ("the last rejoin".to_owned(), last_rejoin),
+            Some(t0 + secs(1)),
+            vec![
                 (t0 + secs(1), format!("churn starts ({per_second}/s)")),
                 (churn_end, "churn stops".to_owned()),
                 (last_rejoin, "last rejoin".to_owned()),
             ],
-            connected_spread: true,
-        },
+        ),
     ))
 }
