@@ -277,6 +277,7 @@ async fn h2c_echo(proxy: std::net::SocketAddr, key: &str) -> Result<()> {
     let req = http::Request::post("http://web/echo")
         .header("x-hash-key", key)
         .header("content-type", "application/grpc")
+        .header("te", "trailers")
         .body(body)?;
     let response = sender.send_request(req).await?;
     assert_eq!(response.status(), 200);

@@ -619,3 +619,27 @@ pub fn via_proxy(proxy: SocketAddr, service: &str, key: &str, path: &str) -> Res
         });
     Ok((status, served))
 }
+
+// ---------------------------------------------------------------------------
+// Helpers added for tests/soak.rs (appended; nothing above changes).
+
+impl Agent {
+    /// Path of this agent's log file (its stderr: JSON lines). It stays on
+    /// disk after the agent is killed, until the `Pki` temp dir is dropped.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Whether the process is still running: a killed or exited agent (even
+    /// one not yet reaped) has no resident set in /proc.
+    pub fn running(&self) -> bool {
+        self.child.is_some() && self.rss_kib().is_some()
+    }
+}
+
+/// Number of open file descriptors of process `pid` (entries of /proc/PID/fd).
+pub fn open_fds(pid: u32) -> Option<usize> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(|dir| dir.count())
+}

@@ -45,6 +45,50 @@ impl Health {
     }
 }
 
+/// What an instance speaks; the agent calls it in that protocol whatever
+/// its caller spoke.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub enum Protocol {
+    /// HTTP/1.1 (the default).
+    #[default]
+    Http1,
+    /// HTTP/2 without TLS, prior knowledge.
+    H2c,
+    /// gRPC: HTTP/2 without TLS, with gRPC's deadline and status handling.
+    Grpc,
+}
+
+impl Protocol {
+    /// Every accepted spelling, for error messages.
+    pub const NAMES: &'static str = "http1 (or http), h2c, grpc";
+
+    /// Lower-case name used by the API and the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http1 => "http1",
+            Self::H2c => "h2c",
+            Self::Grpc => "grpc",
+        }
+    }
+
+    /// Parses `http1` (also `http`), `h2c` or `grpc`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "http1" | "http" => Some(Self::Http1),
+            "h2c" => Some(Self::H2c),
+            "grpc" => Some(Self::Grpc),
+            _ => None,
+        }
+    }
+
+    /// Whether the instance is called over HTTP/2.
+    pub fn is_h2(self) -> bool {
+        matches!(self, Self::H2c | Self::Grpc)
+    }
+}
+
 /// One instance of a service, as its node publishes it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ServiceInstance {
@@ -67,6 +111,8 @@ pub struct ServiceInstance {
     pub hash_policy: String,
     /// Owner-reported health.
     pub health: Health,
+    /// What the instance speaks.
+    pub protocol: Protocol,
 }
 
 /// Why an instance or entry is not acceptable. `field` names the bad field.
@@ -95,6 +141,9 @@ pub fn validate_service_name(name: &str) -> Result<(), InvalidService> {
 pub fn validate_instance_id(id: &str) -> Result<(), InvalidService> {
     if id.is_empty() || id.len() > 128 {
         return invalid("id", "must be 1 to 128 characters");
+    }
+    if id == "." || id == ".." {
+        return invalid("id", "\".\" and \"..\" are not instance ids");
     }
     if !id
         .bytes()
@@ -417,6 +466,7 @@ mod tests {
             weight: 1,
             hash_policy: ServiceInstance::DEFAULT_HASH_POLICY.into(),
             health: Health::Passing,
+            protocol: Protocol::Http1,
         }
     }
 

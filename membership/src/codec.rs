@@ -15,7 +15,7 @@ use crate::identity::{NodeId, validate_name};
 /// First byte of every Gossamer SWIM datagram.
 pub const MAGIC: u8 = 0x47;
 /// Wire version; bumped on any incompatible change.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Hard cap on one datagram, checked before decoding anything.
 pub const MAX_DATAGRAM: usize = 64 * 1024;
 /// Hard cap on a single encoded value (a header or a member).

@@ -1,24 +1,23 @@
 //! The admin HTTP API on loopback: `/v1/...`, `/health`, `/ready`,
 //! `/metrics`. The CLI subcommands are thin clients of it.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
-use tracing::debug;
 
 use crate::agent::swim::Snapshot;
-use crate::catalog::registry::ServiceSpec;
+use crate::catalog::registry::{AgentListeners, ServiceSpec};
 use crate::catalog::{CatalogHandle, RegisterError, view};
+use crate::config::AdminToken;
+use crate::listener::{self, Limits, ListenerMetrics};
 use crate::metrics::Metrics;
 use gossamer_transport::Transport;
 
@@ -47,6 +46,10 @@ pub struct AdminState {
     pub fault_injection: bool,
     /// The data plane (for `/v1/route`).
     pub proxy: Arc<crate::proxy::Proxy>,
+    /// Required on writes when set.
+    pub token: Option<AdminToken>,
+    /// Listeners no registration may point at.
+    pub listeners: AgentListeners,
 }
 
 /// One row of `GET /v1/members`.
@@ -71,34 +74,15 @@ pub struct MemberJson {
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AdminState>,
-    mut shutdown: watch::Receiver<bool>,
+    limits: Limits,
+    metrics: ListenerMetrics,
+    shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    debug!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
+    let handler = move |req, _peer| {
         let state = state.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req).await) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(%peer, error = %e, "admin connection error");
-            }
-        });
-    }
+        async move { route(&state, req, limits.header_read_timeout).await }
+    };
+    listener::serve(listener, "admin", limits, metrics, shutdown, handler).await;
 }
 
 type Body = Full<Bytes>;
@@ -119,16 +103,60 @@ pub fn error(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     json(status, &serde_json::json!({ "error": msg.into() }))
 }
 
-async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
+/// Refuses a write that lacks the token or is not JSON. Requiring JSON on
+/// every write also keeps web pages out: a browser cannot send
+/// `application/json` to another origin without a preflight we never allow.
+fn check_write(state: &AdminState, req: &Request<Incoming>) -> Option<Response<Body>> {
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
+        return None;
+    }
+    if let Some(token) = &state.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        if !token.accepts(given) {
+            return Some(error(
+                StatusCode::UNAUTHORIZED,
+                "writes need the admin token: send Authorization: Bearer TOKEN (the CLI reads it from --admin-token-file)",
+            ));
+        }
+    }
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    (!json).then(|| {
+        error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "writes take JSON only: send Content-Type: application/json",
+        )
+    })
+}
+
+async fn route(
+    state: &AdminState,
+    req: Request<Incoming>,
+    body_timeout: Duration,
+) -> Response<Body> {
+    if let Some(refused) = check_write(state, &req) {
+        return refused;
+    }
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
-    let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body over 1 MiB"),
+    let read = http_body_util::Limited::new(req.into_body(), MAX_BODY).collect();
+    let body = match tokio::time::timeout(body_timeout, read).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request body over 1 MiB"),
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("request body not received within {body_timeout:?}"),
+            );
+        }
     };
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (&method, segments.as_slice()) {
@@ -192,7 +220,9 @@ async fn register(state: &AdminState, id: &str, body: &[u8]) -> Response<Body> {
         Ok(v) => v,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: not JSON ({e})")),
     };
-    let spec = match ServiceSpec::from_json(Some(id), &value) {
+    let spec = match ServiceSpec::from_json(Some(id), &value)
+        .and_then(|s| state.listeners.check(&s).map(|()| s))
+    {
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
@@ -325,7 +355,7 @@ fn local_services(state: &AdminState) -> Response<Body> {
         StatusCode::OK,
         &serde_json::json!({"version": local.version, "services": local.services.iter().map(|s| serde_json::json!({
         "id": s.id, "name": s.name, "address": s.address, "port": s.port, "tags": s.tags,
-        "version": s.version, "weight": s.weight, "hash_policy": s.hash_policy, "health": s.health.as_str(),
+        "version": s.version, "weight": s.weight, "hash_policy": s.hash_policy, "protocol": s.protocol.as_str(), "health": s.health.as_str(),
     })).collect::<Vec<_>>()}),
     )
 }

@@ -137,6 +137,10 @@ pub struct AgentArgs {
     /// Async worker threads [default: 2].
     #[arg(long, env = "GOSSAMER_THREADS", value_name = "N")]
     pub threads: Option<usize>,
+    /// File holding the admin API token required on writes (mandatory when
+    /// --admin is not a loopback address).
+    #[arg(long, env = "GOSSAMER_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Serve the `/v1/debug/partition` fault-injection routes (tests, drills).
     #[arg(long, env = "GOSSAMER_ENABLE_FAULT_INJECTION")]
     pub enable_fault_injection: bool,
@@ -148,6 +152,9 @@ pub struct AdminArgs {
     /// Admin API of the agent to ask.
     #[arg(long, env = "GOSSAMER_ADMIN", default_value = DEFAULT_ADMIN, value_name = "IP:PORT")]
     pub admin: SocketAddr,
+    /// File holding the agent's admin token (sent on writes).
+    #[arg(long, env = "GOSSAMER_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// `gossamer members`.

@@ -9,6 +9,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::config::AdminToken;
+
 /// Why the agent could not be asked.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -33,8 +35,10 @@ pub enum ClientError {
 }
 
 /// Sends one request to the admin API and returns the body of a 2xx answer.
+/// Writes are sent as JSON with the token, if one is given.
 pub async fn call(
     admin: SocketAddr,
+    token: Option<&AdminToken>,
     method: Method,
     path: &str,
     body: Option<Vec<u8>>,
@@ -47,8 +51,11 @@ pub async fn call(
     let mut req = Request::builder()
         .method(method)
         .uri(format!("http://{admin}{path}"));
-    if body.is_some() {
+    if body.is_some() || !matches!(req.method_ref(), Some(&Method::GET)) {
         req = req.header(http::header::CONTENT_TYPE, "application/json");
+    }
+    if let Some(token) = token {
+        req = req.header(http::header::AUTHORIZATION, token.header());
     }
     let req = req
         .body(Full::new(body.unwrap_or_default().into()))

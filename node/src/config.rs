@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::catalog::CatalogConfig;
 use crate::catalog::registry::ServiceSpec;
 use crate::cli::AgentArgs;
+use crate::listener::LimitsConfig;
 use crate::proxy::ProxyConfig;
 
 /// The agent's settings, validated.
@@ -46,6 +47,59 @@ pub struct AgentConfig {
     pub proxy_listen: SocketAddr,
     /// Data-plane settings.
     pub proxy: ProxyConfig,
+    /// Connection limits of the proxy and admin listeners.
+    pub limits: LimitsConfig,
+    /// The admin API's bearer token for writes, read from
+    /// `admin_token_file`; required when the admin listener is not on
+    /// loopback.
+    pub admin_token: Option<AdminToken>,
+}
+
+/// A secret the admin API requires on writes (`Authorization: Bearer`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+impl AdminToken {
+    /// Reads a token file: its first line, trimmed; at least 16 characters
+    /// of visible ASCII.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("admin_token_file: {}: {e}", path.display()))?;
+        let token = text.lines().next().unwrap_or("").trim();
+        if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "admin_token_file: {}: the token must be at least 16 visible ASCII characters on the first line (for example `head -c 32 /dev/urandom | base64`)",
+                path.display()
+            ));
+        }
+        Ok(Self(token.to_owned()))
+    }
+
+    /// Whether an `Authorization` header value carries this token; the
+    /// comparison takes the same time wherever the first difference is.
+    pub fn accepts(&self, header: Option<&[u8]>) -> bool {
+        let Some(given) = header.and_then(|h| h.strip_prefix(b"Bearer ")) else {
+            return false;
+        };
+        let want = self.0.as_bytes();
+        given.len() == want.len()
+            && given
+                .iter()
+                .zip(want)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+
+    /// The header value a client sends.
+    pub fn header(&self) -> String {
+        format!("Bearer {}", self.0)
+    }
 }
 
 /// Where the node's identity comes from.
@@ -103,6 +157,8 @@ pub struct FileConfig {
     swim: Option<SwimConfig>,
     catalog: Option<CatalogConfig>,
     proxy: Option<ProxyConfig>,
+    limits: Option<LimitsConfig>,
+    admin_token_file: Option<PathBuf>,
     service: Option<Vec<toml::Value>>,
     enable_fault_injection: Option<bool>,
 }
@@ -248,6 +304,21 @@ impl AgentConfig {
         let proxy = file.proxy.unwrap_or_default();
         proxy.validate().or_else(err)?;
         let proxy_listen = addr("proxy", args.proxy.as_deref().unwrap_or(&proxy.listen))?;
+        let limits = file.limits.unwrap_or_default();
+        limits.validate().or_else(err)?;
+        let admin_token = match args
+            .admin_token_file
+            .as_ref()
+            .or(file.admin_token_file.as_ref())
+        {
+            Some(path) => Some(AdminToken::load(path).or_else(err)?),
+            None if !admin.ip().is_loopback() => {
+                return err(format!(
+                    "admin_token_file: required when the admin API listens on {admin}, which is not loopback (give --admin-token-file FILE)"
+                ));
+            }
+            None => None,
+        };
         let fault_injection =
             args.enable_fault_injection || file.enable_fault_injection.unwrap_or(false);
         let log_level = args.log_level.clone().or(file.log_level);
@@ -271,6 +342,8 @@ impl AgentConfig {
             fault_injection,
             proxy_listen,
             proxy,
+            limits,
+            admin_token,
         })
     }
 }
@@ -398,6 +471,29 @@ mod tests {
                 .0
                 .starts_with("name:")
         );
+        let mut a = args();
+        a.admin = Some("0.0.0.0:7947".into());
+        let e = AgentConfig::from_args(&a).unwrap_err().0;
+        assert!(e.starts_with("admin_token_file:"), "{e}");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "short\n").unwrap();
+        a.admin_token_file = Some(token.clone());
+        let e = AgentConfig::from_args(&a).unwrap_err().0;
+        assert!(e.starts_with("admin_token_file:"), "{e}");
+        std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
+        let c = AgentConfig::from_args(&a).unwrap();
+        let t = c.admin_token.unwrap();
+        assert!(t.accepts(Some(b"Bearer 0123456789abcdef0123")));
+        assert!(!t.accepts(Some(b"Bearer 0123456789abcdef0124")));
+        assert!(!t.accepts(Some(b"0123456789abcdef0123")));
+        assert!(!t.accepts(None));
+
+        std::fs::write(&path, "[limits]\nidle_timeout = \"0s\"\n").unwrap();
+        let mut a = args();
+        a.config = Some(path.clone());
+        let e = AgentConfig::from_args(&a).unwrap_err().0;
+        assert!(e.starts_with("limits.idle_timeout"), "{e}");
+
         let mut a = args();
         a.config = Some(dir.path().join("missing.toml"));
         assert!(

@@ -12,6 +12,7 @@
 //! - [`catalog`]: registrations, health checks, the catalog sync and view.
 //! - [`admin`]: the admin HTTP API; [`client`]: the CLI's side of it.
 //! - [`proxy`]: the data plane (outbound listener, QUIC forwarding, inbound).
+//! - [`listener`]: HTTP listeners with connection caps and timeouts.
 //! - [`balance`]: consistent hashing.
 //! - [`demo`]: `gossamer demo` and the demo HTTP service.
 //! - [`metrics`]: Prometheus exposition.
@@ -27,6 +28,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod identity;
+pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;

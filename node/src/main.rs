@@ -7,7 +7,7 @@ use clap::Parser;
 use gossamer_node::cli::{
     AgentArgs, CaCommand, CertCommand, Cli, Command, ListArgs, MembersArgs, ServiceArgs,
 };
-use gossamer_node::config::AgentConfig;
+use gossamer_node::config::{AdminToken, AgentConfig};
 use gossamer_node::{agent, client, identity, logging};
 use gossamer_transport::pki;
 use http::Method;
@@ -91,16 +91,32 @@ fn main() -> ExitCode {
             }))
         }
         Command::Health(args) => report(runtime().and_then(|rt| {
-            rt.block_on(client::call(args.admin, Method::GET, "/health", None))
+            rt.block_on(client::call(args.admin, None, Method::GET, "/health", None))
                 .map(|_| println!("ok"))
                 .map_err(Into::into)
         })),
         Command::Leave(args) => report(runtime().and_then(|rt| {
-            rt.block_on(client::call(args.admin, Method::POST, "/v1/leave", None))
-                .map(|_| println!("the agent is leaving the mesh"))
-                .map_err(Into::into)
+            let token = admin_token(&args)?;
+            rt.block_on(client::call(
+                args.admin,
+                token.as_ref(),
+                Method::POST,
+                "/v1/leave",
+                None,
+            ))
+            .map(|_| println!("the agent is leaving the mesh"))
+            .map_err(Into::into)
         })),
     }
+}
+
+/// The token named by `--admin-token-file`, if any.
+fn admin_token(args: &gossamer_node::cli::AdminArgs) -> anyhow::Result<Option<AdminToken>> {
+    args.admin_token_file
+        .as_deref()
+        .map(AdminToken::load)
+        .transpose()
+        .map_err(anyhow::Error::msg)
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {
@@ -218,7 +234,7 @@ fn cert_issue(
 }
 
 async fn members(args: MembersArgs) -> anyhow::Result<()> {
-    let body = client::call(args.admin.admin, Method::GET, "/v1/members", None).await?;
+    let body = client::call(args.admin.admin, None, Method::GET, "/v1/members", None).await?;
     if args.json {
         print!("{}", String::from_utf8_lossy(&body));
         return Ok(());
@@ -247,7 +263,7 @@ async fn members(args: MembersArgs) -> anyhow::Result<()> {
 }
 
 async fn services(args: ListArgs) -> anyhow::Result<()> {
-    let body = client::call(args.admin.admin, Method::GET, "/v1/catalog", None).await?;
+    let body = client::call(args.admin.admin, None, Method::GET, "/v1/catalog", None).await?;
     if args.json {
         print!("{}", String::from_utf8_lossy(&body));
         return Ok(());
@@ -279,7 +295,7 @@ async fn services(args: ListArgs) -> anyhow::Result<()> {
 
 async fn service(args: ServiceArgs) -> anyhow::Result<()> {
     let path = format!("/v1/services/{}", args.name);
-    let body = client::call(args.admin.admin, Method::GET, &path, None).await?;
+    let body = client::call(args.admin.admin, None, Method::GET, &path, None).await?;
     if args.json {
         print!("{}", String::from_utf8_lossy(&body));
         return Ok(());

@@ -323,16 +323,21 @@ impl Metrics {
         counters: Arc<Counters>,
         snapshot: watch::Receiver<Arc<Snapshot>>,
         catalog: Arc<Shared>,
-    ) -> (Self, crate::proxy::metrics::ProxyMetrics) {
+    ) -> (
+        Self,
+        crate::proxy::metrics::ProxyMetrics,
+        crate::listener::ListenerMetrics,
+    ) {
         let mut registry = Registry::default();
         let proxy = crate::proxy::metrics::ProxyMetrics::register(&mut registry);
+        let listeners = crate::listener::ListenerMetrics::register(&mut registry);
         registry.register_collector(Box::new(AgentCollector {
             catalog,
             transport,
             counters,
             snapshot,
         }));
-        (Self { registry }, proxy)
+        (Self { registry }, proxy, listeners)
     }
 
     /// The Prometheus text exposition.

@@ -19,6 +19,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
+use crate::catalog::registry::AgentListeners;
 use crate::catalog::{CatalogHandle, CatalogTask};
 use crate::config::AgentConfig;
 use crate::metrics::{Counters, Metrics};
@@ -55,6 +56,9 @@ pub enum StartError {
     /// Bad SWIM settings.
     #[error(transparent)]
     Membership(#[from] gossamer_membership::MembershipError),
+    /// A configured service cannot be registered.
+    #[error("{0}")]
+    Service(String),
 }
 
 /// The sockets an agent serves on, bound before anything else starts.
@@ -132,9 +136,28 @@ pub async fn run(
             addr: config.admin,
             source,
         })?;
+    let proxy_addr = sockets
+        .proxy
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            key: "proxy",
+            addr: config.proxy_listen,
+            source,
+        })?;
     let advertise = config
         .advertise
         .unwrap_or_else(|| advertise_for(bound, &config.seeds));
+    let listeners = AgentListeners(vec![
+        ("admin API", admin_addr),
+        ("proxy", proxy_addr),
+        ("QUIC", bound),
+        ("QUIC", advertise),
+    ]);
+    for (i, spec) in config.services.iter().enumerate() {
+        listeners
+            .check(spec)
+            .map_err(|e| StartError::Service(format!("service[{i}].{}: {}", e.field, e.problem)))?;
+    }
 
     // A generation that beats every earlier run of this node, even when the
     // data dir was lost (then wall-clock milliseconds win).
@@ -173,7 +196,7 @@ pub async fn run(
     let member_sync = task.sync_sender();
     let swim_handle = tokio::spawn(task.run());
     let catalog_handle = tokio::spawn(catalog_task.run());
-    let (metrics, proxy_metrics) = Metrics::new(
+    let (metrics, proxy_metrics, listener_metrics) = Metrics::new(
         transport.clone(),
         counters,
         snapshot.clone(),
@@ -220,22 +243,26 @@ pub async fn run(
         has_seeds: !config.seeds.is_empty(),
         self_seed,
         leave: leave.clone(),
+        token: config.admin_token.clone(),
+        listeners: listeners.clone(),
     });
     let (stop_admin, admin_stopped) = watch::channel(false);
-    let proxy_addr = sockets
-        .proxy
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            key: "proxy",
-            addr: config.proxy_listen,
-            source,
-        })?;
+    let (proxy_cap, admin_cap) = connection_caps(&config.limits);
+    let in_flight = proxy.metrics.active.clone();
     let proxy_handle = tokio::spawn(crate::proxy::outbound::serve(
         sockets.proxy,
         proxy,
+        config.limits.for_listener(proxy_cap),
+        listener_metrics.clone(),
         admin_stopped.clone(),
     ));
-    let admin_handle = tokio::spawn(admin::serve(sockets.admin, admin_state, admin_stopped));
+    let admin_handle = tokio::spawn(admin::serve(
+        sockets.admin,
+        admin_state,
+        config.limits.for_listener(admin_cap),
+        listener_metrics.clone(),
+        admin_stopped,
+    ));
 
     let info = AgentInfo {
         name: &name,
@@ -260,17 +287,33 @@ pub async fn run(
         () = leave.notified() => info!("leave requested through the admin API"),
     }
 
+    // Stop accepting (open connections are asked to close once their
+    // requests are answered), leave, then let requests in flight finish.
+    let _ = stop_admin.send(true);
     join_handle.abort();
     let (done_tx, done_rx) = oneshot::channel();
     if command_tx.send(swim::Command::Leave(done_tx)).await.is_ok() {
         let _ = tokio::time::timeout(CLOSE_DEADLINE, done_rx).await;
     }
     tokio::time::sleep(LEAVE_GRACE).await;
+    let grace = config.proxy.shutdown_grace;
+    let drained = tokio::time::timeout(grace, async {
+        while in_flight.get() > 0 || listener_metrics.open("proxy") > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            in_flight = in_flight.get(),
+            ?grace,
+            "requests still in flight at the end of shutdown_grace are cut"
+        );
+    }
     catalog_handle.abort();
     drop(command_tx);
     let _ = tokio::time::timeout(CLOSE_DEADLINE, swim_handle).await;
     transport.close(CLOSE_DEADLINE).await;
-    let _ = stop_admin.send(true);
     proxy_handle.abort();
     if tokio::time::timeout(Duration::from_secs(1), admin_handle)
         .await
@@ -281,6 +324,35 @@ pub async fn run(
     store.remove("agent.json");
     info!("stopped");
     Ok(())
+}
+
+/// Descriptors kept for everything but client connections: the data dir,
+/// health checks, the UDP socket, logs.
+const RESERVED_FDS: u64 = 128;
+
+/// The proxy and admin connection caps, lowered so that both listeners at
+/// their caps (a proxied connection may hold a second descriptor for its
+/// pooled upstream connection) still fit the open-file limit: running out
+/// of descriptors would stop every listener, `/health` included.
+fn connection_caps(limits: &crate::listener::LimitsConfig) -> (usize, usize) {
+    let Some(nofile) = crate::listener::open_file_limit() else {
+        return (limits.proxy_max_connections, limits.admin_max_connections);
+    };
+    let budget = nofile.saturating_sub(RESERVED_FDS).max(64);
+    let admin = limits
+        .admin_max_connections
+        .min((budget / 8).max(8) as usize);
+    let proxy_budget = ((budget - admin as u64) / 2).max(16) as usize;
+    let proxy = limits.proxy_max_connections.min(proxy_budget);
+    if proxy < limits.proxy_max_connections {
+        warn!(
+            open_file_limit = nofile,
+            configured = limits.proxy_max_connections,
+            proxy_max_connections = proxy,
+            "proxy connection cap lowered to fit the open-file limit (raise it with `ulimit -n` or LimitNOFILE=)"
+        );
+    }
+    (proxy, admin)
 }
 
 /// How long a peer may take to say what a new stream is for.

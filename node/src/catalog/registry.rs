@@ -2,9 +2,12 @@
 //! JSON and the config file's `[[service]]` blocks), and persisting the
 //! runtime ones in the data dir.
 
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use gossamer_membership::catalog::{Health, InvalidService, ServiceInstance, validate_instance_id};
+use gossamer_membership::catalog::{
+    Health, InvalidService, Protocol, ServiceInstance, validate_instance_id,
+};
 use gossamer_membership::duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -64,6 +67,9 @@ pub struct ServiceSpec {
     pub weight: u32,
     /// Hash policy.
     pub hash_policy: String,
+    /// What the instance speaks.
+    #[serde(default)]
+    pub protocol: Protocol,
     /// Optional health check.
     pub check: Option<CheckSpec>,
 }
@@ -143,6 +149,7 @@ impl ServiceSpec {
             "weight",
             "check",
             "hash_policy",
+            "protocol",
         ];
         if id.is_none() {
             allowed.push("id");
@@ -193,6 +200,13 @@ impl ServiceSpec {
             weight: uint(obj, "weight", 1, 10_000)?.unwrap_or(1) as u32,
             hash_policy: string(obj, "hash_policy")?
                 .unwrap_or_else(|| ServiceInstance::DEFAULT_HASH_POLICY.into()),
+            protocol: match string(obj, "protocol")? {
+                None => Protocol::default(),
+                Some(p) => Protocol::parse(&p).ok_or_else(|| InvalidService {
+                    field: "protocol",
+                    problem: format!("{p:?} is not one of {}", Protocol::NAMES),
+                })?,
+            },
             check,
         };
         spec.instance(Health::Passing).validate()?;
@@ -248,8 +262,55 @@ impl ServiceSpec {
             weight: self.weight,
             hash_policy: self.hash_policy.clone(),
             health,
+            protocol: self.protocol,
         }
     }
+}
+
+/// The agent's own listeners, which no registration may point at: a
+/// service at the admin port would expose the admin API to the whole mesh,
+/// and one at the proxy port would send every request round in a loop.
+#[derive(Debug, Clone, Default)]
+pub struct AgentListeners(pub Vec<(&'static str, SocketAddr)>);
+
+impl AgentListeners {
+    /// Refuses `spec` if it points at one of the listeners.
+    pub fn check(&self, spec: &ServiceSpec) -> Result<(), InvalidService> {
+        if !self.0.iter().any(|(_, a)| a.port() == spec.port) {
+            return Ok(());
+        }
+        let ips: Vec<IpAddr> = match spec.address.parse::<IpAddr>() {
+            Ok(ip) => vec![ip],
+            Err(_) => (spec.address.as_str(), spec.port)
+                .to_socket_addrs()
+                .map(|addrs| addrs.map(|a| a.ip()).collect())
+                .unwrap_or_default(),
+        };
+        let reaches = |listener: IpAddr, ip: IpAddr| {
+            // Connecting to 0.0.0.0 reaches this host's own listeners.
+            let ip_is_local = ip.is_unspecified() || ip.is_loopback() || is_local(ip);
+            listener == ip
+                || (listener.is_unspecified() && ip_is_local)
+                || (ip.is_unspecified() && listener.is_loopback())
+        };
+        for (what, listener) in self.0.iter().filter(|(_, a)| a.port() == spec.port) {
+            if ips.iter().any(|&ip| reaches(listener.ip(), ip)) {
+                return bad(
+                    "port",
+                    format!(
+                        "{}:{} is this agent's own {what} listener; register the service's own address",
+                        spec.address, spec.port
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `ip` is assigned to this host: only then can a socket bind it.
+fn is_local(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
 fn field(mut e: InvalidService, name: &'static str) -> InvalidService {
@@ -275,6 +336,30 @@ mod tests {
 
     fn parse(v: Value) -> Result<ServiceSpec, InvalidService> {
         ServiceSpec::from_json(Some("web-1"), &v)
+    }
+
+    #[test]
+    fn registrations_at_the_agent_are_refused() {
+        let agent = AgentListeners(vec![
+            ("admin", "127.0.0.1:7947".parse().unwrap()),
+            ("proxy", "0.0.0.0:7948".parse().unwrap()),
+        ]);
+        for (address, port) in [
+            ("127.0.0.1", 7947),
+            ("localhost", 7947),
+            ("127.0.0.1", 7948),
+            ("0.0.0.0", 7948),
+            ("0.0.0.0", 7947),
+        ] {
+            let s = parse(json!({"name": "web", "port": port, "address": address})).unwrap();
+            let e = agent.check(&s).unwrap_err();
+            assert_eq!(e.field, "port", "{address}:{port}");
+            assert!(e.problem.contains("own"), "{e}");
+        }
+        for (address, port) in [("127.0.0.2", 7947), ("127.0.0.1", 8080)] {
+            let s = parse(json!({"name": "web", "port": port, "address": address})).unwrap();
+            assert!(agent.check(&s).is_ok(), "{address}:{port}");
+        }
     }
 
     #[test]
@@ -325,16 +410,28 @@ mod tests {
                 "hash_policy",
             ),
             (json!([1]), "body"),
+            (
+                json!({"name": "web", "port": 1, "protocol": "h3"}),
+                "protocol",
+            ),
         ];
         for (body, field) in cases {
             let e = parse(body.clone()).unwrap_err();
             assert_eq!(e.field, field, "{body}: {e}");
         }
+        for id in ["bad id!", ".", ".."] {
+            assert_eq!(
+                ServiceSpec::from_json(Some(id), &json!({"name": "web", "port": 1}))
+                    .unwrap_err()
+                    .field,
+                "id"
+            );
+        }
+        let s = parse(json!({"name": "web", "port": 1, "protocol": "grpc"})).unwrap();
+        assert_eq!(s.protocol, Protocol::Grpc);
         assert_eq!(
-            ServiceSpec::from_json(Some("bad id!"), &json!({"name": "web", "port": 1}))
-                .unwrap_err()
-                .field,
-            "id"
+            parse(json!({"name": "web", "port": 1})).unwrap().protocol,
+            Protocol::Http1
         );
     }
 }

@@ -39,6 +39,8 @@ pub struct InstanceView {
     pub weight: u32,
     /// Hash policy.
     pub hash_policy: String,
+    /// What the instance speaks.
+    pub protocol: &'static str,
     /// Effective health.
     pub health: Effective,
 }
@@ -74,6 +76,7 @@ pub fn services(catalog: &Catalog, members: &Snapshot) -> BTreeMap<String, Vec<I
                 version: s.version.clone(),
                 weight: s.weight,
                 hash_policy: s.hash_policy.clone(),
+                protocol: s.protocol.as_str(),
                 health,
             });
         }

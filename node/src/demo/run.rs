@@ -125,7 +125,7 @@ async fn wait_for(
 }
 
 async fn health_of(admin: SocketAddr, id: &str) -> Result<String, String> {
-    let body = client::call(admin, Method::GET, "/v1/services/web", None)
+    let body = client::call(admin, None, Method::GET, "/v1/services/web", None)
         .await
         .map_err(|e| e.to_string())?;
     let list: Vec<serde_json::Value> = serde_json::from_slice(&body).map_err(|e| e.to_string())?;

@@ -208,6 +208,8 @@ async fn handle(
             Response::builder()
                 .header("x-served-by", &name)
                 .header(http::header::CONTENT_TYPE, "application/grpc")
+                // HTTP/1.1 sends trailers only when the head announces them.
+                .header(http::header::TRAILER, "grpc-status")
                 .body(channel_body(rx))
                 .expect("valid")
         }

@@ -1,7 +1,7 @@
 //! Bodies that stream between HTTP and QUIC without buffering whole.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -139,14 +139,21 @@ where
 }
 
 /// A request body that can be handed to a second attempt as long as the
-/// first one never read from it (a connect failure, say).
+/// first one never read from it (a connect failure, say). It also tells
+/// whether the *client* broke it (a malformed chunk, a disconnect), so that
+/// a client's mistake is never charged to the instance.
 #[derive(Clone)]
 #[allow(missing_debug_implementations)]
 pub struct Replayable {
     slot: Arc<Mutex<Option<Incoming>>>,
     touched: Arc<AtomicBool>,
+    state: Arc<AtomicU8>,
     end_stream: bool,
 }
+
+const READING: u8 = 0;
+const COMPLETE: u8 = 1;
+const CLIENT_FAILED: u8 = 2;
 
 impl Replayable {
     /// Wraps a request body.
@@ -155,6 +162,7 @@ impl Replayable {
         Self {
             slot: Arc::new(Mutex::new(Some(body))),
             touched: Arc::new(AtomicBool::new(false)),
+            state: Arc::new(AtomicU8::new(if end_stream { COMPLETE } else { READING })),
             end_stream,
         }
     }
@@ -162,6 +170,22 @@ impl Replayable {
     /// Whether another attempt can still send the whole body.
     pub fn replayable(&self) -> bool {
         self.end_stream || !self.touched.load(Ordering::Relaxed)
+    }
+
+    /// Whether the request has no body at all.
+    pub fn is_empty(&self) -> bool {
+        self.end_stream
+    }
+
+    /// Whether reading the client's body failed (its fault, not the
+    /// instance's).
+    pub fn client_failed(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == CLIENT_FAILED
+    }
+
+    /// Whether the client has sent its whole body.
+    pub fn complete(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == COMPLETE
     }
 
     /// A body for one attempt.
@@ -186,9 +210,17 @@ impl Body for Attempt {
         let Some(inner) = slot.as_mut() else {
             return Poll::Ready(None);
         };
-        let polled = Pin::new(inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(_))) = &polled {
-            self.body.touched.store(true, Ordering::Relaxed);
+        let polled = Pin::new(&mut *inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(_))) => {
+                self.body.touched.store(true, Ordering::Relaxed);
+                if inner.is_end_stream() {
+                    self.body.state.store(COMPLETE, Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(None) => self.body.state.store(COMPLETE, Ordering::Relaxed),
+            Poll::Ready(Some(Err(_))) => self.body.state.store(CLIENT_FAILED, Ordering::Relaxed),
+            Poll::Pending => {}
         }
         polled.map(|f| f.map(|r| r.map_err(Into::into)))
     }

@@ -28,7 +28,7 @@ use bytes::Bytes;
 use gossamer_transport::Transport;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -68,6 +68,14 @@ pub struct ProxyConfig {
     /// Bounded-load mode: no instance above (1 + ε) × the average in-flight
     /// load; unset = plain consistent hashing.
     pub bounded_load: Option<f64>,
+    /// Pooled connections to local instances unused for this long are
+    /// closed.
+    #[serde(with = "gossamer_membership::duration")]
+    pub upstream_idle_timeout: Duration,
+    /// On shutdown, time given to requests in flight to finish after the
+    /// agent stopped accepting and left the mesh.
+    #[serde(with = "gossamer_membership::duration")]
+    pub shutdown_grace: Duration,
     /// Per-service overrides, `[proxy.service.NAME]`.
     pub service: BTreeMap<String, ServiceOverride>,
 }
@@ -95,6 +103,8 @@ impl Default for ProxyConfig {
             eject_max: Duration::from_secs(300),
             eject_max_share: 0.5,
             bounded_load: None,
+            upstream_idle_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(5),
             service: BTreeMap::new(),
         }
     }
@@ -105,6 +115,9 @@ impl ProxyConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.request_timeout.is_zero() || self.connect_timeout.is_zero() {
             return Err("proxy.request_timeout / connect_timeout: must be positive".into());
+        }
+        if self.upstream_idle_timeout.is_zero() {
+            return Err("proxy.upstream_idle_timeout: must be positive".into());
         }
         if !(0.0..=10.0).contains(&self.retry_budget) {
             return Err("proxy.retry_budget: must be between 0 and 10".into());
@@ -137,23 +150,59 @@ impl ProxyConfig {
         Ok(())
     }
 
-    fn timeouts(&self, service: &str) -> (Duration, Duration) {
+    /// The request and connect timeouts of one call. A gRPC caller's
+    /// deadline (`grpc-timeout`) replaces the default request timeout, and
+    /// a per-service `request_timeout` bounds it.
+    fn timeouts(&self, service: &str, headers: &http::HeaderMap) -> Timeouts {
         let o = self.service.get(service);
-        let parse = |v: Option<&String>, d| {
-            v.and_then(|v| gossamer_membership::duration::parse(v).ok())
-                .unwrap_or(d)
+        let parse =
+            |v: Option<&String>| v.and_then(|v| gossamer_membership::duration::parse(v).ok());
+        let configured = parse(o.and_then(|o| o.request_timeout.as_ref()));
+        let (request, callers_deadline) = match (grpc_timeout(headers), configured) {
+            (Some(deadline), Some(bound)) if bound < deadline => (bound, false),
+            (Some(deadline), _) => (deadline, true),
+            (None, configured) => (configured.unwrap_or(self.request_timeout), false),
         };
-        (
-            parse(
-                o.and_then(|o| o.request_timeout.as_ref()),
-                self.request_timeout,
-            ),
-            parse(
-                o.and_then(|o| o.connect_timeout.as_ref()),
-                self.connect_timeout,
-            ),
-        )
+        Timeouts {
+            request,
+            connect: parse(o.and_then(|o| o.connect_timeout.as_ref()))
+                .unwrap_or(self.connect_timeout),
+            callers_deadline,
+        }
     }
+}
+
+/// The time limits of one proxied call.
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    /// Until the response head.
+    request: Duration,
+    /// To reach the instance.
+    connect: Duration,
+    /// `request` is the caller's own gRPC deadline: running out of it is
+    /// no sign that the instance is unwell.
+    callers_deadline: bool,
+}
+
+/// The caller's deadline from a `grpc-timeout` header: 1 to 8 digits and a
+/// unit (`H`, `M`, `S`, `m`, `u`, `n`).
+pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let v = headers.get("grpc-timeout")?.as_bytes();
+    let (&unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+    .filter(|d| !d.is_zero())
 }
 
 type HttpClient = Client<HttpConnector, ProxyBody>;
@@ -227,7 +276,9 @@ impl Proxy {
                 connector.set_connect_timeout(Some(connect_timeout));
                 connector.set_nodelay(true);
                 let mut builder = Client::builder(TokioExecutor::new());
-                builder.pool_idle_timeout(Duration::from_secs(60));
+                // Without a timer the pool never reaps idle connections.
+                builder.pool_timer(TokioTimer::new());
+                builder.pool_idle_timeout(self.config.upstream_idle_timeout);
                 builder.pool_max_idle_per_host(256);
                 if h2 {
                     builder.http2_only(true);
@@ -265,7 +316,9 @@ impl Proxy {
             .or_else(|| table.lookup_usable(hash, ok))
     }
 
-    fn begin(&self, key: &str) {
+    /// Counts a request in flight to `key` until the guard drops, so a
+    /// caller that goes away mid-request never leaves a count behind.
+    fn begin<'a>(&'a self, key: &'a str) -> InFlight<'a> {
         self.metrics.active.inc();
         if self.config.bounded_load.is_some() {
             *self
@@ -275,13 +328,27 @@ impl Proxy {
                 .entry(key.to_owned())
                 .or_default() += 1;
         }
+        InFlight { proxy: self, key }
     }
+}
 
-    fn end(&self, key: &str) {
-        self.metrics.active.dec();
-        if self.config.bounded_load.is_some() {
-            let mut m = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = m.get_mut(key) {
+/// A request in flight to one instance; see [`Proxy::begin`].
+#[derive(Debug)]
+struct InFlight<'a> {
+    proxy: &'a Proxy,
+    key: &'a str,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.proxy.metrics.active.dec();
+        if self.proxy.config.bounded_load.is_some() {
+            let mut m = self
+                .proxy
+                .inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = m.get_mut(self.key) {
                 *n = n.saturating_sub(1);
             }
         }
@@ -306,12 +373,71 @@ async fn keep_routes(
     }
 }
 
+/// Marks answers the mesh made itself rather than a service; on the
+/// owner-to-caller hop its value says why (see [`inbound`]).
+pub const ERROR_HEADER: &str = "x-gossamer-error";
+/// How many outbound listeners a request has passed; see [`MAX_HOPS`].
+pub const HOPS_HEADER: &str = "x-gossamer-hops";
+/// A request that passed this many outbound listeners is looping.
+pub const MAX_HOPS: u32 = 8;
+
+/// The message of an answer the proxy made itself, kept so it can be
+/// re-shaped for gRPC callers.
+#[derive(Debug, Clone)]
+pub struct LocalError(pub String);
+
 /// A response the proxy makes itself (errors), marked so clients can tell.
 pub fn local_response(status: http::StatusCode, message: String) -> http::Response<ProxyBody> {
-    http::Response::builder()
+    let mut response = http::Response::builder()
         .status(status)
         .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .header("x-gossamer-error", "1")
+        .header(ERROR_HEADER, "1")
         .body(body::full(Bytes::from(format!("gossamer: {message}\n"))))
-        .expect("valid response")
+        .expect("valid response");
+    response.extensions_mut().insert(LocalError(message));
+    response
+}
+
+/// Whether a request is gRPC (its content type says so).
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Re-shapes an answer the proxy made itself for a gRPC caller: gRPC
+/// clients read the status from `grpc-status`, not from the HTTP status,
+/// so the error goes there (a trailers-only answer) with its message, as
+/// gRPC's HTTP-to-status mapping would have it.
+pub fn grpc_error(response: http::Response<ProxyBody>) -> http::Response<ProxyBody> {
+    let Some(LocalError(message)) = response.extensions().get::<LocalError>().cloned() else {
+        return response;
+    };
+    let code = match response.status().as_u16() {
+        400 => 13,       // INTERNAL: the request itself was broken
+        403 => 7,        // PERMISSION_DENIED
+        408 | 504 => 4,  // DEADLINE_EXCEEDED
+        429 => 8,        // RESOURCE_EXHAUSTED
+        502..=503 => 14, // UNAVAILABLE
+        _ => 2,          // UNKNOWN
+    };
+    let encoded: String = message
+        .bytes()
+        .flat_map(|b| {
+            if (0x20..0x7f).contains(&b) && b != b'%' {
+                vec![b as char]
+            } else {
+                format!("%{b:02X}").chars().collect()
+            }
+        })
+        .collect();
+    let mut out = http::Response::builder()
+        .status(http::StatusCode::OK)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header("grpc-status", code.to_string())
+        .header(ERROR_HEADER, "1");
+    if let Ok(v) = http::HeaderValue::from_str(&encoded) {
+        out = out.header("grpc-message", v);
+    }
+    out.body(body::empty()).expect("valid response")
 }

@@ -2,7 +2,6 @@
 //! here; the target service comes from the Host header (`web`, `web.mesh`)
 //! or an absolute-form URI (so `HTTP_PROXY` works).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,69 +14,85 @@ use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
-use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::body::{self, BoxError, ProxyBody, Replayable};
+use super::inbound::{self, Upstream};
 use super::metrics::{InstanceLabels, RequestLabels, ServiceLabel};
 use super::outlier::Verdict;
 use super::routes::{Backend, HashPolicy, ServiceRoute};
 use super::wire::{self, RequestHead, ResponseHead, STREAM_PROXY};
-use super::{Proxy, inbound, local_response};
+use super::{ERROR_HEADER, HOPS_HEADER, MAX_HOPS, Proxy, grpc_error, is_grpc, local_response};
 use crate::balance::rendezvous::hash_key;
+use crate::listener::{self, Limits, ListenerMetrics};
+use gossamer_membership::catalog::validate_service_name;
 
 /// Serves local applications until `shutdown` flips.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    debug!(error = %e, "proxy accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
-        let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        let builder = builder.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| handle(proxy.clone(), req, peer));
-            if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(%peer, error = %e, "proxy connection ended with an error");
-            }
-        });
-    }
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    limits: Limits,
+    metrics: ListenerMetrics,
+    shutdown: watch::Receiver<bool>,
+) {
+    let handler = move |req, peer| handle(proxy.clone(), req, peer);
+    listener::serve(listener, "proxy", limits, metrics, shutdown, handler).await;
 }
 
-/// The service a request is for: the absolute-form URI's host, else the
-/// Host header; a `.mesh` suffix and any port are ignored.
-pub fn target_service(req: &Request<Incoming>) -> Option<String> {
-    let host = req.uri().host().map(str::to_owned).or_else(|| {
-        let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
-        let h = h.rsplit_once(':').map_or(h, |(host, port)| {
-            if port.bytes().all(|b| b.is_ascii_digit()) {
-                host
-            } else {
-                h
-            }
-        });
-        Some(h.to_owned())
-    })?;
+/// Why a request names no service.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    /// Neither an absolute URI nor a Host header.
+    #[error("no target service: set the Host header (web or web.mesh) or use an absolute URI")]
+    Missing,
+    /// More than one Host header: which one a server would use is anyone's guess.
+    #[error("more than one Host header")]
+    DuplicateHost,
+    /// The host is not a service name; only its start is echoed.
+    #[error("{0:?} is not a service name (web or web.mesh)")]
+    NotAName(String),
+}
+
+/// The service a request is for: the absolute-form URI's (or HTTP/2
+/// `:authority`'s) host, else the Host header; a `.mesh` suffix and any
+/// port are ignored.
+pub fn target_service<B>(req: &Request<B>) -> Result<String, TargetError> {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let header = hosts.next();
+    if hosts.next().is_some() {
+        return Err(TargetError::DuplicateHost);
+    }
+    let host = match req.uri().host() {
+        Some(h) => h,
+        None => {
+            let h = header
+                .ok_or(TargetError::Missing)?
+                .to_str()
+                .map_err(|_| TargetError::NotAName("(not ASCII)".into()))?;
+            h.rsplit_once(':').map_or(h, |(host, port)| {
+                if port.bytes().all(|b| b.is_ascii_digit()) {
+                    host
+                } else {
+                    h
+                }
+            })
+        }
+    };
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     let name = host.strip_suffix(".mesh").unwrap_or(&host);
-    (!name.is_empty()).then(|| name.to_owned())
+    if name.is_empty() {
+        return Err(TargetError::Missing);
+    }
+    if validate_service_name(name).is_err() {
+        let shown: String = name.chars().take(64).collect();
+        return Err(TargetError::NotAName(shown));
+    }
+    Ok(name.to_owned())
 }
 
 /// The bytes the hash policy picks from a request; the client IP when the
@@ -140,7 +155,7 @@ fn class(status: StatusCode) -> &'static str {
 #[derive(Debug, thiserror::Error)]
 pub enum AttemptError {
     /// The instance could not be reached; nothing was sent.
-    #[error("cannot reach {0}")]
+    #[error("{0}")]
     Connect(String),
     /// Failed after sending, before any response byte.
     #[error("no response: {0}")]
@@ -149,40 +164,65 @@ pub enum AttemptError {
 
 async fn handle(
     proxy: Arc<Proxy>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    if is_grpc(req.headers()) {
+        grpc_error(route_request(proxy, req, peer).await)
+    } else {
+        route_request(proxy, req, peer).await
+    }
+}
+
+async fn route_request(
+    proxy: Arc<Proxy>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
-) -> Result<Response<ProxyBody>, Infallible> {
-    let Some(service) = target_service(&req) else {
-        return Ok(local_response(
-            StatusCode::BAD_REQUEST,
-            "no target service: set the Host header (web or web.mesh) or use an absolute URI"
-                .into(),
-        ));
+) -> Response<ProxyBody> {
+    let service = match target_service(&req) {
+        Ok(s) => s,
+        Err(e) => return local_response(StatusCode::BAD_REQUEST, e.to_string()),
     };
+    let hops = req
+        .headers()
+        .get(HOPS_HEADER)
+        .and_then(|v| v.to_str().ok()?.parse::<u32>().ok())
+        .unwrap_or(0);
+    if hops >= MAX_HOPS {
+        warn!(%service, hops, "request loop cut: it passed through the mesh {hops} times");
+        return local_response(
+            StatusCode::LOOP_DETECTED,
+            format!(
+                "request loop: this request passed through the mesh {hops} times; check that {service:?} does not call itself through its own proxy"
+            ),
+        );
+    }
     let Some(route) = proxy.route(&service) else {
-        proxy
-            .metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                service: service.clone(),
-                instance: "none".into(),
-                class: "5xx".into(),
-            })
-            .inc();
-        return Ok(local_response(
+        proxy.count(&service, "none", "5xx");
+        return local_response(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("unknown service {service:?}"),
-        ));
+        );
     };
     let on_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    // The instance sees the name it was called by: from an absolute URI or
+    // HTTP/2's :authority too, whatever protocol it speaks.
+    if let Some(authority) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(http::header::HOST, v);
+    }
+    parts
+        .headers
+        .insert(HOPS_HEADER, HeaderValue::from(hops + 1));
     if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
         parts.headers.append("x-forwarded-for", v);
     }
     let hash = hash_key(&hash_input(&parts, &route.policy, peer));
-    Ok(proxy
+    proxy
         .dispatch(&route, hash, parts, Replayable::new(body), on_upgrade)
-        .await)
+        .await
 }
 
 impl Proxy {
@@ -197,7 +237,8 @@ impl Proxy {
         mut on_upgrade: Option<OnUpgrade>,
     ) -> Response<ProxyBody> {
         let service = &route.name;
-        let (request_timeout, connect_timeout) = self.config.timeouts(service);
+        let timeouts = self.config.timeouts(service, &parts.headers);
+        let (request_timeout, connect_timeout) = (timeouts.request, timeouts.connect);
         let budget = self.budget(service);
         budget.request();
         let mut tried = Vec::new();
@@ -216,26 +257,36 @@ impl Proxy {
             tried.push(index);
             let backend = &route.backends[index];
             let started = Instant::now();
-            self.begin(&backend.key);
+            let in_flight = self.begin(&backend.key);
             let attempt = tokio::time::timeout(
                 request_timeout,
                 self.attempt(
                     route,
                     backend,
                     &parts,
-                    body.attempt(),
+                    &body,
                     on_upgrade.take(),
                     connect_timeout,
                 ),
             )
             .await;
-            self.end(&backend.key);
+            drop(in_flight);
             self.metrics
                 .latency
                 .get_or_create(&ServiceLabel {
                     service: service.clone(),
                 })
                 .observe(started.elapsed().as_secs_f64());
+            // The client's own mistakes (a malformed body, hanging up
+            // mid-upload, sending too slowly) are never the instance's.
+            if body.client_failed() {
+                self.count(service, &backend.key, "4xx");
+                debug!(instance = %backend.key, "request body broken by the client");
+                return local_response(
+                    StatusCode::BAD_REQUEST,
+                    "request body: malformed or cut short by the client".into(),
+                );
+            }
             let error = match attempt {
                 Ok(Ok(response)) => {
                     if response.status().is_server_error() {
@@ -247,8 +298,17 @@ impl Proxy {
                     return response;
                 }
                 Ok(Err(e)) => e,
+                Err(_) if !body.complete() => {
+                    self.count(service, &backend.key, "4xx");
+                    return local_response(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!("request body not received within {request_timeout:?}"),
+                    );
+                }
                 Err(_) => {
-                    self.failed(route, backend);
+                    if !timeouts.callers_deadline {
+                        self.failed(route, backend);
+                    }
                     self.count(service, &backend.key, "5xx");
                     return local_response(
                         StatusCode::GATEWAY_TIMEOUT,
@@ -271,7 +331,7 @@ impl Proxy {
                 && budget.try_retry())
             {
                 let e = last_error.take().expect("set above");
-                return local_response(StatusCode::BAD_GATEWAY, format!("{}: {e}", backend.key));
+                return local_response(StatusCode::BAD_GATEWAY, e.to_string());
             }
             self.metrics
                 .retries
@@ -314,21 +374,13 @@ impl Proxy {
         route: &ServiceRoute,
         backend: &Backend,
         parts: &Parts,
-        body: ProxyBody,
+        body: &Replayable,
         on_upgrade: Option<OnUpgrade>,
         connect_timeout: Duration,
     ) -> Result<Response<ProxyBody>, AttemptError> {
         if backend.local {
-            self.call_local(
-                &route.name,
-                &backend.address,
-                backend.port,
-                parts,
-                body,
-                on_upgrade,
-                connect_timeout,
-            )
-            .await
+            self.call_local(route, backend, parts, body, on_upgrade, connect_timeout)
+                .await
         } else {
             self.call_remote(route, backend, parts, body, on_upgrade, connect_timeout)
                 .await
@@ -336,28 +388,30 @@ impl Proxy {
     }
 
     /// Calls an instance on this node with the pooled client.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn call_local(
+    async fn call_local(
         &self,
-        service: &str,
-        address: &str,
-        port: u16,
+        route: &ServiceRoute,
+        backend: &Backend,
         parts: &Parts,
-        body: ProxyBody,
+        body: &Replayable,
         on_upgrade: Option<OnUpgrade>,
         connect_timeout: Duration,
     ) -> Result<Response<ProxyBody>, AttemptError> {
-        let upgrade = on_upgrade.is_some();
+        let upstream = Upstream {
+            instance: &backend.key,
+            address: &backend.address,
+            port: backend.port,
+            protocol: backend.protocol,
+        };
         let mut response = self
-            .call_upstream(address, port, parts, body, upgrade, connect_timeout)
-            .await
-            .map_err(|e| {
-                if e.is_connect() {
-                    AttemptError::Connect(format!("{address}:{port}: {e}"))
-                } else {
-                    AttemptError::NoResponse(format!("{address}:{port}: {e}"))
-                }
-            })?;
+            .call_upstream(
+                &upstream,
+                parts,
+                body.attempt(),
+                on_upgrade.is_some(),
+                connect_timeout,
+            )
+            .await?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_side) = on_upgrade
         {
@@ -378,7 +432,7 @@ impl Proxy {
             head.headers = wire::headers_from_wire(&wire::headers_to_wire(&head.headers, true));
             return Ok(Response::from_parts(head, body::empty()));
         }
-        let counter = self.metrics.bytes(service, "response");
+        let counter = self.metrics.bytes(&route.name, "response");
         let (mut head, incoming) = response.into_parts();
         head.headers = wire::headers_from_wire(&wire::headers_to_wire(&head.headers, false));
         Ok(Response::from_parts(
@@ -392,7 +446,7 @@ impl Proxy {
         route: &ServiceRoute,
         backend: &Backend,
         parts: &Parts,
-        body: ProxyBody,
+        body: &Replayable,
         on_upgrade: Option<OnUpgrade>,
         connect_timeout: Duration,
     ) -> Result<Response<ProxyBody>, AttemptError> {
@@ -408,7 +462,7 @@ impl Proxy {
                         backend.node
                     ))
                 })?
-                .map_err(|e| AttemptError::Connect(e.to_string()))?;
+                .map_err(|e| AttemptError::Connect(format!("node {}: {e}", backend.node)))?;
         let upgrade = on_upgrade.is_some();
         let head = RequestHead {
             service: route.name.clone(),
@@ -426,6 +480,7 @@ impl Proxy {
             },
             headers: wire::headers_to_wire(&parts.headers, upgrade),
             upgrade,
+            end_stream: body.is_empty(),
         };
         let encoded = wire::encode_head(&head).map_err(|e| AttemptError::Connect(e.to_string()))?;
         let sent = async {
@@ -433,11 +488,12 @@ impl Proxy {
             send.write_all(&encoded).await
         };
         sent.await
-            .map_err(|e| AttemptError::NoResponse(e.to_string()))?;
+            .map_err(|e| AttemptError::NoResponse(format!("node {}: {e}", backend.node)))?;
         let mut send = Some(send);
         if !upgrade {
             let mut send = send.take().expect("present");
             let counter = self.metrics.bytes(&route.name, "request");
+            let body = body.attempt();
             tokio::spawn(async move {
                 if let Err(e) = body::to_quic(body, &mut send, &counter).await {
                     debug!(error = %e, "request body not fully sent");
@@ -445,38 +501,49 @@ impl Proxy {
                 }
             });
         }
+        let no_response =
+            |e: String| AttemptError::NoResponse(format!("node {}: {e}", backend.node));
         let frame = read_frame(&mut recv, wire::MAX_HEAD)
             .await
-            .map_err(|e| AttemptError::NoResponse(e.to_string()))?
-            .ok_or_else(|| AttemptError::NoResponse("stream closed before the response".into()))?;
+            .map_err(|e| no_response(e.to_string()))?
+            .ok_or_else(|| no_response("stream closed before the response".into()))?;
         let head: ResponseHead =
-            wire::decode_head(&frame).map_err(|e| AttemptError::NoResponse(e.to_string()))?;
-        let status = StatusCode::from_u16(head.status)
-            .map_err(|e| AttemptError::NoResponse(e.to_string()))?;
-        let headers = wire::headers_from_wire(&head.headers);
+            wire::decode_head(&frame).map_err(|e| no_response(e.to_string()))?;
+        let status = StatusCode::from_u16(head.status).map_err(|e| no_response(e.to_string()))?;
+        let mut headers = wire::headers_from_wire(&head.headers);
         // The owner answered for its service: when nothing reached the
-        // service (gone, refused) the request can go elsewhere.
-        match headers.get("x-gossamer-error").map(|v| v.as_bytes()) {
+        // service (gone, refused) the request can go elsewhere. Its message
+        // names the cause.
+        let message = || {
+            headers
+                .get(inbound::MESSAGE_HEADER)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_else(|| format!("{} failed on its node", backend.key))
+        };
+        match headers.get(ERROR_HEADER).map(|v| v.as_bytes()) {
             Some(r) if r == inbound::UNREACHABLE.as_bytes() => {
-                return Err(AttemptError::Connect(format!(
-                    "{}: unreachable from its node",
-                    backend.key
-                )));
+                return Err(AttemptError::Connect(message()));
             }
             Some(r) if r == inbound::NO_RESPONSE.as_bytes() => {
-                return Err(AttemptError::NoResponse(format!(
-                    "{}: no response to its node",
-                    backend.key
-                )));
+                return Err(AttemptError::NoResponse(message()));
+            }
+            Some(r) if r == inbound::OTHER.as_bytes() => {
+                let _ = recv.stop(0u32.into());
+                return Ok(local_response(status, message()));
             }
             _ => {}
         }
+        headers.remove(inbound::MESSAGE_HEADER);
         let mut response = Response::builder().status(status);
         *response.headers_mut().expect("builder ok") = headers;
         if status == StatusCode::SWITCHING_PROTOCOLS
             && let (Some(client_side), Some(send)) = (on_upgrade, send)
         {
             tokio::spawn(bridge_quic(client_side, send, recv));
+            return Ok(response.body(body::empty()).expect("valid"));
+        }
+        if head.end_stream {
+            let _ = recv.stop(0u32.into());
             return Ok(response.body(body::empty()).expect("valid"));
         }
         let counter = self.metrics.bytes(&route.name, "response");

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
 use gossamer_membership::MemberState;
-use gossamer_membership::catalog::Catalog;
+use gossamer_membership::catalog::{Catalog, Protocol};
 use http::HeaderName;
 
 use crate::agent::swim::Snapshot;
@@ -73,6 +73,8 @@ pub struct Backend {
     pub local: bool,
     /// The owner's QUIC address.
     pub owner_addr: Option<SocketAddr>,
+    /// What the instance speaks.
+    pub protocol: Protocol,
 }
 
 /// A service's instances and its hash table.
@@ -140,6 +142,7 @@ impl Routes {
                         && !suspect.contains(i.node.as_str()),
                     local: i.node == members.local.name,
                     owner_addr: addrs.get(i.node.as_str()).copied(),
+                    protocol: Protocol::parse(i.protocol).unwrap_or_default(),
                 })
                 .collect();
             let signature: Vec<(String, u32)> =

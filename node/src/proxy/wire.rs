@@ -41,6 +41,8 @@ pub struct RequestHead {
     pub headers: Vec<(String, Vec<u8>)>,
     /// Whether this is an upgrade request.
     pub upgrade: bool,
+    /// The request has no body: the owner sends none either.
+    pub end_stream: bool,
 }
 
 /// The owner's answer.
@@ -50,6 +52,10 @@ pub struct ResponseHead {
     pub status: u16,
     /// End-to-end headers.
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The response has no body at all: the caller must end the stream
+    /// with the headers (a gRPC trailers-only answer is HEADERS with
+    /// END_STREAM, and clients read an extra empty DATA frame as an error).
+    pub end_stream: bool,
 }
 
 /// A body frame.
@@ -160,7 +166,8 @@ impl FrameDecoder {
     }
 }
 
-/// Hop-by-hop headers, never forwarded (RFC 9110 §7.6.1).
+/// Hop-by-hop headers, never forwarded (RFC 9110 §7.6.1), except
+/// `te: trailers`, which HTTP/2 allows and gRPC servers require.
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
@@ -182,15 +189,24 @@ pub fn headers_to_wire(map: &HeaderMap, keep_upgrade: bool) -> Vec<(String, Vec<
         .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
         .collect();
     map.iter()
-        .filter(|(name, _)| {
+        .filter(|(name, value)| {
             let n = name.as_str();
             if keep_upgrade && (n == "upgrade" || n == "connection") {
                 return true;
+            }
+            if n == "te" {
+                return is_te_trailers(value);
             }
             !HOP_BY_HOP.contains(&n) && !listed.iter().any(|l| l == n)
         })
         .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
         .collect()
+}
+
+fn is_te_trailers(value: &HeaderValue) -> bool {
+    value
+        .to_str()
+        .is_ok_and(|v| v.trim().eq_ignore_ascii_case("trailers"))
 }
 
 /// Wire pairs back into a map; invalid names or values are skipped.
@@ -252,10 +268,23 @@ mod tests {
         map.insert("x-private", "1".parse().unwrap());
         map.insert("traceparent", "00-abc-def-01".parse().unwrap());
         map.insert("transfer-encoding", "chunked".parse().unwrap());
+        map.insert("te", "gzip".parse().unwrap());
         let wire = headers_to_wire(&map, false);
         assert_eq!(
             wire,
             vec![("traceparent".to_string(), b"00-abc-def-01".to_vec())]
+        );
+    }
+
+    #[test]
+    fn te_trailers_is_forwarded() {
+        let mut map = HeaderMap::new();
+        map.insert("te", "trailers".parse().unwrap());
+        map.insert("content-type", "application/grpc".parse().unwrap());
+        let wire = headers_to_wire(&map, false);
+        assert!(
+            wire.contains(&("te".to_string(), b"trailers".to_vec())),
+            "{wire:?}"
         );
     }
 

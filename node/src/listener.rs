@@ -1,0 +1,545 @@
+//! HTTP listeners with the limits every listener exposed to clients needs:
+//! a cap on open connections, a header-read timeout (a partial request
+//! head, or one byte a second, cannot hold a connection), an idle
+//! keep-alive timeout, and a graceful close on shutdown.
+//!
+//! The proxy and the admin API each get their own listener and cap, so a
+//! flood of connections to one never starves the other: `/health` keeps
+//! answering while the proxy refuses connections.
+//!
+//! hyper's own `header_read_timeout` also closes idle keep-alive
+//! connections after that time (its timer runs while waiting for the next
+//! head), which would make the two timeouts one. Here each connection has
+//! a watchdog instead: a head is "being read" from the first byte that
+//! arrives while no request is open until hyper hands the request over.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+/// How long a connection asked to close gracefully may take to finish.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// `[limits]` in the config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Time allowed from the first byte of a request head to its end.
+    #[serde(with = "gossamer_membership::duration")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request open for this long is closed.
+    #[serde(with = "gossamer_membership::duration")]
+    pub idle_timeout: Duration,
+    /// Most open connections on the proxy listener (lowered to fit the
+    /// process's open-file limit).
+    pub proxy_max_connections: usize,
+    /// Most open connections on the admin listener.
+    pub admin_max_connections: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            proxy_max_connections: 10_000,
+            admin_max_connections: 256,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// Checks values; returns `key: problem`.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.header_read_timeout.is_zero() {
+            return Err("limits.header_read_timeout: must be positive".into());
+        }
+        if self.idle_timeout.is_zero() {
+            return Err("limits.idle_timeout: must be positive".into());
+        }
+        if self.proxy_max_connections == 0 {
+            return Err("limits.proxy_max_connections: must be at least 1".into());
+        }
+        if self.admin_max_connections == 0 {
+            return Err("limits.admin_max_connections: must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The limits of one listener.
+    pub fn for_listener(&self, max_connections: usize) -> Limits {
+        Limits {
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections,
+        }
+    }
+}
+
+/// The limits one listener enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// See [`LimitsConfig::header_read_timeout`].
+    pub header_read_timeout: Duration,
+    /// See [`LimitsConfig::idle_timeout`].
+    pub idle_timeout: Duration,
+    /// Most open connections.
+    pub max_connections: usize,
+}
+
+/// The process's soft limit on open files, from `/proc/self/limits`.
+pub fn open_file_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// `listener` (`proxy` or `admin`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// Which listener.
+    pub listener: &'static str,
+}
+
+/// `listener`, `reason` (`header_timeout` or `idle`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    /// Which listener.
+    pub listener: &'static str,
+    /// Why the agent closed it.
+    pub reason: &'static str,
+}
+
+/// Connection metrics of every listener.
+#[derive(Debug, Clone)]
+pub struct ListenerMetrics {
+    open: Family<ListenerLabel, Gauge>,
+    refused: Family<ListenerLabel, Counter>,
+    closed: Family<CloseLabels, Counter>,
+}
+
+impl ListenerMetrics {
+    /// Creates the families and registers them.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            open: Family::default(),
+            refused: Family::default(),
+            closed: Family::default(),
+        };
+        registry.register(
+            "gossamer_listener_connections",
+            "Open client connections per listener",
+            m.open.clone(),
+        );
+        registry.register(
+            "gossamer_listener_refused",
+            "Connections closed at once because the listener was at its cap",
+            m.refused.clone(),
+        );
+        registry.register(
+            "gossamer_listener_closed",
+            "Connections the agent closed, by reason",
+            m.closed.clone(),
+        );
+        m
+    }
+}
+
+impl ListenerMetrics {
+    /// Open connections on `listener` now.
+    pub fn open(&self, listener: &'static str) -> i64 {
+        self.open.get_or_create(&ListenerLabel { listener }).get()
+    }
+}
+
+/// Milliseconds on a process-wide monotonic clock (0 is never returned, so
+/// 0 can mean "unset").
+fn now_ms() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    let base = *BASE.get_or_init(|| Instant::now() - Duration::from_millis(1));
+    base.elapsed().as_millis() as u64
+}
+
+/// What the watchdog knows about one connection.
+#[derive(Debug)]
+struct ConnState {
+    /// Requests handed to the service whose response has not ended.
+    open: AtomicU32,
+    /// When the last request ended (or the connection opened).
+    idle_since: AtomicU64,
+    /// When the first byte of a head arrived; 0 when no head is pending.
+    head_since: AtomicU64,
+    /// Whether any byte was read yet (the first read tells h1 from h2).
+    seen: AtomicBool,
+    /// HTTP/2 has no "partial head" to time out; only idleness counts.
+    h2: AtomicBool,
+}
+
+impl ConnState {
+    fn new() -> Self {
+        Self {
+            open: AtomicU32::new(0),
+            idle_since: AtomicU64::new(now_ms()),
+            head_since: AtomicU64::new(0),
+            seen: AtomicBool::new(false),
+            h2: AtomicBool::new(false),
+        }
+    }
+
+    fn on_read(&self, bytes: &[u8]) {
+        if !self.seen.swap(true, Ordering::Relaxed) && bytes.starts_with(b"PRI * HTTP/2") {
+            self.h2.store(true, Ordering::Relaxed);
+        }
+        if self.open.load(Ordering::Relaxed) == 0
+            && self.head_since.load(Ordering::Relaxed) == 0
+            && !self.h2.load(Ordering::Relaxed)
+        {
+            self.head_since.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// The next instant worth looking at, and what is wrong now if anything.
+    fn check(&self, limits: &Limits) -> (Option<Closing>, Duration) {
+        let now = now_ms();
+        let head = self.head_since.load(Ordering::Relaxed);
+        if head != 0 {
+            let deadline = head + limits.header_read_timeout.as_millis() as u64;
+            return if now >= deadline {
+                (Some(Closing::HeaderTimeout), Duration::ZERO)
+            } else {
+                (None, Duration::from_millis(deadline - now))
+            };
+        }
+        if self.open.load(Ordering::Relaxed) > 0 {
+            return (None, limits.idle_timeout);
+        }
+        let deadline =
+            self.idle_since.load(Ordering::Relaxed) + limits.idle_timeout.as_millis() as u64;
+        if now >= deadline {
+            (Some(Closing::Idle), Duration::ZERO)
+        } else {
+            (None, Duration::from_millis(deadline - now))
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    HeaderTimeout,
+    Idle,
+}
+
+/// Marks one request open from the moment hyper hands it over until its
+/// response body is dropped (finished, failed or abandoned), so no path
+/// (a client that goes away included) leaves the count wrong.
+#[derive(Debug)]
+struct OpenRequest(Arc<ConnState>);
+
+impl OpenRequest {
+    fn new(state: Arc<ConnState>) -> Self {
+        state.open.fetch_add(1, Ordering::Relaxed);
+        state.head_since.store(0, Ordering::Relaxed);
+        Self(state)
+    }
+}
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.0.idle_since.store(now_ms(), Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that holds its request open until it is dropped.
+#[derive(Debug)]
+pub struct Tracked<B> {
+    inner: B,
+    _open: OpenRequest,
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The client's socket, telling the watchdog when bytes arrive.
+#[derive(Debug)]
+struct Watched {
+    stream: TcpStream,
+    state: Arc<ConnState>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled
+            && buf.filled().len() > before
+        {
+            self.state.on_read(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Counts an open connection for as long as it lives.
+#[derive(Debug)]
+struct Slot {
+    count: Arc<AtomicUsize>,
+    gauge: Gauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
+    }
+}
+
+/// Serves HTTP/1.1 and h2c (with upgrades) on `listener` until `shutdown`
+/// flips, calling `handler` for every request with the client's address.
+pub async fn serve<H, F, B>(
+    listener: TcpListener,
+    name: &'static str,
+    limits: Limits,
+    metrics: ListenerMetrics,
+    mut shutdown: watch::Receiver<bool>,
+    handler: H,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
+    let count = Arc::new(AtomicUsize::new(0));
+    let label = ListenerLabel { listener: name };
+    let gauge = metrics.open.get_or_create(&label).clone();
+    let refused = metrics.refused.get_or_create(&label).clone();
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors, typically: back off instead of spinning.
+                    debug!(listener = name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        if count.fetch_add(1, Ordering::Relaxed) >= limits.max_connections {
+            count.fetch_sub(1, Ordering::Relaxed);
+            refused.inc();
+            if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                warn!(
+                    listener = name, %peer, max_connections = limits.max_connections,
+                    "connection refused: the listener is at its connection cap"
+                );
+                last_warning = Some(Instant::now());
+            }
+            drop(stream);
+            continue;
+        }
+        gauge.inc();
+        let slot = Slot {
+            count: count.clone(),
+            gauge: gauge.clone(),
+        };
+        let _ = stream.set_nodelay(true);
+        let state = Arc::new(ConnState::new());
+        let io = TokioIo::new(Watched {
+            stream,
+            state: state.clone(),
+        });
+        let handler = handler.clone();
+        let conn_state = state.clone();
+        let service = service_fn(move |req| {
+            let open = OpenRequest::new(conn_state.clone());
+            let response = handler(req, peer);
+            async move {
+                let response = response.await;
+                Ok::<_, Infallible>(response.map(|inner| Tracked { inner, _open: open }))
+            }
+        });
+        let builder = builder.clone();
+        let metrics = metrics.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let conn = builder.serve_connection_with_upgrades(io, service);
+            tokio::pin!(conn);
+            let mut closing: Option<Instant> = None;
+            let mut stopping = *shutdown.borrow();
+            loop {
+                let (verdict, wait) = state.check(&limits);
+                let wait = match closing {
+                    Some(t) => CLOSE_GRACE.saturating_sub(t.elapsed()),
+                    None => wait,
+                };
+                let reason = match verdict {
+                    _ if closing.is_some() && wait.is_zero() => break,
+                    Some(Closing::HeaderTimeout) => {
+                        debug!(listener = name, %peer, "request head not received in time; closing");
+                        metrics
+                            .closed
+                            .get_or_create(&CloseLabels {
+                                listener: name,
+                                reason: "header_timeout",
+                            })
+                            .inc();
+                        break;
+                    }
+                    Some(Closing::Idle) if closing.is_none() => Some("idle"),
+                    _ if stopping && closing.is_none() => Some("shutdown"),
+                    _ => None,
+                };
+                if let Some(reason) = reason {
+                    if reason == "idle" {
+                        metrics
+                            .closed
+                            .get_or_create(&CloseLabels {
+                                listener: name,
+                                reason,
+                            })
+                            .inc();
+                    }
+                    conn.as_mut().graceful_shutdown();
+                    closing = Some(Instant::now());
+                    continue;
+                }
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(e) = result {
+                            debug!(listener = name, %peer, error = %e, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    () = tokio::time::sleep(wait.max(Duration::from_millis(5))) => {}
+                    changed = shutdown.changed(), if !stopping => {
+                        stopping = changed.is_err() || *shutdown.borrow();
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            header_read_timeout: Duration::from_millis(20),
+            idle_timeout: Duration::from_millis(40),
+            max_connections: 1,
+        }
+    }
+
+    #[test]
+    fn partial_head_times_out_and_requests_reset_it() {
+        let s = Arc::new(ConnState::new());
+        assert_eq!(s.check(&limits()).0, None);
+        s.on_read(b"GET / HT");
+        assert_eq!(s.check(&limits()).0, None, "not yet");
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(s.check(&limits()).0, Some(Closing::HeaderTimeout));
+        let open = OpenRequest::new(s.clone());
+        assert_eq!(s.check(&limits()).0, None, "a request is open");
+        s.on_read(b"more body");
+        assert_eq!(
+            s.head_since.load(Ordering::Relaxed),
+            0,
+            "body bytes are no head"
+        );
+        drop(open);
+        assert_eq!(s.open.load(Ordering::Relaxed), 0);
+        assert_eq!(s.check(&limits()).0, None, "idle only just now");
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(s.check(&limits()).0, Some(Closing::Idle));
+    }
+
+    #[test]
+    fn h2_connections_only_time_out_when_idle() {
+        let s = Arc::new(ConnState::new());
+        s.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        s.on_read(b"settings");
+        assert_eq!(s.head_since.load(Ordering::Relaxed), 0);
+        assert_eq!(s.check(&limits()).0, None);
+    }
+}
