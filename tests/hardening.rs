@@ -171,7 +171,7 @@ fn http_details_that_real_clients_depend_on() -> Result<()> {
         "active streams back to 0",
         Duration::from_secs(10),
         || match agent.metric("gossamer_proxy_active_streams") {
-            Some(v) if v == 0.0 => Ok(()),
+            Some(0.0) => Ok(()),
             other => Err(format!("{other:?}")),
         },
     )?;
@@ -235,7 +235,7 @@ fn hostile_connections_are_capped_and_timed_out() -> Result<()> {
         "idle connections closed",
         Duration::from_secs(15),
         || match agent.metric("gossamer_listener_connections{listener=\"proxy\"}") {
-            Some(v) if v == 0.0 => Ok(()),
+            Some(0.0) => Ok(()),
             other => Err(format!("{other:?}")),
         },
     )?;
@@ -479,7 +479,7 @@ fn admin_writes_need_json_and_the_token() -> Result<()> {
     );
     ensure!(
         put(
-            &format!("Content-Type: application/json\r\nAuthorization: Bearer wrong\r\n"),
+            "Content-Type: application/json\r\nAuthorization: Bearer wrong\r\n",
             "web-1"
         )? == 401,
         "wrong token"
