@@ -525,3 +525,107 @@ fn admin_writes_need_json_and_the_token() -> Result<()> {
     );
     Ok(())
 }
+
+/// `bin` on the PATH, installing Debian's `package` when missing; why not
+/// when it cannot be had.
+fn ensure_tool(bin: &str, package: &str) -> std::result::Result<(), String> {
+    let found = || {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {bin}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if found() {
+        return Ok(());
+    }
+    let install = format!(
+        "(apt-get install -y -qq {package} || (apt-get update -qq && apt-get install -y -qq {package})) >/dev/null 2>&1"
+    );
+    let _ = std::process::Command::new("sh")
+        .args(["-c", &install])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status();
+    if found() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{bin} not found and Debian's {package} could not be installed"
+        ))
+    }
+}
+
+#[test]
+fn curl_and_nghttp2_clients() -> Result<()> {
+    let (_pki, agent, _web) = one_agent("")?;
+    let p = agent.proxy.to_string();
+    if let Err(why) = ensure_tool("curl", "curl") {
+        eprintln!("SKIPPED curl_and_nghttp2_clients: {why}");
+        return Ok(());
+    }
+    // The documented proxy form: curl reads the lower-case variable.
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-m", "10", "http://web.mesh/via-proxy"])
+        .env("http_proxy", format!("http://{p}"))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "curl via http_proxy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        text.contains("web-1") && text.contains("web.mesh"),
+        "{text}"
+    );
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-m",
+            "10",
+            "--http2-prior-knowledge",
+            "-H",
+            "Host: web",
+        ])
+        .arg(format!("http://{p}/h2"))
+        .output()?;
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("web-1"),
+        "curl h2c: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    if let Err(why) = ensure_tool("h2load", "nghttp2-client") {
+        eprintln!("SKIPPED the nghttp2 part of curl_and_nghttp2_clients: {why}");
+        return Ok(());
+    }
+    // 2,000 h2c requests, 10 connections, 10 streams each, to an instance
+    // that the agent calls over HTTP/1.1.
+    let out = std::process::Command::new("h2load")
+        .args([
+            "-n",
+            "2000",
+            "-c",
+            "10",
+            "-m",
+            "10",
+            "-H",
+            ":authority: web",
+        ])
+        .arg(format!("http://{p}/"))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        text.contains("2000 succeeded, 0 failed, 0 errored"),
+        "h2load: {text}"
+    );
+    let out = std::process::Command::new("nghttp")
+        .args(["-H", ":authority: web.mesh"])
+        .arg(format!("http://{p}/nghttp"))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && text.contains("/nghttp"),
+        "nghttp: {text}"
+    );
+    Ok(())
+}
