@@ -629,3 +629,43 @@ fn curl_and_nghttp2_clients() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_failed_upgrade_is_not_retried_as_a_plain_request() -> Result<()> {
+    let (_pki, agent, _web) = one_agent("")?;
+    // A second instance whose port nobody listens on.
+    let closed = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let (status, text) = agent.register(
+        "web-dead",
+        &format!(r#"{{"name": "web", "port": {closed}}}"#),
+    )?;
+    ensure!(status == 200, "{text}");
+    wait_health(
+        &[&agent],
+        "web",
+        "web-dead",
+        Some("passing"),
+        Duration::from_secs(10),
+    )?;
+    let key = (0..1000)
+        .map(|i| format!("k{i}"))
+        .find(|k| {
+            agent
+                .get(&format!("/v1/route?service=web&key={k}"))
+                .is_ok_and(|(_, body)| body.contains("\"web-dead\""))
+        })
+        .context("no key maps to web-dead")?;
+    let r = raw(
+        agent.proxy,
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: web\r\nx-hash-key: {key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .as_bytes(),
+        Duration::from_secs(10),
+    )?;
+    ensure!(
+        status_of(&r) == Some(502),
+        "an upgrade whose instance is down: {r}"
+    );
+    Ok(())
+}

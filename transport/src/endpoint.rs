@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendDatagramError, SendStream};
@@ -134,7 +134,8 @@ struct Inner {
     config: TransportConfig,
     peers: Mutex<HashMap<String, Slot>>,
     /// Every open connection (duplicates included), for UDP byte counts.
-    live: Mutex<HashMap<usize, Connection>>,
+    /// Every open connection, with when it was established.
+    live: Mutex<HashMap<usize, (Connection, Instant)>>,
     inbound: mpsc::Sender<Inbound>,
     streams: mpsc::Sender<Inbound>,
     blocked: RwLock<HashSet<String>>,
@@ -250,7 +251,7 @@ impl Transport {
             Stats::get(&self.0.stats.udp_in_closed),
             Stats::get(&self.0.stats.udp_out_closed),
         );
-        for conn in live.values() {
+        for (conn, _) in live.values() {
             let s = conn.stats();
             rx += s.udp_rx.bytes;
             tx += s.udp_tx.bytes;
@@ -402,14 +403,40 @@ impl Transport {
         }
         drop(peers);
         let live = self.0.live.lock().unwrap_or_else(|e| e.into_inner());
-        for conn in live.values() {
-            if peer_cert(conn)
-                .as_ref()
-                .and_then(pki::node_identity)
-                .is_some_and(|(_, n)| n == name)
-            {
+        for (conn, _) in live.values() {
+            if is_peer(conn, name) {
                 conn.close(3u32.into(), b"peer declared down");
             }
+        }
+    }
+
+    /// Closes the connections with `name` established more than `age` ago:
+    /// those of a process that has since restarted (its successor's
+    /// connections are younger). Streams in flight on them fail at once,
+    /// so callers fail over instead of waiting for a dead process.
+    pub fn disconnect_older_than(&self, name: &str, age: Duration) {
+        let Some(cutoff) = Instant::now().checked_sub(age) else {
+            return;
+        };
+        let stale: Vec<Connection> = {
+            let live = self.0.live.lock().unwrap_or_else(|e| e.into_inner());
+            live.values()
+                .filter(|(conn, established)| *established < cutoff && is_peer(conn, name))
+                .map(|(conn, _)| conn.clone())
+                .collect()
+        };
+        if stale.is_empty() {
+            return;
+        }
+        let mut peers = self.peers();
+        if matches!(peers.get(name), Some(Slot::Ready(c)) if stale.iter().any(|s| s.stable_id() == c.stable_id()))
+        {
+            peers.remove(name);
+        }
+        drop(peers);
+        for conn in stale {
+            debug!(peer = %name, "closing a connection to the process before a restart");
+            conn.close(4u32.into(), b"peer restarted");
         }
     }
 
@@ -556,7 +583,7 @@ impl Transport {
             .live
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(conn.stable_id(), conn.clone());
+            .insert(conn.stable_id(), (conn.clone(), Instant::now()));
         trace!(peer = %name, %addr, "connection ready");
         tokio::spawn(self.clone().drive(name.clone(), conn));
         Ok(name)
@@ -623,6 +650,13 @@ impl Transport {
             Stats::add(&self.0.stats.inbound_dropped, 1);
         }
     }
+}
+
+fn is_peer(conn: &Connection, name: &str) -> bool {
+    peer_cert(conn)
+        .as_ref()
+        .and_then(pki::node_identity)
+        .is_some_and(|(_, n)| n == name)
 }
 
 fn peer_cert(conn: &Connection) -> Option<rustls_pki_types::CertificateDer<'static>> {

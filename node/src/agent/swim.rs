@@ -345,7 +345,16 @@ impl SwimTask {
                     self.transport.disconnect(&id.name);
                 }
                 Event::MemberRenamed { old, new } => {
-                    info!(member = %new.name, old = old.generation, new = new.generation, "member restarted")
+                    info!(member = %new.name, old = old.generation, new = new.generation, "member restarted");
+                    // Connections to the process before the restart are dead
+                    // (requests on them would wait for their timeout).
+                    // Generations of restarts are the start time in unix
+                    // ms; a renewal in the same process adds 1 to the old
+                    // one, which makes the age its whole life and closes
+                    // nothing. The margin covers clock skew.
+                    let age = crate::agent::unix_millis().saturating_sub(new.generation);
+                    self.transport
+                        .disconnect_older_than(&new.name, Duration::from_millis(age + 500));
                 }
                 Event::Rejoined(id) => {
                     warn!(

@@ -241,6 +241,9 @@ impl Proxy {
         let (request_timeout, connect_timeout) = (timeouts.request, timeouts.connect);
         let budget = self.budget(service);
         budget.request();
+        // The client side of an upgrade goes to the first attempt; a retry
+        // would be a plain request, so upgrades are never retried.
+        let upgrade = on_upgrade.is_some();
         let mut tried = Vec::new();
         let mut last_error = None;
         loop {
@@ -326,7 +329,7 @@ impl Proxy {
             last_error = Some(error);
             if !(may_retry
                 && body.replayable()
-                && on_upgrade.is_none()
+                && !upgrade
                 && tried.len() <= self.config.max_retries as usize
                 && budget.try_retry())
             {
