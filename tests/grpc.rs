@@ -11,67 +11,15 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use support::{Agent, AgentOptions, Pki, wait_health, wait_states};
 
-fn script_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/grpc")
-}
-
-/// A Python interpreter that has grpcio, or why there is none.
-fn python() -> std::result::Result<String, String> {
-    let out = Command::new("bash")
-        .arg(script_dir().join("python.sh"))
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| format!("bash: {e}"))?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-/// The grpcio echo server; killed when dropped.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Server {
-    fn start(python: &str) -> Result<Self> {
-        let mut child = Command::new(python)
-            .arg(script_dir().join("grpc_echo.py"))
-            .args(["serve", "--port", "0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start the grpcio server")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-        let port = line
-            .trim()
-            .strip_prefix("listening ")
-            .and_then(|p| p.parse().ok())
-            .with_context(|| format!("unexpected server output {line:?}"))?;
-        Ok(Self { child, port })
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn check(python: &str, proxy: std::net::SocketAddr, long: bool) -> Result<String> {
     let mut cmd = Command::new(python);
-    cmd.arg(script_dir().join("grpc_echo.py")).args([
+    cmd.arg(support::grpc_script("grpc_echo.py")).args([
         "check",
         "--target",
         &proxy.to_string(),
@@ -95,7 +43,7 @@ fn check(python: &str, proxy: std::net::SocketAddr, long: bool) -> Result<String
 
 #[test]
 fn grpcio_through_the_mesh() -> Result<()> {
-    let python = match python() {
+    let python = match support::grpc_python() {
         Ok(p) => p,
         Err(why) => {
             eprintln!("SKIPPED grpcio_through_the_mesh: {why}");
@@ -117,7 +65,7 @@ fn grpcio_through_the_mesh() -> Result<()> {
         &[("n1", "alive"), ("n2", "alive")],
         Duration::from_secs(15),
     )?;
-    let server = Server::start(&python)?;
+    let server = support::GrpcServer::start(&python)?;
     let (status, text) = n2.register(
         "echo-1",
         &format!(

@@ -643,3 +643,61 @@ pub fn open_fds(pid: u32) -> Option<usize> {
         .ok()
         .map(|dir| dir.count())
 }
+
+/// A file of `tests/grpc/`.
+pub fn grpc_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/grpc")
+        .join(name)
+}
+
+/// A Python with grpcio (`tests/grpc/python.sh` installs it in a venv
+/// under target/ when needed), or why there is none, naming the package.
+pub fn grpc_python() -> std::result::Result<String, String> {
+    let out = Command::new("bash")
+        .arg(grpc_script("python.sh"))
+        .output()
+        .map_err(|e| format!("bash: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The grpcio echo server of `tests/grpc/grpc_echo.py` on a free loopback
+/// port; killed when dropped.
+#[derive(Debug)]
+pub struct GrpcServer {
+    child: Child,
+    /// Where it listens.
+    pub port: u16,
+}
+
+impl GrpcServer {
+    /// Starts one with `python` (from [`grpc_python`]).
+    pub fn start(python: &str) -> Result<Self> {
+        use std::io::BufRead;
+        let mut child = Command::new(python)
+            .arg(grpc_script("grpc_echo.py"))
+            .args(["serve", "--port", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start the grpcio server")?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        let port = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("unexpected grpcio server output {line:?}"))?;
+        Ok(Self { child, port })
+    }
+}
+
+impl Drop for GrpcServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
