@@ -461,24 +461,27 @@ type GrpcSender = hyper::client::conn::http2::SendRequest<http_body_util::Full<b
 
 /// gRPC unary calls (`gossamer.test.Echo/Unary`) to the grpcio servers of
 /// `echo` (registered with protocol `grpc`): gRPC framing over h2c, `te:
-/// trailers`, a deadline, and success read from `grpc-status`.
+/// trailers`, a deadline, and success read from `grpc-status`. Like a gRPC
+/// channel, all calls through one proxy share one connection.
 struct Grpc {
     shared: &'static H2Shared,
-    conns: std::collections::HashMap<SocketAddr, GrpcSender>,
 }
+
+static GRPC_CONNS: std::sync::OnceLock<Mutex<std::collections::HashMap<SocketAddr, GrpcSender>>> =
+    std::sync::OnceLock::new();
 
 impl Grpc {
     fn new() -> Result<Self, String> {
         Ok(Self {
             shared: H2c::new()?.shared,
-            conns: Default::default(),
         })
     }
 }
 
 impl Traffic for Grpc {
     fn call(&mut self, proxy: SocketAddr, key: &str, seq: u64) -> Result<String, String> {
-        let sender = self.conns.get(&proxy).filter(|s| !s.is_closed()).cloned();
+        let conns = GRPC_CONNS.get_or_init(Default::default);
+        let sender = lock(conns).get(&proxy).filter(|s| !s.is_closed()).cloned();
         let key = key.to_owned();
         let (result, sender) = self.shared.rt.block_on(async move {
             match tokio::time::timeout(IO_TIMEOUT, grpc_unary(sender, proxy, key, seq)).await {
@@ -487,7 +490,10 @@ impl Traffic for Grpc {
             }
         });
         if let Some(s) = sender {
-            self.conns.insert(proxy, s);
+            let mut conns = lock(conns);
+            if conns.get(&proxy).is_none_or(|c| c.is_closed()) {
+                conns.insert(proxy, s);
+            }
         }
         result
     }
@@ -1319,8 +1325,9 @@ struct Planned {
 
 /// The schedule: every ~15 s (seeded jitter) from `CHAOS_LEAD` to
 /// `secs - CHAOS_TAIL`, cycling through the four kinds in the order of
-/// `ActionKind::ALL`, each with a seeded target. An agent kill comes first,
-/// so even a short run's warm-up has the heaviest disturbance in it.
+/// `ActionKind::ALL`, each with a seeded target. An agent kill comes first
+/// (of an agent hosting instances), so even a short run's warm-up has the
+/// heaviest disturbance in it.
 fn plan(secs: f64, seed: u64) -> Vec<Planned> {
     let mut rng = Rng::new(seed);
     let last = secs - CHAOS_TAIL;
@@ -1555,10 +1562,17 @@ impl Chaos<'_> {
     }
 
     fn kill_agent(&mut self, n: usize, p: &Planned) -> ActionRecord {
+        // The first kill takes an agent that hosts instances: requests in
+        // flight to it are the heaviest disturbance (each proxy holds them
+        // until the restart closes the old connections, and the allocator
+        // keeps that high-water mark, about 2 MB), and it must fall in the
+        // warm-up so that the growth check measures creep, not that step.
+        let hosts = |name: &&str| WEB.iter().any(|(_, node)| node == name);
         let candidates: Vec<&str> = KILLABLE
             .iter()
             .copied()
             .filter(|name| self.mesh.agent(name).is_some())
+            .filter(|name| n > 0 || hosts(name))
             .collect();
         if candidates.is_empty() {
             return self.record(n, p, self.clock.now(), "kill: no candidate".into());

@@ -208,8 +208,11 @@ impl ConnState {
     }
 
     fn on_read(&self, bytes: &[u8]) {
-        if !self.seen.swap(true, Ordering::Relaxed) && bytes.starts_with(b"PRI * HTTP/2") {
-            self.h2.store(true, Ordering::Relaxed);
+        if !self.seen.load(Ordering::Relaxed) {
+            self.seen.store(true, Ordering::Relaxed);
+            if bytes.starts_with(b"PRI * HTTP/2") {
+                self.h2.store(true, Ordering::Relaxed);
+            }
         }
         if self.open.load(Ordering::Relaxed) == 0
             && self.head_since.load(Ordering::Relaxed) == 0
