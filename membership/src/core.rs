@@ -12,6 +12,7 @@ use crate::codec::{self, CodecError, WireCodec};
 use crate::config::{InvalidSwimConfig, SwimConfig};
 use crate::gossip::{CatalogNotice, GossipHandler, Leave};
 use crate::identity::NodeId;
+use crate::lifeguard::{HealthStats, Lifeguard, Verdict};
 use crate::sync::{SyncMember, SyncPayload, SyncState};
 
 /// A member's state as the mesh sees it.
@@ -137,11 +138,16 @@ pub struct Membership {
     events: VecDeque<Event>,
     left: bool,
     incarnation: u16,
+    /// The generation `incarnation` belongs to.
+    incarnation_of: u64,
     config: SwimConfig,
     /// The `max_transmissions` foca runs with now.
     transmissions: u8,
+    /// The suspicion timeout foca runs with now.
+    suspicion_timeout: Duration,
     /// "You are down" messages not sent because the member is active.
     suppressed_turn_undead: u64,
+    lifeguard: Lifeguard,
 }
 
 impl std::fmt::Debug for Membership {
@@ -159,6 +165,7 @@ impl Membership {
         let gossip = GossipHandler::new(identity.name.clone());
         let foca_config = config.to_foca_for(1)?;
         let transmissions = foca_config.max_transmissions.get();
+        let suspicion_timeout = foca_config.suspect_to_down_after;
         let swim = Foca::with_custom_broadcast(
             identity,
             foca_config,
@@ -177,9 +184,12 @@ impl Membership {
             events: VecDeque::new(),
             left: false,
             incarnation: 0,
+            incarnation_of: 0,
             config: config.clone(),
             transmissions,
+            suspicion_timeout,
             suppressed_turn_undead: 0,
+            lifeguard: Lifeguard::new(config.max_health_score, config.late_ack_grace),
         })
     }
 
@@ -232,6 +242,7 @@ impl Membership {
                 certified: certified.to_owned(),
             });
         }
+        self.lifeguard.on_receive(&header.src, &header.message);
         let result = self.swim.handle_data(data, &mut self.runtime);
         self.drain();
         result.map_err(protocol)
@@ -249,7 +260,13 @@ impl Membership {
             if entry.key().0 > now {
                 break;
             }
-            let timer = entry.remove();
+            let (key, timer) = entry.remove_entry();
+            if matches!(timer, Timer::ProbeRandomMember(_))
+                && let Verdict::Defer(grace) = self.lifeguard.on_round_end()
+            {
+                self.timers.insert((key.0 + grace, key.1), timer);
+                continue;
+            }
             // A timer can only fail on internal inconsistencies foca already
             // recovers from; the next probe round proceeds regardless.
             let _ = self.swim.handle_timer(timer, &mut self.runtime);
@@ -411,9 +428,17 @@ impl Membership {
     fn drain(&mut self) {
         while let Some((to, data)) = self.runtime.to_send() {
             if let Ok(header) = codec::peek_header(&data) {
-                if self.transmits.is_empty() {
+                if header.src.generation != self.incarnation_of {
+                    // A new identity starts its incarnations afresh.
+                    self.incarnation_of = header.src.generation;
+                    self.incarnation = header.src_incarnation;
+                } else if header.src_incarnation > self.incarnation {
+                    // foca raises its incarnation only to refute a
+                    // suspicion of this node.
+                    self.lifeguard.on_refute();
                     self.incarnation = header.src_incarnation;
                 }
+                self.lifeguard.on_send(&to, &header.message);
                 if matches!(header.message, foca::Message::TurnUndead) && self.holds_active(&to) {
                     // foca sends "you are down" when a suspicion timer
                     // expires, even if the member refuted the suspicion in
@@ -427,6 +452,7 @@ impl Membership {
         }
         while let Some((after, timer)) = self.runtime.to_schedule() {
             self.timer_seq += 1;
+            let after = self.lifeguard.stretch(&timer, after);
             self.timers
                 .insert((self.now + after, self.timer_seq), timer);
         }
@@ -463,16 +489,19 @@ impl Membership {
     /// Keeps the number of transmissions per update in step with the
     /// cluster's size (see [`SwimConfig::transmissions_for`]).
     fn scale_transmissions(&mut self) {
-        let want = self.config.transmissions_for(self.swim.num_members() + 1);
-        if want == self.transmissions {
+        let nodes = self.swim.num_members() + 1;
+        let want = self.config.transmissions_for(nodes);
+        let timeout = self.config.suspicion_timeout_for(nodes);
+        if want == self.transmissions && timeout == self.suspicion_timeout {
             return;
         }
-        // Only max_transmissions differs from the running configuration,
-        // which foca accepts at any time.
-        if let Ok(config) = self.config.to_foca_for(self.swim.num_members() + 1)
+        // Only max_transmissions and the suspicion timeout differ from the
+        // running configuration, which foca accepts at any time.
+        if let Ok(config) = self.config.to_foca_for(nodes)
             && self.swim.set_config(config).is_ok()
         {
             self.transmissions = want;
+            self.suspicion_timeout = timeout;
         }
     }
 
@@ -492,6 +521,21 @@ impl Membership {
     /// How many times each update is currently sent on.
     pub fn transmissions(&self) -> u8 {
         self.transmissions
+    }
+
+    /// How long a member stays suspect before it is declared down, now.
+    pub fn suspicion_timeout(&self) -> Duration {
+        self.suspicion_timeout
+    }
+
+    /// The local health score (0 = healthy; see [`crate::lifeguard`]).
+    pub fn health_score(&self) -> u8 {
+        self.lifeguard.score()
+    }
+
+    /// What the failure detector counted.
+    pub fn health_stats(&self) -> HealthStats {
+        self.lifeguard.stats()
     }
 }
 

@@ -14,6 +14,7 @@
 //! - [`codec`]: the versioned, size-capped wire codec (bincode behind one module).
 //! - [`config`]: [`SwimConfig`], SWIM timing shared with the simulator.
 //! - [`gossip`]: custom broadcasts piggybacked on SWIM (leave notices).
+//! - [`lifeguard`]: local health score and late-ack grace (Lifeguard on foca).
 //! - [`sync`]: push-pull exchange of whole member lists.
 //! - [`core`]: the [`Membership`] driver.
 //! - [`duration`]: `"2s"`-style durations for config files.
@@ -25,6 +26,7 @@ pub mod core;
 pub mod duration;
 pub mod gossip;
 pub mod identity;
+pub mod lifeguard;
 pub mod sync;
 
 pub use crate::config::SwimConfig;
