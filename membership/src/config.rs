@@ -260,12 +260,21 @@ mod tests {
         assert_eq!(ms(100), 3_000, "1.4 x 2 x 1 s is under the floor");
         assert_eq!(ms(1_000), 4_200);
         assert_eq!(ms(10_000), 5_600);
-        assert_eq!(c.to_foca_for(1_000).unwrap().suspect_to_down_after.as_millis(), 4_200);
+        assert_eq!(
+            c.to_foca_for(1_000)
+                .unwrap()
+                .suspect_to_down_after
+                .as_millis(),
+            4_200
+        );
         let flat = SwimConfig {
             suspicion_mult: 0.0,
             ..c
         };
-        assert_eq!(flat.suspicion_timeout_for(10_000), flat.suspect_to_down_after);
+        assert_eq!(
+            flat.suspicion_timeout_for(10_000),
+            flat.suspect_to_down_after
+        );
     }
 
     #[test]

@@ -16,19 +16,26 @@
 //! - [`gossip`]: custom broadcasts piggybacked on SWIM (leave notices).
 //! - [`lifeguard`]: local health score and late-ack grace (Lifeguard on foca).
 //! - [`sync`]: push-pull exchange of whole member lists.
-//! - [`core`]: the [`Membership`] driver.
+//! - [`core`]: [`Membership`], SWIM itself.
+//! - [`driver`]: [`Driver`], the agent's policy around the core (joins,
+//!   member syncs, catalog replication), shared with the simulator.
+//! - [`replica`]: catalog replication bookkeeping for the driver.
 //! - [`duration`]: `"2s"`-style durations for config files.
 
 pub mod catalog;
 pub mod codec;
 pub mod config;
 pub mod core;
+pub mod driver;
 pub mod duration;
 pub mod gossip;
 pub mod identity;
 pub mod lifeguard;
+pub mod replica;
 pub mod sync;
 
 pub use crate::config::SwimConfig;
 pub use crate::core::{Event, MemberState, MemberView, Membership, MembershipError, Transmit};
+pub use crate::driver::{Action, Driver, JoinPlan};
 pub use crate::identity::{NameKey, NodeId};
+pub use crate::replica::ReplicaConfig;

@@ -1,0 +1,859 @@
+//! The agent's membership policy around the SWIM core, without I/O.
+//!
+//! [`Membership`] is SWIM itself. Around it, an agent needs policy: join
+//! through the seeds and the members it remembers, retrying with backoff
+//! while alone; swap whole member lists on join, periodically and some
+//! seconds after an identity renewal; fetch catalog entries when gossip or
+//! anti-entropy says they changed; compare digests with a random peer;
+//! forget nodes that stay down; close connections to dead processes. The
+//! [`Driver`] owns the core and that policy, so the agent and the simulator
+//! run the same decisions: the agent's tasks only carry bytes.
+//!
+//! Like the core, it is driven from outside: every input carries `now`;
+//! after each one, drain [`Driver::poll_action`] (what to send, dial,
+//! fetch, close) and [`Driver::poll_event`] (membership changes, for logs
+//! and views), and call [`Driver::handle_timeout`] at
+//! [`Driver::poll_timeout`]. Randomness comes from the seed.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use crate::codec::CodecError;
+use crate::config::SwimConfig;
+use crate::core::{Event, Membership, MembershipError, Transmit};
+use crate::identity::NodeId;
+use crate::replica::{Digest, Replica, ReplicaAction, ReplicaConfig};
+use crate::sync::{SYNC_AFTER_RENEWAL, SyncPayload, interval_for};
+
+/// The first retry of a join that found nobody.
+pub const JOIN_FIRST_RETRY: Duration = Duration::from_millis(500);
+/// Join retries back off up to this.
+pub const JOIN_MAX_RETRY: Duration = Duration::from_secs(10);
+
+/// What the driver wants done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send a SWIM datagram.
+    Send(Transmit),
+    /// Resolve and dial every seed; report each that answers with
+    /// [`Driver::handle_seed`] (or [`Driver::handle_self_seed`]).
+    DialSeeds {
+        /// 1 for the first attempt since the node was last alone.
+        attempt: u32,
+    },
+    /// Swap member lists with `peer`: send `payload`, hand the answer to
+    /// [`Driver::handle_sync_answer`] with `gossip`.
+    SyncMembers {
+        /// The peer.
+        peer: NodeId,
+        /// Our encoded view.
+        payload: Vec<u8>,
+        /// Whether news in the answer is gossiped on.
+        gossip: bool,
+    },
+    /// Fetch `node`'s catalog entry from `node`; report with
+    /// [`Driver::handle_fetched`].
+    Fetch {
+        /// The owner.
+        node: String,
+        /// Where it is.
+        addr: SocketAddr,
+    },
+    /// Swap catalog digests with `peer`; hand its digest to
+    /// [`Driver::handle_digest`].
+    ExchangeDigest {
+        /// The peer.
+        peer: String,
+        /// Where it is.
+        addr: SocketAddr,
+        /// Ours.
+        digest: Digest,
+    },
+    /// Drop `node`'s catalog entry (down for `purge_after`).
+    Purge {
+        /// The owner.
+        node: String,
+    },
+    /// Close every connection to `peer`: it is down or left.
+    Disconnect {
+        /// The member.
+        peer: String,
+    },
+    /// `peer` restarted as this identity: close connections to the older
+    /// process (requests on them would wait for their timeout).
+    DisconnectStale {
+        /// Its new identity.
+        peer: NodeId,
+    },
+}
+
+/// Where a node joins through.
+#[derive(Debug, Clone, Default)]
+pub struct JoinPlan {
+    /// Whether seeds are configured (the caller resolves and dials them).
+    pub has_seeds: bool,
+    /// Members remembered from the last run (generation unknown: 0).
+    pub saved: Vec<NodeId>,
+}
+
+/// A member-list swap due at some time.
+#[derive(Debug, Clone, Copy)]
+struct OneOffSync {
+    at: Duration,
+    gossip: bool,
+}
+
+/// The join loop's state while the node is alone.
+#[derive(Debug, Clone, Copy)]
+struct Joining {
+    at: Duration,
+    delay: Duration,
+    attempt: u32,
+}
+
+/// Counters of the driver's own decisions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DriverStats {
+    /// Join attempts (each announces and dials the seeds).
+    pub join_attempts: u64,
+    /// Member-list swaps started.
+    pub member_syncs: u64,
+    /// Member lists too large to encode (the sync was skipped).
+    pub sync_too_large: u64,
+    /// Anti-entropy rounds.
+    pub anti_entropy_rounds: u64,
+}
+
+/// The membership core plus the agent's policy around it.
+#[derive(Debug)]
+pub struct Driver {
+    core: Membership,
+    replica: Replica,
+    rng: StdRng,
+    plan: JoinPlan,
+    joining: Option<Joining>,
+    joined: bool,
+    self_seed: bool,
+    next_sync: Duration,
+    extra_sync: Option<OneOffSync>,
+    next_anti_entropy: Duration,
+    actions: VecDeque<Action>,
+    events: VecDeque<Event>,
+    scratch: Vec<ReplicaAction>,
+    stats: DriverStats,
+}
+
+impl Driver {
+    /// A driver for `identity` started at `now`, with randomness from
+    /// `seed`. A node with seeds or saved members starts joining at once.
+    pub fn new(
+        identity: NodeId,
+        swim: &SwimConfig,
+        replica: ReplicaConfig,
+        plan: JoinPlan,
+        seed: u64,
+        now: Duration,
+    ) -> Result<Self, MembershipError> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let core = Membership::new(identity.clone(), swim, rng.random())?;
+        // Periodic swaps and digest rounds start at a random point of their
+        // first interval, so nodes started together do not act in step.
+        let next_sync = now + swim.sync_interval.mul_f64(rng.random::<f64>());
+        let next_anti_entropy = now + replica.anti_entropy_interval.mul_f64(rng.random::<f64>());
+        let joining = (plan.has_seeds || !plan.saved.is_empty()).then_some(Joining {
+            at: now,
+            delay: JOIN_FIRST_RETRY,
+            attempt: 0,
+        });
+        Ok(Self {
+            core,
+            replica: Replica::new(identity.name, replica),
+            rng,
+            plan,
+            joining,
+            joined: false,
+            self_seed: false,
+            next_sync,
+            extra_sync: None,
+            next_anti_entropy,
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+            scratch: Vec::new(),
+            stats: DriverStats::default(),
+        })
+    }
+
+    /// The SWIM core (read-only: members, identity, counters).
+    pub fn core(&self) -> &Membership {
+        &self.core
+    }
+
+    /// Replication state (read-only).
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    /// Whether this node ever had another active member.
+    pub fn joined(&self) -> bool {
+        self.joined
+    }
+
+    /// Whether dialing the seeds reached this node itself.
+    pub fn is_self_seed(&self) -> bool {
+        self.self_seed
+    }
+
+    /// Counters of the driver's decisions.
+    pub fn stats(&self) -> DriverStats {
+        self.stats
+    }
+
+    /// The next thing to do.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The next membership event (catalog notices are handled here and
+    /// never come out).
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Driver::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        if self.core.has_left() {
+            return None;
+        }
+        [
+            self.core.poll_timeout(),
+            self.joining.map(|j| j.at),
+            Some(self.next_sync),
+            self.extra_sync.map(|s| s.at),
+            Some(self.next_anti_entropy),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Runs everything due at `now`.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        if self.core.has_left() {
+            return;
+        }
+        self.core.handle_timeout(now);
+        self.pump(now);
+        if self.joining.is_some_and(|j| j.at <= now) {
+            self.join_attempt(now);
+        }
+        if self.next_sync <= now {
+            let interval =
+                interval_for(self.core.config().sync_interval, self.core.num_active() + 1);
+            // Jitter (0.5..1.5 of the interval) keeps nodes from syncing in step.
+            self.next_sync = now + interval.mul_f64(0.5 + self.rng.random::<f64>());
+            self.start_sync(true);
+        }
+        if let Some(sync) = self.extra_sync.filter(|s| s.at <= now) {
+            self.extra_sync = None;
+            self.start_sync(sync.gossip);
+        }
+        if self.next_anti_entropy <= now {
+            self.next_anti_entropy = now + self.replica.config().anti_entropy_interval;
+            self.anti_entropy(now);
+        }
+        self.pump(now);
+    }
+
+    /// One SWIM datagram from the peer whose certificate names `certified`.
+    pub fn handle_datagram(
+        &mut self,
+        now: Duration,
+        certified: &str,
+        data: &[u8],
+    ) -> Result<(), MembershipError> {
+        let result = self.core.handle_datagram(now, certified, data);
+        self.pump(now);
+        result
+    }
+
+    /// A seed answered: its certificate names `name`.
+    pub fn handle_seed(&mut self, now: Duration, name: String, addr: SocketAddr) {
+        if let Ok(id) = NodeId::new(name, addr, 0) {
+            // An announce that cannot be built is retried next attempt.
+            let _ = self.core.announce(now, id);
+        }
+        self.pump(now);
+    }
+
+    /// Dialing a seed reached this very node: alone, it is the mesh.
+    pub fn handle_self_seed(&mut self) {
+        self.self_seed = true;
+    }
+
+    /// Announces to one member (the admin API's join).
+    pub fn announce(&mut self, now: Duration, dst: NodeId) -> Result<(), MembershipError> {
+        let result = self.core.announce(now, dst);
+        self.pump(now);
+        result
+    }
+
+    /// A peer started a member-list swap: returns our view as it was
+    /// before taking in theirs (what the peer needs), then merges theirs
+    /// and gossips its news on.
+    pub fn handle_sync_request(
+        &mut self,
+        now: Duration,
+        theirs: SyncPayload,
+    ) -> Result<Vec<u8>, CodecError> {
+        let ours = self.core.sync_payload().encode();
+        self.core.merge_sync(now, theirs, true);
+        self.pump(now);
+        ours
+    }
+
+    /// The answer to a swap this node started.
+    pub fn handle_sync_answer(
+        &mut self,
+        now: Duration,
+        theirs: SyncPayload,
+        gossip: bool,
+    ) -> usize {
+        let taken = self.core.merge_sync(now, theirs, gossip);
+        self.pump(now);
+        taken
+    }
+
+    /// This node's catalog entry is now at `version`: announce it.
+    pub fn publish_catalog(&mut self, now: Duration, version: u64) -> Result<(), MembershipError> {
+        self.replica.set_local_version(version);
+        let result = self.core.publish_catalog(now, version);
+        self.pump(now);
+        result
+    }
+
+    /// A fetch of `node`'s entry ended with its version, or failed.
+    pub fn handle_fetched(&mut self, now: Duration, node: &str, version: Option<u64>) {
+        self.replica.fetched(node, version);
+        self.pump(now);
+    }
+
+    /// A peer's catalog digest, from a swap either side started.
+    pub fn handle_digest(&mut self, now: Duration, digest: &[(String, u64)]) {
+        let mut out = std::mem::take(&mut self.scratch);
+        self.replica.digest_from(digest, &mut out);
+        self.take_replica(&mut out);
+        self.scratch = out;
+        self.pump(now);
+    }
+
+    /// Leaves the mesh: peers hear it at once; the driver goes quiet.
+    pub fn leave(&mut self, now: Duration) -> Result<(), MembershipError> {
+        let result = self.core.leave(now);
+        self.joining = None;
+        self.extra_sync = None;
+        self.pump(now);
+        result
+    }
+
+    fn join_attempt(&mut self, now: Duration) {
+        let Some(mut joining) = self.joining else {
+            return;
+        };
+        if self.core.num_active() > 0 {
+            self.joining = None;
+            return;
+        }
+        joining.attempt += 1;
+        self.stats.join_attempts += 1;
+        // Members saved from the last run first: announcing is cheap and
+        // needs no dial; then the seeds.
+        for member in self.plan.saved.clone() {
+            let _ = self.core.announce(now, member);
+        }
+        if self.plan.has_seeds {
+            self.actions.push_back(Action::DialSeeds {
+                attempt: joining.attempt,
+            });
+        }
+        joining.at = now + joining.delay;
+        joining.delay = (joining.delay * 2).min(JOIN_MAX_RETRY);
+        self.joining = Some(joining);
+    }
+
+    /// Swaps member lists with one random active member.
+    fn start_sync(&mut self, gossip: bool) {
+        if self.core.has_left() {
+            return;
+        }
+        let active: Vec<NodeId> = self
+            .core
+            .members()
+            .into_iter()
+            .filter(|m| m.state.is_active())
+            .map(|m| m.id)
+            .collect();
+        if active.is_empty() {
+            return;
+        }
+        let peer = active[self.rng.random_range(0..active.len())].clone();
+        match self.core.sync_payload().encode() {
+            Ok(payload) => {
+                self.stats.member_syncs += 1;
+                self.actions.push_back(Action::SyncMembers {
+                    peer,
+                    payload,
+                    gossip,
+                });
+            }
+            Err(_) => self.stats.sync_too_large += 1,
+        }
+    }
+
+    fn anti_entropy(&mut self, now: Duration) {
+        self.stats.anti_entropy_rounds += 1;
+        let count = self.replica.active().count();
+        let peer = (count > 0)
+            .then(|| self.rng.random_range(0..count))
+            .and_then(|i| self.replica.active().nth(i))
+            .map(|(n, a)| (n.clone(), *a));
+        let mut out = std::mem::take(&mut self.scratch);
+        self.replica.round(now, peer, &mut out);
+        self.take_replica(&mut out);
+        self.scratch = out;
+    }
+
+    fn take_replica(&mut self, out: &mut Vec<ReplicaAction>) {
+        for a in out.drain(..) {
+            self.actions.push_back(match a {
+                ReplicaAction::Fetch { node, addr } => Action::Fetch { node, addr },
+                ReplicaAction::Digest { peer, addr, digest } => {
+                    Action::ExchangeDigest { peer, addr, digest }
+                }
+                ReplicaAction::Purge { node } => Action::Purge { node },
+            });
+        }
+    }
+
+    /// Moves the core's output into actions and events, reacting to the
+    /// events that carry policy.
+    fn pump(&mut self, now: Duration) {
+        while let Some(t) = self.core.poll_transmit() {
+            self.actions.push_back(Action::Send(t));
+        }
+        let mut out = std::mem::take(&mut self.scratch);
+        while let Some(event) = self.core.poll_event() {
+            match &event {
+                Event::MemberUp(id) => {
+                    self.replica
+                        .member_active(&id.name, id.generation, id.addr, &mut out);
+                }
+                Event::MemberDown(id) | Event::MemberLeft(id) => {
+                    self.replica.member_inactive(now, &id.name);
+                    self.actions.push_back(Action::Disconnect {
+                        peer: id.name.clone(),
+                    });
+                }
+                Event::MemberRenamed { new, .. } => {
+                    self.replica
+                        .member_active(&new.name, new.generation, new.addr, &mut out);
+                    self.actions
+                        .push_back(Action::DisconnectStale { peer: new.clone() });
+                }
+                Event::Rejoined(_) => {
+                    // Declared down, probably while cut off: once the
+                    // rejoin has spread, swap lists once more to pick up
+                    // what was missed meanwhile.
+                    if self.extra_sync.is_none() {
+                        let delay = SYNC_AFTER_RENEWAL.mul_f64(0.5 + self.rng.random::<f64>());
+                        self.extra_sync = Some(OneOffSync {
+                            at: now + delay,
+                            gossip: true,
+                        });
+                    }
+                }
+                Event::Connected => {
+                    if !self.joined {
+                        // Learn every member at once rather than one
+                        // update at a time; that news is news to nobody.
+                        self.joined = true;
+                        self.extra_sync = Some(OneOffSync {
+                            at: now,
+                            gossip: false,
+                        });
+                    }
+                    self.joining = None;
+                }
+                Event::Isolated => {
+                    if !self.core.has_left()
+                        && self.joining.is_none()
+                        && (self.plan.has_seeds || !self.plan.saved.is_empty())
+                    {
+                        self.joining = Some(Joining {
+                            at: now,
+                            delay: JOIN_FIRST_RETRY,
+                            attempt: 0,
+                        });
+                    }
+                }
+                Event::CatalogNotice { node, version } => {
+                    self.replica.notice(node, *version, &mut out);
+                    continue;
+                }
+            }
+            self.events.push_back(event);
+        }
+        self.take_replica(&mut out);
+        self.scratch = out;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::MemberState;
+    use bytes::Bytes;
+
+    /// A lossless in-memory mesh of drivers on manual time, doing every
+    /// action at once (streams included) the way the agent would.
+    struct Mesh {
+        nodes: Vec<Option<Driver>>,
+        now: Duration,
+        cut: Vec<usize>,
+        /// A frozen node: datagrams to it wait, its timers do not fire.
+        stalled: Option<usize>,
+        backlog: Vec<(String, usize, Bytes)>,
+        /// `versions[i]`: node i's own entry version.
+        versions: Vec<u64>,
+        dials: usize,
+        purged: Vec<(usize, String)>,
+    }
+
+    fn id(i: usize, generation: u64) -> NodeId {
+        NodeId::new(
+            format!("n{i}"),
+            ([10, 0, 0, i as u8], 7946).into(),
+            generation,
+        )
+        .unwrap()
+    }
+
+    impl Mesh {
+        fn new(n: usize, replica: ReplicaConfig) -> Self {
+            Self::with_swim(n, replica, &SwimConfig::default())
+        }
+
+        fn with_swim(n: usize, replica: ReplicaConfig, swim: &SwimConfig) -> Self {
+            let nodes = (0..n)
+                .map(|i| {
+                    let plan = JoinPlan {
+                        has_seeds: i != 0,
+                        saved: Vec::new(),
+                    };
+                    let d = Driver::new(
+                        id(i, 1),
+                        swim,
+                        replica.clone(),
+                        plan,
+                        i as u64,
+                        Duration::ZERO,
+                    );
+                    Some(d.unwrap())
+                })
+                .collect();
+            Self {
+                nodes,
+                now: Duration::ZERO,
+                cut: Vec::new(),
+                stalled: None,
+                backlog: Vec::new(),
+                versions: vec![0; n],
+                dials: 0,
+                purged: Vec::new(),
+            }
+        }
+
+        fn index(name: &str) -> usize {
+            name[1..].parse().unwrap()
+        }
+
+        fn reachable(&self, a: usize, b: usize) -> bool {
+            !self.cut.contains(&a) && !self.cut.contains(&b) && self.nodes[b].is_some()
+        }
+
+        fn act(&mut self, i: usize) -> bool {
+            let mut moved = false;
+            loop {
+                let Some(action) = self.nodes[i].as_mut().and_then(Driver::poll_action) else {
+                    return moved;
+                };
+                moved = true;
+                let now = self.now;
+                let me = format!("n{i}");
+                match action {
+                    Action::Send(t) => {
+                        let j = Self::index(&t.to.name);
+                        if self.stalled == Some(j) {
+                            self.backlog.push((me, j, t.data));
+                        } else if self.reachable(i, j) {
+                            let _ = self.nodes[j]
+                                .as_mut()
+                                .unwrap()
+                                .handle_datagram(now, &me, &t.data);
+                        }
+                    }
+                    Action::DialSeeds { .. } => {
+                        self.dials += 1;
+                        if self.reachable(i, 0) {
+                            let addr = id(0, 0).addr;
+                            self.nodes[i]
+                                .as_mut()
+                                .unwrap()
+                                .handle_seed(now, "n0".into(), addr);
+                        }
+                    }
+                    Action::SyncMembers {
+                        peer,
+                        payload,
+                        gossip,
+                    } => {
+                        let j = Self::index(&peer.name);
+                        if self.reachable(i, j) {
+                            let theirs = SyncPayload::decode(&payload).unwrap();
+                            let answer = self.nodes[j]
+                                .as_mut()
+                                .unwrap()
+                                .handle_sync_request(now, theirs)
+                                .unwrap();
+                            let answer = SyncPayload::decode(&answer).unwrap();
+                            self.nodes[i]
+                                .as_mut()
+                                .unwrap()
+                                .handle_sync_answer(now, answer, gossip);
+                        }
+                    }
+                    Action::Fetch { node, .. } => {
+                        let j = Self::index(&node);
+                        let version = self.reachable(i, j).then(|| self.versions[j]);
+                        self.nodes[i]
+                            .as_mut()
+                            .unwrap()
+                            .handle_fetched(now, &node, version);
+                    }
+                    Action::ExchangeDigest { peer, digest, .. } => {
+                        let j = Self::index(&peer);
+                        if self.reachable(i, j) {
+                            let peer_node = self.nodes[j].as_mut().unwrap();
+                            let theirs = peer_node.replica().digest();
+                            peer_node.handle_digest(now, &digest);
+                            self.nodes[i].as_mut().unwrap().handle_digest(now, &theirs);
+                        }
+                    }
+                    Action::Purge { node } => self.purged.push((i, node)),
+                    Action::Disconnect { .. } | Action::DisconnectStale { .. } => {}
+                }
+            }
+        }
+
+        fn settle(&mut self) {
+            for _ in 0..10_000 {
+                let mut moved = false;
+                for i in 0..self.nodes.len() {
+                    moved |= self.act(i);
+                }
+                if !moved {
+                    return;
+                }
+            }
+            panic!("actions never settle");
+        }
+
+        fn run_for(&mut self, d: Duration) {
+            let end = self.now + d;
+            while self.now < end {
+                self.now += Duration::from_millis(10);
+                let now = self.now;
+                for (i, node) in self.nodes.iter_mut().enumerate() {
+                    let Some(node) = node.as_mut().filter(|_| self.stalled != Some(i)) else {
+                        continue;
+                    };
+                    if node.poll_timeout().is_some_and(|t| t <= now) {
+                        node.handle_timeout(now);
+                    }
+                }
+                self.settle();
+            }
+        }
+
+        /// Freezes `i` for `length`, then it handles what queued up.
+        fn stall(&mut self, i: usize, length: Duration) {
+            self.stalled = Some(i);
+            self.run_for(length);
+            self.stalled = None;
+            let now = self.now;
+            for (from, to, data) in std::mem::take(&mut self.backlog) {
+                let _ = self.nodes[to]
+                    .as_mut()
+                    .unwrap()
+                    .handle_datagram(now, &from, &data);
+            }
+            self.settle();
+        }
+
+        fn node(&self, i: usize) -> &Driver {
+            self.nodes[i].as_ref().unwrap()
+        }
+
+        fn alive(&self, i: usize) -> usize {
+            self.node(i)
+                .core()
+                .members()
+                .iter()
+                .filter(|m| m.state == MemberState::Alive)
+                .count()
+        }
+
+        fn publish(&mut self, i: usize) {
+            self.versions[i] += 1;
+            let (now, v) = (self.now, self.versions[i]);
+            self.nodes[i]
+                .as_mut()
+                .unwrap()
+                .publish_catalog(now, v)
+                .unwrap();
+            self.settle();
+        }
+    }
+
+    #[test]
+    fn nodes_join_through_the_seed_and_stop_dialing() {
+        let mut mesh = Mesh::new(6, ReplicaConfig::default());
+        mesh.run_for(Duration::from_secs(3));
+        for i in 0..6 {
+            assert_eq!(mesh.alive(i), 5, "node {i}");
+            assert!(mesh.node(i).joined());
+        }
+        assert_eq!(mesh.dials, 5, "one dial each: the first attempt worked");
+        mesh.run_for(Duration::from_secs(20));
+        assert_eq!(mesh.dials, 5);
+    }
+
+    #[test]
+    fn join_retries_back_off_while_the_seed_is_away() {
+        let mut mesh = Mesh::new(2, ReplicaConfig::default());
+        mesh.cut = vec![0];
+        mesh.run_for(Duration::from_secs(8));
+        // Attempts at 0, 0.5, 1.5, 3.5, 7.5 s.
+        assert_eq!(mesh.dials, 5);
+        assert_eq!(mesh.node(1).stats().join_attempts, 5);
+        mesh.cut.clear();
+        mesh.run_for(Duration::from_secs(10));
+        assert_eq!(mesh.alive(1), 1, "joined on the attempt at 15.5 s");
+    }
+
+    #[test]
+    fn catalog_changes_reach_everyone_by_gossip_and_fetch() {
+        let mut mesh = Mesh::new(8, ReplicaConfig::default());
+        mesh.run_for(Duration::from_secs(3));
+        mesh.publish(3);
+        mesh.publish(3);
+        mesh.run_for(Duration::from_secs(2));
+        for i in (0..8).filter(|&i| i != 3) {
+            assert_eq!(mesh.node(i).replica().held("n3"), 2, "node {i}");
+        }
+    }
+
+    #[test]
+    fn anti_entropy_repairs_a_change_made_while_cut_off() {
+        let replica = ReplicaConfig {
+            anti_entropy_interval: Duration::from_secs(1),
+            ..ReplicaConfig::default()
+        };
+        let mut mesh = Mesh::new(4, replica);
+        mesh.run_for(Duration::from_secs(3));
+        // n2 changes its entry while nobody hears it, and comes back
+        // before anyone suspects it: only digests can tell the others.
+        mesh.cut = vec![2];
+        mesh.publish(2);
+        mesh.run_for(Duration::from_millis(200));
+        mesh.cut.clear();
+        // The notice went out while cut: lost. Drain its retransmissions.
+        mesh.run_for(Duration::from_secs(5));
+        for i in [0, 1, 3] {
+            assert_eq!(mesh.node(i).replica().held("n2"), 1, "node {i}");
+        }
+    }
+
+    #[test]
+    fn crashed_node_is_disconnected_and_purged_after_the_window() {
+        let replica = ReplicaConfig {
+            anti_entropy_interval: Duration::from_secs(1),
+            purge_after: Duration::from_secs(20),
+        };
+        let mut mesh = Mesh::new(4, replica);
+        mesh.run_for(Duration::from_secs(3));
+        mesh.publish(3);
+        mesh.nodes[3] = None;
+        mesh.run_for(Duration::from_secs(12));
+        assert!(mesh.purged.is_empty());
+        assert_eq!(mesh.alive(0), 2);
+        mesh.run_for(Duration::from_secs(20));
+        let mut purged: Vec<usize> = mesh
+            .purged
+            .iter()
+            .filter(|(_, n)| n == "n3")
+            .map(|(i, _)| *i)
+            .collect();
+        purged.sort();
+        assert_eq!(purged, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn a_stall_shorter_than_the_grace_raises_no_suspicion() {
+        // Stalls of 1.5 s: a probe that catches one gets no ack within its
+        // 1 s round, but the 800 ms grace covers the rest.
+        let refutes = |swim: &SwimConfig| {
+            let mut mesh = Mesh::with_swim(3, ReplicaConfig::default(), swim);
+            mesh.run_for(Duration::from_secs(3));
+            for _ in 0..20 {
+                mesh.stall(1, Duration::from_millis(1_500));
+                mesh.run_for(Duration::from_secs(3));
+            }
+            let late: u64 = (0..3)
+                .map(|i| mesh.node(i).core().health_stats().late_acks)
+                .sum();
+            (mesh.node(1).core().health_stats().refuted, late)
+        };
+        let (refuted, late) = refutes(&SwimConfig::default());
+        assert_eq!(refuted, 0, "never suspected");
+        assert!(late > 0, "some probe was answered in its grace");
+        let plain = SwimConfig {
+            late_ack_grace: Duration::ZERO,
+            ..SwimConfig::default()
+        };
+        let (refuted, _) = refutes(&plain);
+        assert!(refuted > 0, "plain SWIM suspects a stalled node");
+    }
+
+    #[test]
+    fn same_seed_same_run() {
+        let run = || {
+            let mut mesh = Mesh::new(5, ReplicaConfig::default());
+            mesh.run_for(Duration::from_secs(4));
+            mesh.publish(2);
+            mesh.run_for(Duration::from_secs(2));
+            (0..5)
+                .map(|i| {
+                    (
+                        mesh.node(i).core().members(),
+                        mesh.node(i).replica().digest(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
+    }
+}

@@ -1,0 +1,341 @@
+//! Catalog replication bookkeeping: which entry versions this node holds,
+//! which it still wants, which fetches are under way, when to compare
+//! digests, and when to forget a node that stays down.
+//!
+//! Entries themselves live with the caller (the agent's catalog, the
+//! simulator's version table); this module only decides what to fetch from
+//! whom. Entries are only ever fetched from their owner, so a version here
+//! is what the owner itself said.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Catalog timing (`[catalog]` in the agent's config file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicaConfig {
+    /// How often to compare digests with a random peer (and retry fetches
+    /// that failed).
+    #[serde(with = "crate::duration")]
+    pub anti_entropy_interval: Duration,
+    /// How long entries of down or departed nodes are kept (shown
+    /// `unavailable`) before they are dropped.
+    #[serde(with = "crate::duration")]
+    pub purge_after: Duration,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        Self {
+            anti_entropy_interval: Duration::from_secs(5),
+            purge_after: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// `(owner, version)` for every entry a node holds, sorted by owner.
+pub type Digest = Vec<(String, u64)>;
+
+/// What the replica wants done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaAction {
+    /// Fetch `node`'s entry from `node` itself.
+    Fetch {
+        /// The owner.
+        node: String,
+        /// Where it is.
+        addr: SocketAddr,
+    },
+    /// Swap digests with `peer`.
+    Digest {
+        /// The peer.
+        peer: String,
+        /// Where it is.
+        addr: SocketAddr,
+        /// Ours.
+        digest: Digest,
+    },
+    /// Drop `node`'s entry: it has been down for `purge_after`.
+    Purge {
+        /// The owner.
+        node: String,
+    },
+}
+
+/// One node's replication state.
+#[derive(Debug)]
+pub struct Replica {
+    local: String,
+    config: ReplicaConfig,
+    local_version: u64,
+    held: HashMap<String, u64>,
+    wanted: HashMap<String, u64>,
+    fetching: HashSet<String>,
+    /// Active members: generation and address.
+    active: BTreeMap<String, (u64, SocketAddr)>,
+    down_since: HashMap<String, Duration>,
+}
+
+impl Replica {
+    /// The state of `local`, holding nothing yet.
+    pub fn new(local: String, config: ReplicaConfig) -> Self {
+        Self {
+            local,
+            config,
+            local_version: 0,
+            held: HashMap::new(),
+            wanted: HashMap::new(),
+            fetching: HashSet::new(),
+            active: BTreeMap::new(),
+            down_since: HashMap::new(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ReplicaConfig {
+        &self.config
+    }
+
+    /// Our own entry is now at `version`.
+    pub fn set_local_version(&mut self, version: u64) {
+        self.local_version = self.local_version.max(version);
+    }
+
+    /// What this node holds, its own entry included.
+    pub fn digest(&self) -> Digest {
+        let mut d: Digest = self
+            .held
+            .iter()
+            .map(|(n, v)| (n.clone(), *v))
+            .chain(std::iter::once((self.local.clone(), self.local_version)))
+            .collect();
+        d.sort();
+        d
+    }
+
+    /// The version of `node`'s entry held here (0 if none).
+    pub fn held(&self, node: &str) -> u64 {
+        self.held.get(node).copied().unwrap_or(0)
+    }
+
+    /// Entries wanted but not yet held.
+    pub fn wanted(&self) -> usize {
+        self.wanted.len()
+    }
+
+    /// Active members as the replica knows them, for peer choice.
+    pub fn active(&self) -> impl Iterator<Item = (&String, &SocketAddr)> {
+        self.active.iter().map(|(n, (_, a))| (n, a))
+    }
+
+    /// `node` (generation, address) is active. A member that is new,
+    /// restarted or back from a partition has its entry fetched at once.
+    pub fn member_active(
+        &mut self,
+        node: &str,
+        generation: u64,
+        addr: SocketAddr,
+        out: &mut Vec<ReplicaAction>,
+    ) {
+        if node == self.local {
+            return;
+        }
+        self.down_since.remove(node);
+        let fresh = self
+            .active
+            .insert(node.to_owned(), (generation, addr))
+            .is_none_or(|(g, _)| g != generation);
+        if fresh {
+            self.wanted.entry(node.to_owned()).or_insert(0);
+            self.fetch(node, out);
+        }
+    }
+
+    /// `node` is down or left at `now`: its entry stays (shown unavailable)
+    /// until `purge_after`.
+    pub fn member_inactive(&mut self, now: Duration, node: &str) {
+        if node == self.local {
+            return;
+        }
+        self.active.remove(node);
+        self.down_since.entry(node.to_owned()).or_insert(now);
+    }
+
+    /// Gossip says `node`'s entry is at `version`.
+    pub fn notice(&mut self, node: &str, version: u64, out: &mut Vec<ReplicaAction>) {
+        if node == self.local || self.held(node) >= version {
+            return;
+        }
+        let w = self.wanted.entry(node.to_owned()).or_insert(0);
+        *w = (*w).max(version);
+        self.fetch(node, out);
+    }
+
+    /// A peer's digest: want whatever it holds newer.
+    pub fn digest_from(&mut self, digest: &[(String, u64)], out: &mut Vec<ReplicaAction>) {
+        for (node, version) in digest {
+            self.notice(node, *version, out);
+        }
+    }
+
+    /// A fetch of `node`'s entry ended: with the version it returned, or
+    /// `None` if it failed (retried at the next anti-entropy round).
+    pub fn fetched(&mut self, node: &str, version: Option<u64>) {
+        self.fetching.remove(node);
+        let Some(version) = version else {
+            return;
+        };
+        if self.wanted.get(node).is_some_and(|w| *w <= version) {
+            self.wanted.remove(node);
+        }
+        let held = self.held.entry(node.to_owned()).or_insert(0);
+        *held = (*held).max(version);
+    }
+
+    /// An anti-entropy round at `now`: retry wanted fetches, purge nodes
+    /// down for too long, and swap digests with `peer` (picked by the
+    /// caller among [`Replica::active`]).
+    pub fn round(
+        &mut self,
+        now: Duration,
+        peer: Option<(String, SocketAddr)>,
+        out: &mut Vec<ReplicaAction>,
+    ) {
+        let wanted: Vec<String> = self.wanted.keys().cloned().collect();
+        for node in wanted {
+            self.fetch(&node, out);
+        }
+        let purge: Vec<String> = self
+            .down_since
+            .iter()
+            .filter(|(_, since)| now.saturating_sub(**since) >= self.config.purge_after)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for node in purge {
+            self.down_since.remove(&node);
+            self.wanted.remove(&node);
+            self.held.remove(&node);
+            out.push(ReplicaAction::Purge { node });
+        }
+        if let Some((peer, addr)) = peer {
+            out.push(ReplicaAction::Digest {
+                peer,
+                addr,
+                digest: self.digest(),
+            });
+        }
+    }
+
+    fn fetch(&mut self, node: &str, out: &mut Vec<ReplicaAction>) {
+        let Some((_, addr)) = self.active.get(node).copied() else {
+            return;
+        };
+        if self.fetching.insert(node.to_owned()) {
+            out.push(ReplicaAction::Fetch {
+                node: node.to_owned(),
+                addr,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(i: u8) -> SocketAddr {
+        ([10, 0, 0, i], 7946).into()
+    }
+
+    fn replica() -> Replica {
+        Replica::new("a".into(), ReplicaConfig::default())
+    }
+
+    #[test]
+    fn new_member_is_fetched_once_until_the_fetch_ends() {
+        let mut r = replica();
+        let mut out = Vec::new();
+        r.member_active("b", 1, addr(2), &mut out);
+        r.notice("b", 5, &mut out);
+        assert_eq!(
+            out,
+            vec![ReplicaAction::Fetch {
+                node: "b".into(),
+                addr: addr(2)
+            }]
+        );
+        r.fetched("b", Some(3));
+        assert_eq!(r.held("b"), 3);
+        assert_eq!(r.wanted(), 1, "version 5 is still wanted");
+        out.clear();
+        r.round(Duration::from_secs(5), None, &mut out);
+        assert_eq!(out.len(), 1, "retried: {out:?}");
+        r.fetched("b", Some(5));
+        assert_eq!(r.wanted(), 0);
+    }
+
+    #[test]
+    fn notices_of_inactive_or_older_entries_fetch_nothing() {
+        let mut r = replica();
+        let mut out = Vec::new();
+        r.notice("b", 2, &mut out);
+        assert!(out.is_empty(), "b is not active");
+        r.member_active("b", 1, addr(2), &mut out);
+        r.fetched("b", Some(4));
+        out.clear();
+        r.notice("b", 3, &mut out);
+        r.notice("a", 9, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn restart_refetches_and_down_nodes_are_purged_after_the_window() {
+        let mut r = replica();
+        let mut out = Vec::new();
+        r.member_active("b", 1, addr(2), &mut out);
+        r.fetched("b", Some(1));
+        out.clear();
+        r.member_active("b", 1, addr(2), &mut out);
+        assert!(out.is_empty(), "same generation: nothing new");
+        r.member_active("b", 2, addr(2), &mut out);
+        assert_eq!(out.len(), 1, "new generation");
+        r.fetched("b", Some(2));
+        r.member_inactive(Duration::from_secs(10), "b");
+        out.clear();
+        r.round(
+            Duration::from_secs(10) + r.config().purge_after / 2,
+            None,
+            &mut out,
+        );
+        assert!(out.is_empty());
+        r.round(
+            Duration::from_secs(10) + r.config().purge_after,
+            None,
+            &mut out,
+        );
+        assert_eq!(out, vec![ReplicaAction::Purge { node: "b".into() }]);
+        assert_eq!(r.held("b"), 0);
+    }
+
+    #[test]
+    fn digest_includes_our_own_entry_and_drives_fetches() {
+        let mut r = replica();
+        r.set_local_version(7);
+        let mut out = Vec::new();
+        r.member_active("c", 1, addr(3), &mut out);
+        r.fetched("c", Some(1));
+        assert_eq!(r.digest(), vec![("a".into(), 7), ("c".into(), 1)]);
+        out.clear();
+        r.digest_from(&[("c".into(), 4), ("a".into(), 99)], &mut out);
+        assert_eq!(
+            out,
+            vec![ReplicaAction::Fetch {
+                node: "c".into(),
+                addr: addr(3)
+            }]
+        );
+    }
+}
