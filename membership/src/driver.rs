@@ -217,8 +217,8 @@ impl Driver {
         self.actions.pop_front()
     }
 
-    /// The next membership event (catalog notices are handled here and
-    /// never come out).
+    /// The next membership event. Catalog notices come out too, for
+    /// whoever measures their spread; the driver has already acted on them.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
@@ -501,7 +501,6 @@ impl Driver {
                 }
                 Event::CatalogNotice { node, version } => {
                     self.replica.notice(node, *version, &mut out);
-                    continue;
                 }
             }
             self.events.push_back(event);

@@ -105,29 +105,9 @@ impl Catalogs {
         self.slot_of[owner]
     }
 
-    /// The owner of `slot`.
-    pub fn owner(&self, slot: usize) -> usize {
-        self.owner[slot]
-    }
-
-    /// Whether any entry was ever published.
-    pub fn is_empty(&self) -> bool {
-        self.owner.is_empty()
-    }
-
     /// The entry version `x` holds for `slot`.
-    pub fn fetched(&self, x: usize, slot: usize) -> u64 {
+    fn fetched(&self, x: usize, slot: usize) -> u64 {
         self.fetched[x].get(slot).copied().unwrap_or(0)
-    }
-
-    /// Non-zero entry versions `x` holds, as `(slot, version)`: its digest.
-    pub fn digest(&self, x: usize) -> Vec<(usize, u64)> {
-        self.fetched[x]
-            .iter()
-            .enumerate()
-            .filter(|&(_, &v)| v != 0)
-            .map(|(s, &v)| (s, v))
-            .collect()
     }
 
     /// Whether every running node holds every running owner's entry.
@@ -386,7 +366,7 @@ mod tests {
         assert!(c.agreed());
         c.start(0, 2);
         assert_eq!(c.total_mismatch(), 1, "node 2 lost what it held");
-        assert_eq!(c.digest(1), vec![(0, 5)]);
+        assert_eq!(c.fetched(1, 0), 5, "node 1 kept what it held");
     }
 
     #[test]

@@ -678,11 +678,14 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "SWIM: probe every {:?} (rtt {:?}, {} indirect), suspect->down {:?}, gossip every {:?} to {}, {} transmissions per update at {} nodes, {} B packets",
+            "SWIM: probe every {:?} (rtt {:?}, {} indirect, late-ack grace {:?}, health score up to {}), suspect->down {:?} at {} nodes, gossip every {:?} to {}, {} transmissions per update at {} nodes, {} B packets",
             s.probe_period,
             s.probe_rtt,
             s.indirect_probes,
-            s.suspect_to_down_after,
+            s.late_ack_grace,
+            s.max_health_score,
+            s.suspicion_timeout_for(p.nodes),
+            p.nodes,
             s.gossip_interval,
             s.gossip_fanout,
             s.transmissions_for(p.nodes),

@@ -4,10 +4,13 @@
 //! Events are ordered by `(time, sequence)`: the sequence number is taken
 //! when an event is scheduled, so events at the same instant run in the
 //! order they were created and a run depends on nothing but its seed. Each
-//! core is driven exactly like the agent drives it: datagrams in through
-//! `handle_datagram` with the sender's name (what mTLS would prove), timers
-//! through `poll_timeout` / `handle_timeout`, and after every input the
-//! transmits and events are drained.
+//! node runs the agent's own [`Driver`] (the SWIM core and all the policy
+//! around it: joins, member syncs, catalog replication) exactly as the
+//! agent does: datagrams in through `handle_datagram` with the sender's
+//! name (what mTLS would prove), timers through `poll_timeout` /
+//! `handle_timeout`, and after every input its actions are carried out on
+//! the simulated network. Nothing here decides what a node does; it only
+//! moves bytes and measures.
 
 use std::collections::{BinaryHeap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -17,10 +20,11 @@ use anyhow::Context as _;
 use bytes::{Buf, Bytes};
 use foca::{Codec, Message, State};
 use gossamer_membership::codec::WireCodec;
-use gossamer_membership::sync::{SYNC_AFTER_RENEWAL, SyncPayload, interval_for};
-use gossamer_membership::{Event, Membership, NodeId, SwimConfig, Transmit};
+use gossamer_membership::driver::{Action as DriverAction, Driver, JoinPlan};
+use gossamer_membership::sync::SyncPayload;
+use gossamer_membership::{Event, NodeId, ReplicaConfig, SwimConfig, Transmit};
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
 
 use crate::catalog::Catalogs;
 use crate::metrics::{Counters, Detection, Sample};
@@ -28,10 +32,6 @@ use crate::net::{NetParams, Network};
 use crate::progress::Progress;
 use crate::view::{Views, gen_of};
 
-/// The join loop's first retry delay, as in the agent.
-const JOIN_FIRST_RETRY: Duration = Duration::from_millis(500);
-/// The join loop's longest retry delay, as in the agent.
-const JOIN_MAX_RETRY: Duration = Duration::from_secs(10);
 /// Events between two looks at the progress bar.
 const PROGRESS_EVERY: u64 = 4096;
 
@@ -86,12 +86,14 @@ enum StreamMsg {
     Fetch { from: usize, from_life: u32 },
     /// The owner's answer.
     Entry { owner: usize, version: u64 },
-    /// An anti-entropy digest; the receiver answers with its own unless
-    /// this is the answer.
+    /// A fetch that could not reach the owner's process.
+    FetchFailed { owner: usize },
+    /// A catalog digest; the receiver answers with its own unless this is
+    /// the answer.
     Digest {
         from: usize,
         from_life: u32,
-        versions: Vec<(usize, u64)>,
+        digest: Vec<(String, u64)>,
         answer: bool,
     },
     /// A push-pull member sync: the sender's encoded view; the receiver
@@ -101,21 +103,9 @@ enum StreamMsg {
         from_life: u32,
         payload: Vec<u8>,
         answer: bool,
-        /// Whether the initiator gossips news from the answer on (not for
-        /// the sync that follows its join).
+        /// Whether the initiator gossips news from the answer on.
         gossip: bool,
     },
-}
-
-/// Why a node syncs members (as in the agent).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SyncKind {
-    /// The periodic schedule; schedules the next one.
-    Periodic,
-    /// Right after joining; its news is not gossiped on.
-    Join,
-    /// Some seconds after renewing its identity (it was declared down).
-    Renewed,
 }
 
 #[derive(Debug)]
@@ -129,19 +119,6 @@ enum Ev {
         node: usize,
         life: u32,
         at: Duration,
-    },
-    JoinRetry {
-        node: usize,
-        life: u32,
-    },
-    AntiEntropy {
-        node: usize,
-        life: u32,
-    },
-    MemberSync {
-        node: usize,
-        life: u32,
-        kind: SyncKind,
     },
     Stream {
         to: usize,
@@ -162,10 +139,7 @@ impl Ev {
     fn target(&self) -> Option<usize> {
         match self {
             Ev::Datagram { to, .. } | Ev::Stream { to, .. } => Some(*to),
-            Ev::Timer { node, .. }
-            | Ev::JoinRetry { node, .. }
-            | Ev::AntiEntropy { node, .. }
-            | Ev::MemberSync { node, .. } => Some(*node),
+            Ev::Timer { node, .. } => Some(*node),
             Ev::StallEnd { .. } | Ev::Sample | Ev::Action(_) => None,
         }
     }
@@ -202,7 +176,7 @@ impl Ord for Scheduled {
 /// One simulated machine: the process that runs on it, if any.
 #[derive(Debug, Default)]
 struct Node {
-    core: Option<Membership>,
+    driver: Option<Driver>,
     /// Bumped at every start and stop, so events meant for an earlier
     /// process are recognised and dropped.
     life: u32,
@@ -216,8 +190,6 @@ struct Node {
     stalled_until: Option<Duration>,
     /// Events that arrived during a stall.
     backlog: VecDeque<Ev>,
-    join_retry: Duration,
-    join_pending: bool,
     /// Whether some node declared the running generation down.
     declared_down: bool,
     /// The generation that last left gracefully (`0`: none).
@@ -228,11 +200,6 @@ struct Node {
     /// Its own catalog version (kept on disk across restarts).
     catalog_version: u64,
     slow: bool,
-    /// Whether the running process has been connected (it syncs members
-    /// once when it first is, as the agent does).
-    joined: bool,
-    /// A sync after an identity renewal is scheduled.
-    renewal_sync_pending: bool,
 }
 
 /// A simulation: nodes, network, event queue and measurements.
@@ -404,7 +371,7 @@ impl Sim {
 
     /// Whether node `x` runs.
     pub fn is_live(&self, x: usize) -> bool {
-        self.nodes[x].core.is_some()
+        self.nodes[x].driver.is_some()
     }
 
     /// Indices of the running nodes.
@@ -529,7 +496,7 @@ impl Sim {
     fn dispatch(&mut self, ev: Ev) {
         if let Some(x) = ev.target() {
             let node = &mut self.nodes[x];
-            if node.core.is_none() {
+            if node.driver.is_none() {
                 match ev {
                     Ev::Datagram { .. } => self.counters.undeliverable += 1,
                     Ev::Stream { .. } => self.counters.stream_failures += 1,
@@ -545,9 +512,6 @@ impl Sim {
         match ev {
             Ev::Datagram { from, to, data } => self.on_datagram(from, to, &data),
             Ev::Timer { node, life, at } => self.on_timer(node, life, at),
-            Ev::JoinRetry { node, life } => self.on_join_retry(node, life),
-            Ev::AntiEntropy { node, life } => self.on_anti_entropy(node, life),
-            Ev::MemberSync { node, life, kind } => self.on_member_sync(node, life, kind),
             Ev::Stream { to, to_life, msg } => self.on_stream(to, to_life, msg),
             Ev::StallEnd { node, life, at } => self.on_stall_end(node, life, at),
             Ev::Sample => self.on_sample(),
@@ -569,10 +533,13 @@ impl Sim {
 
     fn on_datagram(&mut self, from: usize, to: usize, data: &[u8]) {
         let now = self.now;
-        let Some(core) = self.nodes[to].core.as_mut() else {
+        let Some(driver) = self.nodes[to].driver.as_mut() else {
             return;
         };
-        if core.handle_datagram(now, &self.names[from], data).is_err() {
+        if driver
+            .handle_datagram(now, &self.names[from], data)
+            .is_err()
+        {
             self.counters.refused += 1;
         }
         self.flush(to);
@@ -585,44 +552,124 @@ impl Sim {
             return;
         }
         node.timer_at = None;
-        if let Some(core) = node.core.as_mut() {
-            core.handle_timeout(now);
+        if let Some(driver) = node.driver.as_mut() {
+            driver.handle_timeout(now);
         }
         self.flush(x);
     }
 
-    /// Drains a core's transmits and events, and queues its next timer.
+    /// Carries out a driver's actions, takes in its events, and queues its
+    /// next timer.
     fn flush(&mut self, x: usize) {
         loop {
-            let Some(core) = self.nodes[x].core.as_mut() else {
+            let Some(driver) = self.nodes[x].driver.as_mut() else {
                 return;
             };
-            let Some(t) = core.poll_transmit() else {
+            if let Some(action) = driver.poll_action() {
+                self.carry_out(x, action);
+            } else if let Some(event) = driver.poll_event() {
+                self.on_event(x, event);
+            } else {
                 break;
-            };
-            self.send(x, t);
-        }
-        loop {
-            let Some(core) = self.nodes[x].core.as_mut() else {
-                return;
-            };
-            let Some(event) = core.poll_event() else {
-                break;
-            };
-            self.on_event(x, event);
+            }
         }
         let now = self.now;
         let node = &mut self.nodes[x];
-        let Some(core) = node.core.as_ref() else {
+        let Some(driver) = node.driver.as_ref() else {
             return;
         };
-        if let Some(at) = core.poll_timeout()
+        if let Some(at) = driver.poll_timeout()
             && node.timer_at.is_none_or(|t| at < t)
         {
             node.timer_at = Some(at);
             let life = node.life;
             self.push(at.max(now), Ev::Timer { node: x, life, at });
         }
+    }
+
+    /// Does what node `x`'s driver asked, the way the agent's I/O would.
+    fn carry_out(&mut self, x: usize, action: DriverAction) {
+        let life = self.nodes[x].life;
+        match action {
+            DriverAction::Send(t) => self.send(x, t),
+            DriverAction::DialSeeds { .. } => {
+                // A dial reaches a seed's process if it runs and is on our
+                // side; its certificate names it.
+                let now = self.now;
+                for y in self.seeds.clone() {
+                    if y == x {
+                        if let Some(d) = self.nodes[x].driver.as_mut() {
+                            d.handle_self_seed();
+                        }
+                    } else if self.is_live(y) && !self.net.separated(x, y) {
+                        let name = self.names[y].clone();
+                        if let Some(d) = self.nodes[x].driver.as_mut() {
+                            d.handle_seed(now, name, address(y));
+                        }
+                    }
+                }
+            }
+            DriverAction::SyncMembers {
+                peer,
+                payload,
+                gossip,
+            } => {
+                if let Some(y) = self.index(&peer.name) {
+                    self.counters.sync_bytes += payload.len() as u64;
+                    let msg = StreamMsg::Members {
+                        from: x,
+                        from_life: life,
+                        payload,
+                        answer: false,
+                        gossip,
+                    };
+                    self.stream(x, y, msg);
+                }
+            }
+            DriverAction::Fetch { node, .. } => {
+                let Some(y) = self.index(&node) else {
+                    return;
+                };
+                if self.catalogs.slot(y).is_none() {
+                    self.counters.empty_fetches += 1;
+                }
+                let msg = StreamMsg::Fetch {
+                    from: x,
+                    from_life: life,
+                };
+                if !self.stream(x, y, msg) {
+                    // The opener learns it after a round trip.
+                    let at = self.now + self.net.stream_delay() * 2;
+                    let msg = StreamMsg::FetchFailed { owner: y };
+                    self.push(
+                        at,
+                        Ev::Stream {
+                            to: x,
+                            to_life: life,
+                            msg,
+                        },
+                    );
+                }
+            }
+            DriverAction::ExchangeDigest { peer, digest, .. } => {
+                if let Some(y) = self.index(&peer) {
+                    let msg = StreamMsg::Digest {
+                        from: x,
+                        from_life: life,
+                        digest,
+                        answer: false,
+                    };
+                    self.stream(x, y, msg);
+                }
+            }
+            DriverAction::Purge { .. }
+            | DriverAction::Disconnect { .. }
+            | DriverAction::DisconnectStale { .. } => {}
+        }
+    }
+
+    fn index(&self, name: &str) -> Option<usize> {
+        index_of(name).filter(|&y| y < self.nodes.len())
     }
 
     fn send(&mut self, from: usize, t: Transmit) {
@@ -686,14 +733,13 @@ impl Sim {
         }
     }
 
+    /// Records what node `x` now believes; the driver already acted on it.
     fn on_event(&mut self, x: usize, event: Event) {
         let now = self.now;
         match event {
             Event::MemberUp(id) => {
                 if let Some(y) = index_of(&id.name) {
                     self.views.set_belief(x, y, gen_of(id.generation));
-                    // Full sync on join: fetch the member's entry.
-                    self.fetch(x, y);
                 }
             }
             Event::MemberDown(id) => {
@@ -709,12 +755,10 @@ impl Sim {
                 }
             }
             Event::MemberRenamed { new, .. } => {
-                if let Some(y) = index_of(&new.name) {
-                    if self.views.belief(x, y) != 0 {
-                        self.views.set_belief(x, y, gen_of(new.generation));
-                    }
-                    // A restarted member: fetch its entry again.
-                    self.fetch(x, y);
+                if let Some(y) = index_of(&new.name)
+                    && self.views.belief(x, y) != 0
+                {
+                    self.views.set_belief(x, y, gen_of(new.generation));
                 }
             }
             Event::Rejoined(id) => {
@@ -727,53 +771,11 @@ impl Sim {
                 node.generation = id.generation;
                 node.generation_since = now;
                 self.views.renew(x, gen_of(id.generation));
-                // As the agent: sync members once more some seconds later.
-                if !node.renewal_sync_pending {
-                    node.renewal_sync_pending = true;
-                    let life = node.life;
-                    let delay = SYNC_AFTER_RENEWAL.mul_f64(0.5 + self.rng.random::<f64>());
-                    let kind = SyncKind::Renewed;
-                    self.push(
-                        now + delay,
-                        Ev::MemberSync {
-                            node: x,
-                            life,
-                            kind,
-                        },
-                    );
-                }
             }
-            Event::Connected => {
-                let node = &mut self.nodes[x];
-                if !node.joined {
-                    node.joined = true;
-                    let life = node.life;
-                    let kind = SyncKind::Join;
-                    self.push(
-                        now,
-                        Ev::MemberSync {
-                            node: x,
-                            life,
-                            kind,
-                        },
-                    );
-                }
-            }
-            Event::Isolated => {
-                let node = &mut self.nodes[x];
-                if !node.join_pending {
-                    node.join_pending = true;
-                    node.join_retry = JOIN_FIRST_RETRY;
-                    let life = node.life;
-                    self.push(now, Ev::JoinRetry { node: x, life });
-                }
-            }
+            Event::Connected | Event::Isolated => {}
             Event::CatalogNotice { node, version } => {
-                if let Some(y) = index_of(&node)
-                    && y < self.nodes.len()
-                    && self.catalogs.notice(x, y, version, now)
-                {
-                    self.fetch(x, y);
+                if let Some(y) = self.index(&node) {
+                    self.catalogs.notice(x, y, version, now);
                 }
             }
         }
@@ -814,7 +816,8 @@ impl Sim {
     /// suspicion windows after the heal).
     fn lived_through_split(&self, y: usize) -> bool {
         let s = &self.config.swim;
-        let window = (s.probe_period + s.probe_rtt + s.suspect_to_down_after) * 3;
+        let suspicion = s.suspicion_timeout_for(self.views.live());
+        let window = (s.probe_period + s.probe_rtt + s.late_ack_grace + suspicion) * 3;
         self.net
             .split_within(self.now, window)
             .is_some_and(|healed| self.nodes[y].generation_since < healed)
@@ -822,73 +825,64 @@ impl Sim {
 
     fn start(&mut self, x: usize) {
         let seed = self.config.seed;
+        let now = self.now;
         let node = &mut self.nodes[x];
-        if node.core.is_some() {
+        if node.driver.is_some() {
             return;
         }
         node.generation += 1;
         node.life += 1;
         let id = NodeId::new(self.names[x].clone(), address(x), node.generation)
             .expect("simulator names are valid");
-        let core = Membership::new(
+        // As the agent: join through the members saved from the last run
+        // (their generations unknown) and the seeds.
+        let plan = JoinPlan {
+            has_seeds: !self.seeds.is_empty(),
+            saved: node
+                .saved
+                .iter()
+                .filter(|&&y| y != x)
+                .map(|&y| NodeId::new(self.names[y].clone(), address(y), 0))
+                .collect::<Result<_, _>>()
+                .expect("simulator names are valid"),
+        };
+        let replica = ReplicaConfig {
+            anti_entropy_interval: self.config.anti_entropy_every,
+            ..ReplicaConfig::default()
+        };
+        let driver = Driver::new(
             id,
             &self.config.swim,
+            replica,
+            plan,
             mix(seed, mix(x as u64, node.generation)),
+            now,
         )
         .expect("configuration validated in Sim::new");
-        node.core = Some(core);
+        node.driver = Some(driver);
         node.timer_at = None;
         node.stalled_until = None;
         node.backlog.clear();
-        node.join_pending = true;
-        node.join_retry = JOIN_FIRST_RETRY;
         node.declared_down = false;
-        node.joined = false;
-        node.renewal_sync_pending = false;
-        node.generation_since = self.now;
+        node.generation_since = now;
         let life = node.life;
         let generation = node.generation;
         self.account();
         self.counters.starts += 1;
         self.views.start(x, gen_of(generation));
         self.catalogs.start(x, life);
-        // The join loop announces at once; anti-entropy starts at a random
-        // phase.
-        self.push(self.now, Ev::JoinRetry { node: x, life });
-        let ae = self.config.anti_entropy_every;
-        let phase = Duration::from_nanos(
-            self.rng
-                .random_range(0..u64::try_from(ae.as_nanos()).unwrap_or(u64::MAX).max(1)),
-        );
-        self.push(self.now + phase, Ev::AntiEntropy { node: x, life });
-        // Periodic member syncs start at a random point of the first
-        // interval, as in the agent (another follows the join).
-        let first = self
-            .config
-            .swim
-            .sync_interval
-            .mul_f64(self.rng.random::<f64>());
-        let kind = SyncKind::Periodic;
-        self.push(
-            self.now + first,
-            Ev::MemberSync {
-                node: x,
-                life,
-                kind,
-            },
-        );
+        self.flush(x);
     }
 
     fn stop(&mut self, x: usize) {
         let node = &mut self.nodes[x];
-        if node.core.take().is_none() {
+        if node.driver.take().is_none() {
             return;
         }
         node.life += 1;
         node.timer_at = None;
         node.stalled_until = None;
         node.backlog.clear();
-        node.join_pending = false;
         node.saved = self.views.active_of(x).collect();
         self.account();
         self.views.stop(x);
@@ -912,7 +906,11 @@ impl Sim {
                 .enumerate()
                 .map(|(x, n)| {
                     let holds = self.views.belief(x, y) == gen_of(generation);
-                    if n.core.is_some() && holds { n.life } else { 0 }
+                    if n.driver.is_some() && holds {
+                        n.life
+                    } else {
+                        0
+                    }
                 })
                 .collect();
             self.detections
@@ -923,11 +921,11 @@ impl Sim {
 
     fn leave(&mut self, x: usize) {
         let now = self.now;
-        let Some(core) = self.nodes[x].core.as_mut() else {
+        let Some(driver) = self.nodes[x].driver.as_mut() else {
             return;
         };
         // A failed leave still stops the process, as the agent does.
-        let _ = core.leave(now);
+        let _ = driver.leave(now);
         self.nodes[x].left_generation = self.nodes[x].generation;
         self.flush(x);
         self.stop(x);
@@ -936,7 +934,7 @@ impl Sim {
 
     fn stall(&mut self, x: usize, length: Duration) {
         let node = &mut self.nodes[x];
-        if node.core.is_none() {
+        if node.driver.is_none() {
             return;
         }
         let until = self.now + length;
@@ -972,184 +970,99 @@ impl Sim {
     fn publish(&mut self, x: usize) {
         let now = self.now;
         let node = &mut self.nodes[x];
-        let Some(core) = node.core.as_mut() else {
+        let Some(driver) = node.driver.as_mut() else {
             return;
         };
         node.catalog_version += 1;
         let version = node.catalog_version;
-        if core.publish_catalog(now, version).is_ok() {
+        if driver.publish_catalog(now, version).is_ok() {
             self.catalogs.publish(x, version, now);
         }
         self.flush(x);
     }
 
-    fn on_join_retry(&mut self, x: usize, life: u32) {
-        let now = self.now;
-        let node = &mut self.nodes[x];
-        if node.life != life || !node.join_pending {
-            return;
-        }
-        let Some(core) = node.core.as_mut() else {
-            return;
-        };
-        if core.num_active() > 0 {
-            node.join_pending = false;
-            return;
-        }
-        // As in the agent: the members saved from the last run first, then
-        // the seeds, all with generation 0 (the agent does not know theirs).
-        for &y in node.saved.iter().chain(&self.seeds) {
-            if y != x {
-                let id = NodeId::new(self.names[y].clone(), address(y), 0)
-                    .expect("simulator names are valid");
-                // An announce that cannot be built is retried next round.
-                let _ = core.announce(now, id);
-            }
-        }
-        let delay = node.join_retry;
-        node.join_retry = (delay * 2).min(JOIN_MAX_RETRY);
-        self.push(now + delay, Ev::JoinRetry { node: x, life });
-        self.flush(x);
-    }
-
-    fn on_anti_entropy(&mut self, x: usize, life: u32) {
-        if self.nodes[x].life != life {
-            return;
-        }
-        let next = self.now + self.config.anti_entropy_every;
-        self.push(next, Ev::AntiEntropy { node: x, life });
-        if self.catalogs.is_empty() {
-            return;
-        }
-        let active = self.views.active_count(x);
-        if active == 0 {
-            return;
-        }
-        let pick = self.rng.random_range(0..active);
-        let Some(peer) = self.views.active_of(x).nth(pick) else {
-            return;
-        };
-        let msg = StreamMsg::Digest {
-            from: x,
-            from_life: life,
-            versions: self.catalogs.digest(x),
-            answer: false,
-        };
-        self.stream(x, peer, msg);
-    }
-
-    /// `x` swaps member lists with a random member it holds active, then
-    /// schedules its next sync (as the agent does: the interval grows with
-    /// log2 of the cluster, with 0.5-1.5 jitter).
-    fn on_member_sync(&mut self, x: usize, life: u32, kind: SyncKind) {
-        let node = &mut self.nodes[x];
-        if node.life != life || node.core.as_ref().is_none_or(Membership::has_left) {
-            return;
-        }
-        if kind == SyncKind::Renewed {
-            node.renewal_sync_pending = false;
-        }
-        let active = self.views.active_count(x);
-        let interval = interval_for(self.config.swim.sync_interval, active + 1);
-        let jitter = 0.5 + self.rng.random::<f64>();
-        // One-off syncs do not move the periodic schedule.
-        if kind == SyncKind::Periodic {
-            let next = Ev::MemberSync {
-                node: x,
-                life,
-                kind,
-            };
-            self.push(self.now + interval.mul_f64(jitter), next);
-        }
-        if active == 0 {
-            return;
-        }
-        let pick = self.rng.random_range(0..active);
-        let Some(peer) = self.views.active_of(x).nth(pick) else {
-            return;
-        };
-        let Some(Ok(payload)) = self.nodes[x]
-            .core
-            .as_ref()
-            .map(|c| c.sync_payload().encode())
-        else {
-            return;
-        };
-        self.counters.sync_bytes += payload.len() as u64;
-        let msg = StreamMsg::Members {
-            from: x,
-            from_life: life,
-            payload,
-            answer: false,
-            gossip: kind != SyncKind::Join,
-        };
-        self.stream(x, peer, msg);
-    }
-
-    /// `x` fetches `owner`'s entry.
-    fn fetch(&mut self, x: usize, owner: usize) {
-        if owner == x || owner >= self.nodes.len() {
-            return;
-        }
-        if self.catalogs.slot(owner).is_none() {
-            self.counters.empty_fetches += 1;
-            return;
-        }
-        let msg = StreamMsg::Fetch {
-            from: x,
-            from_life: self.nodes[x].life,
-        };
-        self.stream(x, owner, msg);
-    }
-
     /// Sends a stream message from `from` to the process now running on
-    /// `to`.
-    fn stream(&mut self, from: usize, to: usize, msg: StreamMsg) {
+    /// `to`; false if it cannot get there.
+    fn stream(&mut self, from: usize, to: usize, msg: StreamMsg) -> bool {
         let to_life = self.nodes[to].life;
-        self.stream_to_life(from, to, to_life, msg);
+        self.stream_to_life(from, to, to_life, msg)
     }
 
-    fn stream_to_life(&mut self, from: usize, to: usize, to_life: u32, msg: StreamMsg) {
+    fn stream_to_life(&mut self, from: usize, to: usize, to_life: u32, msg: StreamMsg) -> bool {
         self.counters.stream_messages += 1;
-        if self.nodes[to].core.is_none() || self.net.separated(from, to) {
+        if self.nodes[to].driver.is_none() || self.net.separated(from, to) {
             self.counters.stream_failures += 1;
-            return;
+            return false;
         }
         let at = self.now + self.net.stream_delay();
         self.push(at, Ev::Stream { to, to_life, msg });
+        true
+    }
+
+    /// `x`'s fetch from `owner` ends without an entry; like the agent's,
+    /// every fetch ends one way or the other.
+    fn fetch_failed(&mut self, x: usize, life: u32, owner: usize) {
+        let at = self.now + self.net.stream_delay() * 2;
+        let msg = StreamMsg::FetchFailed { owner };
+        self.push(
+            at,
+            Ev::Stream {
+                to: x,
+                to_life: life,
+                msg,
+            },
+        );
     }
 
     fn on_stream(&mut self, to: usize, to_life: u32, msg: StreamMsg) {
         if self.nodes[to].life != to_life {
             self.counters.stream_failures += 1;
+            if let StreamMsg::Fetch { from, from_life } = msg {
+                self.fetch_failed(from, from_life, to);
+            }
             return;
         }
+        let now = self.now;
         match msg {
             StreamMsg::Fetch { from, from_life } => {
                 let version = self.nodes[to].catalog_version;
                 let reply = StreamMsg::Entry { owner: to, version };
-                self.stream_to_life(to, from, from_life, reply);
+                if !self.stream_to_life(to, from, from_life, reply) {
+                    self.fetch_failed(from, from_life, to);
+                }
             }
             StreamMsg::Entry { owner, version } => {
-                self.catalogs.fetched_entry(to, owner, version, self.now);
+                self.catalogs.fetched_entry(to, owner, version, now);
+                let name = self.names[owner].clone();
+                if let Some(d) = self.nodes[to].driver.as_mut() {
+                    d.handle_fetched(now, &name, Some(version));
+                }
+                self.flush(to);
+            }
+            StreamMsg::FetchFailed { owner } => {
+                let name = self.names[owner].clone();
+                if let Some(d) = self.nodes[to].driver.as_mut() {
+                    d.handle_fetched(now, &name, None);
+                }
+                self.flush(to);
             }
             StreamMsg::Digest {
                 from,
                 from_life,
-                versions,
+                digest,
                 answer,
             } => {
-                for (slot, version) in versions {
-                    if version > self.catalogs.fetched(to, slot) {
-                        let owner = self.catalogs.owner(slot);
-                        self.fetch(to, owner);
-                    }
-                }
-                if !answer {
+                let Some(d) = self.nodes[to].driver.as_mut() else {
+                    return;
+                };
+                let ours = (!answer).then(|| d.replica().digest());
+                d.handle_digest(now, &digest);
+                self.flush(to);
+                if let Some(ours) = ours {
                     let reply = StreamMsg::Digest {
                         from: to,
                         from_life: to_life,
-                        versions: self.catalogs.digest(to),
+                        digest: ours,
                         answer: true,
                     };
                     self.stream_to_life(to, from, from_life, reply);
@@ -1165,8 +1078,9 @@ impl Sim {
         }
     }
 
-    /// A member sync frame reached `to`: merge it, and answer with the view
-    /// `to` held before merging (as the agent does) unless it is an answer.
+    /// A member sync frame reached `to`: the answering side merges it and
+    /// answers with the view it held before; the initiator merges the
+    /// answer.
     fn on_members(
         &mut self,
         to: usize,
@@ -1177,7 +1091,7 @@ impl Sim {
         gossip: bool,
     ) {
         let now = self.now;
-        let Some(core) = self.nodes[to].core.as_mut() else {
+        let Some(driver) = self.nodes[to].driver.as_mut() else {
             return;
         };
         let Ok(theirs) = SyncPayload::decode(payload) else {
@@ -1185,12 +1099,11 @@ impl Sim {
             return;
         };
         let ours = if answer {
+            driver.handle_sync_answer(now, theirs, gossip);
             None
         } else {
-            core.sync_payload().encode().ok()
+            driver.handle_sync_request(now, theirs).ok()
         };
-        // The answering side always gossips news on; the initiator as told.
-        core.merge_sync(now, theirs, gossip || !answer);
         self.flush(to);
         if let Some(ours) = ours {
             self.counters.sync_bytes += ours.len() as u64;
@@ -1236,11 +1149,11 @@ impl Sim {
     pub fn verify_views(&self) -> usize {
         let mut wrong = 0;
         for (x, node) in self.nodes.iter().enumerate() {
-            let Some(core) = node.core.as_ref() else {
+            let Some(driver) = node.driver.as_ref() else {
                 continue;
             };
             let mut from_core = vec![0; self.nodes.len()];
-            for m in core.members() {
+            for m in driver.core().members() {
                 if m.state.is_active()
                     && let Some(y) = index_of(&m.id.name)
                     && y < from_core.len()
