@@ -30,6 +30,26 @@ fn bad_configuration_exits_64_with_one_line() -> Result<()> {
     let s = |p: &std::path::Path| p.to_str().unwrap().to_owned();
     let bad_toml = dir.path().join("bad.toml");
     std::fs::write(&bad_toml, "name = \"n1\"\nport = 7946\n")?;
+    // Values that are only read when a request comes are still parsed, and
+    // refused, at start.
+    let typed = [
+        (
+            "[proxy.service.web]\nrequest_timeout = \"fast\"\n",
+            "proxy.service.web.request_timeout",
+        ),
+        ("[proxy]\nlisten = \"nowhere\"\n", "proxy.listen"),
+        (
+            "[[service]]\nname = \"web\"\nport = 8080\nhash_policy = \"header:a(b\"\n",
+            "service[0].hash_policy",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, (text, needle))| {
+        let path = dir.path().join(format!("typed-{i}.toml"));
+        std::fs::write(&path, text).map(|()| (path, needle))
+    })
+    .collect::<std::io::Result<Vec<_>>>()?;
 
     let base = |cert: &str, key: &str| -> Vec<String> {
         [
@@ -50,7 +70,7 @@ fn bad_configuration_exits_64_with_one_line() -> Result<()> {
         .map(String::from)
         .to_vec()
     };
-    let cases: Vec<(Vec<String>, &str)> = vec![
+    let mut cases: Vec<(Vec<String>, &str)> = vec![
         (
             [
                 base(&s(&cert), &s(&key)),
@@ -106,6 +126,12 @@ fn bad_configuration_exits_64_with_one_line() -> Result<()> {
             "--no-such-flag",
         ),
     ];
+    for (path, needle) in &typed {
+        cases.push((
+            [base(&s(&cert), &s(&key)), vec!["--config".into(), s(path)]].concat(),
+            needle,
+        ));
+    }
     for (args, needle) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (code, stderr) = agent_exit(&args);

@@ -238,7 +238,25 @@ fn large_bodies_streaming_and_upgrades_through_two_agents() -> Result<()> {
         started.elapsed()
     );
 
-    // A WebSocket-style upgrade: raw bytes both ways after 101.
+    // WebSocket-style upgrades, to the remote instance and to the local one.
+    upgrade_echo(proxy, &key)?;
+    let local = (0..100)
+        .map(|i| format!("k{i}"))
+        .find(|k| via_proxy(proxy, "web", k, "/").is_ok_and(|(_, s)| s == "web-1"))
+        .context("no local key")?;
+    upgrade_echo(proxy, &local)?;
+
+    // h2c streaming (gRPC-style): chunks echo back as they are sent, then trailers.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(h2c_echo(proxy, &key))?;
+    Ok(())
+}
+
+/// An upgrade through the proxy: raw bytes both ways after 101, and the
+/// client's half-close reaches the echoing instance, whose close comes back.
+fn upgrade_echo(proxy: std::net::SocketAddr, key: &str) -> Result<()> {
     let mut s = raw_request(
         proxy,
         &format!(
@@ -246,19 +264,18 @@ fn large_bodies_streaming_and_upgrades_through_two_agents() -> Result<()> {
         ),
     )?;
     let (status, head) = read_head(&mut s)?;
-    assert_eq!(status, 101, "{head}");
+    assert_eq!(status, 101, "{key}: {head}");
     for msg in ["hello", "mesh", "bye"] {
         s.write_all(msg.as_bytes())?;
         let mut back = vec![0u8; msg.len()];
         s.read_exact(&mut back)?;
-        assert_eq!(back, msg.as_bytes());
+        assert_eq!(back, msg.as_bytes(), "{key}");
     }
-
-    // h2c streaming (gRPC-style): chunks echo back as they are sent, then trailers.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(h2c_echo(proxy, &key))?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)
+        .with_context(|| format!("{key}: the close did not come back"))?;
+    assert!(rest.is_empty(), "{key}: {rest:?}");
     Ok(())
 }
 
@@ -345,6 +362,14 @@ request_timeout = "500ms"
     let reg = |agent: &Agent, id: &str, port: u16| {
         agent.register(id, &format!(r#"{{"name": "api", "port": {port}}}"#))
     };
+    // A hash policy the catalog's grammar allows but no request could
+    // carry is refused at registration, not replaced by the default.
+    let (status, body) = mesh.agents[1].register(
+        "api-bad",
+        r#"{"name": "api", "port": 1, "hash_policy": "header:a(b"}"#,
+    )?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("hash_policy"), "{body}");
     assert_eq!(reg(&mesh.agents[1], "api-flaky", flaky.addr.port())?.0, 200);
     assert_eq!(reg(&mesh.agents[2], "api-good", good.addr.port())?.0, 200);
     let refs: Vec<&Agent> = mesh.agents.iter().collect();

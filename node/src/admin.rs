@@ -19,6 +19,7 @@ use crate::catalog::{CatalogHandle, RegisterError, view};
 use crate::config::AdminToken;
 use crate::listener::{self, Limits, ListenerMetrics};
 use crate::metrics::Metrics;
+use crate::proxy::routes::HashPolicy;
 use gossamer_transport::Transport;
 
 /// Largest request body the admin API reads.
@@ -221,6 +222,7 @@ async fn register(state: &AdminState, id: &str, body: &[u8]) -> Response<Body> {
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: not JSON ({e})")),
     };
     let spec = match ServiceSpec::from_json(Some(id), &value)
+        .and_then(|s| HashPolicy::parse(&s.hash_policy).map(|_| s))
         .and_then(|s| state.listeners.check(&s).map(|()| s))
     {
         Ok(s) => s,

@@ -13,6 +13,7 @@ use crate::catalog::registry::ServiceSpec;
 use crate::cli::AgentArgs;
 use crate::listener::LimitsConfig;
 use crate::proxy::ProxyConfig;
+use crate::proxy::routes::HashPolicy;
 
 /// The agent's settings, validated.
 #[derive(Debug, Clone)]
@@ -43,9 +44,7 @@ pub struct AgentConfig {
     pub catalog: CatalogConfig,
     /// Whether `/v1/debug/*` fault injection is served.
     pub fault_injection: bool,
-    /// Outbound proxy address.
-    pub proxy_listen: SocketAddr,
-    /// Data-plane settings.
+    /// Data-plane settings, with the outbound listener's address.
     pub proxy: ProxyConfig,
     /// Connection limits of the proxy and admin listeners.
     pub limits: LimitsConfig,
@@ -288,6 +287,7 @@ impl AgentConfig {
             let json =
                 serde_json::to_value(block).or_else(|e| err(format!("service[{i}]: {e}")))?;
             let spec = ServiceSpec::from_json(None, &json)
+                .and_then(|spec| HashPolicy::parse(&spec.hash_policy).map(|_| spec))
                 .or_else(|e| err(format!("service[{i}].{}: {}", e.field, e.problem)))?;
             if services.iter().any(|s| s.id == spec.id) {
                 return err(format!(
@@ -301,9 +301,11 @@ impl AgentConfig {
         if catalog.anti_entropy_interval.is_zero() {
             return err("catalog.anti_entropy_interval: must be positive");
         }
-        let proxy = file.proxy.unwrap_or_default();
+        let mut proxy = file.proxy.unwrap_or_default();
+        if let Some(flag) = &args.proxy {
+            proxy.listen = addr("proxy", flag)?;
+        }
         proxy.validate().or_else(err)?;
-        let proxy_listen = addr("proxy", args.proxy.as_deref().unwrap_or(&proxy.listen))?;
         let limits = file.limits.unwrap_or_default();
         limits.validate().or_else(err)?;
         let admin_token = match args
@@ -340,7 +342,6 @@ impl AgentConfig {
             services,
             catalog,
             fault_injection,
-            proxy_listen,
             proxy,
             limits,
             admin_token,
@@ -428,6 +429,59 @@ mod tests {
         .unwrap();
         let e = AgentConfig::from_args(&a).unwrap_err().0;
         assert!(e.starts_with("service[1].id"), "{e}");
+    }
+
+    #[test]
+    fn proxy_settings_are_typed_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.toml");
+        std::fs::write(
+            &path,
+            "[proxy]\nlisten = \"127.0.0.1:9000\"\n[proxy.service.web]\nrequest_timeout = \"250ms\"\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(path.clone());
+        let c = AgentConfig::from_args(&a).unwrap();
+        assert_eq!(c.proxy.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(
+            c.proxy.service["web"].request_timeout,
+            Some(std::time::Duration::from_millis(250))
+        );
+        a.proxy = Some("127.0.0.1:9001".into());
+        let c = AgentConfig::from_args(&a).unwrap();
+        assert_eq!(c.proxy.listen.port(), 9001, "the flag wins");
+        a.proxy = Some("nowhere".into());
+        let e = AgentConfig::from_args(&a).unwrap_err().0;
+        assert!(e.starts_with("proxy: "), "{e}");
+
+        let a = AgentArgs {
+            config: Some(path.clone()),
+            ..args()
+        };
+        for (text, key) in [
+            (
+                "[proxy.service.web]\nrequest_timeout = \"soon\"\n",
+                "proxy.service.web.request_timeout: ",
+            ),
+            (
+                "[proxy.service.web]\nconnect_timeout = \"0s\"\n",
+                "proxy.service.web.connect_timeout: must be positive",
+            ),
+            ("[proxy]\nlisten = \"nowhere\"\n", "proxy.listen: "),
+            (
+                "[[service]]\nname = \"web\"\nport = 1\nhash_policy = \"random\"\n",
+                "service[0].hash_policy: ",
+            ),
+            (
+                "[[service]]\nname = \"web\"\nport = 1\nhash_policy = \"header:a(b\"\n",
+                "service[0].hash_policy: ",
+            ),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = AgentConfig::from_args(&a).unwrap_err().0;
+            assert!(e.contains(key), "{text}: {e}");
+        }
     }
 
     #[test]

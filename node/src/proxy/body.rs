@@ -234,3 +234,50 @@ impl Body for Attempt {
         slot.as_ref().map(Body::size_hint).unwrap_or_default()
     }
 }
+
+/// Counts the data bytes of a body as they pass.
+pub(crate) struct Counting<B> {
+    inner: B,
+    counter: Counter,
+}
+
+impl<B> Counting<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    /// Wraps `inner` into a proxy body.
+    pub(crate) fn boxed(inner: B, counter: Counter) -> ProxyBody {
+        Self { inner, counter }.boxed_unsync()
+    }
+}
+
+impl<B> Body for Counting<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<HttpFrame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.counter.inc_by(data.len() as u64);
+        }
+        polled.map(|f| f.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -7,33 +7,26 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gossamer_membership::catalog::Protocol;
 use gossamer_transport::frame::read_frame;
 use gossamer_transport::{RecvStream, SendStream};
-use http::{HeaderValue, Method, Request, StatusCode, Version};
+use http::{HeaderValue, Method, Request, StatusCode};
 use hyper::body::Body;
-use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::gauge::Gauge;
-use tracing::debug;
+use tracing::{Instrument, debug, debug_span};
 
+use super::Proxy;
 use super::body;
-use super::outbound::AttemptError;
+use super::dispatch::Upstream;
+use super::error::{AttemptError, ERROR_HEADER, MESSAGE_HEADER, NO_RESPONSE, OTHER, UNREACHABLE};
+use super::hop;
+use super::upgrade::bridge;
 use super::wire::{self, RequestHead, ResponseHead};
-use super::{ERROR_HEADER, Proxy};
 
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Why the owner answered instead of its service (`x-gossamer-error`):
-/// the caller retries elsewhere when nothing reached the service.
-pub const UNREACHABLE: &str = "unreachable";
-/// Sent to the service, no response came back.
-pub const NO_RESPONSE: &str = "no-response";
-/// Anything else (bad request, timeout).
-pub const OTHER: &str = "other";
-/// Carries the owner's one-line explanation to the caller, which puts it
-/// in its own error answer (removed before any client sees a response).
-pub const MESSAGE_HEADER: &str = "x-gossamer-message";
-
+/// Answers for the service when the request never got an answer from it;
+/// the reason ([`UNREACHABLE`], [`NO_RESPONSE`], [`OTHER`]) tells the
+/// caller whether it may try elsewhere.
 async fn reply(send: &mut SendStream, status: StatusCode, reason: &str, message: &str) {
     let mut headers = vec![
         (ERROR_HEADER.into(), reason.as_bytes().to_vec()),
@@ -115,11 +108,7 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
     let mut parts = Request::builder()
         .method(method)
         .uri(&head.path)
-        .version(if head.version == 2 {
-            Version::HTTP_2
-        } else {
-            Version::HTTP_11
-        })
+        .version(hop::version_from_wire(head.version))
         .body(())
         .map(|r| r.into_parts().0);
     let Ok(parts) = parts.as_mut() else {
@@ -193,21 +182,13 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
         return;
     }
     if keep_upgrade {
-        let Some(mut recv) = upgrade_recv else { return };
-        match hyper::upgrade::on(&mut response).await {
-            Ok(io) => {
-                let (mut read, mut write) = tokio::io::split(TokioIo::new(io));
-                let up = async {
-                    let _ = tokio::io::copy(&mut recv, &mut write).await;
-                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut write).await;
-                };
-                let down = async {
-                    let _ = tokio::io::copy(&mut read, &mut send).await;
-                    let _ = send.finish();
-                };
-                tokio::join!(up, down);
-            }
-            Err(e) => debug!(peer = %from, error = %e, "upstream upgrade failed"),
+        if let Some(recv) = upgrade_recv {
+            bridge(
+                hyper::upgrade::on(&mut response),
+                tokio::io::join(recv, send),
+            )
+            .instrument(debug_span!("upgrade", peer = %from))
+            .await;
         }
         return;
     }
@@ -219,89 +200,5 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
     if let Err(e) = body::to_quic(response.into_body(), &mut send, &counter).await {
         debug!(peer = %from, error = %e, "response body not fully sent");
         let _ = send.reset(1u32.into());
-    }
-}
-
-/// A local instance to call.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Upstream<'a> {
-    /// `node/id`, for messages.
-    pub instance: &'a str,
-    /// Where it listens.
-    pub address: &'a str,
-    /// Its port.
-    pub port: u16,
-    /// What it speaks.
-    pub protocol: Protocol,
-}
-
-impl Proxy {
-    /// Sends a request to a local instance with the pooled client, in the
-    /// instance's protocol whatever the caller spoke, and returns its
-    /// response as is (the upgrade, if any, still pending on it). Errors
-    /// name the instance, its protocol and the cause.
-    pub(super) async fn call_upstream(
-        &self,
-        upstream: &Upstream<'_>,
-        parts: &http::request::Parts,
-        body: body::ProxyBody,
-        upgrade: bool,
-        connect_timeout: Duration,
-    ) -> Result<http::Response<hyper::body::Incoming>, AttemptError> {
-        let Upstream {
-            instance,
-            address,
-            port,
-            protocol,
-        } = *upstream;
-        let h2 = protocol.is_h2();
-        if upgrade && h2 {
-            return Err(AttemptError::Connect(format!(
-                "{instance} speaks {}: an HTTP/1.1 upgrade (WebSocket) cannot reach it",
-                protocol.as_str()
-            )));
-        }
-        let host = if address.contains(':') {
-            format!("[{address}]")
-        } else {
-            address.to_owned()
-        };
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut req = Request::builder()
-            .method(parts.method.clone())
-            .uri(format!("http://{host}:{port}{path}"))
-            .version(if h2 {
-                Version::HTTP_2
-            } else {
-                Version::HTTP_11
-            })
-            .body(body)
-            .map_err(|e| AttemptError::Connect(format!("{instance}: bad request: {e}")))?;
-        *req.headers_mut() =
-            wire::headers_from_wire(&wire::headers_to_wire(&parts.headers, upgrade));
-        if h2 {
-            req.headers_mut().remove(http::header::HOST);
-        }
-        self.client(connect_timeout, h2)
-            .request(req)
-            .await
-            .map_err(|e| {
-                let cause = std::error::Error::source(&e)
-                    .map(|s| format!("{e}: {s}"))
-                    .unwrap_or_else(|| e.to_string());
-                let what = format!(
-                    "{instance} at {address}:{port} (protocol {})",
-                    protocol.as_str()
-                );
-                if e.is_connect() {
-                    AttemptError::Connect(format!("cannot connect to {what}: {cause}"))
-                } else if h2 {
-                    AttemptError::NoResponse(format!(
-                        "{what}: {cause} (does it speak HTTP/2 without TLS? register it with protocol \"http1\" if not)"
-                    ))
-                } else {
-                    AttemptError::NoResponse(format!("{what}: {cause}"))
-                }
-            })
     }
 }

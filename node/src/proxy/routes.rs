@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
 use gossamer_membership::MemberState;
-use gossamer_membership::catalog::{Catalog, Protocol};
+use gossamer_membership::catalog::{Catalog, InvalidService, Protocol, validate_hash_policy};
 use http::HeaderName;
 
 use crate::agent::swim::Snapshot;
@@ -30,18 +30,27 @@ pub enum HashPolicy {
 }
 
 impl HashPolicy {
-    /// Parses `header:NAME`, `cookie:NAME`, `query:NAME`, `path`, `source-ip`;
-    /// anything else falls back to the default header.
-    pub fn parse(text: &str) -> Self {
+    /// Parses `header:NAME`, `cookie:NAME`, `query:NAME`, `path` or
+    /// `source-ip`. The one parser of hash policies: registrations and
+    /// `[[service]]` blocks are refused when it fails, so a policy is never
+    /// silently replaced by the default.
+    pub fn parse(text: &str) -> Result<Self, InvalidService> {
+        // The catalog checks the same grammar on every entry it accepts,
+        // including other nodes'; this adds what the grammar cannot see.
+        validate_hash_policy(text)?;
+        let invalid = |problem: String| InvalidService {
+            field: "hash_policy",
+            problem,
+        };
         match text.split_once(':') {
-            Some(("header", name)) => HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+            Some(("header", name)) => HeaderName::from_bytes(name.as_bytes())
                 .map(Self::Header)
-                .unwrap_or_else(|_| Self::default()),
-            Some(("cookie", name)) => Self::Cookie(name.to_owned()),
-            Some(("query", name)) => Self::Query(name.to_owned()),
-            _ if text == "path" => Self::Path,
-            _ if text == "source-ip" => Self::SourceIp,
-            _ => Self::default(),
+                .map_err(|_| invalid(format!("{text:?}: {name:?} is not a header name"))),
+            Some(("cookie", name)) => Ok(Self::Cookie(name.to_owned())),
+            Some(("query", name)) => Ok(Self::Query(name.to_owned())),
+            None if text == "path" => Ok(Self::Path),
+            None if text == "source-ip" => Ok(Self::SourceIp),
+            _ => Err(invalid(format!("{text:?} is not a hash policy"))),
         }
     }
 }
@@ -147,9 +156,12 @@ impl Routes {
                 .collect();
             let signature: Vec<(String, u32)> =
                 backends.iter().map(|b| (b.key.clone(), b.weight)).collect();
+            // Registrations are checked with the same parser; only an entry
+            // from a node that checked less strictly can fail here, and the
+            // default key beats dropping the service.
             let policy = instances
                 .first()
-                .map(|i| HashPolicy::parse(&i.hash_policy))
+                .and_then(|i| HashPolicy::parse(&i.hash_policy).ok())
                 .unwrap_or_default();
             let table = OnceLock::new();
             if let Some(old) = previous.services.get(&name)
@@ -172,5 +184,46 @@ impl Routes {
             );
         }
         Self { services }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_policies_parse() {
+        for (text, want) in [
+            (
+                "header:X-User",
+                HashPolicy::Header(HeaderName::from_static("x-user")),
+            ),
+            ("cookie:session", HashPolicy::Cookie("session".into())),
+            ("query:id", HashPolicy::Query("id".into())),
+            ("path", HashPolicy::Path),
+            ("source-ip", HashPolicy::SourceIp),
+        ] {
+            assert_eq!(HashPolicy::parse(text), Ok(want), "{text}");
+        }
+        assert_eq!(
+            HashPolicy::parse(gossamer_membership::catalog::ServiceInstance::DEFAULT_HASH_POLICY),
+            Ok(HashPolicy::default())
+        );
+    }
+
+    #[test]
+    fn bad_hash_policies_are_refused_with_the_reason() {
+        for (text, needle) in [
+            ("random", "\"random\" is not header:NAME"),
+            ("header:", "is not header:NAME"),
+            ("path:x", "is not header:NAME"),
+            // The grammar allows it; a header name does not.
+            ("header:a(b", "\"a(b\" is not a header name"),
+        ] {
+            let e = HashPolicy::parse(text).unwrap_err();
+            assert_eq!(e.field, "hash_policy", "{text}");
+            assert!(e.to_string().starts_with("hash_policy: "), "{e}");
+            assert!(e.problem.contains(needle), "{text}: {e}");
+        }
     }
 }

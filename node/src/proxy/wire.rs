@@ -15,6 +15,8 @@ use gossamer_membership::codec::{self, CodecError};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 
+use super::hop;
+
 /// First byte of a proxied-request stream.
 pub const STREAM_PROXY: u8 = 2;
 /// Cap on an encoded request or response head.
@@ -35,7 +37,7 @@ pub struct RequestHead {
     pub method: String,
     /// Path and query.
     pub path: String,
-    /// 1 for HTTP/1.x, 2 for HTTP/2.
+    /// 1 for HTTP/1.x, 2 for HTTP/2; see [`hop::version_to_wire`].
     pub version: u8,
     /// End-to-end headers.
     pub headers: Vec<(String, Vec<u8>)>,
@@ -166,47 +168,11 @@ impl FrameDecoder {
     }
 }
 
-/// Hop-by-hop headers, never forwarded (RFC 9110 §7.6.1), except
-/// `te: trailers`, which HTTP/2 allows and gRPC servers require.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-];
-
-/// End-to-end headers of a map, as wire pairs. `keep_upgrade` keeps the
-/// `upgrade` and `connection` headers of an upgrade request.
+/// The end-to-end headers of a map as wire pairs; see [`hop::end_to_end`].
 pub fn headers_to_wire(map: &HeaderMap, keep_upgrade: bool) -> Vec<(String, Vec<u8>)> {
-    let listed: Vec<String> = map
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
-        .collect();
-    map.iter()
-        .filter(|(name, value)| {
-            let n = name.as_str();
-            if keep_upgrade && (n == "upgrade" || n == "connection") {
-                return true;
-            }
-            if n == "te" {
-                return is_te_trailers(value);
-            }
-            !HOP_BY_HOP.contains(&n) && !listed.iter().any(|l| l == n)
-        })
+    hop::end_to_end(map, keep_upgrade)
         .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
         .collect()
-}
-
-fn is_te_trailers(value: &HeaderValue) -> bool {
-    value
-        .to_str()
-        .is_ok_and(|v| v.trim().eq_ignore_ascii_case("trailers"))
 }
 
 /// Wire pairs back into a map; invalid names or values are skipped.

@@ -1,0 +1,624 @@
+//! The request path: pick an instance by consistent hash, call it on this
+//! node (pooled HTTP client) or on its owner (a QUIC proxy stream), within
+//! the timeouts, retrying and failing over as the policy and the retry
+//! budget allow, with outlier ejection. The outbound listener feeds it
+//! requests from local applications and the inbound server uses its
+//! client for the owner's last hop.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gossamer_membership::catalog::Protocol;
+use gossamer_transport::Transport;
+use gossamer_transport::frame::read_frame;
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use super::body::{self, Counting, ProxyBody, Replayable};
+use super::config::ProxyConfig;
+use super::error::{
+    AttemptError, ERROR_HEADER, MESSAGE_HEADER, NO_RESPONSE, OTHER, UNREACHABLE, local_response,
+};
+use super::hop;
+use super::metrics::{InstanceLabels, ProxyMetrics, RequestLabels, ServiceLabel};
+use super::outlier::{EjectionPolicy, Outliers, RetryBudget, Verdict};
+use super::routes::{Backend, Routes, ServiceRoute};
+use super::upgrade::bridge;
+use super::wire::{self, RequestHead, ResponseHead, STREAM_PROXY};
+use crate::agent::swim::Snapshot;
+use crate::catalog::Shared;
+
+type HttpClient = Client<HttpConnector, ProxyBody>;
+
+/// Shared state of the data plane. Cheap to clone through `Arc`.
+#[derive(Debug)]
+pub struct Proxy {
+    pub(super) config: ProxyConfig,
+    transport: Transport,
+    routes: watch::Receiver<Arc<Routes>>,
+    /// Read by the inbound server: which instances this node hosts.
+    pub(super) catalog: Arc<Shared>,
+    outliers: Outliers,
+    budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
+    clients: Mutex<HashMap<(Duration, bool), HttpClient>>,
+    inflight: Mutex<HashMap<String, usize>>,
+    /// Metric families.
+    pub metrics: ProxyMetrics,
+}
+
+impl Proxy {
+    /// Builds the proxy and starts the task that keeps its routes current.
+    pub fn new(
+        config: ProxyConfig,
+        transport: Transport,
+        catalog: Arc<Shared>,
+        members: watch::Receiver<Arc<Snapshot>>,
+        metrics: ProxyMetrics,
+    ) -> Arc<Self> {
+        let (tx, rx) = watch::channel(Arc::new(Routes::default()));
+        tokio::spawn(keep_routes(catalog.catalog.clone(), members, tx));
+        Arc::new(Self {
+            config,
+            transport,
+            routes: rx,
+            catalog,
+            outliers: Outliers::default(),
+            budgets: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    /// The route of `service`, if the catalog has it.
+    pub fn route(&self, service: &str) -> Option<Arc<ServiceRoute>> {
+        self.routes.borrow().services.get(service).cloned()
+    }
+
+    fn policy(&self) -> EjectionPolicy {
+        EjectionPolicy {
+            consecutive_failures: self.config.eject_after,
+            base: self.config.eject_base,
+            max: self.config.eject_max,
+            max_share: self.config.eject_max_share,
+        }
+    }
+
+    fn budget(&self, service: &str) -> Arc<RetryBudget> {
+        let mut b = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        b.entry(service.to_owned())
+            .or_insert_with(|| Arc::new(RetryBudget::new(self.config.retry_budget, 10)))
+            .clone()
+    }
+
+    fn client(&self, connect_timeout: Duration, h2: bool) -> HttpClient {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients
+            .entry((connect_timeout, h2))
+            .or_insert_with(|| {
+                let mut connector = HttpConnector::new();
+                connector.set_connect_timeout(Some(connect_timeout));
+                connector.set_nodelay(true);
+                let mut builder = Client::builder(TokioExecutor::new());
+                // Without a timer the pool never reaps idle connections.
+                builder.pool_timer(TokioTimer::new());
+                builder.pool_idle_timeout(self.config.upstream_idle_timeout);
+                builder.pool_max_idle_per_host(256);
+                if h2 {
+                    builder.http2_only(true);
+                }
+                builder.build(connector)
+            })
+            .clone()
+    }
+
+    /// The instance a key hash goes to now: the first usable, non-ejected
+    /// backend in hash order that is not in `exclude` (and, in bounded-load
+    /// mode, not over its share of in-flight requests).
+    pub fn pick(&self, route: &ServiceRoute, hash: u64, exclude: &[usize]) -> Option<usize> {
+        let table = route.table();
+        let now = Instant::now();
+        let ok = |i: usize| {
+            let b = &route.backends[i];
+            b.usable && !exclude.contains(&i) && !self.outliers.is_ejected(&b.key, now)
+        };
+        let Some(epsilon) = self.config.bounded_load else {
+            return table.lookup_usable(hash, ok);
+        };
+        let inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        let usable = (0..route.backends.len()).filter(|&i| ok(i)).count().max(1);
+        let total: usize = route
+            .keys
+            .iter()
+            .map(|k| inflight.get(k).copied().unwrap_or(0))
+            .sum();
+        let cap = ((total + 1) as f64 / usable as f64 * (1.0 + epsilon)).ceil() as usize;
+        table
+            .lookup_usable(hash, |i| {
+                ok(i) && inflight.get(&route.backends[i].key).copied().unwrap_or(0) < cap
+            })
+            .or_else(|| table.lookup_usable(hash, ok))
+    }
+
+    /// Counts a request in flight to `key` until the guard drops, so a
+    /// caller that goes away mid-request never leaves a count behind.
+    fn begin<'a>(&'a self, key: &'a str) -> InFlight<'a> {
+        self.metrics.active.inc();
+        if self.config.bounded_load.is_some() {
+            *self
+                .inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(key.to_owned())
+                .or_default() += 1;
+        }
+        InFlight { proxy: self, key }
+    }
+
+    /// Sends a request to the instance its key maps to, retrying and
+    /// failing over as the policy allows.
+    pub(super) async fn dispatch(
+        &self,
+        route: &ServiceRoute,
+        hash: u64,
+        parts: Parts,
+        body: Replayable,
+        mut on_upgrade: Option<OnUpgrade>,
+    ) -> Response<ProxyBody> {
+        let service = &route.name;
+        let timeouts = self.config.timeouts(service, &parts.headers);
+        let (request_timeout, connect_timeout) = (timeouts.request, timeouts.connect);
+        let budget = self.budget(service);
+        budget.request();
+        // The client side of an upgrade goes to the first attempt; a retry
+        // would be a plain request, so upgrades are never retried.
+        let upgrade = on_upgrade.is_some();
+        let mut tried = Vec::new();
+        let mut last_error = None;
+        loop {
+            let Some(index) = self.pick(route, hash, &tried) else {
+                self.count(service, "none", "5xx");
+                return match last_error {
+                    Some(e) => local_response(StatusCode::BAD_GATEWAY, format!("{service}: {e}")),
+                    None => local_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("no healthy instance of {service:?}"),
+                    ),
+                };
+            };
+            tried.push(index);
+            let backend = &route.backends[index];
+            let started = Instant::now();
+            let in_flight = self.begin(&backend.key);
+            let attempt = tokio::time::timeout(
+                request_timeout,
+                self.attempt(
+                    route,
+                    backend,
+                    &parts,
+                    &body,
+                    on_upgrade.take(),
+                    connect_timeout,
+                ),
+            )
+            .await;
+            drop(in_flight);
+            self.metrics
+                .latency
+                .get_or_create(&ServiceLabel {
+                    service: service.clone(),
+                })
+                .observe(started.elapsed().as_secs_f64());
+            // The client's own mistakes (a malformed body, hanging up
+            // mid-upload, sending too slowly) are never the instance's.
+            if body.client_failed() {
+                self.count(service, &backend.key, "4xx");
+                debug!(instance = %backend.key, "request body broken by the client");
+                return local_response(
+                    StatusCode::BAD_REQUEST,
+                    "request body: malformed or cut short by the client".into(),
+                );
+            }
+            let error = match attempt {
+                Ok(Ok(response)) => {
+                    if response.status().is_server_error() {
+                        self.failed(route, backend);
+                    } else {
+                        self.outliers.success(&backend.key);
+                    }
+                    self.count(service, &backend.key, class(response.status()));
+                    return response;
+                }
+                Ok(Err(e)) => e,
+                Err(_) if !body.complete() => {
+                    self.count(service, &backend.key, "4xx");
+                    return local_response(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!("request body not received within {request_timeout:?}"),
+                    );
+                }
+                Err(_) => {
+                    if !timeouts.callers_deadline {
+                        self.failed(route, backend);
+                    }
+                    self.count(service, &backend.key, "5xx");
+                    return local_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("{} did not answer within {request_timeout:?}", backend.key),
+                    );
+                }
+            };
+            self.failed(route, backend);
+            self.count(service, &backend.key, "error");
+            let may_retry = match &error {
+                AttemptError::Connect(_) => true,
+                AttemptError::NoResponse(_) => idempotent(&parts.method),
+            };
+            debug!(instance = %backend.key, error = %error, "attempt failed");
+            last_error = Some(error);
+            if !(may_retry
+                && body.replayable()
+                && !upgrade
+                && tried.len() <= self.config.max_retries as usize
+                && budget.try_retry())
+            {
+                let e = last_error.take().expect("set above");
+                return local_response(StatusCode::BAD_GATEWAY, e.to_string());
+            }
+            self.metrics
+                .retries
+                .get_or_create(&ServiceLabel {
+                    service: service.clone(),
+                })
+                .inc();
+        }
+    }
+
+    /// Counts one request's outcome (`2xx`…`5xx`, or `error` for an
+    /// attempt that got no answer).
+    pub(super) fn count(&self, service: &str, instance: &str, class: &str) {
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                service: service.to_owned(),
+                instance: instance.to_owned(),
+                class: class.to_owned(),
+            })
+            .inc();
+    }
+
+    fn failed(&self, route: &ServiceRoute, backend: &Backend) {
+        if let Verdict::Ejected(time) =
+            self.outliers
+                .failure(&backend.key, &route.keys, &self.policy(), Instant::now())
+        {
+            warn!(instance = %backend.key, ejected_for = ?time, "instance ejected after consecutive failures");
+            self.metrics
+                .ejections
+                .get_or_create(&InstanceLabels {
+                    service: route.name.clone(),
+                    instance: backend.key.clone(),
+                })
+                .inc();
+        }
+    }
+
+    /// One try at one instance, wherever it runs.
+    async fn attempt(
+        &self,
+        route: &ServiceRoute,
+        backend: &Backend,
+        parts: &Parts,
+        body: &Replayable,
+        on_upgrade: Option<OnUpgrade>,
+        connect_timeout: Duration,
+    ) -> Result<Response<ProxyBody>, AttemptError> {
+        if backend.local {
+            self.call_local(route, backend, parts, body, on_upgrade, connect_timeout)
+                .await
+        } else {
+            self.call_remote(route, backend, parts, body, on_upgrade, connect_timeout)
+                .await
+        }
+    }
+
+    /// Calls an instance on this node with the pooled client.
+    async fn call_local(
+        &self,
+        route: &ServiceRoute,
+        backend: &Backend,
+        parts: &Parts,
+        body: &Replayable,
+        on_upgrade: Option<OnUpgrade>,
+        connect_timeout: Duration,
+    ) -> Result<Response<ProxyBody>, AttemptError> {
+        let upstream = Upstream {
+            instance: &backend.key,
+            address: &backend.address,
+            port: backend.port,
+            protocol: backend.protocol,
+        };
+        let mut response = self
+            .call_upstream(
+                &upstream,
+                parts,
+                body.attempt(),
+                on_upgrade.is_some(),
+                connect_timeout,
+            )
+            .await?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_side) = on_upgrade
+        {
+            let upstream = hyper::upgrade::on(&mut response);
+            tokio::spawn(async move {
+                match upstream.await {
+                    Ok(io) => bridge(client_side, TokioIo::new(io)).await,
+                    Err(e) => debug!(error = %e, "upstream upgrade failed"),
+                }
+            });
+            let (mut head, _) = response.into_parts();
+            head.headers = hop::clean(&head.headers, true);
+            return Ok(Response::from_parts(head, body::empty()));
+        }
+        let counter = self.metrics.bytes(&route.name, "response");
+        let (mut head, incoming) = response.into_parts();
+        head.headers = hop::clean(&head.headers, false);
+        Ok(Response::from_parts(
+            head,
+            Counting::boxed(incoming, counter),
+        ))
+    }
+
+    /// Calls an instance on another node over a proxy stream to its owner,
+    /// whose [`inbound`](super::inbound) server makes the last hop.
+    async fn call_remote(
+        &self,
+        route: &ServiceRoute,
+        backend: &Backend,
+        parts: &Parts,
+        body: &Replayable,
+        on_upgrade: Option<OnUpgrade>,
+        connect_timeout: Duration,
+    ) -> Result<Response<ProxyBody>, AttemptError> {
+        let addr = backend.owner_addr.ok_or_else(|| {
+            AttemptError::Connect(format!("no address for node {}", backend.node))
+        })?;
+        let (mut send, mut recv) =
+            tokio::time::timeout(connect_timeout, self.transport.open_bi(&backend.node, addr))
+                .await
+                .map_err(|_| {
+                    AttemptError::Connect(format!(
+                        "node {} not reachable within {connect_timeout:?}",
+                        backend.node
+                    ))
+                })?
+                .map_err(|e| AttemptError::Connect(format!("node {}: {e}", backend.node)))?;
+        let upgrade = on_upgrade.is_some();
+        let head = RequestHead {
+            service: route.name.clone(),
+            instance: backend.id.clone(),
+            method: parts.method.as_str().to_owned(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned(),
+            version: hop::version_to_wire(parts.version),
+            headers: wire::headers_to_wire(&parts.headers, upgrade),
+            upgrade,
+            end_stream: body.is_empty(),
+        };
+        let encoded = wire::encode_head(&head).map_err(|e| AttemptError::Connect(e.to_string()))?;
+        let sent = async {
+            send.write_all(&[STREAM_PROXY]).await?;
+            send.write_all(&encoded).await
+        };
+        sent.await
+            .map_err(|e| AttemptError::NoResponse(format!("node {}: {e}", backend.node)))?;
+        let mut send = Some(send);
+        if !upgrade {
+            let mut send = send.take().expect("present");
+            let counter = self.metrics.bytes(&route.name, "request");
+            let body = body.attempt();
+            tokio::spawn(async move {
+                if let Err(e) = body::to_quic(body, &mut send, &counter).await {
+                    debug!(error = %e, "request body not fully sent");
+                    let _ = send.reset(1u32.into());
+                }
+            });
+        }
+        let no_response =
+            |e: String| AttemptError::NoResponse(format!("node {}: {e}", backend.node));
+        let frame = read_frame(&mut recv, wire::MAX_HEAD)
+            .await
+            .map_err(|e| no_response(e.to_string()))?
+            .ok_or_else(|| no_response("stream closed before the response".into()))?;
+        let head: ResponseHead =
+            wire::decode_head(&frame).map_err(|e| no_response(e.to_string()))?;
+        let status = StatusCode::from_u16(head.status).map_err(|e| no_response(e.to_string()))?;
+        let mut headers = wire::headers_from_wire(&head.headers);
+        // The owner answered for its service: when nothing reached the
+        // service (gone, refused) the request can go elsewhere. Its message
+        // names the cause.
+        let message = || {
+            headers
+                .get(MESSAGE_HEADER)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_else(|| format!("{} failed on its node", backend.key))
+        };
+        match headers.get(ERROR_HEADER).map(|v| v.as_bytes()) {
+            Some(r) if r == UNREACHABLE.as_bytes() => {
+                return Err(AttemptError::Connect(message()));
+            }
+            Some(r) if r == NO_RESPONSE.as_bytes() => {
+                return Err(AttemptError::NoResponse(message()));
+            }
+            Some(r) if r == OTHER.as_bytes() => {
+                let _ = recv.stop(0u32.into());
+                return Ok(local_response(status, message()));
+            }
+            _ => {}
+        }
+        headers.remove(MESSAGE_HEADER);
+        let mut response = Response::builder().status(status);
+        *response.headers_mut().expect("builder ok") = headers;
+        if status == StatusCode::SWITCHING_PROTOCOLS
+            && let (Some(client_side), Some(send)) = (on_upgrade, send)
+        {
+            tokio::spawn(bridge(client_side, tokio::io::join(recv, send)));
+            return Ok(response.body(body::empty()).expect("valid"));
+        }
+        if head.end_stream {
+            let _ = recv.stop(0u32.into());
+            return Ok(response.body(body::empty()).expect("valid"));
+        }
+        let counter = self.metrics.bytes(&route.name, "response");
+        Ok(response
+            .body(body::from_quic(recv, counter))
+            .expect("valid"))
+    }
+
+    /// Sends a request to a local instance with the pooled client, in the
+    /// instance's protocol whatever the caller spoke, and returns its
+    /// response as is (the upgrade, if any, still pending on it). Errors
+    /// name the instance, its protocol and the cause.
+    pub(super) async fn call_upstream(
+        &self,
+        upstream: &Upstream<'_>,
+        parts: &Parts,
+        body: ProxyBody,
+        upgrade: bool,
+        connect_timeout: Duration,
+    ) -> Result<Response<Incoming>, AttemptError> {
+        let Upstream {
+            instance,
+            address,
+            port,
+            protocol,
+        } = *upstream;
+        let h2 = protocol.is_h2();
+        if upgrade && h2 {
+            return Err(AttemptError::Connect(format!(
+                "{instance} speaks {}: an HTTP/1.1 upgrade (WebSocket) cannot reach it",
+                protocol.as_str()
+            )));
+        }
+        let host = if address.contains(':') {
+            format!("[{address}]")
+        } else {
+            address.to_owned()
+        };
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut req = Request::builder()
+            .method(parts.method.clone())
+            .uri(format!("http://{host}:{port}{path}"))
+            .version(hop::version(h2))
+            .body(body)
+            .map_err(|e| AttemptError::Connect(format!("{instance}: bad request: {e}")))?;
+        *req.headers_mut() = hop::clean(&parts.headers, upgrade);
+        if h2 {
+            req.headers_mut().remove(http::header::HOST);
+        }
+        self.client(connect_timeout, h2)
+            .request(req)
+            .await
+            .map_err(|e| {
+                let cause = std::error::Error::source(&e)
+                    .map(|s| format!("{e}: {s}"))
+                    .unwrap_or_else(|| e.to_string());
+                let what = format!(
+                    "{instance} at {address}:{port} (protocol {})",
+                    protocol.as_str()
+                );
+                if e.is_connect() {
+                    AttemptError::Connect(format!("cannot connect to {what}: {cause}"))
+                } else if h2 {
+                    AttemptError::NoResponse(format!(
+                        "{what}: {cause} (does it speak HTTP/2 without TLS? register it with protocol \"http1\" if not)"
+                    ))
+                } else {
+                    AttemptError::NoResponse(format!("{what}: {cause}"))
+                }
+            })
+    }
+}
+
+/// A request in flight to one instance; see [`Proxy::begin`].
+#[derive(Debug)]
+struct InFlight<'a> {
+    proxy: &'a Proxy,
+    key: &'a str,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.proxy.metrics.active.dec();
+        if self.proxy.config.bounded_load.is_some() {
+            let mut m = self
+                .proxy
+                .inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = m.get_mut(self.key) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+}
+
+/// Rebuilds the routes whenever the catalog or the membership changes.
+async fn keep_routes(
+    mut catalog: watch::Receiver<Arc<gossamer_membership::catalog::Catalog>>,
+    mut members: watch::Receiver<Arc<Snapshot>>,
+    tx: watch::Sender<Arc<Routes>>,
+) {
+    loop {
+        let c = catalog.borrow_and_update().clone();
+        let m = members.borrow_and_update().clone();
+        let previous = tx.borrow().clone();
+        tx.send_replace(Arc::new(Routes::build(&c, &m, &previous)));
+        tokio::select! {
+            r = catalog.changed() => if r.is_err() { return },
+            r = members.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// A local instance to call.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Upstream<'a> {
+    /// `node/id`, for messages.
+    pub instance: &'a str,
+    /// Where it listens.
+    pub address: &'a str,
+    /// Its port.
+    pub port: u16,
+    /// What it speaks.
+    pub protocol: Protocol,
+}
+
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
