@@ -2,7 +2,6 @@
 //! `/metrics`. The CLI subcommands are thin clients of it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,7 +12,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
-use crate::agent::swim::Snapshot;
+use crate::members::Snapshot;
 use crate::catalog::registry::{AgentListeners, ServiceSpec};
 use crate::catalog::{CatalogHandle, RegisterError, view};
 use crate::config::AdminToken;
@@ -32,11 +31,10 @@ pub struct AdminState {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     /// Metrics registry.
     pub metrics: Metrics,
-    /// Whether seeds were configured (affects readiness).
+    /// Whether seeds were configured (affects readiness: alone is a valid
+    /// start only for the first node of a mesh, which has no seeds or is
+    /// one of them).
     pub has_seeds: bool,
-    /// Set when one of the seeds turned out to be this node: then being
-    /// alone is a valid start (the first node of a mesh), not a failure.
-    pub self_seed: Arc<AtomicBool>,
     /// Notified when `POST /v1/leave` asks the agent to stop.
     pub leave: Arc<Notify>,
     /// The catalog task.
@@ -258,7 +256,7 @@ fn catalog(state: &AdminState) -> Response<Body> {
                 serde_json::json!({
                     "version": e.version,
                     "services": e.services.len(),
-                    "available": view::node_available(&e.node, &members),
+                    "available": members.is_available(&e.node),
                 }),
             )
         })
@@ -417,7 +415,7 @@ fn partition(state: &AdminState, method: &Method, body: &[u8]) -> Response<Body>
 
 fn ready(state: &AdminState) -> Response<Body> {
     let s = state.snapshot.borrow().clone();
-    let alone_ok = !state.has_seeds || state.self_seed.load(Ordering::Relaxed);
+    let alone_ok = !state.has_seeds || s.self_seed;
     let ok = !s.left && (s.joined || alone_ok);
     let reason = if s.left {
         "left the mesh"

@@ -7,8 +7,12 @@
 //! - [`cli`]: clap definitions of every subcommand.
 //! - [`config`]: flags > env > file > defaults, validated before binding.
 //! - [`identity`]: the node's mesh identity, `--dev` generation.
-//! - [`agent`]: wiring; [`agent::swim`] owns the membership core,
-//!   [`agent::join`] keeps the node joined.
+//! - [`agent`]: wiring of one agent: sockets, tasks, shutdown. Nothing
+//!   imports it but `main` and the demo.
+//! - [`members`]: the membership [`members::Snapshot`] everyone reads and
+//!   the [`members::Command`]s the mesh task takes.
+//! - [`mesh`]: the task that owns the membership driver (joins, member
+//!   syncs, catalog replication) and carries out its I/O.
 //! - [`catalog`]: registrations, health checks, the catalog sync and view.
 //! - [`admin`]: the admin HTTP API; [`client`]: the CLI's side of it.
 //! - [`proxy`]: the data plane (outbound listener, QUIC forwarding, inbound).
@@ -30,6 +34,8 @@ pub mod demo;
 pub mod identity;
 pub mod listener;
 pub mod logging;
+pub mod members;
+pub mod mesh;
 pub mod metrics;
 pub mod proxy;
 pub mod store;

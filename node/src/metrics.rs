@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-use crate::agent::swim::Snapshot;
+use crate::members::Snapshot;
 use crate::catalog::Shared;
 use crate::catalog::view::{self, Effective};
 

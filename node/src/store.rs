@@ -8,6 +8,16 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// A failure to read or write the data dir.
+/// Wall-clock milliseconds since 1970: the floor for generations and
+/// catalog versions, which must beat every earlier run of this node even
+/// when the data dir was lost.
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("data dir {path}: {source}")]
 pub struct StoreError {

@@ -1,30 +1,35 @@
-//! Wiring of one agent: identity, sockets, the membership task, the join
-//! loop and the admin API, and graceful shutdown.
-
-pub mod join;
-pub mod swim;
-pub mod sync;
+//! Wiring of one agent: identity, sockets, the mesh and catalog tasks, the
+//! data plane and the admin API, and graceful shutdown. This module imports
+//! everything it wires; nothing but `main` and the demo imports it.
+//!
+//! Every task the agent starts, down to per-stream and health-check tasks,
+//! runs on one [`TaskTracker`] and stops with one [`CancellationToken`];
+//! shutdown is one path (see [`run`]).
 
 use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use gossamer_membership::{Membership, NodeId};
+use gossamer_membership::driver::{Driver, JoinPlan};
+use gossamer_membership::NodeId;
 use gossamer_transport::{Inbound, Transport, TransportConfig};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::catalog::registry::AgentListeners;
 use crate::catalog::{CatalogHandle, CatalogTask};
 use crate::config::AgentConfig;
+use crate::members::Command;
+use crate::mesh::{self, MeshInbox, MeshTask};
 use crate::metrics::{Counters, Metrics};
 use crate::proxy::Proxy;
-use crate::store::{SavedState, Store};
+use crate::store::{SavedState, Store, unix_millis};
 
 /// How long shutdown waits for peers to acknowledge the close.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
@@ -87,11 +92,11 @@ impl Sockets {
                 addr: config.admin,
                 source,
             })?;
-        let proxy = TcpListener::bind(config.proxy_listen)
+        let proxy = TcpListener::bind(config.proxy.listen)
             .await
             .map_err(|source| StartError::Bind {
                 key: "proxy",
-                addr: config.proxy_listen,
+                addr: config.proxy.listen,
                 source,
             })?;
         Ok(Self { udp, admin, proxy })
@@ -141,7 +146,7 @@ pub async fn run(
         .local_addr()
         .map_err(|source| StartError::Bind {
             key: "proxy",
-            addr: config.proxy_listen,
+            addr: config.proxy.listen,
             source,
         })?;
     let advertise = config
@@ -171,31 +176,53 @@ pub async fn run(
     let (transport, queues) = Transport::bind(identity, TransportConfig::default(), sockets.udp)?;
     let local = NodeId::new(name.clone(), advertise, generation)
         .expect("the certificate name was validated");
-    let core = Membership::new(local, &config.swim, rand::random())?;
+    if config.seeds.is_empty() && saved.members.is_empty() {
+        info!("no seeds configured: starting a new mesh; others join through this node");
+    }
+    let plan = JoinPlan {
+        has_seeds: !config.seeds.is_empty(),
+        saved: mesh::saved_members(&saved, &name),
+    };
+    let epoch = tokio::time::Instant::now();
+    let driver = Driver::new(
+        local,
+        &config.swim,
+        config.catalog.clone(),
+        plan,
+        rand::random(),
+        std::time::Duration::ZERO,
+    )?;
 
+    let tasks = TaskTracker::new();
+    let cancel = CancellationToken::new();
     let counters = Arc::new(Counters::default());
     let (command_tx, command_rx) = mpsc::channel(256);
-    let (mut task, snapshot) = swim::SwimTask::new(
-        core,
-        transport.clone(),
-        queues.datagrams,
-        command_rx,
-        counters.clone(),
-        store.clone(),
-    );
     let (catalog_task, catalog) = CatalogTask::new(
         name.clone(),
-        config.catalog.clone(),
         config.services.clone(),
-        transport.clone(),
         store.clone(),
-        command_tx.clone(),
-        snapshot.clone(),
+        tasks.clone(),
+        cancel.clone(),
     );
-    task.set_catalog(catalog.sender());
-    let member_sync = task.sync_sender();
-    let swim_handle = tokio::spawn(task.run());
-    let catalog_handle = tokio::spawn(catalog_task.run());
+    let (mesh_task, snapshot, inbox) = MeshTask::new(
+        driver,
+        epoch,
+        mesh::Wiring {
+            transport: transport.clone(),
+            datagrams: queues.datagrams,
+            commands: command_rx,
+            seeds: config.seeds.clone(),
+            local_entry: catalog.shared.local.clone(),
+            catalog: catalog.sender(),
+            catalog_counters: catalog.shared.counters.clone(),
+            counters: counters.clone(),
+            store: store.clone(),
+            tasks: tasks.clone(),
+            cancel: cancel.clone(),
+        },
+    );
+    let mesh_handle = tasks.spawn(mesh_task.run());
+    tasks.spawn(catalog_task.run());
     let (metrics, proxy_metrics, listener_metrics) = Metrics::new(
         transport.clone(),
         counters,
@@ -209,27 +236,13 @@ pub async fn run(
         snapshot.clone(),
         proxy_metrics,
     );
-    tokio::spawn(dispatch_streams(
+    tasks.spawn(dispatch_streams(
         queues.streams,
         catalog.clone(),
         proxy.clone(),
-        member_sync,
-    ));
-
-    let saved_members: Vec<NodeId> = saved
-        .members
-        .iter()
-        .filter(|m| m.name != name)
-        .filter_map(|m| NodeId::new(m.name.clone(), m.addr, 0).ok())
-        .collect();
-    let self_seed = Arc::new(AtomicBool::new(false));
-    let join_handle = tokio::spawn(join::join_loop(
-        config.seeds.clone(),
-        self_seed.clone(),
-        saved_members,
-        transport.clone(),
-        command_tx.clone(),
-        snapshot.clone(),
+        inbox,
+        tasks.clone(),
+        cancel.clone(),
     ));
 
     let leave = Arc::new(Notify::new());
@@ -241,7 +254,6 @@ pub async fn run(
         transport: transport.clone(),
         fault_injection: config.fault_injection,
         has_seeds: !config.seeds.is_empty(),
-        self_seed,
         leave: leave.clone(),
         token: config.admin_token.clone(),
         listeners: listeners.clone(),
@@ -249,14 +261,14 @@ pub async fn run(
     let (stop_admin, admin_stopped) = watch::channel(false);
     let (proxy_cap, admin_cap) = connection_caps(&config.limits);
     let in_flight = proxy.metrics.active.clone();
-    let proxy_handle = tokio::spawn(crate::proxy::outbound::serve(
+    let proxy_handle = tasks.spawn(crate::proxy::outbound::serve(
         sockets.proxy,
         proxy,
         config.limits.for_listener(proxy_cap),
         listener_metrics.clone(),
         admin_stopped.clone(),
     ));
-    let admin_handle = tokio::spawn(admin::serve(
+    let admin_handle = tasks.spawn(admin::serve(
         sockets.admin,
         admin_state,
         config.limits.for_listener(admin_cap),
@@ -287,15 +299,17 @@ pub async fn run(
         () = leave.notified() => info!("leave requested through the admin API"),
     }
 
-    // Stop accepting (open connections are asked to close once their
-    // requests are answered), leave, then let requests in flight finish.
+    // 1. Stop accepting: the listeners close, and open connections are
+    //    asked to close once their requests are answered.
     let _ = stop_admin.send(true);
-    join_handle.abort();
+    // 2. Leave: peers hear it at once and fail new requests over to other
+    //    instances; requests already here still finish.
     let (done_tx, done_rx) = oneshot::channel();
-    if command_tx.send(swim::Command::Leave(done_tx)).await.is_ok() {
+    if command_tx.send(Command::Leave(done_tx)).await.is_ok() {
         let _ = tokio::time::timeout(CLOSE_DEADLINE, done_rx).await;
     }
     tokio::time::sleep(LEAVE_GRACE).await;
+    // 3. Let requests in flight finish, within the grace period.
     let grace = config.proxy.shutdown_grace;
     let drained = tokio::time::timeout(grace, async {
         while in_flight.get() > 0 || listener_metrics.open("proxy") > 0 {
@@ -310,17 +324,19 @@ pub async fn run(
             "requests still in flight at the end of shutdown_grace are cut"
         );
     }
-    catalog_handle.abort();
+    // 4. Stop every task and wait for them, then close the endpoint.
     drop(command_tx);
-    let _ = tokio::time::timeout(CLOSE_DEADLINE, swim_handle).await;
-    transport.close(CLOSE_DEADLINE).await;
-    proxy_handle.abort();
-    if tokio::time::timeout(Duration::from_secs(1), admin_handle)
-        .await
-        .is_err()
-    {
-        warn!("admin API did not stop in time");
+    let _ = tokio::time::timeout(CLOSE_DEADLINE, mesh_handle).await;
+    cancel.cancel();
+    tasks.close();
+    if tokio::time::timeout(CLOSE_DEADLINE, tasks.wait()).await.is_err() {
+        warn!(
+            running = tasks.len(),
+            "some tasks did not stop in time"
+        );
     }
+    transport.close(CLOSE_DEADLINE).await;
+    drop((proxy_handle, admin_handle));
     store.remove("agent.json");
     info!("stopped");
     Ok(())
@@ -364,45 +380,62 @@ async fn dispatch_streams(
     mut streams: mpsc::Receiver<Inbound>,
     catalog: CatalogHandle,
     proxy: Arc<Proxy>,
-    member_sync: mpsc::Sender<sync::SyncInput>,
+    inbox: MeshInbox,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
 ) {
-    while let Some(item) = streams.recv().await {
-        let Inbound::Stream {
+    loop {
+        let item = tokio::select! {
+            item = streams.recv() => item,
+            () = cancel.cancelled() => return,
+        };
+        let Some(Inbound::Stream {
             from,
             mut send,
             mut recv,
-        } = item
+        }) = item
         else {
+            if item.is_none() {
+                return;
+            }
             continue;
         };
         let catalog = catalog.clone();
         let proxy = proxy.clone();
-        let member_sync = member_sync.clone();
-        tokio::spawn(async move {
-            let mut kind = [0u8; 1];
-            let read = tokio::time::timeout(STREAM_KIND_TIMEOUT, recv.read_exact(&mut kind)).await;
-            match (read, kind[0]) {
-                (Ok(Ok(())), crate::proxy::wire::STREAM_PROXY) => {
-                    crate::proxy::inbound::serve(from, send, recv, proxy).await;
+        let inbox = inbox.clone();
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            let serve = async move {
+                let mut kind = [0u8; 1];
+                let read =
+                    tokio::time::timeout(STREAM_KIND_TIMEOUT, recv.read_exact(&mut kind)).await;
+                match (read, kind[0]) {
+                    (Ok(Ok(())), crate::proxy::wire::STREAM_PROXY) => {
+                        crate::proxy::inbound::serve(from, send, recv, proxy).await;
+                    }
+                    (Ok(Ok(())), mesh::sync::STREAM_MEMBERS) => {
+                        mesh::sync::serve(from, send, recv, inbox.sync).await;
+                    }
+                    (Ok(Ok(())), crate::catalog::sync::STREAM_CATALOG) => {
+                        crate::catalog::sync::serve(
+                            from,
+                            send,
+                            recv,
+                            catalog.shared.clone(),
+                            inbox.digests,
+                        )
+                        .await;
+                    }
+                    _ => {
+                        tracing::debug!(peer = %from, kind = kind[0], "unknown or silent stream refused");
+                        let _ = send.reset(0u32.into());
+                        let _ = recv.stop(0u32.into());
+                    }
                 }
-                (Ok(Ok(())), sync::STREAM_MEMBERS) => {
-                    sync::serve(from, send, recv, member_sync).await;
-                }
-                (Ok(Ok(())), crate::catalog::sync::STREAM_CATALOG) => {
-                    crate::catalog::sync::serve(
-                        from,
-                        send,
-                        recv,
-                        catalog.shared.clone(),
-                        catalog.sender(),
-                    )
-                    .await;
-                }
-                _ => {
-                    tracing::debug!(peer = %from, kind = kind[0], "unknown or silent stream refused");
-                    let _ = send.reset(0u32.into());
-                    let _ = recv.stop(0u32.into());
-                }
+            };
+            tokio::select! {
+                () = serve => {}
+                () = cancel.cancelled() => {}
             }
         });
     }
@@ -430,12 +463,4 @@ fn advertise_for(bound: SocketAddr, seeds: &[String]) -> SocketAddr {
         }
     });
     SocketAddr::new(ip, bound.port())
-}
-
-/// Wall-clock milliseconds since 1970 (for versions that must beat earlier runs).
-pub fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -13,22 +13,24 @@ use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
 use super::registry::{CheckKind, CheckSpec};
 use super::{CatalogCounters, Input};
 
-/// Starts checking `address:port` for instance `id`.
+/// Starts checking `address:port` for instance `id` on `tasks`, until
+/// `cancel`.
 pub fn spawn(
-    id: String,
-    address: String,
-    port: u16,
+    (id, address, port): (String, String, u16),
     check: CheckSpec,
     tx: mpsc::Sender<Input>,
     counters: Arc<CatalogCounters>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
+    tasks: &TaskTracker,
+    cancel: CancellationToken,
+) {
+    let checks = async move {
         let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
         let mut health = Health::Critical;
         let mut first = true;
@@ -79,7 +81,13 @@ pub fn spawn(
             first = false;
             tokio::time::sleep(check.interval).await;
         }
-    })
+    };
+    tasks.spawn(async move {
+        tokio::select! {
+            () = checks => {}
+            () = cancel.cancelled() => {}
+        }
+    });
 }
 
 async fn probe(

@@ -1,12 +1,11 @@
 //! The catalog task: owns this node's registrations, health, and its copy
-//! of every node's entry; fetches entries from their owners when gossip or
-//! anti-entropy says they changed.
+//! of every node's entry.
 //!
-//! Inputs: registrations from the admin API, health results, catalog
-//! notices from the membership task, digests from sync streams, and the
-//! membership snapshot (a member that appears or restarts is fetched at
-//! once). Output: a `watch` of the merged catalog for the API, the metrics
-//! and the proxy.
+//! Inputs: registrations from the admin API, health results, and entries
+//! fetched (or purged) by the mesh task, whose driver decides what to fetch
+//! from whom. Outputs: this node's own entry (the mesh task announces each
+//! new version), and `watch`es of the merged catalog and its digest for the
+//! API, the metrics, the proxy and sync streams.
 
 pub mod health;
 pub mod registry;
@@ -16,42 +15,21 @@ pub mod view;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gossamer_membership::catalog::{Catalog, Health, MAX_SERVICES_PER_NODE, NodeEntry};
-use gossamer_transport::Transport;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
 
-use crate::agent::swim::{Command, Snapshot};
-use crate::store::Store;
+use crate::store::{Store, unix_millis};
 use registry::{SavedServices, ServiceSpec};
 
 const SERVICES_FILE: &str = "services.json";
 
 /// Catalog timing (`[catalog]` in the config file).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CatalogConfig {
-    /// How often to compare digests with a random peer.
-    #[serde(with = "gossamer_membership::duration")]
-    pub anti_entropy_interval: Duration,
-    /// How long entries of down or departed nodes are kept (shown
-    /// `unavailable`) before they are dropped.
-    #[serde(with = "gossamer_membership::duration")]
-    pub purge_after: Duration,
-}
-
-impl Default for CatalogConfig {
-    fn default() -> Self {
-        Self {
-            anti_entropy_interval: Duration::from_secs(5),
-            purge_after: Duration::from_secs(15 * 60),
-        }
-    }
-}
+pub type CatalogConfig = gossamer_membership::ReplicaConfig;
 
 /// Sync and health counters.
 #[derive(Debug, Default)]
@@ -161,27 +139,10 @@ pub enum Input {
         /// New health.
         health: Health,
     },
-    /// Gossip says `node` is at `version`.
-    Notice {
-        /// Owner.
-        node: String,
-        /// Version.
-        version: u64,
-    },
-    /// A fetch finished.
-    Fetched {
-        /// Owner.
-        node: String,
-        /// The entry, or why not.
-        result: Result<NodeEntry, String>,
-    },
-    /// A peer's digest (from an exchange either side started).
-    Digest {
-        /// The peer.
-        from: String,
-        /// Its digest.
-        digest: Vec<(String, u64)>,
-    },
+    /// An entry fetched from its owner.
+    Merge(NodeEntry),
+    /// Drop a node's entry (down for too long).
+    Purge(String),
 }
 
 /// Cheap handle for the API.
@@ -213,7 +174,7 @@ impl CatalogHandle {
         rx.await.map_err(|_| RegisterError::Closed)?
     }
 
-    /// The input queue (for the membership task's notices and sync servers).
+    /// The input queue (for the mesh task's fetches and purges).
     pub fn sender(&self) -> mpsc::Sender<Input> {
         self.tx.clone()
     }
@@ -222,23 +183,18 @@ impl CatalogHandle {
 /// The task's state.
 pub struct CatalogTask {
     name: String,
-    config: CatalogConfig,
-    transport: Transport,
     store: Store,
     rx: mpsc::Receiver<Input>,
     tx: mpsc::Sender<Input>,
-    swim: mpsc::Sender<Command>,
-    members: watch::Receiver<Arc<Snapshot>>,
     catalog: Catalog,
     version: u64,
     specs: BTreeMap<String, ServiceSpec>,
     config_ids: HashSet<String>,
     health: HashMap<String, Health>,
-    checkers: HashMap<String, JoinHandle<()>>,
-    active: HashMap<String, (u64, std::net::SocketAddr)>,
-    fetching: HashSet<String>,
-    wanted: HashMap<String, u64>,
-    down_since: HashMap<String, Instant>,
+    /// One cancellation per health checker; all are tracked by `tasks`.
+    checkers: HashMap<String, CancellationToken>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
     local_tx: watch::Sender<Arc<NodeEntry>>,
     digest_tx: watch::Sender<Arc<Vec<(String, u64)>>>,
     catalog_tx: watch::Sender<Arc<Catalog>>,
@@ -256,14 +212,13 @@ impl std::fmt::Debug for CatalogTask {
 
 impl CatalogTask {
     /// Builds the task from config-file services and the saved runtime ones.
+    /// Health checkers run on `tasks` and stop with `cancel`.
     pub fn new(
         name: String,
-        config: CatalogConfig,
         config_services: Vec<ServiceSpec>,
-        transport: Transport,
         store: Store,
-        swim: mpsc::Sender<Command>,
-        members: watch::Receiver<Arc<Snapshot>>,
+        tasks: TaskTracker,
+        cancel: CancellationToken,
     ) -> (Self, CatalogHandle) {
         let saved: SavedServices = store.read_json(SERVICES_FILE).unwrap_or_else(|e| {
             warn!(error = %e, "services.json unreadable; starting without runtime registrations");
@@ -283,7 +238,7 @@ impl CatalogTask {
             specs.insert(spec.id.clone(), spec);
         }
         // A version above every earlier run's, even if the file was lost.
-        let version = (saved.version + 1).max(crate::agent::unix_millis());
+        let version = (saved.version + 1).max(unix_millis());
         let empty = Arc::new(NodeEntry {
             node: name.clone(),
             version: 0,
@@ -305,23 +260,17 @@ impl CatalogTask {
         };
         let task = Self {
             name,
-            config,
-            transport,
             store,
             rx,
             tx,
-            swim,
-            members,
             catalog: Catalog::new(),
             version,
             specs,
             config_ids,
             health: HashMap::new(),
             checkers: HashMap::new(),
-            active: HashMap::new(),
-            fetching: HashSet::new(),
-            wanted: HashMap::new(),
-            down_since: HashMap::new(),
+            tasks,
+            cancel,
             local_tx,
             digest_tx,
             catalog_tx,
@@ -330,32 +279,24 @@ impl CatalogTask {
         (task, handle)
     }
 
-    /// Runs until every input sender is gone.
+    /// Runs until shutdown is signalled (or every input sender is gone).
     pub async fn run(mut self) {
         let ids: Vec<String> = self.specs.keys().cloned().collect();
         for id in ids {
             self.start_checker(&id);
         }
         self.publish_local(false);
-        let mut tick = tokio::time::interval(self.config.anti_entropy_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 input = self.rx.recv() => match input {
                     Some(input) => self.on_input(input),
                     None => break,
                 },
-                changed = self.members.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    self.on_members();
-                }
-                _ = tick.tick() => self.anti_entropy(),
+                () = self.cancel.cancelled() => break,
             }
         }
-        for (_, h) in self.checkers.drain() {
-            h.abort();
+        for (_, c) in self.checkers.drain() {
+            c.cancel();
         }
     }
 
@@ -373,31 +314,14 @@ impl CatalogTask {
                     self.publish_local(true);
                 }
             }
-            Input::Notice { node, version } => self.want(&node, version),
-            Input::Fetched { node, result } => {
-                self.fetching.remove(&node);
-                match result {
-                    Ok(entry) => {
-                        if self.wanted.get(&node).is_some_and(|v| *v <= entry.version) {
-                            self.wanted.remove(&node);
-                        }
-                        if self.catalog.merge(entry) {
-                            self.publish_catalog();
-                        }
-                    }
-                    Err(e) => {
-                        debug!(peer = %node, error = %e, "fetch failed; retrying on the next sync round")
-                    }
+            Input::Merge(entry) => {
+                if entry.node != self.name && self.catalog.merge(entry) {
+                    self.publish_catalog();
                 }
             }
-            Input::Digest { from, digest } => {
-                for (node, version) in digest {
-                    if node != self.name
-                        && version > self.catalog.get(&node).map_or(0, |e| e.version)
-                    {
-                        debug!(peer = %from, owner = %node, version, "digest shows a newer entry");
-                        self.want(&node, version);
-                    }
+            Input::Purge(node) => {
+                if node != self.name && self.catalog.remove(&node).is_some() {
+                    self.publish_catalog();
                 }
             }
         }
@@ -439,8 +363,8 @@ impl CatalogTask {
             return Err(RegisterError::Persist(e.to_string()));
         }
         info!(service = %id, "deregistered");
-        if let Some(h) = self.checkers.remove(id) {
-            h.abort();
+        if let Some(c) = self.checkers.remove(id) {
+            c.cancel();
         }
         self.health.remove(id);
         self.publish_local(true);
@@ -461,8 +385,8 @@ impl CatalogTask {
     }
 
     fn start_checker(&mut self, id: &str) {
-        if let Some(h) = self.checkers.remove(id) {
-            h.abort();
+        if let Some(c) = self.checkers.remove(id) {
+            c.cancel();
         }
         let Some(spec) = self.specs.get(id) else {
             return;
@@ -470,15 +394,16 @@ impl CatalogTask {
         match &spec.check {
             Some(check) => {
                 self.health.insert(id.to_owned(), Health::Critical);
-                let handle = health::spawn(
-                    id.to_owned(),
-                    spec.address.clone(),
-                    spec.port,
+                let cancel = self.cancel.child_token();
+                health::spawn(
+                    (id.to_owned(), spec.address.clone(), spec.port),
                     check.clone(),
                     self.tx.clone(),
                     self.counters.clone(),
+                    &self.tasks,
+                    cancel.clone(),
                 );
-                self.checkers.insert(id.to_owned(), handle);
+                self.checkers.insert(id.to_owned(), cancel);
             }
             None => {
                 self.health.insert(id.to_owned(), Health::Passing);
@@ -507,131 +432,10 @@ impl CatalogTask {
         self.local_tx.send_replace(Arc::new(entry.clone()));
         self.catalog.merge(entry);
         self.publish_catalog();
-        if self
-            .swim
-            .try_send(Command::PublishCatalog(self.version))
-            .is_err()
-        {
-            warn!("membership task busy; the catalog change will spread by anti-entropy");
-        }
     }
 
     fn publish_catalog(&mut self) {
         self.digest_tx.send_replace(Arc::new(self.catalog.digest()));
         self.catalog_tx.send_replace(Arc::new(self.catalog.clone()));
-    }
-
-    fn want(&mut self, node: &str, version: u64) {
-        if node == self.name || self.catalog.get(node).is_some_and(|e| e.version >= version) {
-            return;
-        }
-        let w = self.wanted.entry(node.to_owned()).or_insert(0);
-        *w = (*w).max(version);
-        self.fetch(node);
-    }
-
-    fn fetch(&mut self, node: &str) {
-        let Some((_, addr)) = self.active.get(node).copied() else {
-            return;
-        };
-        if !self.fetching.insert(node.to_owned()) {
-            return;
-        }
-        let transport = self.transport.clone();
-        let tx = self.tx.clone();
-        let counters = self.counters.clone();
-        let node = node.to_owned();
-        tokio::spawn(async move {
-            let result = sync::fetch(&transport, &node, addr, &counters)
-                .await
-                .map_err(|e| e.to_string());
-            let _ = tx.send(Input::Fetched { node, result }).await;
-        });
-    }
-
-    fn on_members(&mut self) {
-        let snapshot = self.members.borrow_and_update().clone();
-        let now = Instant::now();
-        let mut seen = HashSet::new();
-        for m in &snapshot.members {
-            let name = &m.id.name;
-            seen.insert(name.clone());
-            if m.state.is_active() {
-                self.down_since.remove(name);
-                let fresh = self
-                    .active
-                    .insert(name.clone(), (m.id.generation, m.id.addr))
-                    .is_none_or(|(generation, _)| generation != m.id.generation);
-                if fresh {
-                    // New, restarted or back from a partition: fetch its
-                    // entry from it (a full sync on join).
-                    self.wanted.entry(name.clone()).or_insert(0);
-                    self.fetch(name);
-                }
-            } else {
-                self.active.remove(name);
-                self.down_since.entry(name.clone()).or_insert(now);
-            }
-        }
-        self.active.retain(|n, _| seen.contains(n));
-        for node in self
-            .catalog
-            .entries()
-            .map(|e| e.node.clone())
-            .collect::<Vec<_>>()
-        {
-            if node != self.name && !seen.contains(&node) {
-                self.down_since.entry(node).or_insert(now);
-            }
-        }
-    }
-
-    fn anti_entropy(&mut self) {
-        // Retry fetches that failed or were missed.
-        let wanted: Vec<String> = self.wanted.keys().cloned().collect();
-        for node in wanted {
-            if !self.active.contains_key(&node) {
-                continue;
-            }
-            self.fetch(&node);
-        }
-        // Purge entries of nodes down for too long.
-        let purge: Vec<String> = self
-            .down_since
-            .iter()
-            .filter(|(_, since)| since.elapsed() >= self.config.purge_after)
-            .map(|(n, _)| n.clone())
-            .collect();
-        let mut changed = false;
-        for node in purge {
-            self.down_since.remove(&node);
-            self.wanted.remove(&node);
-            if self.catalog.remove(&node).is_some() {
-                info!(node = %node, "purged the catalog entry of a node down for too long");
-                changed = true;
-            }
-        }
-        if changed {
-            self.publish_catalog();
-        }
-        // Compare digests with one random live peer.
-        let peers: Vec<(&String, &(u64, std::net::SocketAddr))> = self.active.iter().collect();
-        if peers.is_empty() {
-            return;
-        }
-        let (peer, (_, addr)) = peers[rand::random_range(0..peers.len())];
-        let (peer, addr) = (peer.clone(), *addr);
-        let ours = self.catalog.digest();
-        let transport = self.transport.clone();
-        let tx = self.tx.clone();
-        let counters = self.counters.clone();
-        tokio::spawn(async move {
-            match sync::exchange_digest(&transport, &peer, addr, ours, &counters).await {
-                Ok(digest) => {
-                    let _ = tx.send(Input::Digest { from: peer, digest }).await;
-                }
-                Err(e) => debug!(%peer, error = %e, "digest exchange failed"),
-            }
-        });
     }
 }

@@ -21,7 +21,7 @@ use gossamer_transport::{RecvStream, SendStream, Transport};
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use super::{CatalogCounters, Input, Shared};
+use super::{CatalogCounters, Shared};
 
 /// First byte of a catalog sync stream.
 pub const STREAM_CATALOG: u8 = 1;
@@ -149,7 +149,7 @@ pub async fn serve(
     mut tx: SendStream,
     mut rx: RecvStream,
     shared: Arc<Shared>,
-    inputs: mpsc::Sender<Input>,
+    digests: mpsc::Sender<Vec<(String, u64)>>,
 ) {
     let counters = shared.counters.clone();
     let result: Result<(), SyncFailure> = tokio::time::timeout(SYNC_TIMEOUT, async {
@@ -169,12 +169,8 @@ pub async fn serve(
                 let reply =
                     encode_sync(&SyncResponse::Digest(ours.to_vec())).map_err(SyncError::from)?;
                 send(&mut tx, &reply, &counters).await?;
-                let _ = inputs
-                    .send(Input::Digest {
-                        from: from.clone(),
-                        digest: theirs,
-                    })
-                    .await;
+                // The mesh task's driver decides what to fetch.
+                let _ = digests.send(theirs).await;
             }
         }
         let _ = tx.finish();

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use gossamer_membership::catalog::{Catalog, Health};
 use serde::Serialize;
 
-use crate::agent::swim::Snapshot;
+use crate::members::Snapshot;
 
 /// Effective health of an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -45,22 +45,11 @@ pub struct InstanceView {
     pub health: Effective,
 }
 
-/// Whether `node`'s instances can take traffic, per the membership.
-pub fn node_available(node: &str, members: &Snapshot) -> bool {
-    if node == members.local.name {
-        return !members.left;
-    }
-    members
-        .members
-        .iter()
-        .any(|m| m.id.name == node && m.state.is_active())
-}
-
 /// Every service with its instances, sorted by node then id.
 pub fn services(catalog: &Catalog, members: &Snapshot) -> BTreeMap<String, Vec<InstanceView>> {
     let mut out: BTreeMap<String, Vec<InstanceView>> = BTreeMap::new();
     for entry in catalog.entries() {
-        let available = node_available(&entry.node, members);
+        let available = members.is_available(&entry.node);
         for s in &entry.services {
             let health = match (available, s.health) {
                 (false, _) => Effective::Unavailable,

@@ -33,7 +33,7 @@ use super::outlier::{EjectionPolicy, Outliers, RetryBudget, Verdict};
 use super::routes::{Backend, Routes, ServiceRoute};
 use super::upgrade::bridge;
 use super::wire::{self, RequestHead, ResponseHead, STREAM_PROXY};
-use crate::agent::swim::Snapshot;
+use crate::members::Snapshot;
 use crate::catalog::Shared;
 
 type HttpClient = Client<HttpConnector, ProxyBody>;

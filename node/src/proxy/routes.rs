@@ -10,7 +10,7 @@ use gossamer_membership::MemberState;
 use gossamer_membership::catalog::{Catalog, InvalidService, Protocol, validate_hash_policy};
 use http::HeaderName;
 
-use crate::agent::swim::Snapshot;
+use crate::members::Snapshot;
 use crate::balance::rendezvous::Table;
 use crate::catalog::view;
 

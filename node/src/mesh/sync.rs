@@ -15,36 +15,14 @@ use gossamer_membership::sync::SyncPayload;
 use gossamer_transport::frame::{FrameError, read_frame, write_frame};
 use gossamer_transport::{RecvStream, SendStream, Transport, TransportError};
 use tokio::sync::{mpsc, oneshot};
+
+use super::Input;
 use tracing::debug;
 
 /// First byte of a membership sync stream.
 pub const STREAM_MEMBERS: u8 = 3;
 /// Longest a whole exchange may take.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What the membership task hears about syncs.
-#[derive(Debug)]
-pub enum SyncInput {
-    /// A peer sent its view: merge it and answer with ours.
-    Request {
-        /// The peer (from its certificate).
-        from: String,
-        /// Its view.
-        payload: SyncPayload,
-        /// Where our encoded view goes.
-        reply: oneshot::Sender<Vec<u8>>,
-    },
-    /// The answer to a sync this node started.
-    Answer {
-        /// The peer.
-        from: String,
-        /// Its view.
-        payload: SyncPayload,
-        /// Whether news in it is gossiped on (not for the sync that follows
-        /// the join).
-        gossip: bool,
-    },
-}
 
 /// Why a sync failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,8 +39,8 @@ pub enum SyncFailure {
     /// The stream ended without an answer.
     #[error("no answer")]
     NoAnswer,
-    /// The membership task did not answer.
-    #[error("membership task gone")]
+    /// The mesh task did not answer.
+    #[error("mesh task gone")]
     Busy,
     /// The exchange took too long.
     #[error("timed out")]
@@ -96,7 +74,7 @@ pub async fn serve(
     from: String,
     mut tx: SendStream,
     mut rx: RecvStream,
-    task: mpsc::Sender<SyncInput>,
+    task: mpsc::Sender<Input>,
 ) {
     let result: Result<(), SyncFailure> = tokio::time::timeout(SYNC_TIMEOUT, async {
         let frame = read_frame(&mut rx, MAX_SYNC_FRAME)
@@ -104,7 +82,7 @@ pub async fn serve(
             .ok_or(SyncFailure::NoAnswer)?;
         let payload = SyncPayload::decode(&frame)?;
         let (reply, answer) = oneshot::channel();
-        task.send(SyncInput::Request {
+        task.send(Input::SyncRequest {
             from: from.clone(),
             payload,
             reply,
