@@ -12,11 +12,11 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
-use crate::members::Snapshot;
 use crate::catalog::registry::{AgentListeners, ServiceSpec};
 use crate::catalog::{CatalogHandle, RegisterError, view};
 use crate::config::AdminToken;
 use crate::listener::{self, Limits, ListenerMetrics};
+use crate::members::Snapshot;
 use crate::metrics::Metrics;
 use crate::proxy::routes::HashPolicy;
 use gossamer_transport::Transport;
@@ -69,19 +69,19 @@ pub struct MemberJson {
     pub is_self: bool,
 }
 
-/// Serves the admin API until `shutdown` fires.
+/// Serves the admin API until `tasks` drain.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AdminState>,
     limits: Limits,
     metrics: ListenerMetrics,
-    shutdown: watch::Receiver<bool>,
+    tasks: crate::tasks::Tasks,
 ) {
     let handler = move |req, _peer| {
         let state = state.clone();
         async move { route(&state, req, limits.header_read_timeout).await }
     };
-    listener::serve(listener, "admin", limits, metrics, shutdown, handler).await;
+    listener::serve(listener, "admin", limits, metrics, tasks, handler).await;
 }
 
 type Body = Full<Bytes>;

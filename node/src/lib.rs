@@ -21,6 +21,7 @@
 //! - [`demo`]: `gossamer demo` and the demo HTTP service.
 //! - [`metrics`]: Prometheus exposition.
 //! - [`store`]: the data dir (atomic writes).
+//! - [`tasks`]: the tracker every task runs on, and the drain/stop signals.
 //! - [`logging`]: tracing setup.
 
 pub mod admin;
@@ -39,3 +40,4 @@ pub mod mesh;
 pub mod metrics;
 pub mod proxy;
 pub mod store;
+pub mod tasks;

@@ -35,8 +35,9 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tracing::{debug, warn};
+
+use crate::tasks::Tasks;
 
 /// How long a connection asked to close gracefully may take to finish.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -369,14 +370,14 @@ impl Drop for Slot {
     }
 }
 
-/// Serves HTTP/1.1 and h2c (with upgrades) on `listener` until `shutdown`
-/// flips, calling `handler` for every request with the client's address.
+/// Serves HTTP/1.1 and h2c (with upgrades) on `listener` until `tasks`
+/// drain (connections run on `tasks` too), calling `handler` for every request with the client's address.
 pub async fn serve<H, F, B>(
     listener: TcpListener,
     name: &'static str,
     limits: Limits,
     metrics: ListenerMetrics,
-    mut shutdown: watch::Receiver<bool>,
+    tasks: Tasks,
     handler: H,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
@@ -403,7 +404,7 @@ pub async fn serve<H, F, B>(
                     continue;
                 }
             },
-            _ = shutdown.changed() => return,
+            () = tasks.draining() => return,
         };
         if count.fetch_add(1, Ordering::Relaxed) >= limits.max_connections {
             count.fetch_sub(1, Ordering::Relaxed);
@@ -441,13 +442,14 @@ pub async fn serve<H, F, B>(
         });
         let builder = builder.clone();
         let metrics = metrics.clone();
-        let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        let conn_tasks = tasks.clone();
+        tasks.spawn(async move {
+            let tasks = conn_tasks;
             let _slot = slot;
             let conn = builder.serve_connection_with_upgrades(io, service);
             tokio::pin!(conn);
             let mut closing: Option<Instant> = None;
-            let mut stopping = *shutdown.borrow();
+            let mut stopping = tasks.is_draining();
             loop {
                 let (verdict, wait) = state.check(&limits);
                 let wait = match closing {
@@ -493,9 +495,7 @@ pub async fn serve<H, F, B>(
                         break;
                     }
                     () = tokio::time::sleep(wait.max(Duration::from_millis(5))) => {}
-                    changed = shutdown.changed(), if !stopping => {
-                        stopping = changed.is_err() || *shutdown.borrow();
-                    }
+                    () = tasks.draining(), if !stopping => stopping = true,
                 }
             }
         });

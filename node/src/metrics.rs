@@ -13,9 +13,9 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-use crate::members::Snapshot;
 use crate::catalog::Shared;
 use crate::catalog::view::{self, Effective};
+use crate::members::Snapshot;
 
 /// Counters owned by the agent (the transport keeps its own).
 #[derive(Debug, Default)]
@@ -297,6 +297,38 @@ impl AgentCollector {
             "gossamer_swim_held_down_notices",
             "\"You are down\" messages not sent because the suspect refuted in time",
             &[(&[], snapshot.held_down_notices)],
+        )?;
+        for (name, help, value) in [
+            (
+                "gossamer_swim_health_score",
+                "Local health score (0 healthy, up to swim.max_health_score): failed probes and refuted suspicions raise it and stretch this node's probing",
+                f64::from(snapshot.health_score),
+            ),
+            (
+                "gossamer_swim_suspicion_timeout_seconds",
+                "How long a suspect has to refute before it is declared down, at the current cluster size",
+                snapshot.suspicion_timeout_ms as f64 / 1e3,
+            ),
+        ] {
+            let g = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value).encode(g)?;
+        }
+        let h = snapshot.health;
+        counter(
+            encoder,
+            "gossamer_swim_probes",
+            "Probes this node ran, by result (late: answered during the late-ack grace)",
+            &[
+                (&[("result", "ok")], h.probes_ok),
+                (&[("result", "failed")], h.probes_failed),
+                (&[("result", "late")], h.late_acks),
+            ],
+        )?;
+        counter(
+            encoder,
+            "gossamer_swim_refuted_suspicions",
+            "Suspicions of this node that it refuted",
+            &[(&[], h.refuted)],
         )?;
         counter(
             encoder,

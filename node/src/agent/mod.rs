@@ -2,23 +2,21 @@
 //! data plane and the admin API, and graceful shutdown. This module imports
 //! everything it wires; nothing but `main` and the demo imports it.
 //!
-//! Every task the agent starts, down to per-stream and health-check tasks,
-//! runs on one [`TaskTracker`] and stops with one [`CancellationToken`];
-//! shutdown is one path (see [`run`]).
+//! Every task the agent starts, down to per-connection, per-stream and
+//! health-check tasks, runs on one [`Tasks`]; shutdown is one path (see
+//! [`run`]).
 
 use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
-use gossamer_membership::driver::{Driver, JoinPlan};
 use gossamer_membership::NodeId;
+use gossamer_membership::driver::{Driver, JoinPlan};
 use gossamer_transport::{Inbound, Transport, TransportConfig};
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, mpsc, oneshot, watch};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
@@ -30,6 +28,7 @@ use crate::mesh::{self, MeshInbox, MeshTask};
 use crate::metrics::{Counters, Metrics};
 use crate::proxy::Proxy;
 use crate::store::{SavedState, Store, unix_millis};
+use crate::tasks::Tasks;
 
 /// How long shutdown waits for peers to acknowledge the close.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(2);
@@ -193,8 +192,7 @@ pub async fn run(
         std::time::Duration::ZERO,
     )?;
 
-    let tasks = TaskTracker::new();
-    let cancel = CancellationToken::new();
+    let tasks = Tasks::new();
     let counters = Arc::new(Counters::default());
     let (command_tx, command_rx) = mpsc::channel(256);
     let (catalog_task, catalog) = CatalogTask::new(
@@ -202,7 +200,6 @@ pub async fn run(
         config.services.clone(),
         store.clone(),
         tasks.clone(),
-        cancel.clone(),
     );
     let (mesh_task, snapshot, inbox) = MeshTask::new(
         driver,
@@ -218,10 +215,9 @@ pub async fn run(
             counters: counters.clone(),
             store: store.clone(),
             tasks: tasks.clone(),
-            cancel: cancel.clone(),
         },
     );
-    let mesh_handle = tasks.spawn(mesh_task.run());
+    tasks.spawn(mesh_task.run());
     tasks.spawn(catalog_task.run());
     let (metrics, proxy_metrics, listener_metrics) = Metrics::new(
         transport.clone(),
@@ -235,6 +231,7 @@ pub async fn run(
         catalog.shared.clone(),
         snapshot.clone(),
         proxy_metrics,
+        tasks.clone(),
     );
     tasks.spawn(dispatch_streams(
         queues.streams,
@@ -242,7 +239,6 @@ pub async fn run(
         proxy.clone(),
         inbox,
         tasks.clone(),
-        cancel.clone(),
     ));
 
     let leave = Arc::new(Notify::new());
@@ -258,22 +254,21 @@ pub async fn run(
         token: config.admin_token.clone(),
         listeners: listeners.clone(),
     });
-    let (stop_admin, admin_stopped) = watch::channel(false);
     let (proxy_cap, admin_cap) = connection_caps(&config.limits);
     let in_flight = proxy.metrics.active.clone();
-    let proxy_handle = tasks.spawn(crate::proxy::outbound::serve(
+    tasks.spawn(crate::proxy::outbound::serve(
         sockets.proxy,
         proxy,
         config.limits.for_listener(proxy_cap),
         listener_metrics.clone(),
-        admin_stopped.clone(),
+        tasks.clone(),
     ));
-    let admin_handle = tasks.spawn(admin::serve(
+    tasks.spawn(admin::serve(
         sockets.admin,
         admin_state,
         config.limits.for_listener(admin_cap),
         listener_metrics.clone(),
-        admin_stopped,
+        tasks.clone(),
     ));
 
     let info = AgentInfo {
@@ -301,7 +296,7 @@ pub async fn run(
 
     // 1. Stop accepting: the listeners close, and open connections are
     //    asked to close once their requests are answered.
-    let _ = stop_admin.send(true);
+    tasks.begin_drain();
     // 2. Leave: peers hear it at once and fail new requests over to other
     //    instances; requests already here still finish.
     let (done_tx, done_rx) = oneshot::channel();
@@ -326,17 +321,11 @@ pub async fn run(
     }
     // 4. Stop every task and wait for them, then close the endpoint.
     drop(command_tx);
-    let _ = tokio::time::timeout(CLOSE_DEADLINE, mesh_handle).await;
-    cancel.cancel();
-    tasks.close();
-    if tokio::time::timeout(CLOSE_DEADLINE, tasks.wait()).await.is_err() {
-        warn!(
-            running = tasks.len(),
-            "some tasks did not stop in time"
-        );
+    let running = tasks.stop_and_wait(CLOSE_DEADLINE).await;
+    if running > 0 {
+        warn!(running, "some tasks did not stop in time");
     }
     transport.close(CLOSE_DEADLINE).await;
-    drop((proxy_handle, admin_handle));
     store.remove("agent.json");
     info!("stopped");
     Ok(())
@@ -381,13 +370,12 @@ async fn dispatch_streams(
     catalog: CatalogHandle,
     proxy: Arc<Proxy>,
     inbox: MeshInbox,
-    tasks: TaskTracker,
-    cancel: CancellationToken,
+    tasks: Tasks,
 ) {
     loop {
         let item = tokio::select! {
             item = streams.recv() => item,
-            () = cancel.cancelled() => return,
+            () = tasks.stopped() => return,
         };
         let Some(Inbound::Stream {
             from,
@@ -403,9 +391,7 @@ async fn dispatch_streams(
         let catalog = catalog.clone();
         let proxy = proxy.clone();
         let inbox = inbox.clone();
-        let cancel = cancel.clone();
         tasks.spawn(async move {
-            let serve = async move {
                 let mut kind = [0u8; 1];
                 let read =
                     tokio::time::timeout(STREAM_KIND_TIMEOUT, recv.read_exact(&mut kind)).await;
@@ -432,11 +418,6 @@ async fn dispatch_streams(
                         let _ = recv.stop(0u32.into());
                     }
                 }
-            };
-            tokio::select! {
-                () = serve => {}
-                () = cancel.cancelled() => {}
-            }
         });
     }
 }

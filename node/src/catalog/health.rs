@@ -14,7 +14,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+
+use crate::tasks::Tasks;
 use tracing::{debug, info};
 
 use super::registry::{CheckKind, CheckSpec};
@@ -27,7 +28,7 @@ pub fn spawn(
     check: CheckSpec,
     tx: mpsc::Sender<Input>,
     counters: Arc<CatalogCounters>,
-    tasks: &TaskTracker,
+    tasks: &Tasks,
     cancel: CancellationToken,
 ) {
     let checks = async move {
@@ -82,12 +83,7 @@ pub fn spawn(
             tokio::time::sleep(check.interval).await;
         }
     };
-    tasks.spawn(async move {
-        tokio::select! {
-            () = checks => {}
-            () = cancel.cancelled() => {}
-        }
-    });
+    tasks.spawn_until(checks, cancel);
 }
 
 async fn probe(

@@ -20,10 +20,10 @@ use std::time::Duration;
 use gossamer_membership::catalog::{Catalog, Health, MAX_SERVICES_PER_NODE, NodeEntry};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::store::{Store, unix_millis};
+use crate::tasks::Tasks;
 use registry::{SavedServices, ServiceSpec};
 
 const SERVICES_FILE: &str = "services.json";
@@ -191,10 +191,9 @@ pub struct CatalogTask {
     specs: BTreeMap<String, ServiceSpec>,
     config_ids: HashSet<String>,
     health: HashMap<String, Health>,
-    /// One cancellation per health checker; all are tracked by `tasks`.
+    /// One cancellation per health checker (they run on `tasks`).
     checkers: HashMap<String, CancellationToken>,
-    tasks: TaskTracker,
-    cancel: CancellationToken,
+    tasks: Tasks,
     local_tx: watch::Sender<Arc<NodeEntry>>,
     digest_tx: watch::Sender<Arc<Vec<(String, u64)>>>,
     catalog_tx: watch::Sender<Arc<Catalog>>,
@@ -212,13 +211,12 @@ impl std::fmt::Debug for CatalogTask {
 
 impl CatalogTask {
     /// Builds the task from config-file services and the saved runtime ones.
-    /// Health checkers run on `tasks` and stop with `cancel`.
+    /// Health checkers run on `tasks`.
     pub fn new(
         name: String,
         config_services: Vec<ServiceSpec>,
         store: Store,
-        tasks: TaskTracker,
-        cancel: CancellationToken,
+        tasks: Tasks,
     ) -> (Self, CatalogHandle) {
         let saved: SavedServices = store.read_json(SERVICES_FILE).unwrap_or_else(|e| {
             warn!(error = %e, "services.json unreadable; starting without runtime registrations");
@@ -270,7 +268,6 @@ impl CatalogTask {
             health: HashMap::new(),
             checkers: HashMap::new(),
             tasks,
-            cancel,
             local_tx,
             digest_tx,
             catalog_tx,
@@ -292,7 +289,7 @@ impl CatalogTask {
                     Some(input) => self.on_input(input),
                     None => break,
                 },
-                () = self.cancel.cancelled() => break,
+                () = self.tasks.stopped() => break,
             }
         }
         for (_, c) in self.checkers.drain() {
@@ -394,7 +391,7 @@ impl CatalogTask {
         match &spec.check {
             Some(check) => {
                 self.health.insert(id.to_owned(), Health::Critical);
-                let cancel = self.cancel.child_token();
+                let cancel = self.tasks.child_token();
                 health::spawn(
                     (id.to_owned(), spec.address.clone(), spec.port),
                     check.clone(),

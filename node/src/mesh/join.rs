@@ -50,7 +50,9 @@ pub async fn dial_seeds(
         }
     }
     if reached == 0 && attempt == 1 {
-        info!("no seed answered yet; retrying with backoff (members saved from the last run are announced to as well)");
+        info!(
+            "no seed answered yet; retrying with backoff (members saved from the last run are announced to as well)"
+        );
     }
 }
 

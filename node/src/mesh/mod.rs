@@ -26,14 +26,13 @@ use gossamer_membership::{Event, MembershipError, NodeId};
 use gossamer_transport::{Inbound, Transport};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::catalog::{self, CatalogCounters};
 use crate::members::{Command, Snapshot};
 use crate::metrics::Counters;
 use crate::store::{SavedMember, SavedState, Store, unix_millis};
+use crate::tasks::Tasks;
 
 /// Results of the I/O the driver asked for, and requests from peers.
 #[derive(Debug)]
@@ -101,10 +100,8 @@ pub struct Wiring {
     pub counters: Arc<Counters>,
     /// Members are saved here for the next start.
     pub store: Store,
-    /// Spawned stream tasks are tracked here and stop with `cancel`.
-    pub tasks: TaskTracker,
-    /// Cancels the stream tasks at shutdown.
-    pub cancel: CancellationToken,
+    /// Where the stream tasks run.
+    pub tasks: Tasks,
 }
 
 /// The mesh task's state.
@@ -146,7 +143,8 @@ impl MeshTask {
         epoch: Instant,
         wiring: Wiring,
     ) -> (Self, watch::Receiver<Arc<Snapshot>>, MeshInbox) {
-        let (snapshot, rx) = watch::channel(Arc::new(Snapshot::empty(driver.core().identity().clone())));
+        let (snapshot, rx) =
+            watch::channel(Arc::new(Snapshot::empty(driver.core().identity().clone())));
         let (io_tx, io_rx) = mpsc::channel(1024);
         let (digests_tx, digests_rx) = mpsc::channel(64);
         let inbox = MeshInbox {
@@ -254,7 +252,9 @@ impl MeshTask {
         let now = self.now();
         if let Err(e) = self.driver.handle_datagram(now, &from, &data) {
             match &e {
-                MembershipError::IdentityMismatch { .. } => self.wiring.counters.identity_mismatch(),
+                MembershipError::IdentityMismatch { .. } => {
+                    self.wiring.counters.identity_mismatch()
+                }
                 MembershipError::Decode(_) => self.wiring.counters.decode_error(),
                 _ => {}
             }
@@ -360,10 +360,15 @@ impl MeshTask {
                 });
             }
             Action::ExchangeDigest { peer, addr, digest } => {
-                let (transport, tx, counters) =
-                    (w.transport.clone(), self.io_tx.clone(), w.catalog_counters.clone());
+                let (transport, tx, counters) = (
+                    w.transport.clone(),
+                    self.io_tx.clone(),
+                    w.catalog_counters.clone(),
+                );
                 self.spawn(async move {
-                    match catalog::sync::exchange_digest(&transport, &peer, addr, digest, &counters).await {
+                    match catalog::sync::exchange_digest(&transport, &peer, addr, digest, &counters)
+                        .await
+                    {
                         Ok(theirs) => {
                             let _ = tx.send(Input::PeerDigest(theirs)).await;
                         }
@@ -391,13 +396,7 @@ impl MeshTask {
     }
 
     fn spawn(&self, io: impl std::future::Future<Output = ()> + Send + 'static) {
-        let cancel = self.wiring.cancel.clone();
-        self.wiring.tasks.spawn(async move {
-            tokio::select! {
-                () = io => {}
-                () = cancel.cancelled() => {}
-            }
-        });
+        self.wiring.tasks.spawn(io);
     }
 
     fn publish(&mut self) {

@@ -33,8 +33,9 @@ use super::outlier::{EjectionPolicy, Outliers, RetryBudget, Verdict};
 use super::routes::{Backend, Routes, ServiceRoute};
 use super::upgrade::bridge;
 use super::wire::{self, RequestHead, ResponseHead, STREAM_PROXY};
-use crate::members::Snapshot;
 use crate::catalog::Shared;
+use crate::members::Snapshot;
+use crate::tasks::Tasks;
 
 type HttpClient = Client<HttpConnector, ProxyBody>;
 
@@ -50,6 +51,8 @@ pub struct Proxy {
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
     clients: Mutex<HashMap<(Duration, bool), HttpClient>>,
     inflight: Mutex<HashMap<String, usize>>,
+    /// Upgraded connections' bridges run here, so shutdown ends them.
+    tasks: Tasks,
     /// Metric families.
     pub metrics: ProxyMetrics,
 }
@@ -62,10 +65,12 @@ impl Proxy {
         catalog: Arc<Shared>,
         members: watch::Receiver<Arc<Snapshot>>,
         metrics: ProxyMetrics,
+        tasks: Tasks,
     ) -> Arc<Self> {
         let (tx, rx) = watch::channel(Arc::new(Routes::default()));
-        tokio::spawn(keep_routes(catalog.catalog.clone(), members, tx));
+        tasks.spawn(keep_routes(catalog.catalog.clone(), members, tx));
         Arc::new(Self {
+            tasks,
             config,
             transport,
             routes: rx,
@@ -359,7 +364,7 @@ impl Proxy {
             && let Some(client_side) = on_upgrade
         {
             let upstream = hyper::upgrade::on(&mut response);
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 match upstream.await {
                     Ok(io) => bridge(client_side, TokioIo::new(io)).await,
                     Err(e) => debug!(error = %e, "upstream upgrade failed"),
@@ -474,7 +479,8 @@ impl Proxy {
         if status == StatusCode::SWITCHING_PROTOCOLS
             && let (Some(client_side), Some(send)) = (on_upgrade, send)
         {
-            tokio::spawn(bridge(client_side, tokio::io::join(recv, send)));
+            self.tasks
+                .spawn(bridge(client_side, tokio::io::join(recv, send)));
             return Ok(response.body(body::empty()).expect("valid"));
         }
         if head.end_stream {

@@ -11,7 +11,6 @@ use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tracing::warn;
 
 use super::Proxy;
@@ -24,16 +23,16 @@ use crate::balance::rendezvous::hash_key;
 use crate::listener::{self, Limits, ListenerMetrics};
 use gossamer_membership::catalog::validate_service_name;
 
-/// Serves local applications until `shutdown` flips.
+/// Serves local applications until `tasks` drain.
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     limits: Limits,
     metrics: ListenerMetrics,
-    shutdown: watch::Receiver<bool>,
+    tasks: crate::tasks::Tasks,
 ) {
     let handler = move |req, peer| handle(proxy.clone(), req, peer);
-    listener::serve(listener, "proxy", limits, metrics, shutdown, handler).await;
+    listener::serve(listener, "proxy", limits, metrics, tasks, handler).await;
 }
 
 /// Why a request names no service.

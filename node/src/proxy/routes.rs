@@ -10,9 +10,9 @@ use gossamer_membership::MemberState;
 use gossamer_membership::catalog::{Catalog, InvalidService, Protocol, validate_hash_policy};
 use http::HeaderName;
 
-use crate::members::Snapshot;
 use crate::balance::rendezvous::Table;
 use crate::catalog::view;
+use crate::members::Snapshot;
 
 /// How a request's hash key is chosen.
 #[derive(Debug, Clone, PartialEq, Eq)]
