@@ -425,3 +425,90 @@ request_timeout = "500ms"
     eprintln!("ejected instance back after {took:?}");
     Ok(())
 }
+
+/// SIGTERM under load: requests that started before it all succeed (the
+/// leaving node finishes what it holds), and the callers' agents send new
+/// requests elsewhere at once (the leave notice, not failure detection,
+/// tells them).
+#[test]
+fn sigterm_under_load_fails_nothing_in_flight_and_callers_fail_over_at_once() -> Result<()> {
+    let mut mesh = mesh_with_web(None)?;
+    let caller = mesh.agents[0].proxy;
+    let keys: Vec<String> = (0..60).map(|i| format!("k-{i}")).collect();
+    let on_n2: Vec<String> = keys
+        .iter()
+        .zip(mapping(&mesh.agents[0], &keys)?)
+        .filter(|(_, served)| served == "web-2")
+        .map(|(k, _)| k.clone())
+        .collect();
+    anyhow::ensure!(on_n2.len() >= 5, "too few keys on n2: {}", on_n2.len());
+
+    // Requests that take 1.5 s, half of them to the instance behind n2.
+    let before: Vec<_> = keys
+        .iter()
+        .cloned()
+        .map(|k| {
+            std::thread::spawn(move || {
+                let r = via_proxy(caller, "web", &k, "/slow?ms=1500");
+                (k, r)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(400));
+    let mut leaving = mesh.agents.remove(1);
+    let terminated = std::thread::spawn(move || {
+        let status = leaving.terminate(Duration::from_secs(20));
+        (status, leaving.log())
+    });
+    // New requests right after the signal, for keys that mapped to n2.
+    std::thread::sleep(Duration::from_millis(100));
+    let after: Vec<_> = on_n2
+        .iter()
+        .cloned()
+        .map(|k| {
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let r = via_proxy(caller, "web", &k, "/");
+                (k, r, started.elapsed())
+            })
+        })
+        .collect();
+
+    let mut served_by_n2 = 0;
+    for h in before {
+        let (k, r) = h.join().expect("request thread");
+        let (status, served) = r.with_context(|| format!("{k}: started before SIGTERM"))?;
+        anyhow::ensure!(status == 200, "{k} started before SIGTERM got {status} ({served})");
+        served_by_n2 += usize::from(served == "web-2");
+    }
+    anyhow::ensure!(
+        served_by_n2 >= 5,
+        "only {served_by_n2} in-flight requests were on the leaving node"
+    );
+    let mut slowest = Duration::ZERO;
+    for h in after {
+        let (k, r, took) = h.join().expect("request thread");
+        let (status, served) = r.with_context(|| format!("{k}: started after SIGTERM"))?;
+        anyhow::ensure!(status == 200, "{k} after SIGTERM got {status} ({served})");
+        slowest = slowest.max(took);
+    }
+    // Failure detection would take seconds; the leave takes a round trip.
+    anyhow::ensure!(
+        slowest < Duration::from_secs(2),
+        "a request after SIGTERM took {slowest:?}"
+    );
+    // Once the leave has spread, nothing goes to n2 any more.
+    let remapped = mapping(&mesh.agents[0], &on_n2)?;
+    anyhow::ensure!(
+        remapped.iter().all(|s| s != "web-2"),
+        "n2 still gets traffic: {remapped:?}"
+    );
+    let (status, log) = terminated.join().expect("terminate thread");
+    let status = status?;
+    anyhow::ensure!(status.success(), "n2 exited with {status}: {log}");
+    anyhow::ensure!(
+        !log.contains("still in flight"),
+        "n2 cut requests at the end of its grace: {log}"
+    );
+    Ok(())
+}

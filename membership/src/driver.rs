@@ -78,7 +78,8 @@ pub enum Action {
         /// The owner.
         node: String,
     },
-    /// Close every connection to `peer`: it is down or left.
+    /// Close every connection to `peer`: it was declared down (a member
+    /// that leaves closes its own, once its requests are answered).
     Disconnect {
         /// The member.
         peer: String,
@@ -451,11 +452,17 @@ impl Driver {
                     self.replica
                         .member_active(&id.name, id.generation, id.addr, &mut out);
                 }
-                Event::MemberDown(id) | Event::MemberLeft(id) => {
+                Event::MemberDown(id) => {
                     self.replica.member_inactive(now, &id.name);
                     self.actions.push_back(Action::Disconnect {
                         peer: id.name.clone(),
                     });
+                }
+                Event::MemberLeft(id) => {
+                    // No disconnect: a node that leaves still finishes the
+                    // requests it holds, then closes its connections itself.
+                    // New requests already go elsewhere.
+                    self.replica.member_inactive(now, &id.name);
                 }
                 Event::MemberRenamed { new, .. } => {
                     self.replica
