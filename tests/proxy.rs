@@ -478,7 +478,10 @@ fn sigterm_under_load_fails_nothing_in_flight_and_callers_fail_over_at_once() ->
     for h in before {
         let (k, r) = h.join().expect("request thread");
         let (status, served) = r.with_context(|| format!("{k}: started before SIGTERM"))?;
-        anyhow::ensure!(status == 200, "{k} started before SIGTERM got {status} ({served})");
+        anyhow::ensure!(
+            status == 200,
+            "{k} started before SIGTERM got {status} ({served})"
+        );
         served_by_n2 += usize::from(served == "web-2");
     }
     anyhow::ensure!(
