@@ -137,6 +137,35 @@ pub fn peek_header(datagram: &[u8]) -> Result<Header<NodeId>, CodecError> {
     WireCodec.decode_header_inner(datagram)
 }
 
+/// The suspicions a datagram carries: `(member, incarnation)` of every
+/// piggybacked update in state `Suspect`. Stops quietly at the first
+/// record that does not decode (foca would refuse the datagram anyway).
+pub fn suspicions(datagram: &[u8]) -> Vec<(NodeId, u16)> {
+    use foca::Codec as _;
+    let mut buf = datagram;
+    if datagram.len() > MAX_DATAGRAM {
+        return Vec::new();
+    }
+    let Ok(header) = WireCodec.decode_header_inner(&mut buf) else {
+        return Vec::new();
+    };
+    if matches!(header.message, foca::Message::Broadcast) || buf.remaining() < 2 {
+        return Vec::new();
+    }
+    let count = buf.get_u16();
+    let mut out = Vec::new();
+    for _ in 0..count {
+        match WireCodec.decode_member(&mut buf) {
+            Ok(m) if m.state() == foca::State::Suspect => {
+                out.push((m.id().clone(), m.incarnation()));
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    out
+}
+
 /// Gossamer's `foca::Codec`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct WireCodec;

@@ -1,10 +1,10 @@
 //! The driver around foca: time in, effects out.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
-use foca::{AccumulatingRuntime, Foca, OwnedNotification, Timer};
+use foca::{AccumulatingRuntime, Foca, OwnedNotification, Timer, TimerToken};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
@@ -148,6 +148,10 @@ pub struct Membership {
     /// "You are down" messages not sent because the member is active.
     suppressed_turn_undead: u64,
     lifeguard: Lifeguard,
+    /// foca's current timer token, learned from the timers it schedules.
+    token: Option<TimerToken>,
+    /// Suspicions heard from others that have a timer here.
+    suspect_timers: HashSet<(NodeId, u16)>,
 }
 
 impl std::fmt::Debug for Membership {
@@ -190,6 +194,8 @@ impl Membership {
             suspicion_timeout,
             suppressed_turn_undead: 0,
             lifeguard: Lifeguard::new(config.max_health_score, config.late_ack_grace),
+            token: None,
+            suspect_timers: HashSet::new(),
         })
     }
 
@@ -245,6 +251,10 @@ impl Membership {
         self.lifeguard.on_receive(&header.src, &header.message);
         let result = self.swim.handle_data(data, &mut self.runtime);
         self.drain();
+        if result.is_ok() {
+            let heard = codec::suspicions(data);
+            self.time_suspicions(heard);
+        }
         result.map_err(protocol)
     }
 
@@ -261,6 +271,15 @@ impl Membership {
                 break;
             }
             let (key, timer) = entry.remove_entry();
+            if let Timer::ChangeSuspectToDown {
+                member_id,
+                incarnation,
+                ..
+            } = &timer
+            {
+                self.suspect_timers
+                    .remove(&(member_id.clone(), *incarnation));
+            }
             if matches!(timer, Timer::ProbeRandomMember(_))
                 && let Verdict::Defer(grace) = self.lifeguard.on_round_end()
             {
@@ -316,6 +335,7 @@ impl Membership {
         self.left = true;
         self.drain();
         self.timers.clear();
+        self.suspect_timers.clear();
         result.map_err(protocol)
     }
 
@@ -403,6 +423,12 @@ impl Membership {
                 }
             }
         }
+        let suspects: Vec<(NodeId, u16)> = payload
+            .members
+            .iter()
+            .filter(|m| m.state == SyncState::Suspect)
+            .map(|m| (m.id.clone(), m.incarnation))
+            .collect();
         for m in payload.members {
             let state = match m.state {
                 SyncState::Alive => foca::State::Alive,
@@ -417,7 +443,43 @@ impl Membership {
                 .apply_many(std::iter::once(update), gossip, &mut self.runtime);
         }
         self.drain();
+        self.time_suspicions(suspects);
         count
+    }
+
+    /// foca declares a suspect down only on the node whose probe failed;
+    /// a node that hears the suspicion waits for that node's verdict, and
+    /// if it misses it (the update is piggybacked a bounded number of
+    /// times), holds the member suspect until it happens to probe it or
+    /// sync. As in SWIM, every node that hears a suspicion therefore runs
+    /// its own suspicion timer here (foca checks, when it fires, that the
+    /// member is still suspect at that incarnation).
+    fn time_suspicions(&mut self, heard: Vec<(NodeId, u16)>) {
+        let Some(token) = self.token else {
+            return;
+        };
+        for (id, incarnation) in heard {
+            if id.name == self.identity().name
+                || self.suspect_timers.contains(&(id.clone(), incarnation))
+            {
+                continue;
+            }
+            let held = self.swim.iter_membership_state().any(|m| {
+                m.id() == &id && m.state() == foca::State::Suspect && m.incarnation() == incarnation
+            });
+            if !held {
+                continue;
+            }
+            self.suspect_timers.insert((id.clone(), incarnation));
+            self.timer_seq += 1;
+            let timer = Timer::ChangeSuspectToDown {
+                member_id: id,
+                incarnation,
+                token,
+            };
+            self.timers
+                .insert((self.now + self.suspicion_timeout, self.timer_seq), timer);
+        }
     }
 
     fn advance(&mut self, now: Duration) {
@@ -452,6 +514,13 @@ impl Membership {
         }
         while let Some((after, timer)) = self.runtime.to_schedule() {
             self.timer_seq += 1;
+            if let Timer::ProbeRandomMember(token)
+            | Timer::PeriodicGossip(token)
+            | Timer::PeriodicAnnounce(token)
+            | Timer::PeriodicAnnounceDown(token) = &timer
+            {
+                self.token = Some(*token);
+            }
             let after = self.lifeguard.stretch(&timer, after);
             self.timers
                 .insert((self.now + after, self.timer_seq), timer);
@@ -876,6 +945,47 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_suspicion_heard_from_others_is_timed_here_too() {
+        use foca::Codec as _;
+        let mut net = joined(3);
+        let (n1, n2) = (net.id(1), net.id(2));
+        let n0 = net.nodes[0].as_mut().unwrap();
+        let incarnation = n0
+            .members()
+            .iter()
+            .find(|m| m.id == n2)
+            .unwrap()
+            .incarnation;
+        // n1 tells n0 (and nobody else) that n2 is suspect; n2's "down"
+        // never arrives.
+        let mut data = Vec::new();
+        let header = foca::Header {
+            src: n1.clone(),
+            src_incarnation: 0,
+            dst: n0.identity().clone(),
+            message: foca::Message::Gossip,
+        };
+        WireCodec.encode_header(&header, &mut data).unwrap();
+        data.extend_from_slice(&1u16.to_be_bytes());
+        let update = foca::Member::new(n2.clone(), incarnation, foca::State::Suspect);
+        WireCodec.encode_member(&update, &mut data).unwrap();
+        let now = net.now;
+        n0.handle_datagram(now, &n1.name, &data).unwrap();
+        assert!(
+            n0.members()
+                .iter()
+                .any(|m| m.id == n2 && m.state == MemberState::Suspect)
+        );
+        while n0.poll_event().is_some() {}
+        n0.handle_timeout(now + n0.suspicion_timeout());
+        let events: Vec<Event> = std::iter::from_fn(|| n0.poll_event()).collect();
+        assert!(
+            events.contains(&Event::MemberDown(n2.clone())),
+            "n0 declared n2 down on its own timer: {events:?}"
+        );
     }
 
     #[test]

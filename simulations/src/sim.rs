@@ -17,9 +17,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use bytes::{Buf, Bytes};
-use foca::{Codec, Message, State};
-use gossamer_membership::codec::WireCodec;
+use bytes::Bytes;
+use gossamer_membership::codec;
 use gossamer_membership::driver::{Action as DriverAction, Driver, JoinPlan};
 use gossamer_membership::sync::SyncPayload;
 use gossamer_membership::{Event, NodeId, ReplicaConfig, SwimConfig, Transmit};
@@ -259,26 +258,6 @@ pub fn mix(a: u64, b: u64) -> u64 {
 
 /// Members (with their incarnation) that a datagram's piggybacked updates
 /// mark `suspect`.
-fn suspicions(data: &[u8]) -> Vec<(NodeId, u16)> {
-    let mut buf = data;
-    let Ok(header) = WireCodec.decode_header(&mut buf) else {
-        return Vec::new();
-    };
-    if matches!(header.message, Message::Broadcast) || buf.remaining() < 2 {
-        return Vec::new();
-    }
-    let count = buf.get_u16();
-    let mut out = Vec::new();
-    for _ in 0..count {
-        match WireCodec.decode_member(&mut buf) {
-            Ok(m) if m.state() == State::Suspect => out.push((m.id().clone(), m.incarnation())),
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
-    out
-}
-
 impl Sim {
     /// A simulation of `config.nodes` stopped nodes.
     pub fn new(config: SimConfig) -> anyhow::Result<Self> {
@@ -702,7 +681,7 @@ impl Sim {
     /// Counts suspicions as they go on the wire: each (member, generation,
     /// incarnation) once, when the first datagram carrying it is sent.
     fn watch_suspicions(&mut self, data: &[u8]) {
-        for (id, incarnation) in suspicions(data) {
+        for (id, incarnation) in codec::suspicions(data) {
             let Some(y) = index_of(&id.name).filter(|&y| y < self.nodes.len()) else {
                 continue;
             };
