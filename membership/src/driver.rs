@@ -446,6 +446,7 @@ impl Driver {
             self.actions.push_back(Action::Send(t));
         }
         let mut out = std::mem::take(&mut self.scratch);
+        let mut lingering = false;
         while let Some(event) = self.core.poll_event() {
             match &event {
                 Event::MemberUp(id) => {
@@ -509,11 +510,17 @@ impl Driver {
                 Event::CatalogNotice { node, version } => {
                     self.replica.notice(node, *version, &mut out);
                 }
+                Event::SuspicionLingers(_) => lingering = true,
             }
             self.events.push_back(event);
         }
         self.take_replica(&mut out);
         self.scratch = out;
+        if lingering {
+            // This node missed a verdict or a refutation: a swap with a
+            // peer brings whichever it was.
+            self.start_sync(true);
+        }
     }
 }
 

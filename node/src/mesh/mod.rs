@@ -471,6 +471,10 @@ fn log_event(event: &Event) -> bool {
         ),
         Event::Connected => info!("reconnected to the mesh"),
         Event::Isolated => warn!("no other member reachable"),
+        Event::SuspicionLingers(id) => {
+            debug!(member = %id.name, "a suspicion heard here is still unresolved; swapping member lists");
+            return false;
+        }
         Event::CatalogNotice { .. } => return false,
     }
     true
