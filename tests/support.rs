@@ -136,6 +136,36 @@ pub struct AgentOptions {
     pub data_dir: Option<PathBuf>,
     /// Use this config file.
     pub config: Option<PathBuf>,
+    /// Listen on these ports instead of port 0 (see [`Ports::free`]).
+    pub ports: Option<Ports>,
+}
+
+/// Explicit loopback ports for every listener of an agent, so a restarted
+/// agent comes back on the same addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ports {
+    /// QUIC (UDP).
+    pub quic: u16,
+    /// Admin API (TCP).
+    pub admin: u16,
+    /// Outbound proxy (TCP).
+    pub proxy: u16,
+}
+
+impl Ports {
+    /// Three ports the kernel reports free right now (bound to port 0 and
+    /// released; another process could still take one before the agent
+    /// binds it).
+    pub fn free() -> Result<Self> {
+        let quic = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let admin = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let proxy = std::net::TcpListener::bind("127.0.0.1:0")?;
+        Ok(Self {
+            quic: quic.local_addr()?.port(),
+            admin: admin.local_addr()?.port(),
+            proxy: proxy.local_addr()?.port(),
+        })
+    }
 }
 
 impl Agent {
@@ -165,15 +195,16 @@ impl Agent {
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_nanos()
         ));
+        let port = |p: fn(&Ports) -> u16| format!("127.0.0.1:{}", opts.ports.as_ref().map_or(0, p));
         let mut cmd = Command::new(binary());
         cmd.args(["agent", "--name", name])
             .args([
                 "--bind",
-                "127.0.0.1:0",
+                &port(|p| p.quic),
                 "--admin",
-                "127.0.0.1:0",
+                &port(|p| p.admin),
                 "--proxy",
-                "127.0.0.1:0",
+                &port(|p| p.proxy),
             ])
             .arg("--ca")
             .arg(ca)

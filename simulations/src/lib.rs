@@ -22,12 +22,15 @@
 //! - [`catalog`]: entry versions held per node and how each change spread.
 //! - [`metrics`]: counters, time-series samples, crash detection.
 //! - [`scenario`]: `join`, `crash`, `partition`, `loss`, `slow`, `churn`.
+//! - [`compare`]: the experiments `tests/sim_vs_real.rs` runs against real
+//!   agents, and the figures both sides report.
 //! - [`report`]: the measured figures and the stdout summary table.
 //! - [`output`]: JSON, CSV and SVG files for `--out`.
 //! - [`plot`]: a small SVG line-chart writer.
 //! - [`progress`]: the progress bar on stderr.
 
 pub mod catalog;
+pub mod compare;
 pub mod metrics;
 pub mod net;
 pub mod output;

@@ -62,6 +62,12 @@ struct Args {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Kills and catalog changes, each (`compare`).
+    #[arg(long, default_value_t = 20)]
+    repeat: usize,
+    /// Partitions (`compare`).
+    #[arg(long, default_value_t = 5)]
+    partitions: usize,
 }
 
 fn seconds(v: f64, flag: &str) -> anyhow::Result<Duration> {
@@ -106,6 +112,20 @@ fn main() -> anyhow::Result<()> {
     // Wall-clock time of the run, reported on stderr only.
     #[allow(clippy::disallowed_methods)]
     let started = Instant::now();
+    if opts.scenario == Scenario::Compare {
+        let comparison = gossamer_sim::compare::run(&opts, args.repeat, args.partitions)?;
+        print!("{}", comparison.render());
+        if let Some(dir) = &args.out {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let path = dir.join("compare.json");
+            let mut json = serde_json::to_string_pretty(&comparison)?;
+            json.push('\n');
+            std::fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
+        eprintln!("wall time: {:.1} s", started.elapsed().as_secs_f64());
+        return Ok(());
+    }
     let report = gossamer_sim::run(&opts)?;
     let wall = started.elapsed();
     print!("{}", report.render());

@@ -24,6 +24,8 @@
 //! - `churn`: every second 0.5 % of the nodes (at least 1) leave gracefully
 //!   and come back 2–10 s later with a new generation, until a third of the
 //!   phase (at most 20 s) is left; catalog changes every 5 s.
+//! - `compare`: kills, catalog changes and partitions one after the other
+//!   on one cluster, to set against real agents ([`crate::compare`]).
 
 use std::time::Duration;
 
@@ -36,7 +38,7 @@ use crate::report::{Params, Phases, Report, RunReport};
 use crate::sim::{Action, Sim, SimConfig};
 
 /// Seed nodes, as in a typical deployment.
-const SEEDS: usize = 3;
+pub const SEEDS: usize = 3;
 /// Time-series resolution.
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// The agent's default anti-entropy period.
@@ -64,6 +66,9 @@ pub enum Scenario {
     Slow,
     /// Nodes leave and join continuously.
     Churn,
+    /// Kills, catalog changes and partitions one after the other, measured
+    /// as `tests/sim_vs_real.rs` measures real agents (see [`crate::compare`]).
+    Compare,
 }
 
 impl Scenario {
@@ -76,6 +81,7 @@ impl Scenario {
             Self::Loss => "loss",
             Self::Slow => "slow",
             Self::Churn => "churn",
+            Self::Compare => "compare",
         }
     }
 }
@@ -155,6 +161,9 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         Scenario::Partition => vec![partition(opts)?],
         Scenario::Slow => vec![slow(opts)?],
         Scenario::Churn => vec![churn(opts)?],
+        Scenario::Compare => {
+            anyhow::bail!("`compare` reports its own figures: run it with compare::run")
+        }
     };
     Ok(Report {
         params: Params {
@@ -170,7 +179,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     })
 }
 
-fn new_sim(opts: &Options, loss: f64) -> anyhow::Result<Sim> {
+pub(crate) fn new_sim(opts: &Options, loss: f64) -> anyhow::Result<Sim> {
     let mut sim = Sim::new(SimConfig {
         nodes: opts.nodes,
         seed: opts.seed,
@@ -191,16 +200,16 @@ fn new_sim(opts: &Options, loss: f64) -> anyhow::Result<Sim> {
 
 /// How the cluster formed.
 #[derive(Debug, Clone, Copy)]
-struct Formed {
+pub(crate) struct Formed {
     /// When every node was running and every view was right.
-    joined: Option<Duration>,
+    pub(crate) joined: Option<Duration>,
     /// When the last node started.
     last_start: Duration,
 }
 
 /// Starts every node (seeds at once, the others at random instants in the
 /// join window) and runs until all run and every view is right, or `limit`.
-fn form(sim: &mut Sim, opts: &Options, limit: Duration) -> Formed {
+pub(crate) fn form(sim: &mut Sim, opts: &Options, limit: Duration) -> Formed {
     let window = u64::try_from(opts.join_window.as_nanos()).unwrap_or(u64::MAX);
     let mut last_start = Duration::ZERO;
     for x in 0..opts.nodes {
@@ -265,7 +274,7 @@ fn form_then(sim: &mut Sim, opts: &Options) -> Baseline {
 }
 
 /// Picks `k` distinct nodes among `pool`, in a seeded random order.
-fn pick(sim: &mut Sim, pool: &[usize], k: usize) -> Vec<usize> {
+pub(crate) fn pick(sim: &mut Sim, pool: &[usize], k: usize) -> Vec<usize> {
     let mut v = pool.to_vec();
     // Fisher-Yates with the scenario's RNG.
     for i in (1..v.len()).rev() {
