@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use foca::{AccumulatingRuntime, Foca, OwnedNotification, Timer};
-use rand::SeedableRng;
 use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 
 use crate::codec::{self, CodecError, WireCodec};
 use crate::config::{InvalidSwimConfig, SwimConfig};
@@ -161,6 +161,8 @@ pub struct Membership {
     /// Suspicions heard from others, watched until a deadline here.
     suspect_timers: HashSet<(NodeId, u16)>,
     suspect_watch: BTreeMap<(Duration, u64), (NodeId, u16)>,
+    /// Jitters foca's periodic timers (see [`Membership::drain`]).
+    jitter: StdRng,
 }
 
 impl std::fmt::Debug for Membership {
@@ -205,6 +207,7 @@ impl Membership {
             lifeguard: Lifeguard::new(config.max_health_score, config.late_ack_grace),
             suspect_timers: HashSet::new(),
             suspect_watch: BTreeMap::new(),
+            jitter: StdRng::seed_from_u64(seed ^ 0x6a09_e667_f3bc_c908),
         })
     }
 
@@ -529,6 +532,19 @@ impl Membership {
         while let Some((after, timer)) = self.runtime.to_schedule() {
             self.timer_seq += 1;
             let after = self.lifeguard.stretch(&timer, after);
+            // foca restarts its periodic timers whenever the identity
+            // changes, and after a partition heals most nodes renew at
+            // nearly the same instant: left alone, their announcements to
+            // down members (what first reaches across a healed cut) would
+            // then fire in step, up to a whole period late on every node.
+            let after = match timer {
+                Timer::PeriodicAnnounce(_)
+                | Timer::PeriodicAnnounceDown(_)
+                | Timer::PeriodicGossip(_) => {
+                    after.mul_f64(0.75 + 0.5 * self.jitter.random::<f64>())
+                }
+                _ => after,
+            };
             self.timers
                 .insert((self.now + after, self.timer_seq), timer);
         }
