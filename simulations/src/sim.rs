@@ -617,17 +617,7 @@ impl Sim {
                     from_life: life,
                 };
                 if !self.stream(x, y, msg) {
-                    // The opener learns it after a round trip.
-                    let at = self.now + self.net.stream_delay() * 2;
-                    let msg = StreamMsg::FetchFailed { owner: y };
-                    self.push(
-                        at,
-                        Ev::Stream {
-                            to: x,
-                            to_life: life,
-                            msg,
-                        },
-                    );
+                    self.fetch_failed(x, life, y);
                 }
             }
             DriverAction::ExchangeDigest { peer, digest, .. } => {
@@ -978,8 +968,8 @@ impl Sim {
         true
     }
 
-    /// `x`'s fetch from `owner` ends without an entry; like the agent's,
-    /// every fetch ends one way or the other.
+    /// `x`'s fetch from `owner` ends without an entry, a round trip later;
+    /// like the agent's, every fetch ends one way or the other.
     fn fetch_failed(&mut self, x: usize, life: u32, owner: usize) {
         let at = self.now + self.net.stream_delay() * 2;
         let msg = StreamMsg::FetchFailed { owner };
