@@ -360,6 +360,41 @@ impl Driver {
         result
     }
 
+    /// foca does not put this node's renewed identity in its updates, and
+    /// members that hold the old one down do not take the new one from
+    /// message headers: it spreads only when someone announces to the old
+    /// one (every `announce_down_interval`, to a few down members) or this
+    /// node announces. So announce at once to a few members known active
+    /// before the renewal (the receiver gossips the newcomer on), and rejoin
+    /// through the seeds if foca's renewal left no member.
+    fn announce_after_renewal(&mut self, now: Duration) {
+        const FANOUT: usize = 3;
+        let known: Vec<(String, SocketAddr)> = self
+            .replica
+            .active()
+            .map(|(n, a)| (n.clone(), *a))
+            .collect();
+        for _ in 0..FANOUT.min(known.len()) {
+            let (name, addr) = known[self.rng.random_range(0..known.len())].clone();
+            if let Ok(id) = NodeId::new(name, addr, 0) {
+                let _ = self.core.announce(now, id);
+            }
+        }
+        if self.core.num_active() == 0
+            && self.joining.is_none()
+            && (self.plan.has_seeds || !self.plan.saved.is_empty())
+        {
+            self.joining = Some(Joining {
+                at: now,
+                delay: JOIN_FIRST_RETRY,
+                attempt: 0,
+            });
+        }
+        while let Some(t) = self.core.poll_transmit() {
+            self.actions.push_back(Action::Send(t));
+        }
+    }
+
     fn join_attempt(&mut self, now: Duration) {
         let Some(mut joining) = self.joining else {
             return;
@@ -447,6 +482,7 @@ impl Driver {
         }
         let mut out = std::mem::take(&mut self.scratch);
         let mut lingering = false;
+        let mut rejoined = false;
         while let Some(event) = self.core.poll_event() {
             match &event {
                 Event::MemberUp(id) => {
@@ -472,6 +508,7 @@ impl Driver {
                         .push_back(Action::DisconnectStale { peer: new.clone() });
                 }
                 Event::Rejoined(_) => {
+                    rejoined = true;
                     // Declared down, probably while cut off: once the
                     // rejoin has spread, swap lists once more to pick up
                     // what was missed meanwhile.
@@ -520,6 +557,9 @@ impl Driver {
             // This node missed a verdict or a refutation: a swap with a
             // peer brings whichever it was.
             self.start_sync(true);
+        }
+        if rejoined {
+            self.announce_after_renewal(now);
         }
     }
 }
