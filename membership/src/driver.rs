@@ -380,7 +380,18 @@ impl Driver {
                 let _ = self.core.announce(now, id);
             }
         }
-        if self.core.num_active() == 0
+        if self.core.num_active() == 0 {
+            self.start_joining(now);
+        }
+        while let Some(t) = self.core.poll_transmit() {
+            self.actions.push_back(Action::Send(t));
+        }
+    }
+
+    /// Starts the join loop at `now` (first retry delay), unless it runs
+    /// already, the node left, or there is nobody to join through.
+    fn start_joining(&mut self, now: Duration) {
+        if !self.core.has_left()
             && self.joining.is_none()
             && (self.plan.has_seeds || !self.plan.saved.is_empty())
         {
@@ -389,9 +400,6 @@ impl Driver {
                 delay: JOIN_FIRST_RETRY,
                 attempt: 0,
             });
-        }
-        while let Some(t) = self.core.poll_transmit() {
-            self.actions.push_back(Action::Send(t));
         }
     }
 
@@ -532,18 +540,7 @@ impl Driver {
                     }
                     self.joining = None;
                 }
-                Event::Isolated => {
-                    if !self.core.has_left()
-                        && self.joining.is_none()
-                        && (self.plan.has_seeds || !self.plan.saved.is_empty())
-                    {
-                        self.joining = Some(Joining {
-                            at: now,
-                            delay: JOIN_FIRST_RETRY,
-                            attempt: 0,
-                        });
-                    }
-                }
+                Event::Isolated => self.start_joining(now),
                 Event::CatalogNotice { node, version } => {
                     self.replica.notice(node, *version, &mut out);
                 }
