@@ -164,6 +164,21 @@ impl Collector for AgentCollector {
         )?;
         counter(
             &mut encoder,
+            "gossamer_transport_handshakes",
+            "QUIC/TLS handshakes completed, by who dialed",
+            &[
+                (&[("side", "out")], get(&s.handshakes_out)),
+                (&[("side", "in")], get(&s.handshakes_in)),
+            ],
+        )?;
+        ConstGauge::new(self.transport.connections() as i64).encode(encoder.encode_descriptor(
+            "gossamer_transport_connections",
+            "Open QUIC connections to peers",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        counter(
+            &mut encoder,
             "gossamer_transport_identity_rejections",
             "Connections closed after the handshake: other trust domain or wrong node name",
             &[(&[], get(&s.identity_rejections))],

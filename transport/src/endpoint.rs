@@ -259,6 +259,12 @@ impl Transport {
         (rx, tx)
     }
 
+    /// Open connections, duplicates included (two peers may dial each
+    /// other at once; both connections live until one idles out).
+    pub fn connections(&self) -> usize {
+        self.0.live.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Names of peers with an open connection.
     pub fn connected_peers(&self) -> Vec<String> {
         let peers = self.peers();
@@ -511,7 +517,10 @@ impl Transport {
             .connect(addr, server_name)
             .map_err(|source| TransportError::Connect { addr, source })?;
         let conn = match tokio::time::timeout(self.0.config.connect_timeout, connecting).await {
-            Ok(Ok(conn)) => conn,
+            Ok(Ok(conn)) => {
+                Stats::add(&self.0.stats.handshakes_out, 1);
+                conn
+            }
             Ok(Err(source)) => {
                 Stats::add(&self.0.stats.handshake_failures, 1);
                 return Err(TransportError::Handshake { addr, source });
@@ -529,6 +538,7 @@ impl Transport {
                 let remote = incoming.remote_address();
                 match incoming.await {
                     Ok(conn) => {
+                        Stats::add(&this.0.stats.handshakes_in, 1);
                         if let Err(e) = this.register(conn, None) {
                             debug!(%remote, error = %e, "inbound connection refused");
                         }

@@ -13,6 +13,10 @@ pub struct Stats {
     pub bytes_in: AtomicU64,
     /// Datagram payload bytes sent.
     pub bytes_out: AtomicU64,
+    /// Handshakes completed on connections we dialed.
+    pub handshakes_out: AtomicU64,
+    /// Handshakes completed on connections peers dialed.
+    pub handshakes_in: AtomicU64,
     /// Handshakes that failed (wrong CA, bad certificate, timeout, ...).
     pub handshake_failures: AtomicU64,
     /// Connections refused after the handshake: another trust domain, or a

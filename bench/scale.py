@@ -1,0 +1,412 @@
+#!/usr/bin/env python3
+"""N real agents on one machine: formation, footprint, detection, spread, and
+recovery from CPU starvation (see docs/operations.md, "Sizing").
+
+Every agent is one `gossamer agent` process on loopback with an explicit port
+for each listener (QUIC, admin, proxy) and the first three agents as seeds.
+Certificates are issued before the first start. The phases, in order:
+
+  form     start all agents back to back (spread over --start-over seconds);
+           formed = the first poll round in which every agent lists every
+           other one alive, timed from the last start
+  idle     sample RSS, CPU time and QUIC connections per agent over
+           --idle seconds, after a --settle pause
+  hold     (--hold S) watch for S seconds that nobody lists anybody down
+  catalog  register a service on one agent; seconds until every agent lists it
+  kill     kill -9 one agent; seconds until each observer lists it down
+  starve   SIGSTOP every agent, or run CPU hogs at real-time priority, for
+           --starve-for seconds; then seconds until every agent lists every
+           other live one alive again
+
+Writes OUT/result.json and prints a summary. Example:
+
+  cargo build --release -p gossamer-node
+  python3 bench/scale.py --gossamer target/release/gossamer --nodes 100 --out /tmp/scale-100
+"""
+
+import argparse
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_ports(n_udp, n_tcp):
+    """Distinct ports the kernel says are free now (held open until all
+    are chosen, so none repeats)."""
+    held, out_udp, out_tcp = [], [], []
+    for _ in range(n_udp):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        held.append(s)
+        out_udp.append(s.getsockname()[1])
+    for _ in range(n_tcp):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        held.append(s)
+        out_tcp.append(s.getsockname()[1])
+    for s in held:
+        s.close()
+    return out_udp, out_tcp
+
+
+class Agent:
+    def __init__(self, args, root, i, quic, admin, proxy):
+        self.name = f"n{i:04d}"
+        self.quic, self.admin, self.proxy = quic, admin, proxy
+        self.root = root
+        self.args = args
+        self.proc = None
+        self.conn = None
+
+    def start(self, seeds):
+        certs = self.root / "certs"
+        data = self.root / "data" / self.name
+        data.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            self.args.gossamer, "agent", "--name", self.name,
+            "--bind", f"127.0.0.1:{self.quic}",
+            "--admin", f"127.0.0.1:{self.admin}",
+            "--proxy", f"127.0.0.1:{self.proxy}",
+            "--ca", str(self.root / "ca" / "ca.pem"),
+            "--cert", str(certs / f"{self.name}.pem"),
+            "--key", str(certs / f"{self.name}.key"),
+            "--data-dir", str(data),
+            "--log-level", self.args.log_level,
+        ]
+        for s in seeds:
+            cmd += ["--seed", s]
+        cmd += self.args.agent_arg
+        log = open(self.root / "logs" / f"{self.name}.log", "ab")
+        env = dict(os.environ)
+        env.pop("RUST_LOG", None)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def get(self, path, timeout=5.0):
+        """GET over a kept-alive connection; None on any failure."""
+        for _ in range(2):
+            try:
+                if self.conn is None:
+                    self.conn = http.client.HTTPConnection("127.0.0.1", self.admin, timeout=timeout)
+                self.conn.request("GET", path)
+                r = self.conn.getresponse()
+                body = r.read()
+                return body if r.status == 200 else None
+            except (OSError, http.client.HTTPException):
+                if self.conn is not None:
+                    self.conn.close()
+                self.conn = None
+        return None
+
+    def put(self, path, body):
+        c = http.client.HTTPConnection("127.0.0.1", self.admin, timeout=10)
+        c.request("PUT", path, body=body, headers={"content-type": "application/json"})
+        r = c.getresponse()
+        r.read()
+        c.close()
+        return r.status
+
+    def states(self):
+        """name -> state as this agent lists it (itself excluded)."""
+        body = self.get("/v1/members")
+        if body is None:
+            return None
+        try:
+            return {m["name"]: m["state"] for m in json.loads(body) if not m.get("is_self")}
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def metric(self, name):
+        """The sum of every series of metric `name` (all label values)."""
+        body = self.get("/metrics")
+        if body is None:
+            return None
+        total, found = 0.0, False
+        for line in body.decode().splitlines():
+            k, _, v = line.rpartition(" ")
+            if k == name or k.startswith(name + "{"):
+                total += float(v)
+                found = True
+        return total if found else None
+
+    def rss_kib(self):
+        try:
+            for line in open(f"/proc/{self.proc.pid}/status"):
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return None
+
+    def cpu_seconds(self):
+        try:
+            f = open(f"/proc/{self.proc.pid}/stat").read().rsplit(")", 1)[1].split()
+            return (int(f[11]) + int(f[12])) / TICK
+        except (OSError, IndexError, ValueError):
+            return None
+
+
+def summary(values):
+    v = sorted(x for x in values if x is not None)
+    if not v:
+        return {"n": 0}
+    return {"n": len(v), "median": statistics.median(v), "max": v[-1], "min": v[0]}
+
+
+def all_alive(agents, expect, deadline, what):
+    """Polls rounds until every running agent lists every name in `expect`
+    (minus itself) alive. Returns seconds from the call to the start of the
+    first complete round, or None at the deadline."""
+    t0 = time.monotonic()
+    last = ""
+    while time.monotonic() - t0 < deadline:
+        round_start = time.monotonic()
+        ok = True
+        worst = None
+        for a in agents:
+            if not a.alive():
+                continue
+            st = a.states()
+            want = expect - {a.name}
+            n_alive = 0 if st is None else sum(1 for n in want if st.get(n) == "alive")
+            if n_alive != len(want):
+                ok = False
+                if worst is None or n_alive < worst[1]:
+                    worst = (a.name, n_alive)
+                break
+        if ok:
+            return round_start - t0
+        last = f"{worst[0]} lists {worst[1]} of {len(expect) - 1} alive" if worst else ""
+        time.sleep(0.2)
+    print(f"  {what}: not reached in {deadline} s ({last})", flush=True)
+    return None
+
+
+def phase_form(args, agents):
+    seeds = [f"127.0.0.1:{a.quic}" for a in agents[:3]]
+    gap = args.start_over / max(1, len(agents) - 1)
+    t0 = time.monotonic()
+    for i, a in enumerate(agents):
+        target = t0 + i * gap
+        now = time.monotonic()
+        if target > now:
+            time.sleep(target - now)
+        a.start([s for s in seeds if s != f"127.0.0.1:{a.quic}"])
+    started = time.monotonic() - t0
+    print(f"form: started {len(agents)} agents in {started:.1f} s", flush=True)
+    names = {a.name for a in agents}
+    formed = all_alive(agents, names, args.form_deadline, "formation")
+    print(f"form: every agent lists every other alive {formed if formed is None else round(formed, 1)} s after the last start", flush=True)
+    return {"started_over_s": started, "formed_after_last_start_s": formed}
+
+
+def phase_idle(args, agents):
+    time.sleep(args.settle)
+    cpu0 = {a.name: a.cpu_seconds() for a in agents}
+    t0 = time.monotonic()
+    conns = []
+    rss_peak = {}
+    steps = max(1, int(args.idle // 5))
+    for _ in range(steps):
+        time.sleep(args.idle / steps)
+        for a in agents:
+            r = a.rss_kib()
+            if r is not None:
+                rss_peak[a.name] = max(r, rss_peak.get(a.name, 0))
+    elapsed = time.monotonic() - t0
+    cpu = []
+    for a in agents:
+        c1 = a.cpu_seconds()
+        if c1 is not None and cpu0.get(a.name) is not None:
+            cpu.append(100.0 * (c1 - cpu0[a.name]) / elapsed)
+    for a in agents:
+        conns.append(a.metric("gossamer_transport_connections"))
+    rss = [a.rss_kib() / 1024.0 for a in agents if a.rss_kib() is not None]
+    out = {
+        "rss_mb": summary(rss),
+        "cpu_percent": summary(cpu),
+        "quic_connections": summary(conns),
+        "handshakes": summary(a.metric("gossamer_transport_handshakes_total") for a in agents),
+    }
+    print(
+        "idle: RSS MB median {:.1f} max {:.1f}; CPU % median {:.2f} max {:.2f}; QUIC connections median {} max {}".format(
+            out["rss_mb"].get("median", 0), out["rss_mb"].get("max", 0),
+            out["cpu_percent"].get("median", 0), out["cpu_percent"].get("max", 0),
+            out["quic_connections"].get("median"), out["quic_connections"].get("max")),
+        flush=True,
+    )
+    return out
+
+
+def phase_hold(args, agents):
+    """Counts, for --hold seconds, every (observer, member) pair seen down or
+    suspect."""
+    t0 = time.monotonic()
+    downs, suspects = set(), set()
+    while time.monotonic() - t0 < args.hold:
+        for a in agents:
+            st = a.states() or {}
+            for n, s in st.items():
+                if s == "down":
+                    downs.add((a.name, n))
+                elif s == "suspect":
+                    suspects.add((a.name, n))
+        time.sleep(1.0)
+    print(f"hold: {args.hold} s, {len(downs)} (observer, member) pairs seen down, {len(suspects)} suspect", flush=True)
+    return {"seconds": args.hold, "down_pairs": len(downs), "suspect_pairs": len(suspects)}
+
+
+def phase_catalog(args, agents, rng):
+    owner = rng.choice(agents)
+    sid = f"scale-{rng.randrange(1 << 30)}"
+    t0 = time.monotonic()
+    status = owner.put(f"/v1/agent/services/{sid}", json.dumps({"name": "scale", "port": 9000}))
+    if status != 200:
+        raise SystemExit(f"registration on {owner.name} answered {status}")
+    pending = {a.name: a for a in agents if a is not owner}
+    seen = {}
+    while pending and time.monotonic() - t0 < 60:
+        for name, a in list(pending.items()):
+            body = a.get("/v1/catalog")
+            if body and sid.encode() in body:
+                seen[name] = time.monotonic() - t0
+                del pending[name]
+        time.sleep(0.05)
+    out = {"owner": owner.name, "reached": len(seen), "of": len(agents) - 1, **summary(seen.values())}
+    print(f"catalog: registration on {owner.name} listed by {len(seen)}/{len(agents) - 1}; median {out.get('median', 0):.2f} s, last {out.get('max', 0):.2f} s", flush=True)
+    return out
+
+
+def phase_kill(args, agents, rng):
+    victim = rng.choice(agents[3:])
+    observers = [a for a in agents if a is not victim]
+    victim.proc.send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    victim.proc.wait()
+    pending = {a.name: a for a in observers}
+    seen = {}
+    while pending and time.monotonic() - t0 < 120:
+        for name, a in list(pending.items()):
+            st = a.states()
+            if st is not None and st.get(victim.name) == "down":
+                seen[name] = time.monotonic() - t0
+                del pending[name]
+        time.sleep(0.05)
+    out = {"victim": victim.name, "detected_by": len(seen), "of": len(observers), **summary(seen.values())}
+    print(f"kill: {victim.name} listed down by {len(seen)}/{len(observers)}; median {out.get('median', 0):.2f} s, last {out.get('max', 0):.2f} s", flush=True)
+    agents.remove(victim)
+    return out
+
+
+def phase_starve(args, agents):
+    live = [a for a in agents if a.alive()]
+    if args.starve == "stop":
+        for a in live:
+            a.proc.send_signal(signal.SIGSTOP)
+        time.sleep(args.starve_for)
+        for a in live:
+            a.proc.send_signal(signal.SIGCONT)
+    else:
+        hogs = []
+        for _ in range(os.cpu_count() or 1):
+            cmd = [sys.executable, "-c", f"import time\nt=time.time()+{args.starve_for}\nwhile time.time()<t: pass"]
+            # Real-time priority starves every normal process (the kernel
+            # still leaves them ~5 % of each core); fall back to nice.
+            rt = ["chrt", "-f", "10"] + cmd
+            try:
+                hogs.append(subprocess.Popen(rt))
+            except OSError:
+                hogs.append(subprocess.Popen(cmd))
+        for h in hogs:
+            h.wait()
+    print(f"starve: {args.starve} for {args.starve_for} s, done", flush=True)
+    names = {a.name for a in live}
+    back = all_alive(live, names, args.recover_deadline, "recovery")
+    downs = 0
+    for a in live:
+        st = a.states() or {}
+        downs += sum(1 for n, s in st.items() if n in names and s == "down")
+    print(f"starve: every agent lists every other alive {back if back is None else round(back, 1)} s after the starvation ended", flush=True)
+    return {"mode": args.starve, "seconds": args.starve_for, "recovered_after_s": back}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gossamer", required=True)
+    p.add_argument("--nodes", type=int, default=50)
+    p.add_argument("--out", required=True)
+    p.add_argument("--phases", default="form,idle,catalog,kill,starve")
+    p.add_argument("--start-over", type=float, default=0.0, help="spread the starts over this many seconds")
+    p.add_argument("--form-deadline", type=float, default=180)
+    p.add_argument("--settle", type=float, default=30, help="pause before sampling footprint")
+    p.add_argument("--idle", type=float, default=60, help="footprint sampling window")
+    p.add_argument("--hold", type=float, default=600)
+    p.add_argument("--starve", choices=["stop", "hog"], default="hog")
+    p.add_argument("--starve-for", type=float, default=30)
+    p.add_argument("--recover-deadline", type=float, default=180)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--agent-arg", action="append", default=[], help="extra agent argument (repeatable)")
+    p.add_argument("--keep", action="store_true", help="leave the agents running at the end")
+    args = p.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="gossamer-scale-"))
+    (root / "logs").mkdir()
+    rng = random.Random(args.seed)
+    subprocess.run([args.gossamer, "ca", "init", "--dir", str(root / "ca")], check=True, capture_output=True)
+    udp, tcp = free_ports(args.nodes, 2 * args.nodes)
+    agents = [Agent(args, root, i + 1, udp[i], tcp[2 * i], tcp[2 * i + 1]) for i in range(args.nodes)]
+    for a in agents:
+        subprocess.run(
+            [args.gossamer, "cert", "issue", "--ca-dir", str(root / "ca"), "--name", a.name, "--out", str(root / "certs")],
+            check=True, capture_output=True,
+        )
+    result = {"nodes": args.nodes, "cores": os.cpu_count(), "logs": str(root / "logs")}
+    print(f"{args.nodes} agents, logs in {root / 'logs'}", flush=True)
+    try:
+        for phase in args.phases.split(","):
+            if phase == "form":
+                result["form"] = phase_form(args, agents)
+            elif phase == "idle":
+                result["idle"] = phase_idle(args, agents)
+            elif phase == "hold":
+                result["hold"] = phase_hold(args, agents)
+            elif phase == "catalog":
+                result["catalog"] = phase_catalog(args, agents, rng)
+            elif phase == "kill":
+                result["kill"] = phase_kill(args, agents, rng)
+            elif phase == "starve":
+                result["starve"] = phase_starve(args, agents)
+            else:
+                raise SystemExit(f"unknown phase {phase!r}")
+            (out / "result.json").write_text(json.dumps(result, indent=2))
+    finally:
+        if not args.keep:
+            for a in agents:
+                if a.alive():
+                    a.proc.send_signal(signal.SIGCONT)
+                    a.proc.kill()
+            for a in agents:
+                if a.proc is not None:
+                    a.proc.wait()
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
