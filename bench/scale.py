@@ -87,6 +87,8 @@ class Agent:
         for s in seeds:
             cmd += ["--seed", s]
         cmd += self.args.agent_arg
+        if self.args.wrap and self.name == "n0004":
+            cmd = self.args.wrap.split() + cmd
         log = open(self.root / "logs" / f"{self.name}.log", "ab")
         env = dict(os.environ)
         env.pop("RUST_LOG", None)
@@ -240,12 +242,19 @@ def phase_idle(args, agents):
         "cpu_percent": summary(cpu),
         "quic_connections": summary(conns),
         "handshakes": summary(a.metric("gossamer_transport_handshakes_total") for a in agents),
+        "resumed_handshakes": summary(a.metric("gossamer_transport_resumed_handshakes_total") for a in agents),
+        "idle_closed": summary(a.metric("gossamer_transport_idle_closed_total") for a in agents),
     }
     print(
         "idle: RSS MB median {:.1f} max {:.1f}; CPU % median {:.2f} max {:.2f}; QUIC connections median {} max {}".format(
             out["rss_mb"].get("median", 0), out["rss_mb"].get("max", 0),
             out["cpu_percent"].get("median", 0), out["cpu_percent"].get("max", 0),
             out["quic_connections"].get("median"), out["quic_connections"].get("max")),
+        flush=True,
+    )
+    print(
+        "idle: handshakes per agent so far median {} (resumed, accepted side: {}); closed idle: {}".format(
+            out["handshakes"].get("median"), out["resumed_handshakes"].get("median"), out["idle_closed"].get("median")),
         flush=True,
     )
     return out
@@ -360,6 +369,7 @@ def main():
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--log-level", default="info")
     p.add_argument("--agent-arg", action="append", default=[], help="extra agent argument (repeatable)")
+    p.add_argument("--wrap", help="run agent n0004 under this command (a profiler, e.g. 'heaptrack -o /tmp/h')")
     p.add_argument("--keep", action="store_true", help="leave the agents running at the end")
     args = p.parse_args()
 

@@ -15,6 +15,7 @@
 //! - [`config`]: [`SwimConfig`], SWIM timing shared with the simulator.
 //! - [`gossip`]: custom broadcasts piggybacked on SWIM (leave notices).
 //! - [`lifeguard`]: local health score and late-ack grace (Lifeguard on foca).
+//! - [`links`]: which peer connections to keep open ([`LinkPolicy`]).
 //! - [`sync`]: push-pull exchange of whole member lists.
 //! - [`core`]: [`Membership`], SWIM itself.
 //! - [`driver`]: [`Driver`], the agent's policy around the core (joins,
@@ -31,6 +32,7 @@ pub mod duration;
 pub mod gossip;
 pub mod identity;
 pub mod lifeguard;
+pub mod links;
 pub mod replica;
 pub mod sync;
 
@@ -38,4 +40,5 @@ pub use crate::config::SwimConfig;
 pub use crate::core::{Event, MemberState, MemberView, Membership, MembershipError, Transmit};
 pub use crate::driver::{Action, Driver, JoinPlan};
 pub use crate::identity::{NameKey, NodeId};
+pub use crate::links::{Link, LinkPolicy};
 pub use crate::replica::ReplicaConfig;

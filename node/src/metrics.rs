@@ -171,6 +171,18 @@ impl Collector for AgentCollector {
                 (&[("side", "in")], get(&s.handshakes_in)),
             ],
         )?;
+        counter(
+            &mut encoder,
+            "gossamer_transport_resumed_handshakes",
+            "Inbound handshakes that resumed an earlier TLS session",
+            &[(&[], s.resumed.load(Ordering::Relaxed))],
+        )?;
+        counter(
+            &mut encoder,
+            "gossamer_transport_idle_closed",
+            "Connections the cache closed as idle or over its cap",
+            &[(&[], get(&s.idle_closed))],
+        )?;
         ConstGauge::new(self.transport.connections() as i64).encode(encoder.encode_descriptor(
             "gossamer_transport_connections",
             "Open QUIC connections to peers",

@@ -6,13 +6,20 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendDatagramError, SendStream};
-use tokio::sync::mpsc;
+use quinn::{Connection, ConnectionError, Endpoint, SendDatagramError, VarInt};
+use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, trace};
 
 use crate::pki::{self, MeshIdentity};
 use crate::stats::Stats;
+use crate::stream::{self, Activity, Lease, RecvStream, SendStream};
 use crate::tls;
+
+/// The largest UDP payload accepted (quinn's path MTU discovery stops at
+/// 1,452 bytes).
+const MAX_UDP_PAYLOAD: u16 = 1500;
+/// Close code for a connection the cache let go (idle, or over its cap).
+const CLOSED_IDLE: u32 = 5;
 
 /// Tunables of the transport.
 #[derive(Debug, Clone)]
@@ -27,6 +34,23 @@ pub struct TransportConfig {
     pub inbound_queue: usize,
     /// Datagrams held per peer while its connection is being made.
     pub pending_per_peer: usize,
+    /// A keep-alive is sent on a connection silent this long, so that one
+    /// carrying only a quiet stream (a WebSocket, a gRPC watch) outlives
+    /// `idle_timeout`. Connections nobody uses are closed by the cache
+    /// instead ([`Transport::close_idle`]).
+    pub keep_alive: Duration,
+    /// Concurrent streams a peer may open on a new connection. Each one
+    /// allowed costs memory up front, and most connections only carry
+    /// SWIM, so this starts small and doubles (up to `max_streams`) while
+    /// more than half are in use.
+    pub initial_streams: u32,
+    /// The most concurrent streams a peer may open on one connection.
+    pub max_streams: u32,
+    /// Handshakes this node starts at once; more dials wait their turn, so
+    /// a join or a heal cannot make it dial every member at the same time.
+    pub dials_at_once: usize,
+    /// TLS sessions kept for resumption (one per peer recently talked to).
+    pub resumable_sessions: usize,
 }
 
 impl Default for TransportConfig {
@@ -37,6 +61,11 @@ impl Default for TransportConfig {
             max_datagram: 64 * 1024,
             inbound_queue: 4096,
             pending_per_peer: 32,
+            keep_alive: Duration::from_secs(10),
+            initial_streams: 32,
+            max_streams: 1024,
+            dials_at_once: 8,
+            resumable_sessions: 1024,
         }
     }
 }
@@ -123,19 +152,49 @@ pub enum TransportError {
     Tls(String),
 }
 
+/// A connection and its use.
+#[derive(Clone)]
+struct Cached {
+    conn: Connection,
+    activity: Arc<Activity>,
+}
+
 enum Slot {
-    Ready(Connection),
+    Ready(Cached),
     Dialing(Vec<Bytes>),
+}
+
+/// An open connection, duplicates included.
+struct Live {
+    cached: Cached,
+    peer: String,
+    established: Instant,
+}
+
+/// One open connection, as the cache policy sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// Handle for [`Transport::close_idle`].
+    pub id: usize,
+    /// The peer's node name.
+    pub peer: String,
+    /// When a datagram or stream last moved on it, on [`Transport::clock`].
+    pub last_active: Duration,
+    /// Streams open on it.
+    pub streams: usize,
+    /// Whether new traffic to the peer uses it.
+    pub primary: bool,
 }
 
 struct Inner {
     endpoint: Endpoint,
     identity: MeshIdentity,
     config: TransportConfig,
+    epoch: Instant,
     peers: Mutex<HashMap<String, Slot>>,
-    /// Every open connection (duplicates included), for UDP byte counts.
-    /// Every open connection, with when it was established.
-    live: Mutex<HashMap<usize, (Connection, Instant)>>,
+    /// Every open connection, duplicates included.
+    live: Mutex<HashMap<usize, Live>>,
+    dials: Semaphore,
     inbound: mpsc::Sender<Inbound>,
     streams: mpsc::Sender<Inbound>,
     blocked: RwLock<HashSet<String>>,
@@ -174,21 +233,24 @@ impl Transport {
                     .try_into()
                     .map_err(|_| TransportError::Tls("idle timeout too large".into()))?,
             ))
-            .max_concurrent_bidi_streams(1024u32.into())
-            .max_concurrent_uni_streams(64u32.into())
+            .max_concurrent_bidi_streams(config.initial_streams.into())
+            // Uni streams only carry SWIM datagrams too big for the path.
+            .max_concurrent_uni_streams(8u32.into())
+            .keep_alive_interval(Some(config.keep_alive))
             .datagram_receive_buffer_size(Some(1 << 20))
             .datagram_send_buffer_size(1 << 20);
         let transport = Arc::new(transport);
 
+        let stats = Stats::default();
         let server_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(
-            tls::server_config(&identity).map_err(tls_err)?,
+            tls::server_config(&identity, stats.resumed.clone()).map_err(tls_err)?,
         )
         .map_err(|e| TransportError::Tls(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
         server.transport_config(transport.clone());
 
         let client_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(
-            tls::client_config(&identity).map_err(tls_err)?,
+            tls::client_config(&identity, config.resumable_sessions).map_err(tls_err)?,
         )
         .map_err(|e| TransportError::Tls(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
@@ -196,12 +258,14 @@ impl Transport {
 
         let runtime = quinn::default_runtime()
             .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
-        let mut endpoint = Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server),
-            socket,
-            runtime,
-        )?;
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        // The receive buffer is sized from this; quinn's path MTU discovery
+        // never goes above 1,452 bytes, so 64 KiB per packet only wasted
+        // memory.
+        endpoint_config
+            .max_udp_payload_size(MAX_UDP_PAYLOAD)
+            .map_err(|e| TransportError::Tls(e.to_string()))?;
+        let mut endpoint = Endpoint::new(endpoint_config, Some(server), socket, runtime)?;
         endpoint.set_default_client_config(client);
 
         let (tx, rx) = mpsc::channel(config.inbound_queue);
@@ -209,13 +273,15 @@ impl Transport {
         let inner = Arc::new(Inner {
             endpoint,
             identity,
+            dials: Semaphore::new(config.dials_at_once.max(1)),
             config,
+            epoch: Instant::now(),
             peers: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
             inbound: tx,
             streams: streams_tx,
             blocked: RwLock::new(HashSet::new()),
-            stats: Stats::default(),
+            stats,
         });
         let this = Self(inner);
         tokio::spawn(this.clone().accept_loop());
@@ -251,8 +317,8 @@ impl Transport {
             Stats::get(&self.0.stats.udp_in_closed),
             Stats::get(&self.0.stats.udp_out_closed),
         );
-        for (conn, _) in live.values() {
-            let s = conn.stats();
+        for l in live.values() {
+            let s = l.cached.conn.stats();
             rx += s.udp_rx.bytes;
             tx += s.udp_tx.bytes;
         }
@@ -262,7 +328,59 @@ impl Transport {
     /// Open connections, duplicates included (two peers may dial each
     /// other at once; both connections live until one idles out).
     pub fn connections(&self) -> usize {
-        self.0.live.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.live().len()
+    }
+
+    /// The transport's clock: time since it started.
+    pub fn clock(&self) -> Duration {
+        self.0.epoch.elapsed()
+    }
+
+    /// Every open connection and its use, for the cache policy.
+    pub fn links(&self) -> Vec<LinkInfo> {
+        let primary: HashSet<usize> = self
+            .peers()
+            .values()
+            .filter_map(|s| match s {
+                Slot::Ready(c) => Some(c.conn.stable_id()),
+                Slot::Dialing(_) => None,
+            })
+            .collect();
+        self.live()
+            .iter()
+            .map(|(&id, l)| LinkInfo {
+                id,
+                peer: l.peer.clone(),
+                last_active: l.cached.activity.last().duration_since(self.0.epoch),
+                streams: l.cached.activity.streams(),
+                primary: primary.contains(&id),
+            })
+            .collect()
+    }
+
+    /// Closes these connections (from [`Transport::links`]) unless a stream
+    /// opened or traffic moved on them since. The next datagram or stream
+    /// to their peer dials again (a resumed TLS handshake).
+    pub fn close_idle(&self, links: &[LinkInfo]) {
+        let closing: Vec<(String, Connection)> = {
+            let live = self.live();
+            links
+                .iter()
+                .filter_map(|info| {
+                    let l = live.get(&info.id)?;
+                    let a = &l.cached.activity;
+                    let still = a.streams() == 0
+                        && a.last().duration_since(self.0.epoch) <= info.last_active;
+                    still.then(|| (l.peer.clone(), l.cached.conn.clone()))
+                })
+                .collect()
+        };
+        for (peer, conn) in closing {
+            self.forget(&peer, &conn);
+            trace!(%peer, "closing an idle connection");
+            Stats::add(&self.0.stats.idle_closed, 1);
+            conn.close(CLOSED_IDLE.into(), b"idle");
+        }
     }
 
     /// Names of peers with an open connection.
@@ -270,7 +388,7 @@ impl Transport {
         let peers = self.peers();
         let mut out: Vec<String> = peers
             .iter()
-            .filter(|(_, s)| matches!(s, Slot::Ready(c) if c.close_reason().is_none()))
+            .filter(|(_, s)| matches!(s, Slot::Ready(c) if c.conn.close_reason().is_none()))
             .map(|(n, _)| n.clone())
             .collect();
         out.sort();
@@ -287,10 +405,10 @@ impl Transport {
         }
         let mut peers = self.peers();
         match peers.get_mut(name) {
-            Some(Slot::Ready(conn)) => {
-                let conn = conn.clone();
+            Some(Slot::Ready(cached)) => {
+                let cached = cached.clone();
                 drop(peers);
-                self.send_on(name, addr, &conn, data);
+                self.send_on(name, addr, &cached, data);
             }
             Some(Slot::Dialing(pending)) => {
                 if pending.len() < self.0.config.pending_per_peer {
@@ -317,7 +435,9 @@ impl Transport {
         }
     }
 
-    fn send_on(&self, name: &str, addr: SocketAddr, conn: &Connection, data: Bytes) {
+    fn send_on(&self, name: &str, addr: SocketAddr, cached: &Cached, data: Bytes) {
+        let conn = &cached.conn;
+        cached.activity.touch();
         let len = data.len() as u64;
         let fits = conn
             .max_datagram_size()
@@ -363,10 +483,12 @@ impl Transport {
     /// from our CA; its name is returned.
     pub async fn connect_seed(&self, addr: SocketAddr) -> Result<String, TransportError> {
         let conn = self.dial(addr, None).await?;
-        pki::node_identity(&peer_cert(&conn).ok_or_else(|| TransportError::Identity {
-            addr,
-            reason: "no certificate".into(),
-        })?)
+        pki::node_identity(
+            &peer_cert(&conn.conn).ok_or_else(|| TransportError::Identity {
+                addr,
+                reason: "no certificate".into(),
+            })?,
+        )
         .map(|(_, name)| name)
         .ok_or(TransportError::Identity {
             addr,
@@ -385,34 +507,43 @@ impl Transport {
             return Err(TransportError::Blocked(name.to_owned()));
         }
         let ready = match self.peers().get(name) {
-            Some(Slot::Ready(c)) if c.close_reason().is_none() => Some(c.clone()),
+            Some(Slot::Ready(c)) if c.conn.close_reason().is_none() => Some(c.clone()),
             _ => None,
         };
-        let conn = match ready {
+        let cached = match ready {
             Some(c) => c,
             None => self.dial(addr, Some(name)).await?,
         };
-        conn.open_bi()
+        // Leased before the stream exists, so the cache cannot close the
+        // connection while we wait for the peer's stream credit.
+        let (lease, _) = Lease::take(&cached.activity);
+        let halves = cached
+            .conn
+            .open_bi()
             .await
             .map_err(|source| TransportError::Stream {
                 peer: name.to_owned(),
                 source,
-            })
+            })?;
+        Ok(stream::leased(halves, lease))
     }
 
-    /// Closes every connection to `name` (SWIM declared it down): requests in
-    /// flight on them fail at once instead of waiting for a timeout.
+    /// Closes the connections to `name` that carry streams (SWIM declared
+    /// it down): requests in flight on them fail at once instead of
+    /// waiting for a timeout. A connection carrying only SWIM stays: if the
+    /// verdict was wrong (this node was starved of CPU, say), the peer's
+    /// refutation arrives on it without a new handshake; if it was right,
+    /// the connection idles out like any other.
     pub fn disconnect(&self, name: &str) {
-        let mut peers = self.peers();
-        if let Some(Slot::Ready(conn)) = peers.remove(name) {
+        let busy: Vec<Connection> = self
+            .live()
+            .values()
+            .filter(|l| l.peer == name && l.cached.activity.streams() > 0)
+            .map(|l| l.cached.conn.clone())
+            .collect();
+        for conn in busy {
+            self.forget(name, &conn);
             conn.close(3u32.into(), b"peer declared down");
-        }
-        drop(peers);
-        let live = self.0.live.lock().unwrap_or_else(|e| e.into_inner());
-        for (conn, _) in live.values() {
-            if is_peer(conn, name) {
-                conn.close(3u32.into(), b"peer declared down");
-            }
         }
     }
 
@@ -424,23 +555,14 @@ impl Transport {
         let Some(cutoff) = Instant::now().checked_sub(age) else {
             return;
         };
-        let stale: Vec<Connection> = {
-            let live = self.0.live.lock().unwrap_or_else(|e| e.into_inner());
-            live.values()
-                .filter(|(conn, established)| *established < cutoff && is_peer(conn, name))
-                .map(|(conn, _)| conn.clone())
-                .collect()
-        };
-        if stale.is_empty() {
-            return;
-        }
-        let mut peers = self.peers();
-        if matches!(peers.get(name), Some(Slot::Ready(c)) if stale.iter().any(|s| s.stable_id() == c.stable_id()))
-        {
-            peers.remove(name);
-        }
-        drop(peers);
+        let stale: Vec<Connection> = self
+            .live()
+            .values()
+            .filter(|l| l.established < cutoff && l.peer == name)
+            .map(|l| l.cached.conn.clone())
+            .collect();
         for conn in stale {
+            self.forget(name, &conn);
             debug!(peer = %name, "closing a connection to the process before a restart");
             conn.close(4u32.into(), b"peer restarted");
         }
@@ -498,9 +620,14 @@ impl Transport {
         self.0.peers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn live(&self) -> MutexGuard<'_, HashMap<usize, Live>> {
+        self.0.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn forget(&self, name: &str, conn: &Connection) {
         let mut peers = self.peers();
-        if matches!(peers.get(name), Some(Slot::Ready(c)) if c.stable_id() == conn.stable_id()) {
+        if matches!(peers.get(name), Some(Slot::Ready(c)) if c.conn.stable_id() == conn.stable_id())
+        {
             peers.remove(name);
         }
     }
@@ -509,26 +636,32 @@ impl Transport {
         &self,
         addr: SocketAddr,
         expected: Option<&str>,
-    ) -> Result<Connection, TransportError> {
+    ) -> Result<Cached, TransportError> {
         let server_name = expected.unwrap_or(tls::SEED_SERVER_NAME);
-        let connecting = self
-            .0
-            .endpoint
-            .connect(addr, server_name)
-            .map_err(|source| TransportError::Connect { addr, source })?;
-        let conn = match tokio::time::timeout(self.0.config.connect_timeout, connecting).await {
+        // Waiting for a turn counts against the connect timeout: a dial
+        // that cannot start in time fails like one that cannot finish.
+        let handshake = async {
+            let _turn = self.0.dials.acquire().await;
+            self.0
+                .endpoint
+                .connect(addr, server_name)
+                .map_err(|source| TransportError::Connect { addr, source })?
+                .await
+                .map_err(|source| {
+                    Stats::add(&self.0.stats.handshake_failures, 1);
+                    TransportError::Handshake { addr, source }
+                })
+        };
+        let conn = match tokio::time::timeout(self.0.config.connect_timeout, handshake).await {
             Ok(Ok(conn)) => {
                 Stats::add(&self.0.stats.handshakes_out, 1);
                 conn
             }
-            Ok(Err(source)) => {
-                Stats::add(&self.0.stats.handshake_failures, 1);
-                return Err(TransportError::Handshake { addr, source });
-            }
+            Ok(Err(e)) => return Err(e),
             Err(_) => return Err(TransportError::Timeout(addr)),
         };
-        self.register(conn.clone(), expected)?;
-        Ok(conn)
+        let (_, cached) = self.register(conn, expected)?;
+        Ok(cached)
     }
 
     async fn accept_loop(self) {
@@ -554,7 +687,11 @@ impl Transport {
 
     /// Checks a fresh connection's certificate and caches it under the
     /// node name it proves.
-    fn register(&self, conn: Connection, expected: Option<&str>) -> Result<String, TransportError> {
+    fn register(
+        &self,
+        conn: Connection,
+        expected: Option<&str>,
+    ) -> Result<(String, Cached), TransportError> {
         let addr = conn.remote_address();
         let refuse = |reason: String| {
             Stats::add(&self.0.stats.identity_rejections, 1);
@@ -583,28 +720,41 @@ impl Transport {
             conn.close(2u32.into(), b"blocked");
             return Err(TransportError::Blocked(name));
         }
-        let previous = self.peers().insert(name.clone(), Slot::Ready(conn.clone()));
+        let cached = Cached {
+            conn: conn.clone(),
+            activity: Activity::new(self.0.epoch, self.0.config.initial_streams),
+        };
+        self.live().insert(
+            conn.stable_id(),
+            Live {
+                cached: cached.clone(),
+                peer: name.clone(),
+                established: Instant::now(),
+            },
+        );
+        let previous = self
+            .peers()
+            .insert(name.clone(), Slot::Ready(cached.clone()));
         if let Some(Slot::Dialing(pending)) = previous {
             for data in pending {
-                self.send_on(&name, addr, &conn, data);
+                self.send_on(&name, addr, &cached, data);
             }
         }
-        self.0
-            .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(conn.stable_id(), (conn.clone(), Instant::now()));
         trace!(peer = %name, %addr, "connection ready");
-        tokio::spawn(self.clone().drive(name.clone(), conn));
-        Ok(name)
+        tokio::spawn(self.clone().drive(name.clone(), cached.clone()));
+        Ok((name, cached))
     }
 
     /// Reads everything a peer sends on one connection until it closes.
-    async fn drive(self, name: String, conn: Connection) {
+    async fn drive(self, name: String, cached: Cached) {
+        let Cached { conn, activity } = &cached;
         loop {
             let inbound = tokio::select! {
                 d = conn.read_datagram() => match d {
-                    Ok(data) => Inbound::Datagram { from: name.clone(), data },
+                    Ok(data) => {
+                        activity.touch();
+                        Inbound::Datagram { from: name.clone(), data }
+                    }
                     Err(_) => break,
                 },
                 u = conn.accept_uni() => match u {
@@ -622,22 +772,40 @@ impl Transport {
                     Err(_) => break,
                 },
                 b = conn.accept_bi() => match b {
-                    Ok((send, recv)) => Inbound::Stream { from: name.clone(), send, recv },
+                    Ok(halves) => {
+                        let (lease, open) = Lease::take(activity);
+                        self.grow_streams(conn, activity, open);
+                        let (send, recv) = stream::leased(halves, lease);
+                        Inbound::Stream { from: name.clone(), send, recv }
+                    }
                     Err(_) => break,
                 },
             };
             self.deliver(inbound);
         }
-        self.forget(&name, &conn);
-        self.0
-            .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&conn.stable_id());
+        self.forget(&name, conn);
+        self.live().remove(&conn.stable_id());
         let s = conn.stats();
         Stats::add(&self.0.stats.udp_in_closed, s.udp_rx.bytes);
         Stats::add(&self.0.stats.udp_out_closed, s.udp_tx.bytes);
         trace!(peer = %name, reason = ?conn.close_reason(), "connection closed");
+    }
+
+    /// Doubles the peer's stream allowance once more than half of it is in
+    /// use, so a connection carrying real traffic is not held to the small
+    /// first allowance.
+    fn grow_streams(&self, conn: &Connection, activity: &Activity, open: usize) {
+        let limit = activity
+            .bidi_limit
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if open * 2 <= limit as usize || limit >= self.0.config.max_streams {
+            return;
+        }
+        let grown = limit.saturating_mul(2).min(self.0.config.max_streams);
+        activity
+            .bidi_limit
+            .store(grown, std::sync::atomic::Ordering::Relaxed);
+        conn.set_max_concurrent_bi_streams(VarInt::from_u32(grown));
     }
 
     fn deliver(&self, inbound: Inbound) {
@@ -660,13 +828,6 @@ impl Transport {
             Stats::add(&self.0.stats.inbound_dropped, 1);
         }
     }
-}
-
-fn is_peer(conn: &Connection, name: &str) -> bool {
-    peer_cert(conn)
-        .as_ref()
-        .and_then(pki::node_identity)
-        .is_some_and(|(_, n)| n == name)
 }
 
 fn peer_cert(conn: &Connection) -> Option<rustls_pki_types::CertificateDer<'static>> {

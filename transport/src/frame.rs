@@ -1,8 +1,8 @@
 //! Length-prefixed frames on QUIC streams, with a hard size cap checked
 //! before any allocation.
 
+use crate::stream::{RecvStream, SendStream};
 use bytes::Bytes;
-use quinn::{RecvStream, SendStream};
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]

@@ -12,6 +12,7 @@
 //! - [`pki`]: the mesh CA, node certificates, and loading a [`MeshIdentity`].
 //! - [`tls`]: rustls client and server configuration.
 //! - [`endpoint`]: the [`Transport`] and its connection cache.
+//! - [`stream`]: stream halves that keep their connection open while held.
 //! - [`frame`]: size-capped length-prefixed frames on streams.
 //! - [`stats`]: counters for metrics.
 
@@ -19,9 +20,12 @@ pub mod endpoint;
 pub mod frame;
 pub mod pki;
 pub mod stats;
+pub mod stream;
 pub mod tls;
 
-pub use crate::endpoint::{Inbound, Receivers, Transport, TransportConfig, TransportError};
+pub use crate::endpoint::{
+    Inbound, LinkInfo, Receivers, Transport, TransportConfig, TransportError,
+};
 pub use crate::pki::{MeshIdentity, PkiError};
 pub use crate::stats::Stats;
-pub use quinn::{RecvStream, SendStream};
+pub use crate::stream::{RecvStream, SendStream};

@@ -1,5 +1,6 @@
 //! Transport counters, read by the agent's `/metrics`.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Monotonic counters of one transport.
@@ -17,6 +18,11 @@ pub struct Stats {
     pub handshakes_out: AtomicU64,
     /// Handshakes completed on connections peers dialed.
     pub handshakes_in: AtomicU64,
+    /// Inbound handshakes that resumed an earlier TLS session (no
+    /// certificate signatures to make or check).
+    pub resumed: Arc<AtomicU64>,
+    /// Connections the cache closed as idle.
+    pub idle_closed: AtomicU64,
     /// Handshakes that failed (wrong CA, bad certificate, timeout, ...).
     pub handshake_failures: AtomicU64,
     /// Connections refused after the handshake: another trust domain, or a

@@ -1,11 +1,13 @@
 //! rustls configuration for mutual TLS inside the mesh (TLS 1.3, ring).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use rustls::client::Resumption;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{ProducesTickets, WebPkiClientVerifier};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
@@ -24,7 +26,17 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// The server side: requires a client certificate issued by the mesh CA.
-pub fn server_config(id: &MeshIdentity) -> Result<rustls::ServerConfig, rustls::Error> {
+///
+/// Sessions resume from stateless tickets (encrypted with a key that only
+/// this process holds and rotates), so a peer that reconnects skips the
+/// certificate signatures and checks, the expensive half of a handshake,
+/// and the server keeps nothing per client. The client's certificate
+/// travels inside the ticket, so a resumed connection names its peer like
+/// a full one. `resumed` counts the tickets accepted.
+pub fn server_config(
+    id: &MeshIdentity,
+    resumed: Arc<AtomicU64>,
+) -> Result<rustls::ServerConfig, rustls::Error> {
     let client_verifier = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider())
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
@@ -33,11 +45,19 @@ pub fn server_config(id: &MeshIdentity) -> Result<rustls::ServerConfig, rustls::
         .with_client_cert_verifier(client_verifier)
         .with_single_cert(id.chain.clone(), id.key.clone_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
+    config.ticketer = Arc::new(CountingTicketer {
+        inner: rustls::crypto::ring::Ticketer::new()?,
+        resumed,
+    });
     Ok(config)
 }
 
-/// The client side: presents our certificate and checks the server's.
-pub fn client_config(id: &MeshIdentity) -> Result<rustls::ClientConfig, rustls::Error> {
+/// The client side: presents our certificate and checks the server's, and
+/// keeps up to `sessions` peers' session tickets for resumption.
+pub fn client_config(
+    id: &MeshIdentity,
+    sessions: usize,
+) -> Result<rustls::ClientConfig, rustls::Error> {
     let inner = WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider())
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
@@ -50,7 +70,37 @@ pub fn client_config(id: &MeshIdentity) -> Result<rustls::ClientConfig, rustls::
         }))
         .with_client_auth_cert(id.chain.clone(), id.key.clone_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
+    config.resumption = Resumption::in_memory_sessions(sessions);
     Ok(config)
+}
+
+/// rustls's ticketer, counting the tickets it accepts back.
+#[derive(Debug)]
+struct CountingTicketer {
+    inner: Arc<dyn ProducesTickets>,
+    resumed: Arc<AtomicU64>,
+}
+
+impl ProducesTickets for CountingTicketer {
+    fn enabled(&self) -> bool {
+        self.inner.enabled()
+    }
+
+    fn lifetime(&self) -> u32 {
+        self.inner.lifetime()
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        self.inner.encrypt(plain)
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        let plain = self.inner.decrypt(cipher);
+        if plain.is_some() {
+            self.resumed.fetch_add(1, Ordering::Relaxed);
+        }
+        plain
+    }
 }
 
 /// Checks the chain against the mesh CA always, and the node name whenever we

@@ -147,3 +147,106 @@ async fn foreign_ca_is_refused_both_ways() {
     assert!(Stats::get(&rogue.stats().handshake_failures) >= 1);
     assert!(a_rx.try_recv().is_err());
 }
+
+/// Polls `cond` every 20 ms for up to 10 s.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what}: not within 10 s");
+}
+
+#[tokio::test]
+async fn idle_connections_close_and_reconnect_by_resuming() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki::generate_ca("test.mesh").unwrap();
+    let (a, _a_rx, _a_streams) = start(identity(dir.path(), &ca, "a"));
+    let (b, mut b_rx, mut b_streams) = start(identity(dir.path(), &ca, "b"));
+    let b_addr = b.local_addr().unwrap();
+
+    a.send_datagram("b", b_addr, Bytes::from_static(b"one"));
+    assert_eq!(next_datagram(&mut b_rx).await.0, "a");
+    assert_eq!(Stats::get(&b.stats().resumed), 0);
+
+    // A held stream keeps its connection whatever the cache is told.
+    let (mut tx, rx) = a.open_bi("b", b_addr).await.unwrap();
+    write_frame(&mut tx, b"hold").await.unwrap();
+    let Some(Inbound::Stream {
+        send: b_send,
+        recv: b_recv,
+        ..
+    }) = b_streams.recv().await
+    else {
+        panic!("no stream");
+    };
+    let links = a.links();
+    assert_eq!(links.len(), 1);
+    assert_eq!(links[0].streams, 1);
+    a.close_idle(&links);
+    assert_eq!(a.connections(), 1, "a connection with a stream was closed");
+
+    // Once both halves on both sides are gone, it may close; the peer
+    // sees the close too.
+    drop((tx, rx, b_send, b_recv));
+    let links = a.links();
+    assert_eq!(links[0].streams, 0);
+    a.close_idle(&links);
+    eventually("both sides drop the closed connection", || {
+        a.connections() == 0 && b.connections() == 0
+    })
+    .await;
+    assert_eq!(Stats::get(&a.stats().idle_closed), 1);
+
+    // The next datagram dials again, resuming the TLS session; the
+    // certificate's name still reaches the receiver.
+    a.send_datagram("b", b_addr, Bytes::from_static(b"two"));
+    assert_eq!(
+        next_datagram(&mut b_rx).await,
+        ("a".into(), Bytes::from_static(b"two"))
+    );
+    assert_eq!(Stats::get(&b.stats().resumed), 1);
+    assert_eq!(Stats::get(&a.stats().handshakes_out), 2);
+}
+
+#[tokio::test]
+async fn a_busy_connection_is_allowed_more_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki::generate_ca("test.mesh").unwrap();
+    let (a, _a_rx, _a_streams) = start(identity(dir.path(), &ca, "a"));
+    let (b, _b_rx, mut b_streams) = start(identity(dir.path(), &ca, "b"));
+    let b_addr = b.local_addr().unwrap();
+    let initial = TransportConfig::default().initial_streams as usize;
+
+    // Three times the first allowance, all held open at once: opening
+    // them only completes if the receiver raises the allowance.
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while held.len() < 3 * initial {
+            match b_streams.recv().await {
+                Some(Inbound::Stream { send, recv, .. }) => held.push((send, recv)),
+                Some(Inbound::Datagram { .. }) => {}
+                None => break,
+            }
+        }
+        held
+    });
+    let mut open = Vec::new();
+    for i in 0..3 * initial {
+        let (mut tx, rx) = tokio::time::timeout(Duration::from_secs(10), a.open_bi("b", b_addr))
+            .await
+            .unwrap_or_else(|_| panic!("stream {i} not allowed within 10 s"))
+            .unwrap();
+        // A stream reaches the peer with its first bytes.
+        write_frame(&mut tx, b"x").await.unwrap();
+        open.push((tx, rx));
+    }
+    let held = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(held.len(), 3 * initial);
+    assert_eq!(a.links()[0].streams, 3 * initial);
+}

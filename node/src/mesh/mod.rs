@@ -11,9 +11,11 @@
 //!
 //! # Layout
 //! - [`join`]: dialing the seeds (their names come from their certificates).
+//! - [`links`]: closing connections the cache no longer needs.
 //! - [`sync`]: the member-list swap on QUIC streams.
 
 pub mod join;
+pub mod links;
 pub mod sync;
 
 use std::sync::Arc;
