@@ -381,7 +381,7 @@ pub fn run(opts: &Options, repeat: usize, partitions: usize) -> anyhow::Result<C
     opts.validate()?;
     anyhow::ensure!(opts.nodes >= 2 * 2, "compare needs at least 4 nodes");
     let loss = opts.loss.unwrap_or(0.0);
-    let mut sim = new_sim(opts, loss)?;
+    let mut sim = new_sim(opts, loss, None)?;
     form(&mut sim, opts, opts.form_limit)
         .joined
         .with_context(|| format!("the cluster did not form within {:?}", opts.form_limit))?;

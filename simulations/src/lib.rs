@@ -18,10 +18,15 @@
 //! - [`sim`]: the discrete-event engine (event queue keyed by time and
 //!   sequence), the nodes and the catalog fetch model.
 //! - [`net`]: latency with jitter, loss, partitions.
+//! - [`cpu`]: what work costs, and machines whose cores serve their
+//!   nodes' work ([`cpu::Costs`]).
+//! - [`conns`]: the links each node holds, dials and handshakes.
 //! - [`view`]: ground truth against each node's event-derived view.
 //! - [`catalog`]: entry versions held per node and how each change spread.
 //! - [`metrics`]: counters, time-series samples, crash detection.
 //! - [`scenario`]: `join`, `crash`, `partition`, `loss`, `slow`, `churn`.
+//! - [`formation`]: N agents started back to back on one machine with
+//!   the CPU and connection models, and what forming cost them.
 //! - [`compare`]: the experiments `tests/sim_vs_real.rs` runs against real
 //!   agents, and the figures both sides report.
 //! - [`report`]: the measured figures and the stdout summary table.
@@ -31,6 +36,9 @@
 
 pub mod catalog;
 pub mod compare;
+pub mod conns;
+pub mod cpu;
+pub mod formation;
 pub mod metrics;
 pub mod net;
 pub mod output;

@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::Parser;
 use gossamer_membership::SwimConfig;
+use gossamer_membership::links::LinkPolicy;
+use gossamer_sim::cpu::Costs;
+use gossamer_sim::formation::FormationOptions;
 use gossamer_sim::scenario::{Options, Scenario};
+use gossamer_sim::sim::HostConfig;
 
 /// Deterministic simulations of the Gossamer membership core on virtual
 /// time.
@@ -52,7 +56,8 @@ struct Args {
     /// Non-seed nodes start at random instants within this many seconds.
     #[arg(long, default_value_t = 2.0)]
     join_window: f64,
-    /// Give up waiting for the cluster to form after this many seconds.
+    /// Give up waiting for the cluster to form after this many seconds
+    /// (`formation`: after the last start).
     #[arg(long, default_value_t = 300.0)]
     form_limit: f64,
     /// `partition` goes on past the phase until every node agrees, for at
@@ -68,6 +73,105 @@ struct Args {
     /// Partitions (`compare`).
     #[arg(long, default_value_t = 5)]
     partitions: usize,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+/// Machines, CPU costs and connections. Without `--machines` each node
+/// has a machine of its own with unlimited CPU and is always connected
+/// (`formation` defaults to one machine).
+#[derive(Debug, clap::Args)]
+struct HostArgs {
+    /// Place the nodes on this many machines (round-robin), with finite
+    /// CPU and the connection model.
+    #[arg(long)]
+    machines: Option<usize>,
+    /// Cores per machine.
+    #[arg(long, default_value_t = 2)]
+    cores: u32,
+    /// Cost file (TOML, microseconds), as printed by
+    /// `cargo run --release -p gossamer-transport --example handshake_cost`;
+    /// the flags below override it.
+    #[arg(long)]
+    costs: Option<PathBuf>,
+    /// CPU per side of a full handshake, in microseconds.
+    #[arg(long)]
+    cost_handshake_full: Option<f64>,
+    /// CPU per side of a resumed handshake, in microseconds.
+    #[arg(long)]
+    cost_handshake_resumed: Option<f64>,
+    /// CPU to send a datagram, in microseconds.
+    #[arg(long)]
+    cost_datagram_send: Option<f64>,
+    /// CPU to receive a datagram, in microseconds.
+    #[arg(long)]
+    cost_datagram_recv: Option<f64>,
+    /// CPU per stream message sent or received, in microseconds.
+    #[arg(long)]
+    cost_stream_message: Option<f64>,
+    /// CPU per member of a member sync payload, in microseconds.
+    #[arg(long)]
+    cost_sync_member: Option<f64>,
+    /// CPU per timer wake-up, in microseconds.
+    #[arg(long)]
+    cost_timer: Option<f64>,
+    /// Close a link after this many idle seconds (the agent's policy).
+    #[arg(long, default_value_t = 10.0)]
+    link_idle: f64,
+    /// Above this many links, close the least recently used idle ones.
+    #[arg(long, default_value_t = 128)]
+    max_links: usize,
+    /// `formation`: nodes started per second.
+    #[arg(long, default_value_t = 50.0)]
+    rate: f64,
+    /// `formation`: seconds of quiet cluster measured after forming.
+    #[arg(long, default_value_t = 10.0)]
+    idle: f64,
+}
+
+impl HostArgs {
+    fn costs(&self) -> anyhow::Result<Costs> {
+        let mut c = match &self.costs {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => Costs::default(),
+        };
+        let overrides = [
+            (self.cost_handshake_full, &mut c.handshake_full_us),
+            (self.cost_handshake_resumed, &mut c.handshake_resumed_us),
+            (self.cost_datagram_send, &mut c.datagram_send_us),
+            (self.cost_datagram_recv, &mut c.datagram_recv_us),
+            (self.cost_stream_message, &mut c.stream_message_us),
+            (self.cost_sync_member, &mut c.sync_member_us),
+            (self.cost_timer, &mut c.timer_us),
+        ];
+        for (flag, field) in overrides {
+            if let Some(v) = flag {
+                *field = v;
+            }
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// The host model, if asked for (or `default_machines` given).
+    fn host(&self, default_machines: Option<usize>) -> anyhow::Result<Option<HostConfig>> {
+        let Some(machines) = self.machines.or(default_machines) else {
+            return Ok(None);
+        };
+        anyhow::ensure!(machines >= 1, "--machines must be at least 1");
+        anyhow::ensure!(self.cores >= 1, "--cores must be at least 1");
+        let mut host = HostConfig::new(machines, self.cores);
+        host.costs = self.costs()?;
+        host.links = LinkPolicy {
+            idle: seconds(self.link_idle, "link-idle")?,
+            max_links: self.max_links,
+        };
+        Ok(Some(host))
+    }
 }
 
 fn seconds(v: f64, flag: &str) -> anyhow::Result<Duration> {
@@ -112,6 +216,35 @@ fn main() -> anyhow::Result<()> {
     // Wall-clock time of the run, reported on stderr only.
     #[allow(clippy::disallowed_methods)]
     let started = Instant::now();
+    if opts.scenario == Scenario::Formation {
+        let host = args
+            .host
+            .host(Some(1))?
+            .context("formation needs a machine")?;
+        let f = FormationOptions {
+            nodes: opts.nodes,
+            seed: opts.seed,
+            latency: opts.latency,
+            rate: args.host.rate,
+            swim: opts.swim.clone(),
+            host,
+            limit: opts.form_limit,
+            idle: seconds(args.host.idle, "idle")?,
+            progress: opts.progress,
+        };
+        let report = gossamer_sim::formation::run(&f)?;
+        print!("{}", report.render());
+        if let Some(dir) = &args.out {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let path = dir.join("formation.json");
+            let mut json = serde_json::to_string_pretty(&report)?;
+            json.push('\n');
+            std::fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
+        eprintln!("wall time: {:.1} s", started.elapsed().as_secs_f64());
+        return Ok(());
+    }
     if opts.scenario == Scenario::Compare {
         let comparison = gossamer_sim::compare::run(&opts, args.repeat, args.partitions)?;
         print!("{}", comparison.render());
@@ -126,7 +259,8 @@ fn main() -> anyhow::Result<()> {
         eprintln!("wall time: {:.1} s", started.elapsed().as_secs_f64());
         return Ok(());
     }
-    let report = gossamer_sim::run(&opts)?;
+    let host = args.host.host(None)?;
+    let report = gossamer_sim::scenario::run_on(&opts, host.as_ref())?;
     let wall = started.elapsed();
     print!("{}", report.render());
     if let Some(dir) = &args.out {

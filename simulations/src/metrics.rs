@@ -16,6 +16,9 @@ pub struct Counters {
     pub cut: u64,
     /// Datagrams that arrived at a node that was not running.
     pub undeliverable: u64,
+    /// Datagrams dropped because the link to their peer was still being
+    /// made and its queue was full, or the dial failed (connection model).
+    pub dial_drops: u64,
     /// Datagrams the receiving core refused (stale or misdirected).
     pub refused: u64,
     /// Catalog fetches and digests sent over streams.
@@ -81,6 +84,7 @@ impl Counters {
             lost: self.lost - earlier.lost,
             cut: self.cut - earlier.cut,
             undeliverable: self.undeliverable - earlier.undeliverable,
+            dial_drops: self.dial_drops - earlier.dial_drops,
             refused: self.refused - earlier.refused,
             stream_messages: self.stream_messages - earlier.stream_messages,
             sync_bytes: self.sync_bytes - earlier.sync_bytes,

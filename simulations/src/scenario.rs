@@ -26,6 +26,12 @@
 //!   phase (at most 20 s) is left; catalog changes every 5 s.
 //! - `compare`: kills, catalog changes and partitions one after the other
 //!   on one cluster, to set against real agents ([`crate::compare`]).
+//! - `formation`: nodes started back to back on one machine with finite
+//!   CPU and connection costs, until every node lists every other alive
+//!   ([`crate::formation`]).
+//!
+//! Every scenario can also run its nodes on machines with finite CPU and
+//! connections ([`run_on`], `--machines`).
 
 use std::time::Duration;
 
@@ -35,7 +41,7 @@ use serde::Serialize;
 
 use crate::net::NetParams;
 use crate::report::{Params, Phases, Report, RunReport};
-use crate::sim::{Action, Sim, SimConfig};
+use crate::sim::{Action, HostConfig, Sim, SimConfig};
 
 /// Seed nodes, as in a typical deployment.
 pub const SEEDS: usize = 3;
@@ -69,6 +75,10 @@ pub enum Scenario {
     /// Kills, catalog changes and partitions one after the other, measured
     /// as `tests/sim_vs_real.rs` measures real agents (see [`crate::compare`]).
     Compare,
+    /// N agents started back to back on one machine with finite CPU and
+    /// real connection costs: how long until they form (see
+    /// [`crate::formation`]).
+    Formation,
 }
 
 impl Scenario {
@@ -82,6 +92,7 @@ impl Scenario {
             Self::Slow => "slow",
             Self::Churn => "churn",
             Self::Compare => "compare",
+            Self::Formation => "formation",
         }
     }
 }
@@ -147,22 +158,31 @@ impl Options {
 
 /// Runs the scenario and collects the report.
 pub fn run(opts: &Options) -> anyhow::Result<Report> {
+    run_on(opts, None)
+}
+
+/// Runs the scenario with its nodes on machines with finite CPU and
+/// connections ([`HostConfig`]; `None`: as [`run`]).
+pub fn run_on(opts: &Options, host: Option<&HostConfig>) -> anyhow::Result<Report> {
     opts.validate()?;
     let runs = match opts.scenario {
         Scenario::Loss => {
             let levels: Vec<f64> = opts.loss.map_or_else(|| LOSS_LEVELS.to_vec(), |l| vec![l]);
             levels
                 .into_iter()
-                .map(|l| loss_run(opts, l))
+                .map(|l| loss_run(opts, host, l))
                 .collect::<anyhow::Result<Vec<_>>>()?
         }
-        Scenario::Join => vec![join(opts)?],
-        Scenario::Crash => vec![crash(opts)?],
-        Scenario::Partition => vec![partition(opts)?],
-        Scenario::Slow => vec![slow(opts)?],
-        Scenario::Churn => vec![churn(opts)?],
+        Scenario::Join => vec![join(opts, host)?],
+        Scenario::Crash => vec![crash(opts, host)?],
+        Scenario::Partition => vec![partition(opts, host)?],
+        Scenario::Slow => vec![slow(opts, host)?],
+        Scenario::Churn => vec![churn(opts, host)?],
         Scenario::Compare => {
             anyhow::bail!("`compare` reports its own figures: run it with compare::run")
+        }
+        Scenario::Formation => {
+            anyhow::bail!("`formation` reports its own figures: run it with formation::run")
         }
     };
     Ok(Report {
@@ -179,7 +199,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     })
 }
 
-pub(crate) fn new_sim(opts: &Options, loss: f64) -> anyhow::Result<Sim> {
+pub(crate) fn new_sim(opts: &Options, loss: f64, host: Option<&HostConfig>) -> anyhow::Result<Sim> {
     let mut sim = Sim::new(SimConfig {
         nodes: opts.nodes,
         seed: opts.seed,
@@ -191,6 +211,7 @@ pub(crate) fn new_sim(opts: &Options, loss: f64) -> anyhow::Result<Sim> {
         seeds: SEEDS,
         sample_every: SAMPLE_EVERY,
         anti_entropy_every: ANTI_ENTROPY_EVERY,
+        host: host.cloned(),
     })?;
     if opts.progress {
         sim.show_progress();
@@ -304,8 +325,8 @@ fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
-fn join(opts: &Options) -> anyhow::Result<RunReport> {
-    let mut sim = new_sim(opts, opts.loss.unwrap_or(0.0))?;
+fn join(opts: &Options, host: Option<&HostConfig>) -> anyhow::Result<RunReport> {
+    let mut sim = new_sim(opts, opts.loss.unwrap_or(0.0), host)?;
     // Catalog changes start once every view is right, or 30 s after the
     // join window at the latest: in large clusters the last few pairs can
     // wait for a member sync, and dissemination is worth measuring anyway.
@@ -355,8 +376,8 @@ fn join(opts: &Options) -> anyhow::Result<RunReport> {
     ))
 }
 
-fn crash(opts: &Options) -> anyhow::Result<RunReport> {
-    let mut sim = new_sim(opts, opts.loss.unwrap_or(0.0))?;
+fn crash(opts: &Options, host: Option<&HostConfig>) -> anyhow::Result<RunReport> {
+    let mut sim = new_sim(opts, opts.loss.unwrap_or(0.0), host)?;
     let base = form_then(&mut sim, opts);
     let t0 = base.t0;
     let k = opts.kill.unwrap_or((opts.nodes / 100).max(1));
@@ -383,8 +404,8 @@ fn crash(opts: &Options) -> anyhow::Result<RunReport> {
     ))
 }
 
-fn partition(opts: &Options) -> anyhow::Result<RunReport> {
-    let mut sim = new_sim(opts, opts.loss.unwrap_or(0.0))?;
+fn partition(opts: &Options, host: Option<&HostConfig>) -> anyhow::Result<RunReport> {
+    let mut sim = new_sim(opts, opts.loss.unwrap_or(0.0), host)?;
     let base = form_then(&mut sim, opts);
     let t0 = base.t0;
     let all: Vec<usize> = (0..opts.nodes).collect();
@@ -431,8 +452,8 @@ fn partition(opts: &Options) -> anyhow::Result<RunReport> {
     ))
 }
 
-fn loss_run(opts: &Options, loss: f64) -> anyhow::Result<RunReport> {
-    let mut sim = new_sim(opts, loss)?;
+fn loss_run(opts: &Options, host: Option<&HostConfig>, loss: f64) -> anyhow::Result<RunReport> {
+    let mut sim = new_sim(opts, loss, host)?;
     let base = form_then(&mut sim, opts);
     let t0 = base.t0;
     let end = t0 + opts.duration;
@@ -451,8 +472,8 @@ fn loss_run(opts: &Options, loss: f64) -> anyhow::Result<RunReport> {
     ))
 }
 
-fn slow(opts: &Options) -> anyhow::Result<RunReport> {
-    let mut sim = new_sim(opts, opts.loss.unwrap_or(0.0))?;
+fn slow(opts: &Options, host: Option<&HostConfig>) -> anyhow::Result<RunReport> {
+    let mut sim = new_sim(opts, opts.loss.unwrap_or(0.0), host)?;
     let base = form_then(&mut sim, opts);
     let t0 = base.t0;
     let end = t0 + opts.duration;
@@ -493,8 +514,8 @@ fn slow(opts: &Options) -> anyhow::Result<RunReport> {
     ))
 }
 
-fn churn(opts: &Options) -> anyhow::Result<RunReport> {
-    let mut sim = new_sim(opts, opts.loss.unwrap_or(0.0))?;
+fn churn(opts: &Options, host: Option<&HostConfig>) -> anyhow::Result<RunReport> {
+    let mut sim = new_sim(opts, opts.loss.unwrap_or(0.0), host)?;
     let base = form_then(&mut sim, opts);
     let t0 = base.t0;
     let end = t0 + opts.duration;

@@ -11,6 +11,13 @@
 //! `handle_timeout`, and after every input its actions are carried out on
 //! the simulated network. Nothing here decides what a node does; it only
 //! moves bytes and measures.
+//!
+//! With a [`HostConfig`], nodes also live on machines with finite CPU and
+//! talk over connections: every input waits for its machine to spend the
+//! CPU it costs before the driver sees it, what the driver sends leaves
+//! once the sending is paid for, and a message to a peer without a link
+//! waits for a handshake ([`crate::cpu`], [`crate::conns`]). Without one,
+//! work is free and instant and every pair is always connected.
 
 use std::collections::{BinaryHeap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -26,10 +33,13 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use crate::catalog::Catalogs;
+use crate::conns::{Conns, LinkStats, Route};
+use crate::cpu::{Costs, Cpu, Waits};
 use crate::metrics::{Counters, Detection, Sample};
 use crate::net::{NetParams, Network};
 use crate::progress::Progress;
 use crate::view::{Views, gen_of};
+use gossamer_membership::links::LinkPolicy;
 
 /// Events between two looks at the progress bar.
 const PROGRESS_EVERY: u64 = 4096;
@@ -51,7 +61,42 @@ pub struct SimConfig {
     pub sample_every: Duration,
     /// The catalog's anti-entropy period (the agent's default is 5 s).
     pub anti_entropy_every: Duration,
+    /// Machines, CPU costs and connections; `None`: each node alone on a
+    /// machine with unlimited CPU, always connected to every peer.
+    pub host: Option<HostConfig>,
 }
+
+/// Where nodes run and what their work costs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostConfig {
+    /// Machines; node `i` runs on machine `i % machines`.
+    pub machines: usize,
+    /// Cores per machine.
+    pub cores: u32,
+    /// CPU per piece of work.
+    pub costs: Costs,
+    /// Which connections a node keeps (the agent's policy).
+    pub links: LinkPolicy,
+    /// A dial without an answer fails after this long (the transport's
+    /// `connect_timeout`).
+    pub connect_timeout: Duration,
+}
+
+impl HostConfig {
+    /// `machines` machines of `cores` cores, default costs and policies.
+    pub fn new(machines: usize, cores: u32) -> Self {
+        Self {
+            machines,
+            cores,
+            costs: Costs::default(),
+            links: LinkPolicy::default(),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How often each node applies the link policy.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Something a scenario makes happen at a given virtual time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +152,41 @@ enum StreamMsg {
     },
 }
 
+/// Something a node sends, once the CPU to send it is spent.
+#[derive(Debug)]
+enum Out {
+    Datagram {
+        to: usize,
+        data: Bytes,
+    },
+    Stream {
+        to: usize,
+        to_life: u32,
+        msg: StreamMsg,
+    },
+    /// Dial a seed and tell the driver who answered.
+    Seed {
+        to: usize,
+    },
+}
+
+impl Out {
+    fn to(&self) -> usize {
+        match self {
+            Out::Datagram { to, .. } | Out::Stream { to, .. } | Out::Seed { to } => *to,
+        }
+    }
+}
+
+/// Work queued on a node's CPU.
+#[derive(Debug)]
+enum Job {
+    /// Handle an input.
+    Input(Ev),
+    /// Send what handling produced.
+    Transmit(Vec<Out>),
+}
+
 #[derive(Debug)]
 enum Ev {
     Datagram {
@@ -131,16 +211,117 @@ enum Ev {
     },
     Sample,
     Action(Action),
+    /// A machine's job in service finishes (if `epoch` is still current).
+    Cpu {
+        machine: usize,
+        epoch: u64,
+    },
+    /// A handshake's first flight reaches the peer (`to`).
+    Dial {
+        from: usize,
+        from_life: u32,
+        to: usize,
+        to_life: u32,
+        id: u64,
+        resumed: bool,
+        dialled_at: Duration,
+    },
+    /// The peer's answer reaches the dialer (`to`).
+    DialAnswer {
+        to: usize,
+        to_life: u32,
+        from: usize,
+        from_life: u32,
+        id: u64,
+        resumed: bool,
+    },
+    /// A dial timed out.
+    DialFailed {
+        node: usize,
+        life: u32,
+        peer: usize,
+        id: u64,
+    },
+    /// Time to apply the link policy.
+    Sweep {
+        node: usize,
+        life: u32,
+    },
 }
 
 impl Ev {
     /// The node whose process must handle this event, if any.
     fn target(&self) -> Option<usize> {
         match self {
-            Ev::Datagram { to, .. } | Ev::Stream { to, .. } => Some(*to),
+            Ev::Datagram { to, .. }
+            | Ev::Stream { to, .. }
+            | Ev::Dial { to, .. }
+            | Ev::DialAnswer { to, .. } => Some(*to),
             Ev::Timer { node, .. } => Some(*node),
-            Ev::StallEnd { .. } | Ev::Sample | Ev::Action(_) => None,
+            Ev::StallEnd { .. }
+            | Ev::Sample
+            | Ev::Action(_)
+            | Ev::Cpu { .. }
+            | Ev::DialFailed { .. }
+            | Ev::Sweep { .. } => None,
         }
+    }
+}
+
+/// The machines and connections of a run with a [`HostConfig`].
+#[derive(Debug)]
+struct Host {
+    config: HostConfig,
+    cpu: Cpu<Job>,
+    conns: Conns<Out>,
+}
+
+impl Host {
+    fn cost(&self, us: f64) -> Duration {
+        Costs::time(us)
+    }
+
+    /// The CPU an input costs its receiver.
+    fn input_cost(&self, ev: &Ev) -> Option<Duration> {
+        let c = &self.config.costs;
+        Some(match ev {
+            Ev::Datagram { .. } => self.cost(c.datagram_recv_us),
+            Ev::Timer { .. } => self.cost(c.timer_us),
+            Ev::Stream { msg, .. } => self.cost(c.stream_message_us + sync_cost(c, msg)),
+            Ev::Dial { resumed, .. } | Ev::DialAnswer { resumed, .. } => self.handshake(*resumed),
+            _ => return None,
+        })
+    }
+
+    fn handshake(&self, resumed: bool) -> Duration {
+        let c = &self.config.costs;
+        self.cost(if resumed {
+            c.handshake_resumed_us
+        } else {
+            c.handshake_full_us
+        })
+    }
+
+    /// The CPU sending costs.
+    fn output_cost(&self, out: &Out) -> Duration {
+        let c = &self.config.costs;
+        match out {
+            Out::Datagram { .. } => self.cost(c.datagram_send_us),
+            Out::Stream { msg, .. } => self.cost(c.stream_message_us + sync_cost(c, msg)),
+            // The dial's CPU is charged when its answer arrives.
+            Out::Seed { .. } => Duration::ZERO,
+        }
+    }
+}
+
+/// The per-member part of a member sync frame's cost.
+fn sync_cost(c: &Costs, msg: &StreamMsg) -> f64 {
+    match msg {
+        StreamMsg::Members { payload, .. } => {
+            let members = SyncPayload::decode(payload).map_or(0, |p| p.members.len());
+            c.sync_member_us * members as f64
+        }
+        _ => 0.0,
     }
 }
 
@@ -199,6 +380,9 @@ struct Node {
     /// Its own catalog version (kept on disk across restarts).
     catalog_version: u64,
     slow: bool,
+    /// What the driver sent since the last input, before the CPU for it is
+    /// spent (with a [`HostConfig`] only).
+    outbox: Vec<Out>,
 }
 
 /// A simulation: nodes, network, event queue and measurements.
@@ -230,6 +414,7 @@ pub struct Sim {
     agreement_log: Vec<(Duration, bool)>,
     events: u64,
     progress: Progress,
+    host: Option<Host>,
 }
 
 /// The address node `i` listens on: 10.x.y.z, one per node.
@@ -275,6 +460,16 @@ impl Sim {
             "sample period must be positive"
         );
         let n = config.nodes;
+        if let Some(h) = &config.host {
+            anyhow::ensure!(h.machines >= 1, "at least one machine is needed");
+            anyhow::ensure!(h.cores >= 1, "at least one core per machine is needed");
+            h.costs.validate()?;
+        }
+        let host = config.host.clone().map(|config| Host {
+            cpu: Cpu::new(n, config.machines, config.cores),
+            conns: Conns::new(n),
+            config,
+        });
         let mut sim = Self {
             now: Duration::ZERO,
             queue: BinaryHeap::new(),
@@ -297,6 +492,7 @@ impl Sim {
             agreement_log: vec![(Duration::ZERO, true)],
             events: 0,
             progress: Progress::disabled(),
+            host,
             config,
         };
         sim.push(Duration::ZERO, Ev::Sample);
@@ -413,10 +609,60 @@ impl Sim {
         if self.agreed() && self.views.live() >= min_live {
             return Some(self.now);
         }
-        self.run(label, end, Some(min_live))
+        self.run(label, end, Some((min_live, true)))
     }
 
-    fn run(&mut self, label: &str, end: Duration, stop_when: Option<usize>) -> Option<Duration> {
+    /// Runs until at least `min_live` nodes run and every node lists every
+    /// other running node alive (catalogs aside), or until `end`. Returns
+    /// when they did.
+    pub fn run_until_members_agree(
+        &mut self,
+        label: &str,
+        end: Duration,
+        min_live: usize,
+    ) -> Option<Duration> {
+        if self.views.agreed() && self.views.live() >= min_live {
+            return Some(self.now);
+        }
+        self.run(label, end, Some((min_live, false)))
+    }
+
+    /// Handshakes and links of node `x` (with a [`HostConfig`]).
+    pub fn link_stats(&self, x: usize) -> Option<LinkStats> {
+        self.host.as_ref().map(|h| h.conns.stats(x))
+    }
+
+    /// Links node `x` holds open now (with a [`HostConfig`]).
+    pub fn links_open(&self, x: usize) -> usize {
+        self.host.as_ref().map_or(0, |h| h.conns.links(x))
+    }
+
+    /// CPU time spent on node `x`'s work so far (with a [`HostConfig`]).
+    pub fn cpu_used(&self, x: usize) -> Duration {
+        self.host.as_ref().map_or(Duration::ZERO, |h| h.cpu.used(x))
+    }
+
+    /// Core-seconds every machine together was busy, up to now.
+    pub fn busy_core_seconds(&mut self) -> f64 {
+        let now = self.now;
+        self.host.as_mut().map_or(0.0, |h| {
+            (0..h.cpu.machines())
+                .map(|m| h.cpu.busy_core_seconds(m, now))
+                .sum()
+        })
+    }
+
+    /// How long inputs waited for CPU (with a [`HostConfig`]).
+    pub fn cpu_waits(&self) -> Option<Waits> {
+        self.host.as_ref().map(|h| h.cpu.waits())
+    }
+
+    fn run(
+        &mut self,
+        label: &str,
+        end: Duration,
+        stop_when: Option<(usize, bool)>,
+    ) -> Option<Duration> {
         self.progress.phase(label, self.now, end);
         let mut agreed_at = None;
         while let Some(top) = self.queue.peek() {
@@ -433,7 +679,11 @@ impl Sim {
             if self.events.is_multiple_of(PROGRESS_EVERY) && self.progress.due(self.now) {
                 self.progress.update(self.now, self.views.live());
             }
-            if stop_when.is_some_and(|min| self.views.live() >= min) && self.agreed() {
+            if let Some((min, catalogs)) = stop_when
+                && self.views.live() >= min
+                && self.views.agreed()
+                && (!catalogs || self.catalogs.agreed())
+            {
                 agreed_at = Some(self.now);
                 break;
             }
@@ -473,12 +723,41 @@ impl Sim {
     }
 
     fn dispatch(&mut self, ev: Ev) {
+        self.accept_event(ev);
+        if let Some(host) = self.host.as_mut() {
+            for w in host.cpu.wakes(self.now) {
+                self.push(
+                    w.at,
+                    Ev::Cpu {
+                        machine: w.machine,
+                        epoch: w.epoch,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Drops an event for a process that is gone, holds it during a stall,
+    /// queues it for the CPU, or handles it now.
+    fn accept_event(&mut self, ev: Ev) {
         if let Some(x) = ev.target() {
             let node = &mut self.nodes[x];
-            if node.driver.is_none() {
+            let gone = match &ev {
+                Ev::Dial { to_life, .. } => *to_life != node.life,
+                _ => false,
+            };
+            if node.driver.is_none() || gone {
                 match ev {
                     Ev::Datagram { .. } => self.counters.undeliverable += 1,
                     Ev::Stream { .. } => self.counters.stream_failures += 1,
+                    Ev::Dial {
+                        from,
+                        from_life,
+                        to,
+                        id,
+                        dialled_at,
+                        ..
+                    } => self.dial_lost(from, from_life, to, id, dialled_at),
                     _ => {}
                 }
                 return;
@@ -487,7 +766,17 @@ impl Sim {
                 node.backlog.push_back(ev);
                 return;
             }
+            if let Some(host) = self.host.as_mut()
+                && let Some(cost) = host.input_cost(&ev)
+            {
+                host.cpu.submit(self.now, x, cost, Job::Input(ev), false);
+                return;
+            }
         }
+        self.handle(ev);
+    }
+
+    fn handle(&mut self, ev: Ev) {
         match ev {
             Ev::Datagram { from, to, data } => self.on_datagram(from, to, &data),
             Ev::Timer { node, life, at } => self.on_timer(node, life, at),
@@ -495,7 +784,242 @@ impl Sim {
             Ev::StallEnd { node, life, at } => self.on_stall_end(node, life, at),
             Ev::Sample => self.on_sample(),
             Ev::Action(action) => self.on_action(action),
+            Ev::Cpu { machine, epoch } => self.on_cpu(machine, epoch),
+            Ev::Dial {
+                from,
+                from_life,
+                to,
+                to_life,
+                id,
+                resumed,
+                dialled_at,
+            } => self.on_dial((from, from_life), (to, to_life), id, resumed, dialled_at),
+            Ev::DialAnswer {
+                to,
+                to_life,
+                from,
+                from_life,
+                id,
+                ..
+            } => self.on_dial_answer((to, to_life), (from, from_life), id),
+            Ev::DialFailed {
+                node,
+                life,
+                peer,
+                id,
+            } => self.on_dial_failed(node, life, peer, id),
+            Ev::Sweep { node, life } => self.on_sweep(node, life),
         }
+    }
+
+    /// A machine finished a job: carry out what it was for.
+    fn on_cpu(&mut self, machine: usize, epoch: u64) {
+        let now = self.now;
+        let Some(host) = self.host.as_mut() else {
+            return;
+        };
+        let Some((x, job)) = host.cpu.complete(now, machine, epoch) else {
+            return;
+        };
+        match job {
+            Job::Input(ev) => {
+                self.handle(ev);
+                // Replies sent without a flush (stream answers).
+                self.submit_outbox(x);
+            }
+            Job::Transmit(outs) => {
+                for out in outs {
+                    self.release(x, out);
+                }
+            }
+        }
+        if let Some(host) = self.host.as_mut() {
+            host.cpu.resume(now, x);
+        }
+    }
+
+    /// Puts what `x` sends on its way: over its link to the peer, or into
+    /// a dial.
+    fn release(&mut self, x: usize, out: Out) {
+        let now = self.now;
+        let to = out.to();
+        let (x_life, to_life) = (self.nodes[x].life, self.nodes[to].life);
+        if let Out::Stream { to_life: meant, .. } = &out
+            && *meant != to_life
+        {
+            // An answer to a process that is gone: it fails on arrival.
+            self.deliver(x, out);
+            return;
+        }
+        let datagram = matches!(out, Out::Datagram { .. });
+        let Some(host) = self.host.as_mut() else {
+            return;
+        };
+        match host
+            .conns
+            .route(now, (x, x_life), (to, to_life), out, datagram)
+        {
+            Route::Open(out) => self.deliver(x, out),
+            Route::Queued => {}
+            Route::Dropped(_) => self.counters.dial_drops += 1,
+            Route::Dial { id, resumed } => {
+                if self.nodes[to].driver.is_none() || self.net.separated(x, to) {
+                    self.dial_lost(x, x_life, to, id, now);
+                } else {
+                    let at = now + self.net.stream_delay();
+                    self.push(
+                        at,
+                        Ev::Dial {
+                            from: x,
+                            from_life: x_life,
+                            to,
+                            to_life,
+                            id,
+                            resumed,
+                            dialled_at: now,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Sends over an open link.
+    fn deliver(&mut self, x: usize, out: Out) {
+        match out {
+            Out::Datagram { to, data } => self.net_datagram(x, to, data),
+            Out::Stream { to, to_life, msg } => {
+                if self.nodes[to].life != to_life || self.net.separated(x, to) {
+                    self.counters.stream_failures += 1;
+                    if let StreamMsg::Fetch { from, from_life } = msg {
+                        self.fetch_failed(from, from_life, to);
+                    }
+                    return;
+                }
+                let at = self.now + self.net.stream_delay();
+                self.push(at, Ev::Stream { to, to_life, msg });
+            }
+            Out::Seed { to } => {
+                let (now, name) = (self.now, self.names[to].clone());
+                if let Some(d) = self.nodes[x].driver.as_mut() {
+                    d.handle_seed(now, name, address(to));
+                }
+                self.flush(x);
+            }
+        }
+    }
+
+    /// What waited in a dial that failed.
+    fn undelivered(&mut self, x: usize, life: u32, out: Out) {
+        match out {
+            Out::Datagram { .. } => self.counters.dial_drops += 1,
+            Out::Stream { to, msg, .. } => {
+                self.counters.stream_failures += 1;
+                if matches!(msg, StreamMsg::Fetch { .. }) {
+                    self.fetch_failed(x, life, to);
+                }
+            }
+            Out::Seed { .. } => {}
+        }
+    }
+
+    /// `x`'s dial `id` to `to` gets no answer: it fails at the timeout.
+    fn dial_lost(&mut self, x: usize, life: u32, to: usize, id: u64, dialled_at: Duration) {
+        let Some(host) = self.host.as_ref() else {
+            return;
+        };
+        let at = (dialled_at + host.config.connect_timeout).max(self.now);
+        self.push(
+            at,
+            Ev::DialFailed {
+                node: x,
+                life,
+                peer: to,
+                id,
+            },
+        );
+    }
+
+    /// The peer `y` spent its handshake CPU: it holds the link and answers.
+    fn on_dial(
+        &mut self,
+        (x, x_life): (usize, u32),
+        (y, y_life): (usize, u32),
+        id: u64,
+        resumed: bool,
+        dialled_at: Duration,
+    ) {
+        let now = self.now;
+        if self.nodes[y].life != y_life || self.nodes[x].life != x_life {
+            self.dial_lost(x, x_life, y, id, dialled_at);
+            return;
+        }
+        let Some(host) = self.host.as_mut() else {
+            return;
+        };
+        let waiting = host.conns.accept(now, y, (x, x_life), resumed);
+        for out in waiting {
+            self.deliver(y, out);
+        }
+        if self.net.separated(x, y) {
+            self.dial_lost(x, x_life, y, id, dialled_at);
+            return;
+        }
+        let at = now + self.net.stream_delay();
+        self.push(
+            at,
+            Ev::DialAnswer {
+                to: x,
+                to_life: x_life,
+                from: y,
+                from_life: y_life,
+                id,
+                resumed,
+            },
+        );
+    }
+
+    /// The dialer spent its handshake CPU: the link is open both ways.
+    fn on_dial_answer(&mut self, (x, x_life): (usize, u32), (y, y_life): (usize, u32), id: u64) {
+        let now = self.now;
+        if self.nodes[x].life != x_life {
+            return;
+        }
+        let Some(host) = self.host.as_mut() else {
+            return;
+        };
+        let waiting = host.conns.established(now, x, (y, y_life), id);
+        for out in waiting {
+            self.deliver(x, out);
+        }
+    }
+
+    fn on_dial_failed(&mut self, x: usize, life: u32, y: usize, id: u64) {
+        if self.nodes[x].life != life {
+            return;
+        }
+        let Some(host) = self.host.as_mut() else {
+            return;
+        };
+        for out in host.conns.failed(x, y, id) {
+            self.undelivered(x, life, out);
+        }
+    }
+
+    /// Applies the link policy at `x`, and again a second later.
+    fn on_sweep(&mut self, x: usize, life: u32) {
+        let now = self.now;
+        if self.nodes[x].life != life || self.nodes[x].driver.is_none() {
+            return;
+        }
+        let Some(host) = self.host.as_mut() else {
+            return;
+        };
+        let policy = host.config.links;
+        for y in host.conns.sweep(now, x, &policy) {
+            host.conns.close(x, life, y);
+        }
+        self.push(now + SWEEP_EVERY, Ev::Sweep { node: x, life });
     }
 
     fn on_action(&mut self, action: Action) {
@@ -553,6 +1077,7 @@ impl Sim {
             }
         }
         let now = self.now;
+        self.submit_outbox(x);
         let node = &mut self.nodes[x];
         let Some(driver) = node.driver.as_ref() else {
             return;
@@ -563,6 +1088,32 @@ impl Sim {
             node.timer_at = Some(at);
             let life = node.life;
             self.push(at.max(now), Ev::Timer { node: x, life, at });
+        }
+    }
+
+    /// Queues the sending of what `x` produced, right after the job in
+    /// service: a process sends what it decided before its next input.
+    fn submit_outbox(&mut self, x: usize) {
+        if self.nodes[x].outbox.is_empty() {
+            return;
+        }
+        if self.nodes[x]
+            .driver
+            .as_ref()
+            .is_some_and(|d| d.core().has_left())
+        {
+            // Leave notices go before the process exits, whatever its
+            // queue: the agent waits for them.
+            for out in std::mem::take(&mut self.nodes[x].outbox) {
+                self.release(x, out);
+            }
+            return;
+        }
+        if let Some(host) = self.host.as_mut() {
+            let outs = std::mem::take(&mut self.nodes[x].outbox);
+            let cost = outs.iter().map(|o| host.output_cost(o)).sum();
+            host.cpu
+                .submit(self.now, x, cost, Job::Transmit(outs), true);
         }
     }
 
@@ -580,6 +1131,9 @@ impl Sim {
                         if let Some(d) = self.nodes[x].driver.as_mut() {
                             d.handle_self_seed();
                         }
+                    } else if self.host.is_some() {
+                        // A dial, answered (or not) a handshake later.
+                        self.nodes[x].outbox.push(Out::Seed { to: y });
                     } else if self.is_live(y) && !self.net.separated(x, y) {
                         let name = self.names[y].clone();
                         if let Some(d) = self.nodes[x].driver.as_mut() {
@@ -631,9 +1185,21 @@ impl Sim {
                     self.stream(x, y, msg);
                 }
             }
-            DriverAction::Purge { .. }
-            | DriverAction::Disconnect { .. }
-            | DriverAction::DisconnectStale { .. } => {}
+            DriverAction::Disconnect { peer } => {
+                if let Some(y) = self.index(&peer)
+                    && let Some(host) = self.host.as_mut()
+                {
+                    host.conns.close(x, life, y);
+                }
+            }
+            DriverAction::DisconnectStale { peer } => {
+                if let Some(y) = self.index(&peer.name)
+                    && let Some(host) = self.host.as_mut()
+                {
+                    host.conns.close_stale(x, y, self.nodes[y].life);
+                }
+            }
+            DriverAction::Purge { .. } => {}
         }
     }
 
@@ -649,6 +1215,17 @@ impl Sim {
             self.counters.undeliverable += 1;
             return;
         };
+        if self.host.is_some() {
+            self.nodes[from]
+                .outbox
+                .push(Out::Datagram { to, data: t.data });
+            return;
+        }
+        self.net_datagram(from, to, t.data);
+    }
+
+    /// A datagram on the wire: cut, lost, or delivered after a delay.
+    fn net_datagram(&mut self, from: usize, to: usize, data: Bytes) {
         if self.net.separated(from, to) {
             self.counters.cut += 1;
             return;
@@ -658,14 +1235,7 @@ impl Sim {
             return;
         }
         let at = self.now + self.net.delay();
-        self.push(
-            at,
-            Ev::Datagram {
-                from,
-                to,
-                data: t.data,
-            },
-        );
+        self.push(at, Ev::Datagram { from, to, data });
     }
 
     /// Counts suspicions as they go on the wire: each (member, generation,
@@ -840,6 +1410,14 @@ impl Sim {
         self.counters.starts += 1;
         self.views.start(x, gen_of(generation));
         self.catalogs.start(x, life);
+        if self.host.is_some() {
+            // Each node's sweeps at its own phase of the second.
+            let phase = mix(seed, mix(x as u64, u64::from(life))) % SWEEP_EVERY.as_nanos() as u64;
+            self.push(
+                now + SWEEP_EVERY + Duration::from_nanos(phase),
+                Ev::Sweep { node: x, life },
+            );
+        }
         self.flush(x);
     }
 
@@ -853,6 +1431,11 @@ impl Sim {
         node.stalled_until = None;
         node.backlog.clear();
         node.saved = self.views.active_of(x).collect();
+        node.outbox.clear();
+        if let Some(host) = self.host.as_mut() {
+            host.cpu.stop(self.now, x);
+            host.conns.reset(x);
+        }
         self.account();
         self.views.stop(x);
         self.catalogs.stop(x);
@@ -962,6 +1545,12 @@ impl Sim {
         if self.nodes[to].driver.is_none() || self.net.separated(from, to) {
             self.counters.stream_failures += 1;
             return false;
+        }
+        if self.host.is_some() {
+            self.nodes[from]
+                .outbox
+                .push(Out::Stream { to, to_life, msg });
+            return true;
         }
         let at = self.now + self.net.stream_delay();
         self.push(at, Ev::Stream { to, to_life, msg });
@@ -1154,7 +1743,26 @@ mod tests {
             seeds: 3,
             sample_every: Duration::from_millis(100),
             anti_entropy_every: Duration::from_secs(5),
+            host: None,
         }
+    }
+
+    /// `nodes` nodes on one machine with `cores` cores.
+    fn hosted(nodes: usize, cores: u32, costs: Costs) -> SimConfig {
+        let mut host = HostConfig::new(1, cores);
+        host.costs = costs;
+        SimConfig {
+            host: Some(host),
+            ..config(nodes)
+        }
+    }
+
+    /// Starts `n` nodes at once and returns when every view was right.
+    fn form(sim: &mut Sim, n: usize) -> Option<Duration> {
+        for x in 0..n {
+            sim.schedule(Duration::ZERO, Action::Start(x));
+        }
+        sim.run_until_members_agree("join", Duration::from_secs(60), n)
     }
 
     #[test]
@@ -1236,5 +1844,71 @@ mod tests {
             "the stalled node learns after its stall"
         );
         assert!(sim.agreed());
+    }
+
+    #[test]
+    fn a_machine_with_little_cpu_delays_handling() {
+        let free = form(&mut Sim::new(config(8)).unwrap(), 8).unwrap();
+        let cheap = form(&mut Sim::new(hosted(8, 2, Costs::default())).unwrap(), 8).unwrap();
+        let costly = Costs {
+            handshake_full_us: 100_000.0,
+            datagram_recv_us: 2_000.0,
+            ..Costs::default()
+        };
+        let mut sim = Sim::new(hosted(8, 1, costly)).unwrap();
+        let slow = form(&mut sim, 8).unwrap();
+        assert!(
+            free < cheap,
+            "handshakes take round trips: {free:?} {cheap:?}"
+        );
+        assert!(slow > cheap * 5, "{cheap:?} {slow:?}");
+        let waits = sim.cpu_waits().unwrap();
+        assert!(waits.max >= Duration::from_millis(100), "{waits:?}");
+        assert_eq!(sim.verify_views(), 0);
+    }
+
+    #[test]
+    fn idle_links_close_and_reconnecting_resumes() {
+        let mut config = hosted(6, 2, Costs::default());
+        if let Some(h) = config.host.as_mut() {
+            h.links.idle = Duration::from_millis(1_500);
+        }
+        let mut sim = Sim::new(config).unwrap();
+        let formed = form(&mut sim, 6).unwrap();
+        sim.run_until("steady", formed + Duration::from_secs(30));
+        for x in 0..6 {
+            let s = sim.link_stats(x).unwrap();
+            // One full handshake per pair and direction at most: the
+            // session is kept for every later one.
+            assert!(s.dialled_full <= 5, "node {x}: {s:?}");
+            assert!(s.dialled_resumed > 0, "node {x}: {s:?}");
+            assert!(s.idle_closes > 0, "node {x}: {s:?}");
+        }
+        assert!(sim.views().agreed());
+    }
+
+    #[test]
+    fn a_restarted_peer_costs_a_full_handshake_and_runs_are_reproducible() {
+        let run = || {
+            let mut sim = Sim::new(hosted(6, 2, Costs::default())).unwrap();
+            let formed = form(&mut sim, 6).unwrap();
+            let before = sim.link_stats(0).unwrap();
+            sim.schedule(formed + Duration::from_secs(1), Action::Crash(vec![5]));
+            sim.schedule(formed + Duration::from_secs(20), Action::Start(5));
+            sim.run_until("restart", formed + Duration::from_secs(40));
+            assert!(sim.views().agreed());
+            (
+                before,
+                sim.link_stats(0).unwrap(),
+                sim.link_stats(5).unwrap(),
+            )
+        };
+        let (before, after, restarted) = run();
+        assert!(
+            after.dialled_full + after.accepted_full > before.dialled_full + before.accepted_full,
+            "{before:?} {after:?}"
+        );
+        assert!(restarted.handshakes() > 0);
+        assert_eq!(run(), (before, after, restarted));
     }
 }
