@@ -15,8 +15,22 @@
 //! the agent.
 //!
 //! # Layout
-//! - [`sim`]: the discrete-event engine (event queue keyed by time and
-//!   sequence), the nodes and the catalog fetch model.
+//! - [`sim`]: the discrete-event engine: [`sim::Sim`], its configuration
+//!   and run loop, in modules by concern:
+//!   - `sim::queue`: the event queue keyed by time and sequence, and
+//!     dispatch of each event to its handler;
+//!   - `sim::io`: datagrams and timers into each node's driver, and its
+//!     actions carried out;
+//!   - `sim::stream`: stream messages (catalog fetches and digests,
+//!     member syncs);
+//!   - `sim::host`: per-node handlers for the CPU model (input and output
+//!     costs, finished jobs) and sends routed over links;
+//!   - `sim::dials`: the connection model's handshakes, failed dials and
+//!     link sweeps;
+//!   - `sim::lifecycle`: scenario actions and each process's start, stop,
+//!     crash, leave and stall;
+//!   - `sim::observe`: beliefs, suspicions and downs against ground truth,
+//!     agreement over time, samples.
 //! - [`net`]: latency with jitter, loss, partitions.
 //! - [`cpu`]: what work costs, and machines whose cores serve their
 //!   nodes' work ([`cpu::Costs`]).

@@ -1,0 +1,181 @@
+//! Stream messages: catalog fetches and digests, and push-pull member
+//! syncs, each a one-way message on a simulated stream.
+
+use gossamer_membership::sync::SyncPayload;
+
+use super::Sim;
+use super::host::Out;
+use super::queue::Ev;
+
+#[derive(Debug)]
+pub(super) enum StreamMsg {
+    /// "Send me your entry."
+    Fetch { from: usize, from_life: u32 },
+    /// The owner's answer.
+    Entry { owner: usize, version: u64 },
+    /// A fetch that could not reach the owner's process.
+    FetchFailed { owner: usize },
+    /// A catalog digest; the receiver answers with its own unless this is
+    /// the answer.
+    Digest {
+        from: usize,
+        from_life: u32,
+        digest: Vec<(String, u64)>,
+        answer: bool,
+    },
+    /// A push-pull member sync: the sender's encoded view; the receiver
+    /// merges it and answers with its own unless this is the answer.
+    Members {
+        from: usize,
+        from_life: u32,
+        payload: Vec<u8>,
+        answer: bool,
+        /// Whether the initiator gossips news from the answer on.
+        gossip: bool,
+    },
+}
+
+impl Sim {
+    /// Sends a stream message from `from` to the process now running on
+    /// `to`; false if it cannot get there.
+    pub(super) fn stream(&mut self, from: usize, to: usize, msg: StreamMsg) -> bool {
+        let to_life = self.nodes[to].life;
+        self.stream_to_life(from, to, to_life, msg)
+    }
+
+    fn stream_to_life(&mut self, from: usize, to: usize, to_life: u32, msg: StreamMsg) -> bool {
+        self.counters.stream_messages += 1;
+        if self.nodes[to].driver.is_none() || self.net.separated(from, to) {
+            self.counters.stream_failures += 1;
+            return false;
+        }
+        if self.host.is_some() {
+            self.nodes[from]
+                .outbox
+                .push(Out::Stream { to, to_life, msg });
+            return true;
+        }
+        let at = self.now + self.net.stream_delay();
+        self.queue.push(at, Ev::Stream { to, to_life, msg });
+        true
+    }
+
+    /// `x`'s fetch from `owner` ends without an entry, a round trip later;
+    /// like the agent's, every fetch ends one way or the other.
+    pub(super) fn fetch_failed(&mut self, x: usize, life: u32, owner: usize) {
+        let at = self.now + self.net.stream_delay() * 2;
+        let msg = StreamMsg::FetchFailed { owner };
+        self.queue.push(
+            at,
+            Ev::Stream {
+                to: x,
+                to_life: life,
+                msg,
+            },
+        );
+    }
+
+    pub(super) fn on_stream(&mut self, to: usize, to_life: u32, msg: StreamMsg) {
+        if self.nodes[to].life != to_life {
+            self.counters.stream_failures += 1;
+            if let StreamMsg::Fetch { from, from_life } = msg {
+                self.fetch_failed(from, from_life, to);
+            }
+            return;
+        }
+        let now = self.now;
+        match msg {
+            StreamMsg::Fetch { from, from_life } => {
+                let version = self.nodes[to].catalog_version;
+                let reply = StreamMsg::Entry { owner: to, version };
+                if !self.stream_to_life(to, from, from_life, reply) {
+                    self.fetch_failed(from, from_life, to);
+                }
+            }
+            StreamMsg::Entry { owner, version } => {
+                self.catalogs.fetched_entry(to, owner, version, now);
+                let name = self.names[owner].clone();
+                if let Some(d) = self.nodes[to].driver.as_mut() {
+                    d.handle_fetched(now, &name, Some(version));
+                }
+                self.flush(to);
+            }
+            StreamMsg::FetchFailed { owner } => {
+                let name = self.names[owner].clone();
+                if let Some(d) = self.nodes[to].driver.as_mut() {
+                    d.handle_fetched(now, &name, None);
+                }
+                self.flush(to);
+            }
+            StreamMsg::Digest {
+                from,
+                from_life,
+                digest,
+                answer,
+            } => {
+                let Some(d) = self.nodes[to].driver.as_mut() else {
+                    return;
+                };
+                let ours = (!answer).then(|| d.replica().digest());
+                d.handle_digest(now, &digest);
+                self.flush(to);
+                if let Some(ours) = ours {
+                    let reply = StreamMsg::Digest {
+                        from: to,
+                        from_life: to_life,
+                        digest: ours,
+                        answer: true,
+                    };
+                    self.stream_to_life(to, from, from_life, reply);
+                }
+            }
+            StreamMsg::Members {
+                from,
+                from_life,
+                payload,
+                answer,
+                gossip,
+            } => self.on_members(to, from, from_life, &payload, answer, gossip),
+        }
+    }
+
+    /// A member sync frame reached `to`: the answering side merges it and
+    /// answers with the view it held before; the initiator merges the
+    /// answer.
+    fn on_members(
+        &mut self,
+        to: usize,
+        from: usize,
+        from_life: u32,
+        payload: &[u8],
+        answer: bool,
+        gossip: bool,
+    ) {
+        let now = self.now;
+        let Some(driver) = self.nodes[to].driver.as_mut() else {
+            return;
+        };
+        let Ok(theirs) = SyncPayload::decode(payload) else {
+            self.counters.refused += 1;
+            return;
+        };
+        let ours = if answer {
+            driver.handle_sync_answer(now, theirs, gossip);
+            None
+        } else {
+            driver.handle_sync_request(now, theirs).ok()
+        };
+        self.flush(to);
+        if let Some(ours) = ours {
+            self.counters.sync_bytes += ours.len() as u64;
+            let reply = StreamMsg::Members {
+                from: to,
+                from_life: self.nodes[to].life,
+                payload: ours,
+                answer: true,
+                gossip,
+            };
+            self.stream_to_life(to, from, from_life, reply);
+        }
+    }
+}
