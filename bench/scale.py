@@ -211,8 +211,11 @@ def phase_form(args, agents):
     print(f"form: started {len(agents)} agents in {started:.1f} s", flush=True)
     names = {a.name for a in agents}
     formed = all_alive(agents, names, args.form_deadline, "formation")
-    print(f"form: every agent lists every other alive {formed if formed is None else round(formed, 1)} s after the last start", flush=True)
-    return {"started_over_s": started, "formed_after_last_start_s": formed}
+    cpu = [a.cpu_seconds() for a in agents]
+    total = sum(c for c in cpu if c is not None)
+    print(f"form: every agent lists every other alive {formed if formed is None else round(formed, 1)} s after the last start; "
+          f"the agents used {total:.1f} CPU seconds so far (median {summary(cpu).get('median', 0):.2f} each)", flush=True)
+    return {"started_over_s": started, "formed_after_last_start_s": formed, "cpu_seconds_total": total, "cpu_seconds": summary(cpu)}
 
 
 def phase_idle(args, agents):

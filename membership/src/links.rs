@@ -16,14 +16,18 @@
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 /// A second connection to the same peer (both dialed at once) is closed
 /// once it has been idle this long.
 const DUPLICATE_IDLE: Duration = Duration::from_secs(2);
 
-/// The connection cache's limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The connection cache's limits (`[peer_links]` in the agent's config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LinkPolicy {
     /// Close a connection without streams after this long without traffic.
+    #[serde(with = "crate::duration")]
     pub idle: Duration,
     /// Above this many connections, close idle ones (least recently used
     /// first) even before `idle`.
@@ -33,8 +37,8 @@ pub struct LinkPolicy {
 impl Default for LinkPolicy {
     fn default() -> Self {
         Self {
-            idle: Duration::from_secs(10),
-            max_links: 128,
+            idle: Duration::from_secs(30),
+            max_links: 256,
         }
     }
 }
@@ -54,6 +58,17 @@ pub struct Link<K> {
 }
 
 impl LinkPolicy {
+    /// Checks values; returns `key: problem`.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.idle < Duration::from_secs(1) {
+            return Err("peer_links.idle: must be at least 1s".into());
+        }
+        if self.max_links == 0 {
+            return Err("peer_links.max_links: must be at least 1".into());
+        }
+        Ok(())
+    }
+
     /// Appends to `out` the keys of the connections to close now. `links`
     /// is reordered.
     pub fn to_close<K: Copy>(&self, now: Duration, links: &mut [Link<K>], out: &mut Vec<K>) {

@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use gossamer_membership::SwimConfig;
 use gossamer_membership::identity::validate_name;
+use gossamer_membership::{LinkPolicy, SwimConfig};
 use serde::Deserialize;
 
 use crate::catalog::CatalogConfig;
@@ -48,6 +48,8 @@ pub struct AgentConfig {
     pub proxy: ProxyConfig,
     /// Connection limits of the proxy and admin listeners.
     pub limits: LimitsConfig,
+    /// How many connections to peers are kept open, and for how long.
+    pub peer_links: LinkPolicy,
     /// The admin API's bearer token for writes, read from
     /// `admin_token_file`; required when the admin listener is not on
     /// loopback.
@@ -157,6 +159,7 @@ pub struct FileConfig {
     catalog: Option<CatalogConfig>,
     proxy: Option<ProxyConfig>,
     limits: Option<LimitsConfig>,
+    peer_links: Option<LinkPolicy>,
     admin_token_file: Option<PathBuf>,
     service: Option<Vec<toml::Value>>,
     enable_fault_injection: Option<bool>,
@@ -308,6 +311,8 @@ impl AgentConfig {
         proxy.validate().or_else(err)?;
         let limits = file.limits.unwrap_or_default();
         limits.validate().or_else(err)?;
+        let peer_links = file.peer_links.unwrap_or_default();
+        peer_links.validate().or_else(err)?;
         let admin_token = match args
             .admin_token_file
             .as_ref()
@@ -344,6 +349,7 @@ impl AgentConfig {
             fault_injection,
             proxy,
             limits,
+            peer_links,
             admin_token,
         })
     }
@@ -547,6 +553,14 @@ mod tests {
         a.config = Some(path.clone());
         let e = AgentConfig::from_args(&a).unwrap_err().0;
         assert!(e.starts_with("limits.idle_timeout"), "{e}");
+
+        std::fs::write(&path, "[peer_links]\nmax_links = 0\n").unwrap();
+        let e = AgentConfig::from_args(&a).unwrap_err().0;
+        assert!(e.starts_with("peer_links.max_links"), "{e}");
+        std::fs::write(&path, "[peer_links]\nidle = \"2m\"\nmax_links = 64\n").unwrap();
+        let c = AgentConfig::from_args(&a).unwrap();
+        assert_eq!(c.peer_links.idle, std::time::Duration::from_secs(120));
+        assert_eq!(c.peer_links.max_links, 64);
 
         let mut a = args();
         a.config = Some(dir.path().join("missing.toml"));

@@ -11,7 +11,6 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
-use gossamer_membership::LinkPolicy;
 use gossamer_membership::NodeId;
 use gossamer_membership::driver::{Driver, JoinPlan};
 use gossamer_transport::{Inbound, Transport, TransportConfig};
@@ -219,7 +218,7 @@ pub async fn run(
         },
     );
     tasks.spawn(mesh_task.run());
-    tasks.spawn(mesh::links::tend(transport.clone(), LinkPolicy::default()));
+    tasks.spawn(mesh::links::tend(transport.clone(), config.peer_links));
     tasks.spawn(catalog_task.run());
     let (metrics, proxy_metrics, listener_metrics) = Metrics::new(
         transport.clone(),
