@@ -344,7 +344,10 @@ mod tests {
 
     #[test]
     fn an_idle_link_closes_and_the_next_send_resumes() {
-        let policy = LinkPolicy::default();
+        let policy = LinkPolicy {
+            idle: Duration::from_secs(10),
+            ..LinkPolicy::default()
+        };
         let mut c = Conns::new(2);
         assert!(!connect(&mut c, s(0), (1, 1)));
         assert!(c.sweep(s(5), 0, &policy).is_empty());
@@ -367,7 +370,10 @@ mod tests {
 
     #[test]
     fn traffic_keeps_a_link_open() {
-        let policy = LinkPolicy::default();
+        let policy = LinkPolicy {
+            idle: Duration::from_secs(10),
+            ..LinkPolicy::default()
+        };
         let mut c = Conns::new(2);
         connect(&mut c, s(0), (1, 1));
         assert_eq!(c.route(s(8), (1, 1), (0, 1), 9, true), Route::Open(9));
