@@ -168,6 +168,18 @@ def summary(values):
     return {"n": len(v), "median": statistics.median(v), "max": v[-1], "min": v[0]}
 
 
+def log_lines(agents, needle):
+    """Lines containing `needle` in every agent's log so far."""
+    n = 0
+    for a in agents:
+        try:
+            with open(a.root / "logs" / f"{a.name}.log", "rb") as f:
+                n += sum(1 for line in f if needle in line)
+        except OSError:
+            pass
+    return n
+
+
 def all_alive(agents, expect, deadline, what):
     """Polls rounds until every running agent lists every name in `expect`
     (minus itself) alive. Returns seconds from the call to the start of the
@@ -213,9 +225,14 @@ def phase_form(args, agents):
     formed = all_alive(agents, names, args.form_deadline, "formation")
     cpu = [a.cpu_seconds() for a in agents]
     total = sum(c for c in cpu if c is not None)
+    downs = log_lines(agents, b'"member down"')
+    renewals = log_lines(agents, b'"member restarted"')
+    refuted = sum(a.metric("gossamer_swim_refuted_suspicions") or 0 for a in agents)
     print(f"form: every agent lists every other alive {formed if formed is None else round(formed, 1)} s after the last start; "
           f"the agents used {total:.1f} CPU seconds so far (median {summary(cpu).get('median', 0):.2f} each)", flush=True)
-    return {"started_over_s": started, "formed_after_last_start_s": formed, "cpu_seconds_total": total, "cpu_seconds": summary(cpu)}
+    print(f"form: {downs} member-down and {renewals} member-restarted log lines (all agents); {refuted:.0f} suspicions refuted", flush=True)
+    return {"started_over_s": started, "formed_after_last_start_s": formed, "cpu_seconds_total": total, "cpu_seconds": summary(cpu),
+            "down_log_lines": downs, "restarted_log_lines": renewals, "refuted_suspicions": refuted}
 
 
 def phase_idle(args, agents):

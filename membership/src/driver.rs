@@ -338,7 +338,10 @@ impl Driver {
 
     /// A fetch of `node`'s entry ended with its version, or failed.
     pub fn handle_fetched(&mut self, now: Duration, node: &str, version: Option<u64>) {
-        self.replica.fetched(node, version);
+        let mut out = std::mem::take(&mut self.scratch);
+        self.replica.fetched(node, version, &mut out);
+        self.take_replica(&mut out);
+        self.scratch = out;
         self.pump(now);
     }
 
@@ -369,6 +372,12 @@ impl Driver {
     /// through the seeds if foca's renewal left no member.
     fn announce_after_renewal(&mut self, now: Duration) {
         const FANOUT: usize = 3;
+        // Peers fetch a renewed member's entry only if this notice says it
+        // moved on while the member was away (see `Replica::member_active`).
+        let version = self.replica.local_version();
+        if version > 0 {
+            let _ = self.core.publish_catalog(now, version);
+        }
         let known: Vec<(String, SocketAddr)> = self
             .replica
             .active()

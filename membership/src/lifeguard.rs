@@ -8,7 +8,10 @@
 //!   its own probes, or has to refute suspicions of itself, is more likely
 //!   slow itself than surrounded by dead members. Each point stretches its
 //!   probe interval and probe timeout by one more multiple, so a slow node
-//!   accuses others less often and gives their acks more time.
+//!   accuses others less often and gives their acks more time. It also
+//!   stretches the suspicions the node raises (up to
+//!   [`MAX_SUSPICION_STRETCH`] times), so that during a join storm or a
+//!   starved CPU a suspect has time to hear of it and refute.
 //! - **Late-ack grace**: a probe whose direct and indirect stages both went
 //!   unanswered waits a little longer before foca turns it into a
 //!   suspicion, so a member that stalls for a moment answers in time.
@@ -23,6 +26,15 @@ use std::time::Duration;
 use foca::{Message, ProbeNumber, Timer};
 
 use crate::identity::NodeId;
+
+/// The most a suspicion timeout is stretched by a poor local health score.
+/// Only the node that raised a suspicion times it (see
+/// [`crate::core`]), so a node that is slow itself (a starved CPU, a join
+/// storm) holds its own accusations longer and gives the suspect time to
+/// refute; a healthy node still declares a crash down on time. Lifeguard
+/// starts a lone suspicion at 6x the minimum timeout and shortens it with
+/// confirmations from other members, which foca's updates cannot carry.
+pub const MAX_SUSPICION_STRETCH: u32 = 6;
 
 /// The probe this node has in flight.
 #[derive(Debug, Clone)]
@@ -88,12 +100,14 @@ impl Lifeguard {
         self.stats
     }
 
-    /// The delay foca asked for `timer`, stretched by the score.
+    /// The delay foca asked for `timer`, stretched by the score: probe
+    /// rounds by one more multiple per point, and a suspicion this node
+    /// raised likewise, up to [`MAX_SUSPICION_STRETCH`] times.
     pub fn stretch(&self, timer: &Timer<NodeId>, after: Duration) -> Duration {
+        let multiple = u32::from(self.score) + 1;
         match timer {
-            Timer::ProbeRandomMember(_) | Timer::SendIndirectProbe { .. } => {
-                after * (u32::from(self.score) + 1)
-            }
+            Timer::ProbeRandomMember(_) | Timer::SendIndirectProbe { .. } => after * multiple,
+            Timer::ChangeSuspectToDown { .. } => after * multiple.min(MAX_SUSPICION_STRETCH),
             _ => after,
         }
     }
@@ -191,6 +205,29 @@ mod tests {
         assert_eq!(lg.score(), 2);
         assert_eq!(lg.stats().probes_ok, 1);
         assert_eq!(lg.stats().probes_failed, 5);
+    }
+
+    #[test]
+    fn a_poor_score_stretches_own_suspicions_up_to_the_cap() {
+        let mut lg = Lifeguard::new(7, Duration::ZERO);
+        let timer = Timer::ChangeSuspectToDown {
+            member_id: id("a"),
+            incarnation: 0,
+            token: 0,
+        };
+        let base = Duration::from_secs(3);
+        assert_eq!(lg.stretch(&timer, base), base, "healthy: as configured");
+        lg.on_send(&id("a"), &Message::Ping(1));
+        lg.on_round_end();
+        assert_eq!(lg.stretch(&timer, base), base * 2);
+        for n in 2..10 {
+            lg.on_send(&id("a"), &Message::Ping(n));
+            lg.on_round_end();
+        }
+        assert_eq!(lg.score(), 7);
+        assert_eq!(lg.stretch(&timer, base), base * MAX_SUSPICION_STRETCH);
+        let other = Timer::PeriodicGossip(0);
+        assert_eq!(lg.stretch(&other, base), base, "other timers keep theirs");
     }
 
     #[test]

@@ -36,6 +36,14 @@ impl Default for ReplicaConfig {
     }
 }
 
+/// Catalog fetches one node runs at once; the rest wait for a free slot.
+/// A node that joins a mesh of n wants n entries, each from its owner: all
+/// at once, they would queue up as n handshakes in front of the SWIM
+/// probes that need a connection too, and a probe that waits that long
+/// fails. The transport's own limit on concurrent dials is 8, so half of
+/// it always stays free for membership traffic.
+pub const FETCHES_AT_ONCE: usize = 4;
+
 /// `(owner, version)` for every entry a node holds, sorted by owner.
 pub type Digest = Vec<(String, u64)>;
 
@@ -104,6 +112,11 @@ impl Replica {
         self.local_version = self.local_version.max(version);
     }
 
+    /// The version of this node's own entry (0 before the first).
+    pub fn local_version(&self) -> u64 {
+        self.local_version
+    }
+
     /// What this node holds, its own entry included.
     pub fn digest(&self) -> Digest {
         let mut d: Digest = self
@@ -131,8 +144,15 @@ impl Replica {
         self.active.iter().map(|(n, (_, a))| (n, a))
     }
 
-    /// `node` (generation, address) is active. A member that is new,
-    /// restarted or back from a partition has its entry fetched at once.
+    /// `node` (generation, address) is active. A member whose entry this
+    /// node has never held has it fetched at once. One that comes back
+    /// under a new generation (restarted, or renewed after being declared
+    /// down) is not: its entry is fetched when its version moves past the
+    /// one held, as its own notice or a digest says. A process announces
+    /// its version when it starts and again after a renewal, and versions
+    /// grow across restarts, so a restart with new services is still
+    /// fetched; a false `down`, which changes nothing, costs no fetch at
+    /// every peer at once.
     pub fn member_active(
         &mut self,
         node: &str,
@@ -148,8 +168,11 @@ impl Replica {
             .active
             .insert(node.to_owned(), (generation, addr))
             .is_none_or(|(g, _)| g != generation);
-        if fresh {
+        if fresh && self.held(node) == 0 {
             self.wanted.entry(node.to_owned()).or_insert(0);
+            self.fetch(node, out);
+        } else if self.wanted.contains_key(node) {
+            // Wanted while it was away: its address may be new.
             self.fetch(node, out);
         }
     }
@@ -182,9 +205,18 @@ impl Replica {
     }
 
     /// A fetch of `node`'s entry ended: with the version it returned, or
-    /// `None` if it failed (retried at the next anti-entropy round).
-    pub fn fetched(&mut self, node: &str, version: Option<u64>) {
+    /// `None` if it failed (retried at the next anti-entropy round); the
+    /// next queued fetch starts either way.
+    pub fn fetched(&mut self, node: &str, version: Option<u64>, out: &mut Vec<ReplicaAction>) {
         self.fetching.remove(node);
+        let failed = version.is_none();
+        self.record(node, version);
+        // A failed fetch waits for the next round rather than starting
+        // again at once.
+        self.fetch_queued(failed.then_some(node), out);
+    }
+
+    fn record(&mut self, node: &str, version: Option<u64>) {
         let Some(version) = version else {
             return;
         };
@@ -204,10 +236,7 @@ impl Replica {
         peer: Option<(String, SocketAddr)>,
         out: &mut Vec<ReplicaAction>,
     ) {
-        let wanted: Vec<String> = self.wanted.keys().cloned().collect();
-        for node in wanted {
-            self.fetch(&node, out);
-        }
+        self.fetch_queued(None, out);
         let purge: Vec<String> = self
             .down_since
             .iter()
@@ -229,10 +258,37 @@ impl Replica {
         }
     }
 
+    /// Starts fetches of wanted entries while fewer than
+    /// [`FETCHES_AT_ONCE`] run, in owner order.
+    fn fetch_queued(&mut self, except: Option<&str>, out: &mut Vec<ReplicaAction>) {
+        let free = FETCHES_AT_ONCE.saturating_sub(self.fetching.len());
+        if free == 0 {
+            return;
+        }
+        let mut queued: Vec<&String> = self
+            .wanted
+            .keys()
+            .filter(|n| {
+                Some(n.as_str()) != except
+                    && !self.fetching.contains(*n)
+                    && self.active.contains_key(*n)
+            })
+            .collect();
+        queued.sort_unstable();
+        let next: Vec<String> = queued.into_iter().take(free).cloned().collect();
+        for node in next {
+            self.fetch(&node, out);
+        }
+    }
+
     fn fetch(&mut self, node: &str, out: &mut Vec<ReplicaAction>) {
         let Some((_, addr)) = self.active.get(node).copied() else {
             return;
         };
+        if self.fetching.len() >= FETCHES_AT_ONCE {
+            // Queued: it starts when a running fetch ends.
+            return;
+        }
         if self.fetching.insert(node.to_owned()) {
             out.push(ReplicaAction::Fetch {
                 node: node.to_owned(),
@@ -267,13 +323,15 @@ mod tests {
                 addr: addr(2)
             }]
         );
-        r.fetched("b", Some(3));
+        out.clear();
+        r.fetched("b", Some(3), &mut out);
         assert_eq!(r.held("b"), 3);
         assert_eq!(r.wanted(), 1, "version 5 is still wanted");
+        assert_eq!(out.len(), 1, "fetched again: {out:?}");
         out.clear();
         r.round(Duration::from_secs(5), None, &mut out);
-        assert_eq!(out.len(), 1, "retried: {out:?}");
-        r.fetched("b", Some(5));
+        assert!(out.is_empty(), "already under way: {out:?}");
+        r.fetched("b", Some(5), &mut out);
         assert_eq!(r.wanted(), 0);
     }
 
@@ -284,7 +342,7 @@ mod tests {
         r.notice("b", 2, &mut out);
         assert!(out.is_empty(), "b is not active");
         r.member_active("b", 1, addr(2), &mut out);
-        r.fetched("b", Some(4));
+        r.fetched("b", Some(4), &mut out);
         out.clear();
         r.notice("b", 3, &mut out);
         r.notice("a", 9, &mut out);
@@ -296,13 +354,15 @@ mod tests {
         let mut r = replica();
         let mut out = Vec::new();
         r.member_active("b", 1, addr(2), &mut out);
-        r.fetched("b", Some(1));
+        r.fetched("b", Some(1), &mut out);
         out.clear();
         r.member_active("b", 1, addr(2), &mut out);
         assert!(out.is_empty(), "same generation: nothing new");
         r.member_active("b", 2, addr(2), &mut out);
-        assert_eq!(out.len(), 1, "new generation");
-        r.fetched("b", Some(2));
+        assert!(out.is_empty(), "renewed: waits for a newer version");
+        r.notice("b", 2, &mut out);
+        assert_eq!(out.len(), 1, "restarted with a newer entry");
+        r.fetched("b", Some(2), &mut out);
         r.member_inactive(Duration::from_secs(10), "b");
         out.clear();
         r.round(
@@ -326,7 +386,7 @@ mod tests {
         r.set_local_version(7);
         let mut out = Vec::new();
         r.member_active("c", 1, addr(3), &mut out);
-        r.fetched("c", Some(1));
+        r.fetched("c", Some(1), &mut out);
         assert_eq!(r.digest(), vec![("a".into(), 7), ("c".into(), 1)]);
         out.clear();
         r.digest_from(&[("c".into(), 4), ("a".into(), 99)], &mut out);
@@ -337,5 +397,37 @@ mod tests {
                 addr: addr(3)
             }]
         );
+    }
+
+    #[test]
+    fn fetches_run_a_few_at_a_time_and_failures_wait_for_the_round() {
+        let mut r = replica();
+        let mut out = Vec::new();
+        for i in 0..10u8 {
+            r.member_active(&format!("n{i}"), 1, addr(i + 10), &mut out);
+        }
+        let started = |out: &[ReplicaAction]| -> Vec<String> {
+            out.iter()
+                .filter_map(|a| match a {
+                    ReplicaAction::Fetch { node, .. } => Some(node.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(started(&out), ["n0", "n1", "n2", "n3"]);
+        out.clear();
+        r.fetched("n0", Some(1), &mut out);
+        assert_eq!(started(&out), ["n4"], "a finished fetch frees a slot");
+        out.clear();
+        r.fetched("n1", None, &mut out);
+        assert_eq!(
+            started(&out),
+            ["n5"],
+            "the failed one is not retried at once"
+        );
+        out.clear();
+        r.fetched("n2", Some(1), &mut out);
+        assert_eq!(started(&out), ["n1"], "it queues again like the rest");
+        assert_eq!(r.wanted(), 8);
     }
 }
