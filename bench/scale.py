@@ -238,6 +238,7 @@ def phase_form(args, agents):
 def phase_idle(args, agents):
     time.sleep(args.settle)
     cpu0 = {a.name: a.cpu_seconds() for a in agents}
+    hs0 = {a.name: a.metric("gossamer_transport_handshakes_total") for a in agents}
     t0 = time.monotonic()
     conns = []
     rss_peak = {}
@@ -254,8 +255,12 @@ def phase_idle(args, agents):
         c1 = a.cpu_seconds()
         if c1 is not None and cpu0.get(a.name) is not None:
             cpu.append(100.0 * (c1 - cpu0[a.name]) / elapsed)
+    hs_rate = []
     for a in agents:
         conns.append(a.metric("gossamer_transport_connections"))
+        h1 = a.metric("gossamer_transport_handshakes_total")
+        if h1 is not None and hs0.get(a.name) is not None:
+            hs_rate.append(60.0 * (h1 - hs0[a.name]) / elapsed)
     rss = [a.rss_kib() / 1024.0 for a in agents if a.rss_kib() is not None]
     out = {
         "rss_mb": summary(rss),
@@ -264,6 +269,7 @@ def phase_idle(args, agents):
         "handshakes": summary(a.metric("gossamer_transport_handshakes_total") for a in agents),
         "resumed_handshakes": summary(a.metric("gossamer_transport_resumed_handshakes_total") for a in agents),
         "idle_closed": summary(a.metric("gossamer_transport_idle_closed_total") for a in agents),
+        "handshakes_per_minute_idle": summary(hs_rate),
     }
     print(
         "idle: RSS MB median {:.1f} max {:.1f}; CPU % median {:.2f} max {:.2f}; QUIC connections median {} max {}".format(
@@ -273,8 +279,10 @@ def phase_idle(args, agents):
         flush=True,
     )
     print(
-        "idle: handshakes per agent so far median {} (resumed, accepted side: {}); closed idle: {}".format(
-            out["handshakes"].get("median"), out["resumed_handshakes"].get("median"), out["idle_closed"].get("median")),
+        "idle: handshakes per agent so far median {} (resumed, accepted side: {}); closed idle: {}; "
+        "handshakes per agent per minute while idle: median {:.1f}".format(
+            out["handshakes"].get("median"), out["resumed_handshakes"].get("median"), out["idle_closed"].get("median"),
+            out["handshakes_per_minute_idle"].get("median", 0)),
         flush=True,
     )
     return out

@@ -393,6 +393,30 @@ impl Membership {
         out
     }
 
+    /// A summary of [`Membership::members`] that changes whenever it does
+    /// (barring a 64-bit hash collision), computed without allocating, so
+    /// a caller that refreshes a view of the members often can skip the
+    /// rebuild when nothing changed.
+    pub fn members_fingerprint(&self) -> u64 {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let gossip = self.gossip.state();
+        let hasher =
+            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+        // foca reorders its members as it probes them, so the per-member
+        // hashes are combined in an order-independent way.
+        self.swim
+            .iter_membership_state()
+            .map(|m| {
+                let mut h = hasher.build_hasher();
+                m.id().hash(&mut h);
+                m.incarnation().hash(&mut h);
+                (m.state() as u8).hash(&mut h);
+                gossip.has_left(m.id()).hash(&mut h);
+                h.finish()
+            })
+            .fold(self.swim.num_members() as u64, u64::wrapping_add)
+    }
+
     /// This node's whole view, itself included, for a push-pull sync (see
     /// [`crate::sync`]).
     pub fn sync_payload(&self) -> SyncPayload {
@@ -860,6 +884,20 @@ mod tests {
         for i in [0, 2] {
             assert!(net.view(i).contains(&("n1".into(), MemberState::Alive)));
         }
+    }
+
+    #[test]
+    fn members_fingerprint_moves_only_with_the_member_list() {
+        let mut net = joined(5);
+        let fp = |net: &Net| net.nodes[0].as_ref().unwrap().members_fingerprint();
+        let before = fp(&net);
+        // Probing reorders foca's members; the fingerprint must not care.
+        net.run_for(Duration::from_secs(10));
+        assert_eq!(fp(&net), before, "nothing changed");
+        net.nodes[3] = None;
+        net.run_for(Duration::from_secs(10));
+        assert!(net.view(0).contains(&("n3".into(), MemberState::Down)));
+        assert_ne!(fp(&net), before, "n3 went down");
     }
 
     #[test]

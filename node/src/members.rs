@@ -3,6 +3,8 @@
 //! [`Command`]s; everyone else (catalog view, proxy, admin API, metrics)
 //! depends on these types only.
 
+use std::sync::Arc;
+
 use gossamer_membership::lifeguard::HealthStats;
 use gossamer_membership::{MemberState, MemberView, NodeId};
 use tokio::sync::oneshot;
@@ -23,8 +25,9 @@ pub struct Snapshot {
     pub local_incarnation: u16,
     /// Whether this node has left.
     pub left: bool,
-    /// Other members, sorted by name.
-    pub members: Vec<MemberView>,
+    /// Other members, sorted by name (shared between snapshots while
+    /// unchanged).
+    pub members: Arc<Vec<MemberView>>,
     /// Active members besides us.
     pub active: usize,
     /// Whether we ever had another active member.
@@ -53,7 +56,7 @@ impl Snapshot {
             local,
             local_incarnation: 0,
             left: false,
-            members: Vec::new(),
+            members: Arc::default(),
             active: 0,
             joined: false,
             self_seed: false,

@@ -115,6 +115,8 @@ pub struct MeshTask {
     io_rx: mpsc::Receiver<Input>,
     digests_rx: mpsc::Receiver<Vec<(String, u64)>>,
     snapshot: watch::Sender<Arc<Snapshot>>,
+    /// The core's members fingerprint when the member list was last built.
+    members_fingerprint: u64,
     dirty: bool,
     last_save: Instant,
     logged_join: bool,
@@ -161,6 +163,7 @@ impl MeshTask {
             io_rx,
             digests_rx,
             snapshot,
+            members_fingerprint: 0,
             dirty: false,
             last_save: Instant::now(),
             logged_join: false,
@@ -403,11 +406,20 @@ impl MeshTask {
 
     fn publish(&mut self) {
         let core = self.driver.core();
+        // Rebuilding the member list is O(members) and allocates; it runs
+        // five times a second, so only when the fingerprint moved.
+        let fingerprint = core.members_fingerprint();
+        let members = if fingerprint == self.members_fingerprint {
+            self.snapshot.borrow().members.clone()
+        } else {
+            self.members_fingerprint = fingerprint;
+            Arc::new(core.members())
+        };
         let snapshot = Snapshot {
             local: core.identity().clone(),
             local_incarnation: core.incarnation(),
             left: core.has_left(),
-            members: core.members(),
+            members,
             active: core.num_active(),
             joined: self.driver.joined(),
             self_seed: self.driver.is_self_seed(),
