@@ -12,8 +12,10 @@ Certificates are issued before the first start. The phases, in order:
   idle     sample RSS, CPU time and QUIC connections per agent over
            --idle seconds, after a --settle pause
   hold     (--hold S) watch for S seconds that nobody lists anybody down
-  catalog  register a service on one agent; seconds until every agent lists it
-  kill     kill -9 one agent; seconds until each observer lists it down
+  catalog  register a service on one agent; seconds until each agent merged
+           it (from the agents' own log lines, polled gently meanwhile)
+  kill     kill -9 one agent; seconds until each observer declared it down
+           (from the observers' logs)
   starve   SIGSTOP every agent, or run CPU hogs at real-time priority, for
            --starve-for seconds; then seconds until every agent lists every
            other live one alive again
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -204,7 +207,9 @@ def all_alive(agents, expect, deadline, what):
         if ok:
             return round_start - t0
         last = f"{worst[0]} lists {worst[1]} of {len(expect) - 1} alive" if worst else ""
-        time.sleep(0.2)
+        # At most half of one core for this poller: a full round over
+        # hundreds of agents takes a while, and the agents need the CPU.
+        time.sleep(max(0.2, time.monotonic() - round_start))
     print(f"  {what}: not reached in {deadline} s ({last})", flush=True)
     return None
 
@@ -227,7 +232,7 @@ def phase_form(args, agents):
     total = sum(c for c in cpu if c is not None)
     downs = log_lines(agents, b'"member down"')
     renewals = log_lines(agents, b'"member restarted"')
-    refuted = sum(a.metric("gossamer_swim_refuted_suspicions") or 0 for a in agents)
+    refuted = sum(a.metric("gossamer_swim_refuted_suspicions_total") or 0 for a in agents)
     print(f"form: every agent lists every other alive {formed if formed is None else round(formed, 1)} s after the last start; "
           f"the agents used {total:.1f} CPU seconds so far (median {summary(cpu).get('median', 0):.2f} each)", flush=True)
     print(f"form: {downs} member-down and {renewals} member-restarted log lines (all agents); {refuted:.0f} suspicions refuted", flush=True)
@@ -306,42 +311,81 @@ def phase_hold(args, agents):
     return {"seconds": args.hold, "down_pairs": len(downs), "suspect_pairs": len(suspects)}
 
 
+def log_times(agents, message, field, value, since):
+    """name -> seconds after `since` (wall clock) of the first line in each
+    agent's log with this message and `field` == `value`."""
+    out = {}
+    for a in agents:
+        try:
+            f = open(a.root / "logs" / f"{a.name}.log", "rb")
+        except OSError:
+            continue
+        with f:
+            for line in f:
+                if message.encode() not in line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec.get("message") != message or rec.get(field) != value:
+                    continue
+                t = datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp() - since
+                if t >= 0:
+                    out[a.name] = t
+                    break
+    return out
+
+
+def wait_gently(agents, check, deadline):
+    """Polls `check(agent)` on every agent still pending, one round a second
+    (a tight loop over hundreds of agents would starve them of CPU), until
+    all pass or `deadline` seconds pass."""
+    pending = list(agents)
+    t0 = time.monotonic()
+    while pending and time.monotonic() - t0 < deadline:
+        pending = [a for a in pending if not check(a)]
+        if pending:
+            time.sleep(1.0)
+    return pending
+
+
 def phase_catalog(args, agents, rng):
+    """The time each agent merged the new entry, from its own log (the
+    agents run with the catalog's debug lines on)."""
     owner = rng.choice(agents)
     sid = f"scale-{rng.randrange(1 << 30)}"
-    t0 = time.monotonic()
+    since = time.time()
     status = owner.put(f"/v1/agent/services/{sid}", json.dumps({"name": "scale", "port": 9000}))
     if status != 200:
         raise SystemExit(f"registration on {owner.name} answered {status}")
-    pending = {a.name: a for a in agents if a is not owner}
-    seen = {}
-    while pending and time.monotonic() - t0 < 60:
-        for name, a in list(pending.items()):
-            body = a.get("/v1/catalog")
-            if body and sid.encode() in body:
-                seen[name] = time.monotonic() - t0
-                del pending[name]
-        time.sleep(0.05)
-    out = {"owner": owner.name, "reached": len(seen), "of": len(agents) - 1, **summary(seen.values())}
-    print(f"catalog: registration on {owner.name} listed by {len(seen)}/{len(agents) - 1}; median {out.get('median', 0):.2f} s, last {out.get('max', 0):.2f} s", flush=True)
+    others = [a for a in agents if a is not owner]
+
+    def listed(a):
+        body = a.get("/v1/catalog")
+        return body is not None and sid.encode() in body
+
+    wait_gently(others, listed, 60)
+    seen = log_times(others, "catalog entry merged", "node", owner.name, since)
+    out = {"owner": owner.name, "reached": len(seen), "of": len(others), **summary(seen.values())}
+    print(f"catalog: registration on {owner.name} merged by {len(seen)}/{len(others)}; median {out.get('median', 0):.2f} s, last {out.get('max', 0):.2f} s", flush=True)
     return out
 
 
 def phase_kill(args, agents, rng):
+    """The time each observer declared the victim down, from its own log."""
     victim = rng.choice(agents[3:])
     observers = [a for a in agents if a is not victim]
+    since = time.time()
     victim.proc.send_signal(signal.SIGKILL)
-    t0 = time.monotonic()
     victim.proc.wait()
-    pending = {a.name: a for a in observers}
-    seen = {}
-    while pending and time.monotonic() - t0 < 120:
-        for name, a in list(pending.items()):
-            st = a.states()
-            if st is not None and st.get(victim.name) == "down":
-                seen[name] = time.monotonic() - t0
-                del pending[name]
-        time.sleep(0.05)
+
+    def sees_down(a):
+        st = a.states()
+        return st is not None and st.get(victim.name) == "down"
+
+    wait_gently(observers, sees_down, 120)
+    seen = log_times(observers, "member down", "member", victim.name, since)
     out = {"victim": victim.name, "detected_by": len(seen), "of": len(observers), **summary(seen.values())}
     print(f"kill: {victim.name} listed down by {len(seen)}/{len(observers)}; median {out.get('median', 0):.2f} s, last {out.get('max', 0):.2f} s", flush=True)
     agents.remove(victim)
@@ -395,7 +439,8 @@ def main():
     p.add_argument("--starve-for", type=float, default=30)
     p.add_argument("--recover-deadline", type=float, default=180)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info,gossamer_node::catalog=debug",
+                   help="agent log filter (the catalog phase reads the catalog's debug lines)")
     p.add_argument("--agent-arg", action="append", default=[], help="extra agent argument (repeatable)")
     p.add_argument("--wrap", help="run agent n0004 under this command (a profiler, e.g. 'heaptrack -o /tmp/h')")
     p.add_argument("--keep", action="store_true", help="leave the agents running at the end")

@@ -102,12 +102,19 @@ impl Lifeguard {
 
     /// The delay foca asked for `timer`, stretched by the score: probe
     /// rounds by one more multiple per point, and a suspicion this node
-    /// raised likewise, up to [`MAX_SUSPICION_STRETCH`] times.
+    /// raised by one multiple per point beyond the first (the one its own
+    /// failed probe just added), up to [`MAX_SUSPICION_STRETCH`] times.
     pub fn stretch(&self, timer: &Timer<NodeId>, after: Duration) -> Duration {
         let multiple = u32::from(self.score) + 1;
         match timer {
             Timer::ProbeRandomMember(_) | Timer::SendIndirectProbe { .. } => after * multiple,
-            Timer::ChangeSuspectToDown { .. } => after * multiple.min(MAX_SUSPICION_STRETCH),
+            // foca raises a suspicion right after the failed probe that
+            // just added a point, so that point is not held against it: a
+            // healthy node (score 0 before the probe) declares a crash down
+            // on time.
+            Timer::ChangeSuspectToDown { .. } => {
+                after * u32::from(self.score).clamp(1, MAX_SUSPICION_STRETCH)
+            }
             _ => after,
         }
     }
@@ -219,8 +226,15 @@ mod tests {
         assert_eq!(lg.stretch(&timer, base), base, "healthy: as configured");
         lg.on_send(&id("a"), &Message::Ping(1));
         lg.on_round_end();
+        assert_eq!(
+            lg.stretch(&timer, base),
+            base,
+            "the failed probe behind the suspicion does not count"
+        );
+        lg.on_send(&id("a"), &Message::Ping(2));
+        lg.on_round_end();
         assert_eq!(lg.stretch(&timer, base), base * 2);
-        for n in 2..10 {
+        for n in 3..10 {
             lg.on_send(&id("a"), &Message::Ping(n));
             lg.on_round_end();
         }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use gossamer_membership::catalog::{Catalog, Health, MAX_SERVICES_PER_NODE, NodeEntry};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::store::{Store, unix_millis};
 use crate::tasks::Tasks;
@@ -312,7 +312,9 @@ impl CatalogTask {
                 }
             }
             Input::Merge(entry) => {
-                if entry.node != self.name && self.catalog.merge(entry) {
+                let (node, version) = (entry.node.clone(), entry.version);
+                if node != self.name && self.catalog.merge(entry) {
+                    debug!(%node, version, "catalog entry merged");
                     self.publish_catalog();
                 }
             }
