@@ -5,7 +5,10 @@
 //! CPU; then both sides hold the link and everything queued goes. The
 //! first handshake from a node to a peer process is a full one; later ones
 //! resume the TLS session the dialer kept for that process, until the peer
-//! restarts. Which links stay open is the agent's own policy,
+//! restarts. A node makes at most [`DIALS_AT_ONCE`] handshakes at a time
+//! (the transport's `dials_at_once`); later dials wait their turn, and the
+//! wait counts against the connect timeout, as in the transport. Which
+//! links stay open is the agent's own policy,
 //! [`LinkPolicy`], applied about once a second per node; SWIM's
 //! `Disconnect` and `DisconnectStale` close links too. A link records the
 //! life (process) of the peer it reached: once that process is gone, the
@@ -14,7 +17,7 @@
 //!
 //! Tables are ordered maps so that a run depends on its seed alone.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use gossamer_membership::links::{Link, LinkPolicy};
@@ -23,6 +26,22 @@ use serde::Serialize;
 /// Datagrams held per peer while its link is being made (the transport's
 /// `pending_per_peer`).
 pub const PENDING_DATAGRAMS: usize = 32;
+
+/// Handshakes a node makes at once (the transport's `dials_at_once`).
+pub const DIALS_AT_ONCE: usize = 8;
+
+/// A dial whose handshake starts now: its first flight leaves for `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    /// The peer.
+    pub to: usize,
+    /// The peer's process the dial was meant for.
+    pub to_life: u32,
+    /// The dial.
+    pub id: u64,
+    /// Whether the dialer holds a TLS session for that process.
+    pub resumed: bool,
+}
 
 #[derive(Debug)]
 enum State<P> {
@@ -46,12 +65,16 @@ pub enum Route<P> {
     Queued,
     /// A dial is under way and its queue of datagrams is full.
     Dropped(P),
-    /// No link: a dial starts (the message waits in it).
+    /// No link: a dial starts, or waits for its turn (the message waits
+    /// in it either way).
     Dial {
         /// The dial, for [`Conns::established`] and [`Conns::failed`].
         id: u64,
         /// Whether the dialer holds a TLS session for this peer process.
         resumed: bool,
+        /// Whether its handshake starts now (else when a turn frees up:
+        /// [`Conns::dial_done`] returns it).
+        now: bool,
     },
 }
 
@@ -89,6 +112,11 @@ pub struct Conns<P> {
     tickets: Vec<HashMap<usize, u32>>,
     stats: Vec<LinkStats>,
     next_dial: u64,
+    /// Per node: dials whose handshake is under way.
+    in_flight: Vec<BTreeSet<u64>>,
+    /// Per node: dials waiting for a turn, oldest first.
+    waiting: Vec<VecDeque<Started>>,
+    dials_at_once: usize,
 }
 
 impl<P> Conns<P> {
@@ -99,7 +127,39 @@ impl<P> Conns<P> {
             tickets: (0..n).map(|_| HashMap::new()).collect(),
             stats: vec![LinkStats::default(); n],
             next_dial: 0,
+            in_flight: vec![BTreeSet::new(); n],
+            waiting: (0..n).map(|_| VecDeque::new()).collect(),
+            dials_at_once: DIALS_AT_ONCE,
         }
+    }
+
+    /// Sets how many handshakes a node makes at once (at least 1).
+    pub fn set_dials_at_once(&mut self, n: usize) {
+        self.dials_at_once = n.max(1);
+    }
+
+    /// Whether `x`'s dial `id` has its handshake under way (not waiting,
+    /// not finished, not timed out).
+    pub fn in_flight(&self, x: usize, id: u64) -> bool {
+        self.in_flight[x].contains(&id)
+    }
+
+    /// `x`'s dial `id` is over (answered, failed or timed out): its turn
+    /// goes to the dials waiting, which are returned to be started. Dials
+    /// that timed out or were overtaken while waiting are skipped.
+    pub fn dial_done(&mut self, x: usize, id: u64) -> Vec<Started> {
+        self.in_flight[x].remove(&id);
+        let mut out = Vec::new();
+        while self.in_flight[x].len() < self.dials_at_once {
+            let Some(d) = self.waiting[x].pop_front() else {
+                break;
+            };
+            if matches!(self.tables[x].get(&d.to), Some(State::Dialing { id, .. }) if *id == d.id) {
+                self.in_flight[x].insert(d.id);
+                out.push(d);
+            }
+        }
+        out
     }
 
     fn note_peak(&mut self, x: usize) {
@@ -165,7 +225,22 @@ impl<P> Conns<P> {
                 datagrams: usize::from(datagram),
             },
         );
-        Route::Dial { id, resumed }
+        let start = self.in_flight[x].len() < self.dials_at_once;
+        if start {
+            self.in_flight[x].insert(id);
+        } else {
+            self.waiting[x].push_back(Started {
+                to: y,
+                to_life: y_life,
+                id,
+                resumed,
+            });
+        }
+        Route::Dial {
+            id,
+            resumed,
+            now: start,
+        }
     }
 
     /// `y` finished its side of a handshake `x` (process `x_life`) dialed:
@@ -289,6 +364,8 @@ impl<P> Conns<P> {
     pub fn reset(&mut self, x: usize) {
         self.tables[x].clear();
         self.tickets[x].clear();
+        self.in_flight[x].clear();
+        self.waiting[x].clear();
     }
 
     /// Links `x` holds open.
@@ -316,7 +393,8 @@ mod tests {
     /// Dials and completes a link from 0 to 1 at `now`; returns whether the
     /// handshake was resumed.
     fn connect(c: &mut Conns<u32>, now: Duration, lives: (u32, u32)) -> bool {
-        let Route::Dial { id, resumed } = c.route(now, (0, lives.0), (1, lives.1), 7, true) else {
+        let Route::Dial { id, resumed, .. } = c.route(now, (0, lives.0), (1, lives.1), 7, true)
+        else {
             panic!("expected a dial");
         };
         assert!(c.accept(now, 1, (0, lives.0), resumed).is_empty());
@@ -327,7 +405,7 @@ mod tests {
     #[test]
     fn sends_wait_for_the_dial_then_use_the_link() {
         let mut c = Conns::new(2);
-        let Route::Dial { id, resumed } = c.route(s(0), (0, 1), (1, 1), 1, true) else {
+        let Route::Dial { id, resumed, .. } = c.route(s(0), (0, 1), (1, 1), 1, true) else {
             panic!()
         };
         assert!(!resumed);
@@ -413,6 +491,31 @@ mod tests {
         // 1's own dial completes later: a second handshake, nothing left.
         assert!(c.established(s(0), 1, (0, 1), id).is_empty());
         assert_eq!(c.links(1), 1);
+    }
+
+    #[test]
+    fn dials_beyond_the_limit_wait_for_a_turn() {
+        let n = DIALS_AT_ONCE + 2;
+        let mut c = Conns::new(n + 1);
+        let mut ids = Vec::new();
+        for y in 1..=n {
+            let Route::Dial { id, now, .. } = c.route(s(0), (0, 1), (y, 1), 0, true) else {
+                panic!("expected a dial");
+            };
+            assert_eq!(now, y <= DIALS_AT_ONCE, "dial {y}");
+            ids.push(id);
+        }
+        assert!(c.in_flight(0, ids[0]) && !c.in_flight(0, ids[DIALS_AT_ONCE]));
+        // The first one times out while the last but one waits: that one
+        // starts. The last one timed out while waiting: it is skipped.
+        assert_eq!(c.failed(0, n, ids[n - 1]).len(), 1);
+        let started = c.dial_done(0, ids[0]);
+        assert_eq!(started.len(), 1);
+        assert_eq!((started[0].to, started[0].id), (n - 1, ids[n - 2]));
+        assert!(c.in_flight(0, ids[n - 2]));
+        assert!(c.dial_done(0, ids[1]).is_empty(), "nobody waits any more");
+        c.reset(0);
+        assert!(!c.in_flight(0, ids[2]));
     }
 
     #[test]

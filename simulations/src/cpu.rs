@@ -22,9 +22,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// CPU time per piece of work, per side. The defaults come from
+/// CPU time per piece of work, per side. The transport's costs come from
 /// `transport/examples/handshake_cost.rs` (release build, this project's
-/// 2-core reference machine); recalibrate with it and `--costs`.
+/// 2-core reference machine); recalibrate with it and `--costs`. The
+/// agent's own costs (`process_start_us`, `agent_input_us`,
+/// `background_us_per_s`) are derived from real agents' CPU figures
+/// (`bench/scale.py`, see docs/simulations.md).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Costs {
@@ -45,18 +48,41 @@ pub struct Costs {
     pub sync_member_us: f64,
     /// Waking up for a timer (probe round, suspicion expiry, schedules).
     pub timer_us: f64,
+    /// Starting the process, before it sends anything: exec, runtime,
+    /// key and certificate loading, TLS configuration, listeners.
+    pub process_start_us: f64,
+    /// The agent's own work around every input it handles (datagram,
+    /// stream message, timer), on top of the transport's: task wake-ups,
+    /// channels, the driver's bookkeeping, logging and metrics.
+    pub agent_input_us: f64,
+    /// The agent's own work per stream message sent or received (catalog
+    /// fetch and entry, digest, member sync frame), on top of
+    /// `stream_message_us`: a task, encoding and decoding, the catalog.
+    pub agent_stream_us: f64,
+    /// Work a running process does every second whatever its traffic:
+    /// runtime timers, the link sweep, QUIC keep-alives and
+    /// acknowledgements, metrics.
+    pub background_us_per_s: f64,
+    /// Work a running process does every second per member it holds
+    /// active, on top of `background_us_per_s`.
+    pub member_us_per_s: f64,
 }
 
 impl Default for Costs {
     fn default() -> Self {
         Self {
-            handshake_full_us: 976.0,
-            handshake_resumed_us: 664.0,
-            datagram_send_us: 4.8,
-            datagram_recv_us: 4.8,
-            stream_message_us: 7.5,
+            handshake_full_us: 586.5,
+            handshake_resumed_us: 425.5,
+            datagram_send_us: 3.45,
+            datagram_recv_us: 3.45,
+            stream_message_us: 5.4,
             sync_member_us: 2.0,
             timer_us: 2.0,
+            process_start_us: 10_000.0,
+            agent_input_us: 50.0,
+            agent_stream_us: 150.0,
+            background_us_per_s: 2_400.0,
+            member_us_per_s: 17.0,
         }
     }
 }
@@ -72,6 +98,11 @@ impl Costs {
             ("stream_message_us", self.stream_message_us),
             ("sync_member_us", self.sync_member_us),
             ("timer_us", self.timer_us),
+            ("process_start_us", self.process_start_us),
+            ("agent_input_us", self.agent_input_us),
+            ("agent_stream_us", self.agent_stream_us),
+            ("background_us_per_s", self.background_us_per_s),
+            ("member_us_per_s", self.member_us_per_s),
         ];
         for (name, v) in all {
             anyhow::ensure!(

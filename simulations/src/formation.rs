@@ -39,7 +39,10 @@ pub struct FormationOptions {
     pub host: HostConfig,
     /// Give up this long after the last start.
     pub limit: Duration,
-    /// After forming, measure a quiet cluster for this long.
+    /// After forming, wait this long before the quiet window (as
+    /// `bench/scale.py --settle` does).
+    pub settle: Duration,
+    /// After forming and settling, measure a quiet cluster for this long.
     pub idle: Duration,
     /// Draw a progress bar on stderr.
     pub progress: bool,
@@ -64,8 +67,17 @@ pub struct FormationReport {
     pub last_start_s: f64,
     /// Whether every node listed every other alive within the limit.
     pub converged: bool,
-    /// How long after the last start that happened.
+    /// How long after the last start that happened (every node lists
+    /// every other alive, none suspect).
     pub formed_after_last_start_s: Option<f64>,
+    /// When every node first held every other active (alive or suspect),
+    /// after the last start: formation as figures before `suspect` was
+    /// told apart were taken.
+    pub active_after_last_start_s: Option<f64>,
+    /// When 99 % of the pairs `(x, y)` first agreed (`x` holds `y` active
+    /// with its running generation), after the last start: the bulk of
+    /// formation, without its slowest pairs.
+    pub bulk_after_last_start_s: Option<f64>,
     /// Until formation (or the limit): handshakes per node, either side.
     pub handshakes_per_node: f64,
     /// Of which this node dialed.
@@ -93,6 +105,9 @@ pub struct FormationReport {
     pub cpu_busy_share: f64,
     /// CPU seconds per node until formation.
     pub cpu_s_per_node: f64,
+    /// CPU seconds of all nodes together until formation (what
+    /// `bench/scale.py` reports as CPU to form).
+    pub cpu_s_total: f64,
     /// Mean time an input waited for CPU, in milliseconds.
     pub mean_wait_ms: f64,
     /// The longest wait.
@@ -108,9 +123,23 @@ pub struct FormationReport {
     pub idle_cpu_percent_per_node: Option<f64>,
     /// Handshakes per node in that window.
     pub idle_handshakes_per_node: Option<f64>,
+    /// The same per minute.
+    pub idle_handshakes_per_minute: Option<f64>,
+    /// Handshakes per node from the start to the end of that window.
+    pub handshakes_at_idle_end_per_node: Option<f64>,
     /// Links held at the end of that window: mean per node.
     pub idle_links_mean: Option<f64>,
 }
+
+/// How often formation is looked for once every node holds every other
+/// active (`bench/scale.py` polls every 0.2 s).
+const POLL: Duration = Duration::from_millis(200);
+
+/// The resolution of the formation figures.
+const STEP: Duration = Duration::from_millis(50);
+
+/// The share of pairs for the bulk of formation.
+const BULK: f64 = 0.99;
 
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
@@ -148,7 +177,34 @@ pub fn run(opts: &FormationOptions) -> anyhow::Result<FormationReport> {
         sim.schedule(start_at(i), Action::Start(i));
     }
     let last_start = start_at(n - 1);
-    let formed = sim.run_until_members_agree("forming", last_start + opts.limit, n);
+    let end = last_start + opts.limit;
+    // As `bench/scale.py` does: formed is the first look (every 0.2 s) at
+    // which every node lists every other running node alive, not suspect.
+    // Between looks, every 50 ms: when 99 % of the pairs first agreed.
+    let mut active_at = None;
+    let mut bulk_at = None;
+    let mut next_look = last_start;
+    let mut t = last_start;
+    let formed = loop {
+        sim.run_until("forming", t);
+        let all = sim.views().live() >= n;
+        if all && bulk_at.is_none() && sim.views().pairs_right() >= BULK {
+            bulk_at = Some(t);
+        }
+        if all && sim.views().agreed() {
+            active_at.get_or_insert(t);
+            if t >= next_look {
+                next_look = t + POLL;
+                if sim.suspect_pairs() == 0 {
+                    break Some(t);
+                }
+            }
+        }
+        if t >= end {
+            break None;
+        }
+        t = (t + STEP).min(end);
+    };
     let until = sim.now();
     let counters = sim.counters();
     let stats: Vec<_> = (0..n).filter_map(|x| sim.link_stats(x)).collect();
@@ -171,6 +227,8 @@ pub fn run(opts: &FormationOptions) -> anyhow::Result<FormationReport> {
         last_start_s: secs(last_start),
         converged: formed.is_some(),
         formed_after_last_start_s: formed.map(|t| secs(t.saturating_sub(last_start))),
+        active_after_last_start_s: active_at.map(|t| secs(t.saturating_sub(last_start))),
+        bulk_after_last_start_s: bulk_at.map(|t| secs(t.saturating_sub(last_start))),
         handshakes_per_node: per_node(&|s| s.handshakes()),
         dialled_per_node: per_node(&|s| s.dialled_full + s.dialled_resumed),
         accepted_per_node: per_node(&|s| s.accepted_full + s.accepted_resumed),
@@ -188,6 +246,7 @@ pub fn run(opts: &FormationOptions) -> anyhow::Result<FormationReport> {
             busy / (cores * secs(until))
         },
         cpu_s_per_node: cpu_total / n as f64,
+        cpu_s_total: cpu_total,
         mean_wait_ms: if waits.jobs == 0 {
             0.0
         } else {
@@ -199,18 +258,28 @@ pub fn run(opts: &FormationOptions) -> anyhow::Result<FormationReport> {
         links_peak: stats.iter().map(|s| s.peak_links).max().unwrap_or(0),
         idle_cpu_percent_per_node: None,
         idle_handshakes_per_node: None,
+        idle_handshakes_per_minute: None,
+        handshakes_at_idle_end_per_node: None,
         idle_links_mean: None,
     };
     if formed.is_some() && !opts.idle.is_zero() {
-        let before_cpu = cpu_total;
-        let before_hs = per_node(&|s| s.handshakes());
-        sim.run_until("quiet", until + opts.idle);
+        let from = until + opts.settle;
+        sim.run_until("settling", from);
+        let before_cpu: f64 = (0..n).map(|x| secs(sim.cpu_used(x))).sum();
+        let before_hs = (0..n)
+            .filter_map(|x| sim.link_stats(x))
+            .map(|s| s.handshakes())
+            .sum::<u64>() as f64
+            / n as f64;
+        sim.run_until("quiet", from + opts.idle);
         let after_cpu: f64 = (0..n).map(|x| secs(sim.cpu_used(x))).sum();
         let after: Vec<_> = (0..n).filter_map(|x| sim.link_stats(x)).collect();
         let after_hs = after.iter().map(|s| s.handshakes()).sum::<u64>() as f64 / n as f64;
         report.idle_cpu_percent_per_node =
             Some((after_cpu - before_cpu) / n as f64 / secs(opts.idle) * 100.0);
         report.idle_handshakes_per_node = Some(after_hs - before_hs);
+        report.idle_handshakes_per_minute = Some((after_hs - before_hs) * 60.0 / secs(opts.idle));
+        report.handshakes_at_idle_end_per_node = Some(after_hs);
         report.idle_links_mean =
             Some((0..n).map(|x| sim.links_open(x)).sum::<usize>() as f64 / n as f64);
     }
@@ -230,19 +299,30 @@ impl FormationReport {
         let _ = writeln!(
             s,
             "  costs (us): handshake full {:.0} resumed {:.0} per side, datagram send {:.1} recv {:.1}, \
-             stream message {:.1}, sync member {:.1}, timer {:.1}",
+             stream message {:.1}, sync member {:.1}, timer {:.1}; agent: start {:.0}, per input {:.1}, \
+             per stream message {:.1}, background {:.0} + {:.1} per member per s",
             c.handshake_full_us,
             c.handshake_resumed_us,
             c.datagram_send_us,
             c.datagram_recv_us,
             c.stream_message_us,
             c.sync_member_us,
-            c.timer_us
+            c.timer_us,
+            c.process_start_us,
+            c.agent_input_us,
+            c.agent_stream_us,
+            c.background_us_per_s,
+            c.member_us_per_s
         );
         let _ = writeln!(s, "  last start            {:>8.2} s", self.last_start_s);
         match self.formed_after_last_start_s {
             Some(t) => {
-                let _ = writeln!(s, "  formed after it       {t:>8.2} s (converged)");
+                let _ = writeln!(
+                    s,
+                    "  formed after it       {t:>8.2} s (converged; 99 % of pairs after {:.2} s, all active, suspects included, after {:.2} s)",
+                    self.bulk_after_last_start_s.unwrap_or(t),
+                    self.active_after_last_start_s.unwrap_or(t)
+                );
             }
             None => {
                 let _ = writeln!(s, "  formed after it            - (did NOT converge)");
@@ -270,8 +350,9 @@ impl FormationReport {
         );
         let _ = writeln!(
             s,
-            "  CPU busy              {:>8.1} % of the cores; {:.3} CPU s per node; input wait mean {:.1} ms, max {:.0} ms",
+            "  CPU busy              {:>8.1} % of the cores; {:.1} CPU s in all, {:.3} per node; input wait mean {:.1} ms, max {:.0} ms",
             self.cpu_busy_share * 100.0,
+            self.cpu_s_total,
             self.cpu_s_per_node,
             self.mean_wait_ms,
             self.max_wait_ms
@@ -281,14 +362,17 @@ impl FormationReport {
             "  datagrams per node    {:>8.0}   links per node {:.1} (peak {})",
             self.datagrams_per_node, self.links_mean, self.links_peak
         );
-        if let (Some(cpu), Some(hs), Some(links)) = (
+        if let (Some(cpu), Some(hs), Some(rate), Some(total), Some(links)) = (
             self.idle_cpu_percent_per_node,
             self.idle_handshakes_per_node,
+            self.idle_handshakes_per_minute,
+            self.handshakes_at_idle_end_per_node,
             self.idle_links_mean,
         ) {
             let _ = writeln!(
                 s,
-                "  quiet after forming   {cpu:>8.2} % CPU per node, {hs:.1} handshakes per node, {links:.1} links per node"
+                "  quiet after forming   {cpu:>8.2} % CPU per node, {hs:.1} handshakes per node ({rate:.1} a minute; \
+                 {total:.1} since the start), {links:.1} links per node"
             );
         }
         s
@@ -308,6 +392,7 @@ mod tests {
             swim: SwimConfig::default(),
             host: HostConfig::new(1, cores),
             limit: Duration::from_secs(120),
+            settle: Duration::from_secs(1),
             idle: Duration::from_secs(5),
             progress: false,
         }
@@ -324,6 +409,42 @@ mod tests {
         assert!(r.idle_cpu_percent_per_node.unwrap() > 0.0);
         let again = run(&opts(12, 2)).unwrap();
         assert_eq!(r.render(), again.render(), "same seed, same run");
+    }
+
+    #[test]
+    fn the_agents_own_costs_show_in_forming_and_when_quiet() {
+        let mut bare = opts(12, 2);
+        let c = &mut bare.host.costs;
+        c.process_start_us = 0.0;
+        c.agent_input_us = 0.0;
+        c.agent_stream_us = 0.0;
+        c.background_us_per_s = 0.0;
+        c.member_us_per_s = 0.0;
+        let bare = run(&bare).unwrap();
+        let mut heavy = opts(12, 2);
+        heavy.host.costs.process_start_us = 200_000.0;
+        heavy.host.costs.background_us_per_s = 10_000.0;
+        heavy.host.costs.member_us_per_s = 0.0;
+        let heavy = run(&heavy).unwrap();
+        assert!(heavy.converged, "{}", heavy.render());
+        // Starting 12 processes at 0.2 CPU-s each on 2 cores takes 1.2 s,
+        // more than the 0.22 s over which they are started.
+        assert!(
+            heavy.formed_after_last_start_s.unwrap()
+                > bare.formed_after_last_start_s.unwrap() + 0.5,
+            "{}\n{}",
+            bare.render(),
+            heavy.render()
+        );
+        assert!(heavy.cpu_s_total > bare.cpu_s_total + 12.0 * 0.2);
+        // 10 ms a second is 1 % of a core, on top of the traffic.
+        let quiet = heavy.idle_cpu_percent_per_node.unwrap();
+        assert!((1.0..1.5).contains(&quiet), "{}", heavy.render());
+        assert!(
+            bare.idle_cpu_percent_per_node.unwrap() < 0.2,
+            "{}",
+            bare.render()
+        );
     }
 
     #[test]

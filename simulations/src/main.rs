@@ -115,17 +115,44 @@ struct HostArgs {
     /// CPU per timer wake-up, in microseconds.
     #[arg(long)]
     cost_timer: Option<f64>,
-    /// Close a link after this many idle seconds (the agent's policy).
-    #[arg(long, default_value_t = 10.0)]
+    /// CPU to start a process (exec, runtime, keys, listeners), in
+    /// microseconds.
+    #[arg(long)]
+    cost_process_start: Option<f64>,
+    /// The agent's own CPU per input handled (on top of the transport's),
+    /// in microseconds.
+    #[arg(long)]
+    cost_agent_input: Option<f64>,
+    /// The agent's own CPU per stream message sent or received (on top of
+    /// the transport's), in microseconds.
+    #[arg(long)]
+    cost_agent_stream: Option<f64>,
+    /// CPU a running process spends every second whatever its traffic, in
+    /// microseconds.
+    #[arg(long)]
+    cost_background: Option<f64>,
+    /// CPU a running process spends every second per member it holds
+    /// active, in microseconds.
+    #[arg(long)]
+    cost_member: Option<f64>,
+    /// Close a link after this many idle seconds (the agent's policy;
+    /// default: the agent's).
+    #[arg(long, default_value_t = LinkPolicy::default().idle.as_secs_f64())]
     link_idle: f64,
-    /// Above this many links, close the least recently used idle ones.
-    #[arg(long, default_value_t = 128)]
+    /// Above this many links, close the least recently used idle ones
+    /// (default: the agent's).
+    #[arg(long, default_value_t = LinkPolicy::default().max_links)]
     max_links: usize,
     /// `formation`: nodes started per second.
     #[arg(long, default_value_t = 50.0)]
     rate: f64,
-    /// `formation`: seconds of quiet cluster measured after forming.
-    #[arg(long, default_value_t = 10.0)]
+    /// `formation`: seconds to wait after forming before the quiet window
+    /// (`bench/scale.py --settle`).
+    #[arg(long, default_value_t = 15.0)]
+    settle: f64,
+    /// `formation`: seconds of quiet cluster measured after forming and
+    /// settling (`bench/scale.py --idle`).
+    #[arg(long, default_value_t = 30.0)]
     idle: f64,
 }
 
@@ -147,6 +174,11 @@ impl HostArgs {
             (self.cost_stream_message, &mut c.stream_message_us),
             (self.cost_sync_member, &mut c.sync_member_us),
             (self.cost_timer, &mut c.timer_us),
+            (self.cost_process_start, &mut c.process_start_us),
+            (self.cost_agent_input, &mut c.agent_input_us),
+            (self.cost_agent_stream, &mut c.agent_stream_us),
+            (self.cost_background, &mut c.background_us_per_s),
+            (self.cost_member, &mut c.member_us_per_s),
         ];
         for (flag, field) in overrides {
             if let Some(v) = flag {
@@ -229,6 +261,7 @@ fn main() -> anyhow::Result<()> {
             swim: opts.swim.clone(),
             host,
             limit: opts.form_limit,
+            settle: seconds(args.host.settle, "settle")?,
             idle: seconds(args.host.idle, "idle")?,
             progress: opts.progress,
         };

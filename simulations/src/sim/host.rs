@@ -9,10 +9,11 @@ use bytes::Bytes;
 use gossamer_membership::links::LinkPolicy;
 use gossamer_membership::sync::SyncPayload;
 
+use super::dials::SWEEP_EVERY;
 use super::queue::Ev;
 use super::stream::StreamMsg;
 use super::{Sim, address};
-use crate::conns::{Conns, Route};
+use crate::conns::{Conns, Route, Started};
 use crate::cpu::{Costs, Cpu};
 
 /// Where nodes run and what their work costs.
@@ -77,6 +78,10 @@ pub(super) enum Job {
     Input(Ev),
     /// Send what handling produced.
     Transmit(Vec<Out>),
+    /// The process of this life finished starting: its driver starts.
+    Boot(u32),
+    /// A second's background work (nothing to carry out).
+    Background,
 }
 
 /// The machines and connections of a run with a [`HostConfig`].
@@ -96,9 +101,11 @@ impl Host {
     pub(super) fn input_cost(&self, ev: &Ev) -> Option<Duration> {
         let c = &self.config.costs;
         Some(match ev {
-            Ev::Datagram { .. } => self.cost(c.datagram_recv_us),
-            Ev::Timer { .. } => self.cost(c.timer_us),
-            Ev::Stream { msg, .. } => self.cost(c.stream_message_us + sync_cost(c, msg)),
+            Ev::Datagram { .. } => self.cost(c.datagram_recv_us + c.agent_input_us),
+            Ev::Timer { .. } => self.cost(c.timer_us + c.agent_input_us),
+            Ev::Stream { msg, .. } => {
+                self.cost(c.stream_message_us + sync_cost(c, msg) + c.agent_stream_us)
+            }
             Ev::Dial { resumed, .. } | Ev::DialAnswer { resumed, .. } => self.handshake(*resumed),
             _ => return None,
         })
@@ -113,12 +120,28 @@ impl Host {
         })
     }
 
+    /// The CPU starting a process costs (`None`: it starts at once).
+    pub(super) fn start_cost(&self) -> Option<Duration> {
+        let us = self.config.costs.process_start_us;
+        (us > 0.0).then(|| self.cost(us))
+    }
+
+    /// The CPU a second of background work costs a process that holds
+    /// `members` members active.
+    pub(super) fn background_cost(&self, members: usize) -> Option<Duration> {
+        let c = &self.config.costs;
+        let us = c.background_us_per_s + c.member_us_per_s * members as f64;
+        (us > 0.0).then(|| self.cost(us * SWEEP_EVERY.as_secs_f64()))
+    }
+
     /// The CPU sending costs.
     fn output_cost(&self, out: &Out) -> Duration {
         let c = &self.config.costs;
         match out {
             Out::Datagram { .. } => self.cost(c.datagram_send_us),
-            Out::Stream { msg, .. } => self.cost(c.stream_message_us + sync_cost(c, msg)),
+            Out::Stream { msg, .. } => {
+                self.cost(c.stream_message_us + sync_cost(c, msg) + c.agent_stream_us)
+            }
             // The dial's CPU is charged when its answer arrives.
             Out::Seed { .. } => Duration::ZERO,
         }
@@ -157,6 +180,8 @@ impl Sim {
                     self.release(x, out);
                 }
             }
+            Job::Boot(life) => self.booted(x, life),
+            Job::Background => {}
         }
         if let Some(host) = self.host.as_mut() {
             host.cpu.resume(now, x);
@@ -213,21 +238,32 @@ impl Sim {
             Route::Open(out) => self.deliver(x, out),
             Route::Queued => {}
             Route::Dropped(_) => self.counters.dial_drops += 1,
-            Route::Dial { id, resumed } => {
-                if self.nodes[to].driver.is_none() || self.net.separated(x, to) {
-                    self.dial_lost(x, x_life, to, id, now);
-                } else {
-                    let at = now + self.net.stream_delay();
-                    self.queue.push(
-                        at,
-                        Ev::Dial {
-                            from: x,
-                            from_life: x_life,
+            Route::Dial {
+                id,
+                resumed,
+                now: start,
+            } => {
+                // The transport's connect timeout runs from the request,
+                // the wait for a turn included.
+                let at = now + host.config.connect_timeout;
+                self.queue.push(
+                    at,
+                    Ev::DialFailed {
+                        node: x,
+                        life: x_life,
+                        peer: to,
+                        id,
+                    },
+                );
+                if start {
+                    self.start_dial(
+                        x,
+                        x_life,
+                        Started {
                             to,
                             to_life,
                             id,
                             resumed,
-                            dialled_at: now,
                         },
                     );
                 }

@@ -7,6 +7,7 @@ use gossamer_membership::driver::{Driver, JoinPlan};
 use gossamer_membership::{NodeId, ReplicaConfig};
 
 use super::dials::SWEEP_EVERY;
+use super::host::Job;
 use super::queue::Ev;
 use super::{Action, Sim, address, mix};
 use crate::metrics::Detection;
@@ -15,13 +16,57 @@ use crate::view::gen_of;
 impl Sim {
     pub(super) fn on_action(&mut self, action: Action) {
         match action {
-            Action::Start(x) => self.start(x),
+            Action::Start(x) => self.launch(x),
             Action::Crash(victims) => self.crash(&victims),
             Action::Leave(x) => self.leave(x),
             Action::Stall { node, length } => self.stall(node, length),
             Action::Split(groups) => self.net.split(groups),
             Action::Heal => self.net.heal(self.now),
             Action::Publish(x) => self.publish(x),
+        }
+    }
+
+    /// Starts `x`'s process: at once, or once its machine has spent the
+    /// CPU a process start costs (the node is not reachable meanwhile).
+    fn launch(&mut self, x: usize) {
+        let now = self.now;
+        let node = &mut self.nodes[x];
+        if node.driver.is_some() || node.booting {
+            return;
+        }
+        let life = node.life;
+        match self.host.as_mut() {
+            Some(host) => match host.start_cost() {
+                Some(cost) => {
+                    node.booting = true;
+                    host.cpu.submit(now, x, cost, Job::Boot(life), false);
+                }
+                None => self.start(x),
+            },
+            None => self.start(x),
+        }
+    }
+
+    /// `x`'s process of life `life` has spent its start-up CPU.
+    pub(super) fn booted(&mut self, x: usize, life: u32) {
+        let node = &mut self.nodes[x];
+        if !node.booting || node.life != life {
+            return;
+        }
+        node.booting = false;
+        self.start(x);
+    }
+
+    /// Kills a process that is still starting.
+    fn cancel_boot(&mut self, x: usize) {
+        let node = &mut self.nodes[x];
+        if !node.booting {
+            return;
+        }
+        node.booting = false;
+        node.life += 1;
+        if let Some(host) = self.host.as_mut() {
+            host.cpu.stop(self.now, x);
         }
     }
 
@@ -107,6 +152,7 @@ impl Sim {
     fn crash(&mut self, victims: &[usize]) {
         let mut crashed = Vec::new();
         for &x in victims {
+            self.cancel_boot(x);
             if self.is_live(x) {
                 crashed.push((x, self.nodes[x].generation));
                 self.stop(x);

@@ -50,6 +50,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use gossamer_membership::SwimConfig;
+use gossamer_membership::core::MemberState;
 use gossamer_membership::driver::Driver;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -144,6 +145,10 @@ struct Node {
     /// Its own catalog version (kept on disk across restarts).
     catalog_version: u64,
     slow: bool,
+    /// The process is starting: its CPU for that is queued, its driver
+    /// not there yet (with a [`HostConfig`] whose `process_start_us` is
+    /// positive only).
+    booting: bool,
     /// What the driver sent since the last input, before the CPU for it is
     /// spent (with a [`HostConfig`] only).
     outbox: Vec<Out>,
@@ -448,6 +453,23 @@ impl Sim {
         self.account();
         self.progress.finish(self.now, self.views.live());
         agreed_at
+    }
+
+    /// Pairs of running nodes `(x, y)` where `x` holds `y` suspect: what
+    /// the agent's `/v1/members` lists as `suspect` rather than `alive`.
+    /// Costs O(N² log N).
+    pub fn suspect_pairs(&self) -> usize {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.driver.as_ref())
+            .map(|d| {
+                d.core()
+                    .members()
+                    .iter()
+                    .filter(|m| m.state == MemberState::Suspect)
+                    .count()
+            })
+            .sum()
     }
 
     /// Checks the event-derived views against each core's own member table

@@ -50,7 +50,6 @@ pub(super) enum Ev {
         to_life: u32,
         id: u64,
         resumed: bool,
-        dialled_at: Duration,
     },
     /// The peer's answer reaches the dialer (`to`).
     DialAnswer {
@@ -175,17 +174,11 @@ impl Sim {
                 _ => false,
             };
             if node.driver.is_none() || gone {
+                // A dial to a process that is gone gets no answer and
+                // fails at its deadline.
                 match ev {
                     Ev::Datagram { .. } => self.counters.undeliverable += 1,
                     Ev::Stream { .. } => self.counters.stream_failures += 1,
-                    Ev::Dial {
-                        from,
-                        from_life,
-                        to,
-                        id,
-                        dialled_at,
-                        ..
-                    } => self.dial_lost(from, from_life, to, id, dialled_at),
                     _ => {}
                 }
                 return;
@@ -220,8 +213,7 @@ impl Sim {
                 to_life,
                 id,
                 resumed,
-                dialled_at,
-            } => self.on_dial((from, from_life), (to, to_life), id, resumed, dialled_at),
+            } => self.on_dial((from, from_life), (to, to_life), id, resumed),
             Ev::DialAnswer {
                 to,
                 to_life,
