@@ -36,7 +36,9 @@ pub struct TransportConfig {
     pub pending_per_peer: usize,
     /// A keep-alive is sent on a connection silent this long, so that one
     /// carrying only a quiet stream (a WebSocket, a gRPC watch) outlives
-    /// `idle_timeout`. Connections nobody uses are closed by the cache
+    /// `idle_timeout`. Every cached connection pays it, so it is no more
+    /// frequent than that needs: at 10 s, the keep-alives of 199 cached
+    /// connections cost an idle agent about as much CPU as re-handshaking. Connections nobody uses are closed by the cache
     /// instead ([`Transport::close_idle`]).
     pub keep_alive: Duration,
     /// Concurrent streams a peer may open on a new connection. Each one
@@ -56,12 +58,12 @@ pub struct TransportConfig {
 impl Default for TransportConfig {
     fn default() -> Self {
         Self {
-            idle_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(90),
             connect_timeout: Duration::from_secs(5),
             max_datagram: 64 * 1024,
             inbound_queue: 4096,
             pending_per_peer: 32,
-            keep_alive: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(30),
             initial_streams: 32,
             max_streams: 1024,
             dials_at_once: 8,
