@@ -398,16 +398,14 @@ impl Membership {
     /// a caller that refreshes a view of the members often can skip the
     /// rebuild when nothing changed.
     pub fn members_fingerprint(&self) -> u64 {
-        use std::hash::{BuildHasher, Hash, Hasher};
+        use std::hash::{DefaultHasher, Hash, Hasher};
         let gossip = self.gossip.state();
-        let hasher =
-            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
         // foca reorders its members as it probes them, so the per-member
         // hashes are combined in an order-independent way.
         self.swim
             .iter_membership_state()
             .map(|m| {
-                let mut h = hasher.build_hasher();
+                let mut h = DefaultHasher::new();
                 m.id().hash(&mut h);
                 m.incarnation().hash(&mut h);
                 (m.state() as u8).hash(&mut h);

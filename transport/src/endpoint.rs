@@ -36,10 +36,11 @@ pub struct TransportConfig {
     pub pending_per_peer: usize,
     /// A keep-alive is sent on a connection silent this long, so that one
     /// carrying only a quiet stream (a WebSocket, a gRPC watch) outlives
-    /// `idle_timeout`. Every cached connection pays it, so it is no more
-    /// frequent than that needs: at 10 s, the keep-alives of 199 cached
-    /// connections cost an idle agent about as much CPU as re-handshaking. Connections nobody uses are closed by the cache
-    /// instead ([`Transport::close_idle`]).
+    /// `idle_timeout`. Connections nobody uses are closed by the cache
+    /// instead ([`Transport::close_idle`]). Every cached connection pays
+    /// for it, so it is no more frequent than that needs: at 10 s, the
+    /// keep-alives of 199 cached connections cost an idle agent about as
+    /// much CPU as re-handshaking did.
     pub keep_alive: Duration,
     /// Concurrent streams a peer may open on a new connection. Each one
     /// allowed costs memory up front, and most connections only carry
