@@ -156,6 +156,31 @@ class Agent:
             pass
         return None
 
+    def wakeups(self):
+        """Context switches of all the agent's threads so far: how often it
+        woke up (voluntary) or was preempted (involuntary)."""
+        total = 0
+        try:
+            for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+                for line in open(f"/proc/{self.proc.pid}/task/{tid}/status"):
+                    if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                        total += int(line.split()[1])
+        except (OSError, ValueError):
+            return None
+        return total
+
+    def thread_cpu_seconds(self):
+        """CPU time of the agent's live threads, to the nanosecond (from
+        schedstat; `cpu_seconds` counts in 10 ms clock ticks, too coarse for
+        an idle agent over a short window)."""
+        total = 0
+        try:
+            for tid in os.listdir(f"/proc/{self.proc.pid}/task"):
+                total += int(open(f"/proc/{self.proc.pid}/task/{tid}/schedstat").read().split()[0])
+        except (OSError, IndexError, ValueError):
+            return None
+        return total / 1e9
+
     def cpu_seconds(self):
         try:
             f = open(f"/proc/{self.proc.pid}/stat").read().rsplit(")", 1)[1].split()
@@ -242,7 +267,8 @@ def phase_form(args, agents):
 
 def phase_idle(args, agents):
     time.sleep(args.settle)
-    cpu0 = {a.name: a.cpu_seconds() for a in agents}
+    cpu0 = {a.name: a.thread_cpu_seconds() for a in agents}
+    wake0 = {a.name: a.wakeups() for a in agents}
     hs0 = {a.name: a.metric("gossamer_transport_handshakes_total") for a in agents}
     t0 = time.monotonic()
     conns = []
@@ -257,9 +283,14 @@ def phase_idle(args, agents):
     elapsed = time.monotonic() - t0
     cpu = []
     for a in agents:
-        c1 = a.cpu_seconds()
+        c1 = a.thread_cpu_seconds()
         if c1 is not None and cpu0.get(a.name) is not None:
             cpu.append(100.0 * (c1 - cpu0[a.name]) / elapsed)
+    wakes = []
+    for a in agents:
+        w1 = a.wakeups()
+        if w1 is not None and wake0.get(a.name) is not None:
+            wakes.append((w1 - wake0[a.name]) / elapsed)
     hs_rate = []
     for a in agents:
         conns.append(a.metric("gossamer_transport_connections"))
@@ -270,6 +301,7 @@ def phase_idle(args, agents):
     out = {
         "rss_mb": summary(rss),
         "cpu_percent": summary(cpu),
+        "wakeups_per_s": summary(wakes),
         "quic_connections": summary(conns),
         "handshakes": summary(a.metric("gossamer_transport_handshakes_total") for a in agents),
         "resumed_handshakes": summary(a.metric("gossamer_transport_resumed_handshakes_total") for a in agents),
@@ -281,6 +313,12 @@ def phase_idle(args, agents):
             out["rss_mb"].get("median", 0), out["rss_mb"].get("max", 0),
             out["cpu_percent"].get("median", 0), out["cpu_percent"].get("max", 0),
             out["quic_connections"].get("median"), out["quic_connections"].get("max")),
+        flush=True,
+    )
+    print(
+        "idle: thread wake-ups per agent per second median {:.1f} max {:.1f}; CPU per wake-up {:.0f} us".format(
+            out["wakeups_per_s"].get("median", 0), out["wakeups_per_s"].get("max", 0),
+            1e4 * out["cpu_percent"].get("median", 0) / max(out["wakeups_per_s"].get("median", 0), 1e-9)),
         flush=True,
     )
     print(

@@ -67,6 +67,9 @@ impl LinkPolicy {
         if self.idle < Duration::from_secs(1) {
             return Err("peer_links.idle: must be at least 1s".into());
         }
+        if self.idle > Duration::from_secs(24 * 3600) {
+            return Err("peer_links.idle: must be at most 24h".into());
+        }
         if self.max_links == 0 {
             return Err("peer_links.max_links: must be at least 1".into());
         }

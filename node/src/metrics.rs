@@ -183,6 +183,12 @@ impl Collector for AgentCollector {
             "Connections the cache closed as idle or over its cap",
             &[(&[], get(&s.idle_closed))],
         )?;
+        counter(
+            &mut encoder,
+            "gossamer_transport_keep_alives",
+            "Keep-alives sent on connections carrying a quiet stream",
+            &[(&[], get(&s.keep_alives))],
+        )?;
         ConstGauge::new(self.transport.connections() as i64).encode(encoder.encode_descriptor(
             "gossamer_transport_connections",
             "Open QUIC connections to peers",

@@ -24,7 +24,10 @@ const CLOSED_IDLE: u32 = 5;
 /// Tunables of the transport.
 #[derive(Debug, Clone)]
 pub struct TransportConfig {
-    /// A connection without traffic for this long is closed.
+    /// A connection without traffic for this long is closed by QUIC. This is
+    /// only the backstop for a peer that vanished: the cache closes idle
+    /// connections itself ([`Transport::close_idle`]), so keep this above
+    /// the cache's idle time.
     pub idle_timeout: Duration,
     /// How long a dial (handshake included) may take.
     pub connect_timeout: Duration,
@@ -34,13 +37,12 @@ pub struct TransportConfig {
     pub inbound_queue: usize,
     /// Datagrams held per peer while its connection is being made.
     pub pending_per_peer: usize,
-    /// A keep-alive is sent on a connection silent this long, so that one
-    /// carrying only a quiet stream (a WebSocket, a gRPC watch) outlives
-    /// `idle_timeout`. Connections nobody uses are closed by the cache
-    /// instead ([`Transport::close_idle`]). Every cached connection pays
-    /// for it, so it is no more frequent than that needs: at 10 s, the
-    /// keep-alives of 199 cached connections cost an idle agent about as
-    /// much CPU as re-handshaking did.
+    /// A connection carrying a stream gets a keep-alive (an empty datagram)
+    /// once it has been silent this long, so that a quiet stream (a
+    /// WebSocket, a gRPC watch) outlives `idle_timeout`; see
+    /// [`Transport::keep_streams_alive`]. Connections without streams get
+    /// none: at 200 peers, QUIC keep-alives on every cached connection
+    /// made up most of an idle agent's wake-ups.
     pub keep_alive: Duration,
     /// Concurrent streams a peer may open on a new connection. Each one
     /// allowed costs memory up front, and most connections only carry
@@ -59,7 +61,7 @@ pub struct TransportConfig {
 impl Default for TransportConfig {
     fn default() -> Self {
         Self {
-            idle_timeout: Duration::from_secs(90),
+            idle_timeout: Duration::from_secs(330),
             connect_timeout: Duration::from_secs(5),
             max_datagram: 64 * 1024,
             inbound_queue: 4096,
@@ -239,7 +241,7 @@ impl Transport {
             .max_concurrent_bidi_streams(config.initial_streams.into())
             // Uni streams only carry SWIM datagrams too big for the path.
             .max_concurrent_uni_streams(8u32.into())
-            .keep_alive_interval(Some(config.keep_alive))
+            .keep_alive_interval(None)
             .datagram_receive_buffer_size(Some(1 << 20))
             .datagram_send_buffer_size(1 << 20);
         let transport = Arc::new(transport);
@@ -383,6 +385,28 @@ impl Transport {
             trace!(%peer, "closing an idle connection");
             Stats::add(&self.0.stats.idle_closed, 1);
             conn.close(CLOSED_IDLE.into(), b"idle");
+        }
+    }
+
+    /// Sends a keep-alive on every connection that carries a stream and has
+    /// been silent for [`TransportConfig::keep_alive`]. Call it about once a
+    /// second.
+    pub fn keep_streams_alive(&self) {
+        let quiet: Vec<Cached> = {
+            let since = Instant::now()
+                .checked_sub(self.0.config.keep_alive)
+                .unwrap_or(self.0.epoch);
+            self.live()
+                .values()
+                .filter(|l| l.cached.activity.streams() > 0 && l.cached.activity.last() < since)
+                .map(|l| l.cached.clone())
+                .collect()
+        };
+        for cached in quiet {
+            cached.activity.touch();
+            if cached.conn.send_datagram(Bytes::new()).is_ok() {
+                Stats::add(&self.0.stats.keep_alives, 1);
+            }
         }
     }
 
@@ -756,6 +780,10 @@ impl Transport {
                 d = conn.read_datagram() => match d {
                     Ok(data) => {
                         activity.touch();
+                        if data.is_empty() {
+                            // A keep-alive: it has done its work.
+                            continue;
+                        }
                         Inbound::Datagram { from: name.clone(), data }
                     }
                     Err(_) => break,

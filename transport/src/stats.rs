@@ -23,6 +23,9 @@ pub struct Stats {
     pub resumed: Arc<AtomicU64>,
     /// Connections the cache closed as idle.
     pub idle_closed: AtomicU64,
+    /// Keep-alives sent on connections whose only traffic was a quiet
+    /// stream.
+    pub keep_alives: AtomicU64,
     /// Handshakes that failed (wrong CA, bad certificate, timeout, ...).
     pub handshake_failures: AtomicU64,
     /// Connections refused after the handshake: another trust domain, or a

@@ -250,3 +250,56 @@ async fn a_busy_connection_is_allowed_more_streams() {
     assert_eq!(held.len(), 3 * initial);
     assert_eq!(a.links()[0].streams, 3 * initial);
 }
+
+#[tokio::test]
+async fn only_connections_with_a_quiet_stream_get_keep_alives() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki::generate_ca("test.mesh").unwrap();
+    let config = TransportConfig {
+        idle_timeout: Duration::from_millis(800),
+        keep_alive: Duration::from_millis(200),
+        ..TransportConfig::default()
+    };
+    let bind = |name: &str| {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        Transport::bind(identity(dir.path(), &ca, name), config.clone(), socket).unwrap()
+    };
+    let (a, _a_queues) = bind("a");
+    let (b, mut b_queues) = bind("b");
+    let b_addr = b.local_addr().unwrap();
+
+    // A quiet stream: nothing moves on it for three idle timeouts, but the
+    // keep-alives (sent by whoever tends the cache) hold the connection.
+    let (mut tx, rx) = a.open_bi("b", b_addr).await.unwrap();
+    write_frame(&mut tx, b"watch").await.unwrap();
+    let Some(Inbound::Stream { send, recv, .. }) = b_queues.streams.recv().await else {
+        panic!("no stream");
+    };
+    for _ in 0..24 {
+        a.keep_streams_alive();
+        b.keep_streams_alive();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(a.connections(), 1, "the connection with a stream timed out");
+    let sent = Stats::get(&a.stats().keep_alives) + Stats::get(&b.stats().keep_alives);
+    assert!(
+        sent >= 4,
+        "{sent} keep-alives in 2.4 s at one per 200 ms of quiet"
+    );
+    // Keep-alives are not datagrams for the agent.
+    assert!(b_queues.datagrams.try_recv().is_err());
+
+    // Without a stream there are none: QUIC's idle timeout ends it.
+    drop((tx, rx, send, recv));
+    let before = Stats::get(&a.stats().keep_alives);
+    for _ in 0..30 {
+        a.keep_streams_alive();
+        b.keep_streams_alive();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(Stats::get(&a.stats().keep_alives), before);
+    eventually("an idle connection without streams times out", || {
+        a.connections() == 0 && b.connections() == 0
+    })
+    .await;
+}

@@ -172,7 +172,15 @@ pub async fn run(
         members: saved.members.clone(),
     })?;
 
-    let (transport, queues) = Transport::bind(identity, TransportConfig::default(), sockets.udp)?;
+    // QUIC's idle timeout only backs up the cache, which closes idle
+    // connections itself: it must not fire first.
+    let transport_config = TransportConfig {
+        idle_timeout: TransportConfig::default()
+            .idle_timeout
+            .max(config.peer_links.idle + std::time::Duration::from_secs(30)),
+        ..TransportConfig::default()
+    };
+    let (transport, queues) = Transport::bind(identity, transport_config, sockets.udp)?;
     let local = NodeId::new(name.clone(), advertise, generation)
         .expect("the certificate name was validated");
     if config.seeds.is_empty() && saved.members.is_empty() {

@@ -1,7 +1,8 @@
 //! Keeping the connection cache small: once a second, the connections
 //! [`LinkPolicy`] picks (idle ones, and the least recently used above the
 //! cap) are closed. The policy lives in `gossamer-membership` so that the
-//! simulator charges handshakes by the same rules.
+//! simulator charges handshakes by the same rules. Connections carrying a
+//! quiet stream get their keep-alives here too.
 
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ pub async fn tend(transport: Transport, policy: LinkPolicy) {
     let mut close: Vec<usize> = Vec::new();
     loop {
         tick.tick().await;
+        transport.keep_streams_alive();
         let infos = transport.links();
         links.clear();
         links.extend(infos.iter().enumerate().map(|(i, l)| Link {
