@@ -102,6 +102,31 @@ impl Pki {
         Ok((cert, certs.join(format!("{name}.key"))))
     }
 
+    /// `gossamer cert issue --operator NAME`; returns (cert, key).
+    pub fn issue_operator(&self, name: &str) -> Result<(PathBuf, PathBuf)> {
+        let out_dir = self.dir.path().join("operators");
+        let cert = out_dir.join(format!("{name}.pem"));
+        if !cert.exists() {
+            let out = gossamer(&[
+                "cert",
+                "issue",
+                "--ca-dir",
+                self.dir.path().join("ca").to_str().unwrap(),
+                "--operator",
+                name,
+                "--out",
+                out_dir.to_str().unwrap(),
+            ]);
+            if !out.status.success() {
+                bail!(
+                    "cert issue --operator failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        Ok((cert, out_dir.join(format!("{name}.key"))))
+    }
+
     /// A fresh data dir for `name`.
     pub fn data_dir(&self, name: &str) -> PathBuf {
         self.dir.path().join("data").join(name)

@@ -90,6 +90,15 @@ pub enum Event {
         /// Its new version.
         version: u64,
     },
+    /// Gossip says `holder` holds document `key` at `stamp`.
+    DocNotice {
+        /// Kind and name.
+        key: crate::docs::DocKey,
+        /// Version and digest.
+        stamp: crate::docs::DocStamp,
+        /// Who holds it.
+        holder: String,
+    },
 }
 
 /// A datagram to send.
@@ -318,6 +327,27 @@ impl Membership {
         let notice = CatalogNotice {
             node: self.identity().name.clone(),
             version,
+        };
+        self.swim
+            .add_broadcast(&notice.encode()?)
+            .map_err(protocol)?;
+        Ok(())
+    }
+
+    /// Announces that this node holds document `key` at `stamp`; peers with
+    /// an older one will fetch it.
+    pub fn publish_doc(
+        &mut self,
+        now: Duration,
+        key: &crate::docs::DocKey,
+        stamp: crate::docs::DocStamp,
+    ) -> Result<(), MembershipError> {
+        self.advance(now);
+        let notice = crate::gossip::DocNotice {
+            kind: key.0.clone(),
+            name: key.1.clone(),
+            stamp,
+            holder: self.identity().name.clone(),
         };
         self.swim
             .add_broadcast(&notice.encode()?)
@@ -589,11 +619,23 @@ impl Membership {
             self.events.push_back(event);
         }
         self.scale_transmissions();
-        let notices: Vec<CatalogNotice> = self.gossip.state().notices.drain(..).collect();
+        let (notices, doc_notices) = {
+            let mut state = self.gossip.state();
+            let notices: Vec<CatalogNotice> = state.notices.drain(..).collect();
+            let docs: Vec<crate::gossip::DocNotice> = state.doc_notices.drain(..).collect();
+            (notices, docs)
+        };
         for n in notices {
             self.events.push_back(Event::CatalogNotice {
                 node: n.node,
                 version: n.version,
+            });
+        }
+        for n in doc_notices {
+            self.events.push_back(Event::DocNotice {
+                key: (n.kind, n.name),
+                stamp: n.stamp,
+                holder: n.holder,
             });
         }
     }

@@ -25,6 +25,7 @@ use rand::{RngExt, SeedableRng};
 use crate::codec::CodecError;
 use crate::config::SwimConfig;
 use crate::core::{Event, Membership, MembershipError, Transmit};
+use crate::docs::{DocAction, DocKey, DocRef, DocReplica, DocStamp};
 use crate::identity::NodeId;
 use crate::replica::{Digest, Replica, ReplicaAction, ReplicaConfig};
 use crate::sync::{SYNC_AFTER_RENEWAL, SyncPayload, interval_for};
@@ -90,6 +91,29 @@ pub enum Action {
         /// Its new identity.
         peer: NodeId,
     },
+    /// Fetch document `key` (at least `stamp`) from `from`; check it and
+    /// report with [`Driver::handle_doc_fetched`].
+    FetchDoc {
+        /// Kind and name.
+        key: DocKey,
+        /// The stamp wanted.
+        stamp: DocStamp,
+        /// A node said to hold it.
+        from: String,
+        /// Where it is.
+        addr: SocketAddr,
+    },
+    /// Compare document lists with `peer`: send our summary; if it differs,
+    /// hand its list to [`Driver::handle_doc_list`] (and send it ours),
+    /// else call [`Driver::handle_docs_same`].
+    ExchangeDocs {
+        /// The peer.
+        peer: String,
+        /// Where it is.
+        addr: SocketAddr,
+        /// [`DocReplica::summary`] of ours.
+        summary: u128,
+    },
 }
 
 /// Where a node joins through.
@@ -134,6 +158,10 @@ pub struct DriverStats {
 pub struct Driver {
     core: Membership,
     replica: Replica,
+    docs: DocReplica,
+    /// Compare document lists with a peer at the next chance (just joined).
+    docs_exchange_due: bool,
+    doc_scratch: Vec<DocAction>,
     rng: StdRng,
     plan: JoinPlan,
     joining: Option<Joining>,
@@ -170,9 +198,17 @@ impl Driver {
             delay: JOIN_FIRST_RETRY,
             attempt: 0,
         });
+        let mut docs = DocReplica::new();
+        if joining.is_none() {
+            // A new mesh: nobody to catch up with.
+            docs.set_synced();
+        }
         Ok(Self {
             core,
             replica: Replica::new(identity.name, replica),
+            docs,
+            docs_exchange_due: false,
+            doc_scratch: Vec::new(),
             rng,
             plan,
             joining,
@@ -196,6 +232,62 @@ impl Driver {
     /// Replication state (read-only).
     pub fn replica(&self) -> &Replica {
         &self.replica
+    }
+
+    /// Document replication state (read-only).
+    pub fn docs(&self) -> &DocReplica {
+        &self.docs
+    }
+
+    /// This node applied document `key` at `stamp` (from the operator, or
+    /// loaded from disk when `announce` is false): hold it and tell the
+    /// mesh.
+    pub fn publish_doc(
+        &mut self,
+        now: Duration,
+        key: DocKey,
+        stamp: DocStamp,
+        announce: bool,
+    ) -> Result<(), MembershipError> {
+        self.docs.hold(key.clone(), stamp);
+        let result = if announce {
+            self.core.publish_doc(now, &key, stamp)
+        } else {
+            Ok(())
+        };
+        self.pump(now);
+        result
+    }
+
+    /// A fetch of document `key` from `from` ended: `got` is the stamp now
+    /// held (checked and stored), or `None` if the fetch failed or the
+    /// document was refused.
+    pub fn handle_doc_fetched(
+        &mut self,
+        now: Duration,
+        key: &DocKey,
+        from: &str,
+        got: Option<DocStamp>,
+    ) {
+        let mut out = std::mem::take(&mut self.doc_scratch);
+        self.docs.fetched(key, from, got, &mut out);
+        self.take_docs(now, &mut out);
+        self.doc_scratch = out;
+        self.pump(now);
+    }
+
+    /// A peer's document list, from an exchange either side started.
+    pub fn handle_doc_list(&mut self, now: Duration, peer: &str, list: &[DocRef]) {
+        let mut out = std::mem::take(&mut self.doc_scratch);
+        self.docs.list_from(peer, list, &mut out);
+        self.take_docs(now, &mut out);
+        self.doc_scratch = out;
+        self.pump(now);
+    }
+
+    /// A peer's document summary matched ours.
+    pub fn handle_docs_same(&mut self) {
+        self.docs.same_as_peer();
     }
 
     /// Whether this node ever had another active member.
@@ -293,6 +385,7 @@ impl Driver {
     /// Dialing a seed reached this very node: alone, it is the mesh.
     pub fn handle_self_seed(&mut self) {
         self.self_seed = true;
+        self.docs.set_synced();
     }
 
     /// Announces to one member (the admin API's join).
@@ -474,9 +567,46 @@ impl Driver {
             .and_then(|i| self.replica.active().nth(i))
             .map(|(n, a)| (n.clone(), *a));
         let mut out = std::mem::take(&mut self.scratch);
-        self.replica.round(now, peer, &mut out);
+        self.replica.round(now, peer.clone(), &mut out);
         self.take_replica(&mut out);
         self.scratch = out;
+        let mut docs = std::mem::take(&mut self.doc_scratch);
+        self.docs.round(&mut docs);
+        self.take_docs(now, &mut docs);
+        self.doc_scratch = docs;
+        if let Some((peer, addr)) = peer {
+            self.docs_exchange_due = false;
+            self.actions.push_back(Action::ExchangeDocs {
+                peer,
+                addr,
+                summary: self.docs.summary(),
+            });
+        }
+    }
+
+    /// Turns the document replica's decisions into actions. A holder
+    /// without a known address counts as a failed fetch.
+    fn take_docs(&mut self, now: Duration, out: &mut Vec<DocAction>) {
+        let mut more = Vec::new();
+        while !out.is_empty() {
+            for a in out.drain(..) {
+                match a {
+                    DocAction::Fetch { key, stamp, from } => match self.replica.addr(&from) {
+                        Some(addr) => self.actions.push_back(Action::FetchDoc {
+                            key,
+                            stamp,
+                            from,
+                            addr,
+                        }),
+                        None => self.docs.fetched(&key, &from, None, &mut more),
+                    },
+                    DocAction::Announce { key, stamp } => {
+                        let _ = self.core.publish_doc(now, &key, stamp);
+                    }
+                }
+            }
+            std::mem::swap(out, &mut more);
+        }
     }
 
     fn take_replica(&mut self, out: &mut Vec<ReplicaAction>) {
@@ -508,6 +638,7 @@ impl Driver {
                 }
                 Event::MemberDown(id) => {
                     self.replica.member_inactive(now, &id.name);
+                    self.docs.member_gone(&id.name);
                     self.actions.push_back(Action::Disconnect {
                         peer: id.name.clone(),
                     });
@@ -517,6 +648,7 @@ impl Driver {
                     // requests it holds, then closes its connections itself.
                     // New requests already go elsewhere.
                     self.replica.member_inactive(now, &id.name);
+                    self.docs.member_gone(&id.name);
                 }
                 Event::MemberRenamed { new, .. } => {
                     self.replica
@@ -546,6 +678,8 @@ impl Driver {
                             at: now,
                             gossip: false,
                         });
+                        // And every document, before the node says ready.
+                        self.docs_exchange_due = true;
                     }
                     self.joining = None;
                 }
@@ -553,12 +687,33 @@ impl Driver {
                 Event::CatalogNotice { node, version } => {
                     self.replica.notice(node, *version, &mut out);
                 }
+                Event::DocNotice { key, stamp, holder } => {
+                    let mut docs = std::mem::take(&mut self.doc_scratch);
+                    self.docs
+                        .offer(key.clone(), *stamp, holder, false, &mut docs);
+                    self.take_docs(now, &mut docs);
+                    self.doc_scratch = docs;
+                }
                 Event::SuspicionLingers(_) => lingering = true,
             }
             self.events.push_back(event);
         }
         self.take_replica(&mut out);
         self.scratch = out;
+        if self.docs_exchange_due {
+            let count = self.replica.active().count();
+            if count > 0 {
+                let i = self.rng.random_range(0..count);
+                if let Some((peer, addr)) = self.replica.active().nth(i) {
+                    self.actions.push_back(Action::ExchangeDocs {
+                        peer: peer.clone(),
+                        addr: *addr,
+                        summary: self.docs.summary(),
+                    });
+                }
+                self.docs_exchange_due = false;
+            }
+        }
         if lingering {
             // This node missed a verdict or a refutation: a swap with a
             // peer brings whichever it was.
@@ -713,6 +868,43 @@ mod tests {
                     }
                     Action::Purge { node } => self.purged.push((i, node)),
                     Action::Disconnect { .. } | Action::DisconnectStale { .. } => {}
+                    Action::FetchDoc { key, from, .. } => {
+                        let j = Self::index(&from);
+                        // The agent checks and stores the copy; what it then
+                        // holds is the higher of the two.
+                        let got = if self.reachable(i, j) {
+                            let theirs = self.nodes[j].as_ref().unwrap().docs().held(&key);
+                            let ours = self.nodes[i].as_ref().unwrap().docs().held(&key);
+                            theirs.map(|t| ours.map_or(t, |o| o.max(t)))
+                        } else {
+                            None
+                        };
+                        self.nodes[i]
+                            .as_mut()
+                            .unwrap()
+                            .handle_doc_fetched(now, &key, &from, got);
+                    }
+                    Action::ExchangeDocs { peer, summary, .. } => {
+                        let j = Self::index(&peer);
+                        if self.reachable(i, j) {
+                            let theirs = self.nodes[j].as_ref().unwrap().docs();
+                            if theirs.summary() == summary {
+                                self.nodes[i].as_mut().unwrap().handle_docs_same();
+                            } else {
+                                let their_list = theirs.list();
+                                let our_list = self.nodes[i].as_ref().unwrap().docs().list();
+                                self.nodes[j]
+                                    .as_mut()
+                                    .unwrap()
+                                    .handle_doc_list(now, &me, &our_list);
+                                self.nodes[i].as_mut().unwrap().handle_doc_list(
+                                    now,
+                                    &peer,
+                                    &their_list,
+                                );
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -914,5 +1106,67 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
+    }
+
+    fn doc_stamp(version: u64, d: u8) -> DocStamp {
+        DocStamp {
+            version,
+            digest: [d; 32],
+        }
+    }
+
+    #[test]
+    fn documents_spread_reach_joiners_and_agree_after_a_partition() {
+        let mut mesh = Mesh::new(6, ReplicaConfig::default());
+        // n5 stays out at first: it joins later.
+        let late = mesh.nodes[5].take();
+        mesh.run_for(Duration::from_secs(10));
+        let key: DocKey = ("route".into(), "web".into());
+        let now = mesh.now;
+        mesh.nodes[2]
+            .as_mut()
+            .unwrap()
+            .publish_doc(now, key.clone(), doc_stamp(1, 1), true)
+            .unwrap();
+        mesh.run_for(Duration::from_secs(2));
+        for i in 0..5 {
+            let d = mesh.nodes[i].as_ref().unwrap();
+            assert_eq!(d.docs().held(&key), Some(doc_stamp(1, 1)), "n{i}");
+            assert!(d.docs().synced(), "n{i}");
+        }
+
+        // A joiner catches up before it says it is synced.
+        mesh.nodes[5] = late;
+        for _ in 0..200 {
+            mesh.run_for(Duration::from_millis(100));
+            if mesh.nodes[5].as_ref().unwrap().docs().synced() {
+                break;
+            }
+        }
+        let joiner = mesh.nodes[5].as_ref().unwrap();
+        assert!(joiner.docs().synced());
+        assert_eq!(joiner.docs().held(&key), Some(doc_stamp(1, 1)));
+
+        // Both sides of a cut write version 2; after the heal every node
+        // holds the higher digest.
+        mesh.cut = vec![0, 1];
+        let now = mesh.now;
+        mesh.nodes[0]
+            .as_mut()
+            .unwrap()
+            .publish_doc(now, key.clone(), doc_stamp(2, 9), true)
+            .unwrap();
+        mesh.nodes[3]
+            .as_mut()
+            .unwrap()
+            .publish_doc(now, key.clone(), doc_stamp(2, 4), true)
+            .unwrap();
+        mesh.run_for(Duration::from_secs(3));
+        mesh.cut.clear();
+        mesh.run_for(Duration::from_secs(30));
+        for (i, d) in mesh.nodes.iter().enumerate() {
+            let d = d.as_ref().unwrap();
+            assert_eq!(d.docs().held(&key), Some(doc_stamp(2, 9)), "n{i}");
+        }
     }
 }

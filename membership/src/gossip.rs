@@ -10,10 +10,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, CodecError};
+use crate::docs::{DocStamp, MAX_DOCS};
 use crate::identity::{NodeId, validate_name};
 
 const KIND_LEAVE: u8 = 1;
 const KIND_CATALOG: u8 = 2;
+const KIND_DOC: u8 = 3;
+/// Longest document kind or name accepted in a notice.
+const MAX_DOC_NAME: usize = 128;
 /// Notices held for the driver before the oldest are dropped (the
 /// anti-entropy sync catches up on anything dropped).
 const MAX_PENDING_NOTICES: usize = 65_536;
@@ -57,6 +61,30 @@ impl CatalogNotice {
     }
 }
 
+/// "`holder` holds document (`kind`, `name`) at `stamp`": peers with an
+/// older one fetch it from the holder (or from whoever else has it; the
+/// operator's signature makes any copy trustworthy).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocNotice {
+    /// The document's kind.
+    pub kind: String,
+    /// Its name.
+    pub name: String,
+    /// Its version and digest.
+    pub stamp: DocStamp,
+    /// A node that holds it.
+    pub holder: String,
+}
+
+impl DocNotice {
+    /// The broadcast bytes for this item.
+    pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        let mut out = vec![KIND_DOC];
+        out.extend(codec::encode(self)?);
+        Ok(out)
+    }
+}
+
 /// The dedup key of a broadcast: a newer item for the same key replaces the
 /// older one in foca's retransmission queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +93,8 @@ pub enum GossipKey {
     Leave(String),
     /// A [`CatalogNotice`] about this node's entry.
     Catalog(String),
+    /// A [`DocNotice`] about this document (kind, name).
+    Doc(String, String),
 }
 
 impl foca::Invalidates for GossipKey {
@@ -83,6 +113,10 @@ pub(crate) struct GossipState {
     pub(crate) catalog: HashMap<String, u64>,
     /// Notices about other nodes not yet handed to the driver.
     pub(crate) notices: std::collections::VecDeque<CatalogNotice>,
+    /// Highest document stamp announced per (kind, name).
+    pub(crate) docs: HashMap<(String, String), DocStamp>,
+    /// Document notices from others not yet handed to the driver.
+    pub(crate) doc_notices: std::collections::VecDeque<DocNotice>,
     /// Bytes of custom broadcast items received (new ones only).
     pub(crate) broadcast_bytes: u64,
 }
@@ -169,6 +203,37 @@ impl foca::BroadcastHandler<NodeId> for GossipHandler {
                     state.notices.push_back(notice);
                 }
                 Ok(Some(key))
+            }
+            KIND_DOC => {
+                let notice: DocNotice = whole(body)?;
+                validate_name(&notice.holder)?;
+                if notice.kind.len() > MAX_DOC_NAME || notice.name.len() > MAX_DOC_NAME {
+                    return Err(CodecError::TooLarge {
+                        len: notice.kind.len().max(notice.name.len()),
+                        max: MAX_DOC_NAME,
+                    });
+                }
+                let mut state = self.state();
+                let doc = (notice.kind.clone(), notice.name.clone());
+                if state
+                    .docs
+                    .get(&doc)
+                    .is_some_and(|known| *known >= notice.stamp)
+                {
+                    return Ok(None);
+                }
+                if !state.docs.contains_key(&doc) && state.docs.len() >= MAX_DOCS {
+                    return Ok(None);
+                }
+                state.docs.insert(doc.clone(), notice.stamp);
+                state.broadcast_bytes += data.len() as u64;
+                if notice.holder != self.local {
+                    if state.doc_notices.len() >= MAX_PENDING_NOTICES {
+                        state.doc_notices.pop_front();
+                    }
+                    state.doc_notices.push_back(notice);
+                }
+                Ok(Some(GossipKey::Doc(doc.0, doc.1)))
             }
             other => Err(CodecError::BadMagic(other)),
         }

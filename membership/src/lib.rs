@@ -21,12 +21,15 @@
 //! - [`driver`]: [`Driver`], the agent's policy around the core (joins,
 //!   member syncs, catalog replication), shared with the simulator.
 //! - [`replica`]: catalog replication bookkeeping for the driver.
+//! - [`docs`]: configuration document replication bookkeeping for the
+//!   driver.
 //! - [`duration`]: `"2s"`-style durations for config files.
 
 pub mod catalog;
 pub mod codec;
 pub mod config;
 pub mod core;
+pub mod docs;
 pub mod driver;
 pub mod duration;
 pub mod gossip;

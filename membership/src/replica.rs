@@ -144,6 +144,11 @@ impl Replica {
         self.active.iter().map(|(n, (_, a))| (n, a))
     }
 
+    /// The address of active member `node`.
+    pub fn addr(&self, node: &str) -> Option<SocketAddr> {
+        self.active.get(node).map(|(_, a)| *a)
+    }
+
     /// `node` (generation, address) is active. A member whose entry this
     /// node has never held has it fetched at once. One that comes back
     /// under a new generation (restarted, or renewed after being declared

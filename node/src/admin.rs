@@ -49,6 +49,10 @@ pub struct AdminState {
     pub token: Option<AdminToken>,
     /// Listeners no registration may point at.
     pub listeners: AgentListeners,
+    /// Configuration documents.
+    pub documents: Arc<crate::documents::Documents>,
+    /// Requests to the mesh task (document notices).
+    pub commands: tokio::sync::mpsc::Sender<crate::members::Command>,
 }
 
 /// One row of `GET /v1/members`.
@@ -177,6 +181,9 @@ async fn route(
             json(StatusCode::OK, &serde_json::json!({"leaving": true}))
         }
         (&Method::GET, ["v1", "catalog"]) => catalog(state),
+        (&Method::POST, ["v1", "config"]) => apply_document(state, &body).await,
+        (&Method::GET, ["v1", "config"]) => config_list(state, &query),
+        (&Method::GET, ["v1", "config", kind, name]) => config_get(state, kind, name),
         (&Method::GET, ["v1", "route"]) => route_of(state, &query),
         (&Method::GET, ["v1", "services", name]) => service(state, name),
         (&Method::GET, ["v1", "agent", "services"]) => local_services(state),
@@ -199,7 +206,9 @@ async fn route(
         ),
         (
             _,
-            ["health" | "ready" | "metrics"] | ["v1", "members" | "agent" | "leave" | "catalog"],
+            ["health" | "ready" | "metrics"]
+            | ["v1", "members" | "agent" | "leave" | "catalog" | "config"]
+            | ["v1", "config", _, _],
         ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed on {path}"),
@@ -232,6 +241,112 @@ async fn register(state: &AdminState, id: &str, body: &[u8]) -> Response<Body> {
             &serde_json::json!({"id": id, "version": version}),
         ),
         Err(e) => register_error(e),
+    }
+}
+
+/// One document's status, as `GET /v1/config` shows it.
+fn document_row(h: &crate::documents::Held) -> serde_json::Value {
+    let env = &h.envelope;
+    serde_json::json!({
+        "kind": env.kind,
+        "name": env.name,
+        "version": h.stamp.version,
+        "digest": h.stamp.digest_hex(),
+        "signer": h.signer,
+        "applied_at_ms": h.applied_at_ms,
+        "source": h.source,
+        "status": if env.deleted { "deleted" } else { "active" },
+    })
+}
+
+async fn apply_document(state: &AdminState, body: &[u8]) -> Response<Body> {
+    use crate::documents::envelope::{DocError, Envelope, EnvelopeJson};
+    use crate::documents::{Outcome, Source};
+    let parsed: EnvelopeJson = match serde_json::from_slice(body) {
+        Ok(j) => j,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("body: not a document envelope ({e})"),
+            );
+        }
+    };
+    let env = match Envelope::from_json(&parsed) {
+        Ok(env) => env,
+        Err(e) => {
+            let env = Envelope {
+                kind: parsed.kind.clone(),
+                name: parsed.name.clone(),
+                version: parsed.version,
+                deleted: parsed.deleted,
+                body: String::new(),
+                scheme: 0,
+                signer_cert: Vec::new(),
+                signature: Vec::new(),
+            };
+            state.documents.refuse(&env, Source::Api, &e);
+            return error(StatusCode::BAD_REQUEST, e.to_string());
+        }
+    };
+    let key = (env.kind.clone(), env.name.clone());
+    match state.documents.apply(env, Source::Api) {
+        Ok(Outcome::Applied { stamp, previous }) => {
+            let held = state.documents.get(&key.0, &key.1);
+            let _ = state
+                .commands
+                .send(crate::members::Command::PublishDoc(key.clone(), stamp))
+                .await;
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "kind": key.0,
+                    "name": key.1,
+                    "version": stamp.version,
+                    "digest": stamp.digest_hex(),
+                    "signer": held.map(|h| h.signer),
+                    "previous_version": previous.map(|p| p.stamp.version),
+                }),
+            )
+        }
+        Ok(Outcome::Kept(_)) => error(StatusCode::CONFLICT, "a newer version is in force"),
+        Err(e @ DocError::Stale { .. }) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e @ DocError::Full(_)) => error(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+fn config_list(state: &AdminState, query: &str) -> Response<Body> {
+    let kind = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("kind="))
+        .filter(|k| !k.is_empty());
+    let docs: Vec<serde_json::Value> = state
+        .documents
+        .all()
+        .iter()
+        .filter(|h| kind.is_none_or(|k| h.envelope.kind == k))
+        .map(document_row)
+        .collect();
+    let snapshot = state.snapshot.borrow().clone();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "documents": docs,
+            "synced": snapshot.docs_synced,
+            "wanted": snapshot.docs_wanted,
+            "refused": state.documents.refusals(),
+        }),
+    )
+}
+
+fn config_get(state: &AdminState, kind: &str, name: &str) -> Response<Body> {
+    match state.documents.get(kind, name) {
+        Some(h) => {
+            let mut row = document_row(&h);
+            row["envelope"] = serde_json::to_value(h.envelope.to_json()).unwrap_or_default();
+            json(StatusCode::OK, &row)
+        }
+        None => error(StatusCode::NOT_FOUND, format!("no document {kind} {name}")),
     }
 }
 
@@ -416,11 +531,16 @@ fn partition(state: &AdminState, method: &Method, body: &[u8]) -> Response<Body>
 fn ready(state: &AdminState) -> Response<Body> {
     let s = state.snapshot.borrow().clone();
     let alone_ok = !state.has_seeds || s.self_seed;
-    let ok = !s.left && (s.joined || alone_ok);
+    // A node that joined must also hold the mesh's configuration: ready
+    // means it applies the same policy as everyone else.
+    let docs_ok = s.docs_synced || !s.joined;
+    let ok = !s.left && (s.joined || alone_ok) && docs_ok;
     let reason = if s.left {
         "left the mesh"
     } else if ok {
         "ready"
+    } else if !docs_ok {
+        "joined, still fetching the mesh's configuration documents"
     } else {
         "not joined yet: no seed or saved member has answered"
     };

@@ -26,9 +26,12 @@ pub enum Command {
     /// Manage the mesh certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
-    /// Issue node certificates.
+    /// Issue node and operator certificates.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Mesh-wide configuration: signed documents every agent applies.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Show the members a running agent knows.
     Members(MembersArgs),
     /// List the mesh's services with their passing/total instances.
@@ -64,14 +67,23 @@ pub enum CaCommand {
 /// `gossamer cert ...`
 #[derive(Debug, Subcommand)]
 pub enum CertCommand {
-    /// Issue a node certificate: writes OUT/NAME.pem and OUT/NAME.key.
+    /// Issue a node certificate (--name) or an operator certificate
+    /// (--operator, for signing configuration documents only): writes
+    /// OUT/NAME.pem and OUT/NAME.key.
     Issue {
         /// Directory holding ca.pem and ca.key.
         #[arg(long)]
         ca_dir: PathBuf,
         /// The node name the certificate is for.
+        #[arg(
+            long,
+            required_unless_present = "operator",
+            conflicts_with = "operator"
+        )]
+        name: Option<String>,
+        /// The operator the certificate is for.
         #[arg(long)]
-        name: String,
+        operator: Option<String>,
         /// Where to write the certificate and key.
         #[arg(long)]
         out: PathBuf,
@@ -79,6 +91,77 @@ pub enum CertCommand {
         #[arg(long, default_value = gossamer_transport::pki::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
     },
+}
+
+/// `gossamer config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Check, sign and submit documents from TOML or JSON files; prints the
+    /// version assigned and a diff against the live document.
+    Apply {
+        /// Files holding documents (`[[route]]` tables, ...).
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        /// Who signs.
+        signer: SignerArgs,
+        #[command(flatten)]
+        /// Which agent.
+        admin: AdminArgs,
+        /// Check, sign and show the diff, but submit nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show one document.
+    Get {
+        /// Its kind (`route`, ...).
+        kind: String,
+        /// Its name.
+        name: String,
+        #[command(flatten)]
+        /// Which agent.
+        admin: AdminArgs,
+        /// Print the agent's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the documents an agent holds, and recent refusals.
+    List {
+        #[command(flatten)]
+        /// Which agent.
+        admin: AdminArgs,
+        /// Only this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Print the agent's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a document: a signed tombstone, so no stale node can bring it
+    /// back.
+    Delete {
+        /// Its kind.
+        kind: String,
+        /// Its name.
+        name: String,
+        #[command(flatten)]
+        /// Who signs.
+        signer: SignerArgs,
+        #[command(flatten)]
+        /// Which agent.
+        admin: AdminArgs,
+    },
+}
+
+/// The operator certificate and key that sign documents.
+#[derive(Debug, Args)]
+pub struct SignerArgs {
+    /// Operator certificate (PEM), from `gossamer cert issue --operator`.
+    #[arg(long, env = "GOSSAMER_OPERATOR_CERT", value_name = "PEM")]
+    pub operator_cert: PathBuf,
+    /// Its private key (PEM).
+    #[arg(long, env = "GOSSAMER_OPERATOR_KEY", value_name = "PEM")]
+    pub operator_key: PathBuf,
 }
 
 /// Flags of `gossamer agent`. All optional: unset ones come from the

@@ -32,6 +32,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod documents;
 pub mod identity;
 pub mod listener;
 pub mod logging;

@@ -33,9 +33,19 @@ fn main() -> ExitCode {
         Command::Cert(CertCommand::Issue {
             ca_dir,
             name,
+            operator,
             out,
             trust_domain,
-        }) => report(cert_issue(&ca_dir, &name, &out, &trust_domain)),
+        }) => report(cert_issue(
+            &ca_dir,
+            name.as_deref(),
+            operator.as_deref(),
+            &out,
+            &trust_domain,
+        )),
+        Command::Config(command) => report(
+            runtime().and_then(|rt| rt.block_on(gossamer_node::documents::cli::run(command))),
+        ),
         Command::Members(args) => report(runtime().and_then(|rt| rt.block_on(members(args)))),
         Command::Services(args) => report(runtime().and_then(|rt| rt.block_on(services(args)))),
         Command::Service(args) => report(runtime().and_then(|rt| rt.block_on(service(args)))),
@@ -210,13 +220,19 @@ fn ca_init(dir: &std::path::Path, trust_domain: &str) -> anyhow::Result<()> {
 
 fn cert_issue(
     ca_dir: &std::path::Path,
-    name: &str,
+    node: Option<&str>,
+    operator: Option<&str>,
     out: &std::path::Path,
     trust_domain: &str,
 ) -> anyhow::Result<()> {
+    let name = node.or(operator).context("give --name or --operator")?;
     gossamer_membership::identity::validate_name(name)?;
     let ca = pki::read_pair(&ca_dir.join("ca.pem"), &ca_dir.join("ca.key"))?;
-    let pair = pki::issue_node_cert(&ca, name, trust_domain)?;
+    let pair = if operator.is_some() {
+        pki::issue_operator_cert(&ca, name, trust_domain)?
+    } else {
+        pki::issue_node_cert(&ca, name, trust_domain)?
+    };
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let cert = out.join(format!("{name}.pem"));
     let key = out.join(format!("{name}.key"));

@@ -14,6 +14,11 @@ use tokio::sync::oneshot;
 pub enum Command {
     /// Leave the mesh; replies once the leave notices are on the wire.
     Leave(oneshot::Sender<()>),
+    /// A configuration document was applied here: announce it.
+    PublishDoc(
+        gossamer_membership::docs::DocKey,
+        gossamer_membership::docs::DocStamp,
+    ),
 }
 
 /// The membership as of the last change.
@@ -47,6 +52,11 @@ pub struct Snapshot {
     pub health: HealthStats,
     /// How long a suspect has to refute before it is declared down, now.
     pub suspicion_timeout_ms: u64,
+    /// Whether this node has caught up with the mesh's configuration
+    /// documents since it started (or is the mesh).
+    pub docs_synced: bool,
+    /// Documents announced but not yet fetched.
+    pub docs_wanted: usize,
 }
 
 impl Snapshot {
@@ -65,6 +75,8 @@ impl Snapshot {
             health_score: 0,
             health: HealthStats::default(),
             suspicion_timeout_ms: 0,
+            docs_synced: false,
+            docs_wanted: 0,
         }
     }
 

@@ -52,6 +52,7 @@ impl Counters {
 #[derive(Debug)]
 struct AgentCollector {
     catalog: Arc<Shared>,
+    documents: Arc<crate::documents::Documents>,
     transport: Transport,
     counters: Arc<Counters>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
@@ -94,6 +95,47 @@ impl Collector for AgentCollector {
                 let labels = vec![("state", state.as_str())];
                 ConstGauge::new(snapshot.count(state) as i64)
                     .encode(members.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let docs = &self.documents;
+            ConstGauge::new(docs.stamps().len() as i64).encode(encoder.encode_descriptor(
+                "gossamer_config_documents",
+                "Configuration documents held (tombstones included)",
+                None,
+                MetricType::Gauge,
+            )?)?;
+            counter(
+                &mut encoder,
+                "gossamer_config_applied",
+                "Configuration documents applied (from the API or a peer)",
+                &[(
+                    &[],
+                    docs.counters
+                        .applied
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                )],
+            )?;
+            counter(
+                &mut encoder,
+                "gossamer_config_conflicts",
+                "Two documents with the same version met here (the higher digest won)",
+                &[(
+                    &[],
+                    docs.counters
+                        .conflicts
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                )],
+            )?;
+            let refused = docs.counters.refused();
+            let mut metric = encoder.encode_descriptor(
+                "gossamer_config_refused",
+                "Configuration documents refused, by reason",
+                None,
+                MetricType::Counter,
+            )?;
+            for (reason, n) in refused {
+                ConstCounter::new(n).encode(metric.encode_family(&[("reason", reason)])?)?;
             }
         }
         let s = self.transport.stats();
@@ -388,6 +430,7 @@ impl Metrics {
         counters: Arc<Counters>,
         snapshot: watch::Receiver<Arc<Snapshot>>,
         catalog: Arc<Shared>,
+        documents: Arc<crate::documents::Documents>,
     ) -> (
         Self,
         crate::proxy::metrics::ProxyMetrics,
@@ -398,6 +441,7 @@ impl Metrics {
         let listeners = crate::listener::ListenerMetrics::register(&mut registry);
         registry.register_collector(Box::new(AgentCollector {
             catalog,
+            documents,
             transport,
             counters,
             snapshot,

@@ -10,6 +10,7 @@
 //!
 //! # Layout
 //! - [`pki`]: the mesh CA, node certificates, and loading a [`MeshIdentity`].
+//! - [`sign`]: signatures by operator certificates (configuration documents).
 //! - [`tls`]: rustls client and server configuration.
 //! - [`endpoint`]: the [`Transport`] and its connection cache.
 //! - [`stream`]: stream halves that keep their connection open while held.
@@ -19,6 +20,7 @@
 pub mod endpoint;
 pub mod frame;
 pub mod pki;
+pub mod sign;
 pub mod stats;
 pub mod stream;
 pub mod tls;

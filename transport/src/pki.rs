@@ -130,6 +130,41 @@ pub fn issue_node_cert(ca: &PemPair, name: &str, trust_domain: &str) -> Result<P
     })
 }
 
+/// Issues an operator certificate for `name`: for signing configuration
+/// documents only. Its URI is `spiffe://<trust-domain>/operator/<name>` and
+/// its only extended key usage is code signing, so TLS (which wants client
+/// or server authentication) refuses it as a node identity, and a node
+/// certificate (which lacks code signing) cannot sign documents.
+pub fn issue_operator_cert(
+    ca: &PemPair,
+    name: &str,
+    trust_domain: &str,
+) -> Result<PemPair, PkiError> {
+    let ca_key = KeyPair::from_pem(&ca.key)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.subject_alt_names.push(SanType::URI(
+        format!("spiffe://{trust_domain}/operator/{name}").try_into()?,
+    ));
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("operator {name}"));
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning];
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(PemPair {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    })
+}
+
+/// Reads the operator name out of a certificate's
+/// `spiffe://…/operator/<name>` URI. Returns the trust domain and the name.
+pub fn operator_identity(cert: &CertificateDer<'_>) -> Option<(String, String)> {
+    spiffe_path(cert, "operator/")
+}
+
 /// `spiffe://<trust-domain>/node/<name>`.
 pub fn spiffe_id(trust_domain: &str, name: &str) -> String {
     format!("spiffe://{trust_domain}/node/{name}")
@@ -138,13 +173,19 @@ pub fn spiffe_id(trust_domain: &str, name: &str) -> String {
 /// Reads the node name out of a certificate's `spiffe://…/node/<name>` URI.
 /// Returns the trust domain and the name.
 pub fn node_identity(cert: &CertificateDer<'_>) -> Option<(String, String)> {
+    spiffe_path(cert, "node/")
+}
+
+/// The trust domain and the name of the first `spiffe://<td>/<prefix><name>`
+/// URI in the certificate.
+fn spiffe_path(cert: &CertificateDer<'_>, prefix: &str) -> Option<(String, String)> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let san = parsed.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|n| match n {
         x509_parser::extensions::GeneralName::URI(uri) => {
             let rest = uri.strip_prefix("spiffe://")?;
             let (domain, path) = rest.split_once('/')?;
-            let name = path.strip_prefix("node/")?;
+            let name = path.strip_prefix(prefix)?;
             (!name.is_empty() && !name.contains('/')).then(|| (domain.to_owned(), name.to_owned()))
         }
         _ => None,
@@ -195,6 +236,9 @@ pub struct MeshIdentity {
     pub key: Arc<PrivateKeyDer<'static>>,
     /// The mesh CA.
     pub roots: Arc<RootCertStore>,
+    /// The mesh CA certificate (the first in the CA file): what operator
+    /// signatures must chain to.
+    pub ca_cert: CertificateDer<'static>,
 }
 
 impl std::fmt::Debug for MeshIdentity {
@@ -224,15 +268,17 @@ impl MeshIdentity {
         let key_pem = fs::read(key_path).map_err(io(key_path))?;
 
         let mut roots = RootCertStore::empty();
+        let mut ca_cert = None;
         for ca in CertificateDer::pem_slice_iter(&ca_pem) {
             let ca = ca.map_err(|e| bad(ca_path, format!("not a PEM certificate ({e})")))?;
+            ca_cert.get_or_insert_with(|| ca.clone());
             roots
                 .add(ca)
                 .map_err(|e| bad(ca_path, format!("not a usable CA certificate ({e})")))?;
         }
-        if roots.is_empty() {
+        let Some(ca_cert) = ca_cert.filter(|_| !roots.is_empty()) else {
             return Err(bad(ca_path, "holds no certificate".into()));
-        }
+        };
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
             .collect::<Result<_, _>>()
             .map_err(|e| bad(cert_path, format!("not a PEM certificate ({e})")))?;
@@ -279,6 +325,7 @@ impl MeshIdentity {
             chain,
             key: Arc::new(key),
             roots,
+            ca_cert,
         };
         // Catch a key that does not belong to the certificate now, not at
         // the first handshake.

@@ -180,6 +180,11 @@ pub async fn run(
             .max(config.peer_links.idle + std::time::Duration::from_secs(30)),
         ..TransportConfig::default()
     };
+    let documents = Arc::new(crate::documents::Documents::open(
+        &config.data_dir,
+        identity.ca_cert.clone(),
+        identity.trust_domain.clone(),
+    )?);
     let (transport, queues) = Transport::bind(identity, transport_config, sockets.udp)?;
     let local = NodeId::new(name.clone(), advertise, generation)
         .expect("the certificate name was validated");
@@ -191,7 +196,7 @@ pub async fn run(
         saved: mesh::saved_members(&saved, &name),
     };
     let epoch = tokio::time::Instant::now();
-    let driver = Driver::new(
+    let mut driver = Driver::new(
         local,
         &config.swim,
         config.catalog.clone(),
@@ -199,6 +204,9 @@ pub async fn run(
         rand::random(),
         std::time::Duration::ZERO,
     )?;
+    for (key, stamp) in documents.stamps() {
+        driver.publish_doc(std::time::Duration::ZERO, key, stamp, false)?;
+    }
 
     let tasks = Tasks::new();
     let counters = Arc::new(Counters::default());
@@ -222,6 +230,7 @@ pub async fn run(
             catalog_counters: catalog.shared.counters.clone(),
             counters: counters.clone(),
             store: store.clone(),
+            documents: documents.clone(),
             tasks: tasks.clone(),
         },
     );
@@ -233,6 +242,7 @@ pub async fn run(
         counters,
         snapshot.clone(),
         catalog.shared.clone(),
+        documents.clone(),
     );
     let proxy = Proxy::new(
         config.proxy.clone(),
@@ -246,12 +256,15 @@ pub async fn run(
         queues.streams,
         catalog.clone(),
         proxy.clone(),
+        documents.clone(),
         inbox,
         tasks.clone(),
     ));
 
     let leave = Arc::new(Notify::new());
     let admin_state = Arc::new(AdminState {
+        documents: documents.clone(),
+        commands: command_tx.clone(),
         snapshot: snapshot.clone(),
         metrics,
         proxy: proxy.clone(),
@@ -378,6 +391,7 @@ async fn dispatch_streams(
     mut streams: mpsc::Receiver<Inbound>,
     catalog: CatalogHandle,
     proxy: Arc<Proxy>,
+    documents: Arc<crate::documents::Documents>,
     inbox: MeshInbox,
     tasks: Tasks,
 ) {
@@ -400,6 +414,7 @@ async fn dispatch_streams(
         let catalog = catalog.clone();
         let proxy = proxy.clone();
         let inbox = inbox.clone();
+        let documents = documents.clone();
         tasks.spawn(async move {
                 let mut kind = [0u8; 1];
                 let read =
@@ -420,6 +435,10 @@ async fn dispatch_streams(
                             inbox.digests,
                         )
                         .await;
+                    }
+                    (Ok(Ok(())), crate::documents::sync::STREAM_DOCS) => {
+                        crate::documents::sync::serve(from, send, recv, documents, inbox.doc_lists)
+                            .await;
                     }
                     _ => {
                         tracing::debug!(peer = %from, kind = kind[0], "unknown or silent stream refused");

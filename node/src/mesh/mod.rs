@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gossamer_membership::catalog::NodeEntry;
+use gossamer_membership::docs::{DocKey, DocRef, DocStamp};
 use gossamer_membership::driver::{Action, Driver};
 use gossamer_membership::sync::SyncPayload;
 use gossamer_membership::{Event, MembershipError, NodeId};
@@ -31,6 +32,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::catalog::{self, CatalogCounters};
+use crate::documents::{self, Documents, Outcome, Source};
 use crate::members::{Command, Snapshot};
 use crate::metrics::Counters;
 use crate::store::{SavedMember, SavedState, Store, unix_millis};
@@ -73,6 +75,24 @@ pub enum Input {
     },
     /// A peer's catalog digest.
     PeerDigest(Vec<(String, u64)>),
+    /// A document fetch ended: the stamp now held, or `None`.
+    DocFetched {
+        /// Kind and name.
+        key: DocKey,
+        /// Who it was fetched from.
+        from: String,
+        /// What is held now.
+        got: Option<DocStamp>,
+    },
+    /// A comparison of document lists found them the same.
+    DocsSame,
+    /// A peer's document list (from a comparison either side started).
+    DocList {
+        /// The peer.
+        peer: String,
+        /// What it holds.
+        list: Vec<DocRef>,
+    },
 }
 
 /// How often the snapshot is refreshed even without events (suspicion is
@@ -102,6 +122,8 @@ pub struct Wiring {
     pub counters: Arc<Counters>,
     /// Members are saved here for the next start.
     pub store: Store,
+    /// Configuration documents.
+    pub documents: Arc<Documents>,
     /// Where the stream tasks run.
     pub tasks: Tasks,
 }
@@ -114,6 +136,7 @@ pub struct MeshTask {
     io_tx: mpsc::Sender<Input>,
     io_rx: mpsc::Receiver<Input>,
     digests_rx: mpsc::Receiver<Vec<(String, u64)>>,
+    doc_lists_rx: mpsc::Receiver<(String, Vec<DocRef>)>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     /// The core's members fingerprint when the member list was last built.
     members_fingerprint: u64,
@@ -137,6 +160,8 @@ pub struct MeshInbox {
     pub sync: mpsc::Sender<Input>,
     /// Catalog digests a peer sent us.
     pub digests: mpsc::Sender<Vec<(String, u64)>>,
+    /// Document lists a peer sent us.
+    pub doc_lists: mpsc::Sender<(String, Vec<DocRef>)>,
 }
 
 impl MeshTask {
@@ -151,9 +176,11 @@ impl MeshTask {
             watch::channel(Arc::new(Snapshot::empty(driver.core().identity().clone())));
         let (io_tx, io_rx) = mpsc::channel(1024);
         let (digests_tx, digests_rx) = mpsc::channel(64);
+        let (doc_lists_tx, doc_lists_rx) = mpsc::channel(16);
         let inbox = MeshInbox {
             sync: io_tx.clone(),
             digests: digests_tx,
+            doc_lists: doc_lists_tx,
         };
         let task = Self {
             driver,
@@ -162,6 +189,7 @@ impl MeshTask {
             io_tx,
             io_rx,
             digests_rx,
+            doc_lists_rx,
             snapshot,
             members_fingerprint: 0,
             dirty: false,
@@ -200,6 +228,10 @@ impl MeshTask {
                 Some(digest) = self.digests_rx.recv() => {
                     let now = self.now();
                     self.driver.handle_digest(now, &digest);
+                }
+                Some((peer, list)) = self.doc_lists_rx.recv() => {
+                    let now = self.now();
+                    self.driver.handle_doc_list(now, &peer, &list);
                 }
                 changed = self.wiring.local_entry.changed() => {
                     if changed.is_ok() {
@@ -246,6 +278,11 @@ impl MeshTask {
                 self.publish();
                 let _ = reply.send(());
             }
+            Command::PublishDoc(key, stamp) => {
+                if let Err(e) = self.driver.publish_doc(now, key, stamp, true) {
+                    warn!(error = %e, "document notice not queued; it will spread by anti-entropy");
+                }
+            }
         }
     }
 
@@ -289,6 +326,11 @@ impl MeshTask {
             }
             Input::Fetched { node, version } => self.driver.handle_fetched(now, &node, version),
             Input::PeerDigest(digest) => self.driver.handle_digest(now, &digest),
+            Input::DocFetched { key, from, got } => {
+                self.driver.handle_doc_fetched(now, &key, &from, got);
+            }
+            Input::DocsSame => self.driver.handle_docs_same(),
+            Input::DocList { peer, list } => self.driver.handle_doc_list(now, &peer, &list),
         }
     }
 
@@ -387,6 +429,49 @@ impl MeshTask {
                     warn!("catalog task busy; the purge waits for the next round");
                 }
             }
+            Action::FetchDoc {
+                key,
+                stamp,
+                from,
+                addr,
+            } => {
+                let (transport, tx, docs) =
+                    (w.transport.clone(), self.io_tx.clone(), w.documents.clone());
+                self.spawn(async move {
+                    let got = match documents::sync::fetch(&transport, &from, addr, &key).await {
+                        Ok(Some(env)) => match docs.apply(env, Source::Peer(from.clone())) {
+                            Ok(Outcome::Applied { stamp, .. }) | Ok(Outcome::Kept(stamp)) => {
+                                Some(stamp)
+                            }
+                            Err(_) => None,
+                        },
+                        Ok(None) => {
+                            debug!(peer = %from, kind = %key.0, name = %key.1, "peer no longer holds the document");
+                            None
+                        }
+                        Err(e) => {
+                            debug!(peer = %from, kind = %key.0, name = %key.1, version = stamp.version, error = %e, "document fetch failed");
+                            None
+                        }
+                    };
+                    let _ = tx.send(Input::DocFetched { key, from, got }).await;
+                });
+            }
+            Action::ExchangeDocs { peer, addr, .. } => {
+                let (transport, tx, docs) =
+                    (w.transport.clone(), self.io_tx.clone(), w.documents.clone());
+                self.spawn(async move {
+                    match documents::sync::compare(&transport, &peer, addr, &docs).await {
+                        Ok(documents::sync::Compared::Same) => {
+                            let _ = tx.send(Input::DocsSame).await;
+                        }
+                        Ok(documents::sync::Compared::List(list)) => {
+                            let _ = tx.send(Input::DocList { peer, list }).await;
+                        }
+                        Err(e) => debug!(%peer, error = %e, "document comparison failed"),
+                    }
+                });
+            }
             Action::Disconnect { peer } => w.transport.disconnect(&peer),
             Action::DisconnectStale { peer } => {
                 // Generations of restarts are the start time in unix ms; a
@@ -428,6 +513,8 @@ impl MeshTask {
             health_score: core.health_score(),
             health: core.health_stats(),
             suspicion_timeout_ms: core.suspicion_timeout().as_millis() as u64,
+            docs_synced: self.driver.docs().synced(),
+            docs_wanted: self.driver.docs().wanted(),
         };
         self.snapshot.send_if_modified(|current| {
             let same = **current == snapshot;
@@ -489,7 +576,7 @@ fn log_event(event: &Event) -> bool {
             debug!(member = %id.name, "a suspicion heard here is still unresolved; swapping member lists");
             return false;
         }
-        Event::CatalogNotice { .. } => return false,
+        Event::CatalogNotice { .. } | Event::DocNotice { .. } => return false,
     }
     true
 }

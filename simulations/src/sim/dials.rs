@@ -112,7 +112,7 @@ impl Sim {
             return;
         };
         for out in host.conns.failed(x, y, id) {
-            self.undelivered(x, life, out);
+            self.undelivered(out);
         }
         self.next_dials(x, life, id);
     }

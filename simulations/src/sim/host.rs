@@ -278,9 +278,7 @@ impl Sim {
             Out::Stream { to, to_life, msg } => {
                 if self.nodes[to].life != to_life || self.net.separated(x, to) {
                     self.counters.stream_failures += 1;
-                    if let StreamMsg::Fetch { from, from_life } = msg {
-                        self.fetch_failed(from, from_life, to);
-                    }
+                    self.stream_failed(to, msg);
                     return;
                 }
                 let at = self.now + self.net.stream_delay();
@@ -297,14 +295,12 @@ impl Sim {
     }
 
     /// What waited in a dial that failed.
-    pub(super) fn undelivered(&mut self, x: usize, life: u32, out: Out) {
+    pub(super) fn undelivered(&mut self, out: Out) {
         match out {
             Out::Datagram { .. } => self.counters.dial_drops += 1,
             Out::Stream { to, msg, .. } => {
                 self.counters.stream_failures += 1;
-                if matches!(msg, StreamMsg::Fetch { .. }) {
-                    self.fetch_failed(x, life, to);
-                }
+                self.stream_failed(to, msg);
             }
             Out::Seed { .. } => {}
         }

@@ -157,6 +157,40 @@ impl Sim {
                 }
             }
             DriverAction::Purge { .. } => {}
+            DriverAction::FetchDoc { key, from, .. } => {
+                let Some(y) = self.index(&from) else {
+                    return;
+                };
+                let msg = StreamMsg::DocFetch {
+                    from: x,
+                    from_life: life,
+                    key: key.clone(),
+                };
+                if !self.stream(x, y, msg) {
+                    let msg = StreamMsg::DocFetch {
+                        from: x,
+                        from_life: life,
+                        key,
+                    };
+                    self.stream_failed(y, msg);
+                }
+            }
+            DriverAction::ExchangeDocs { peer, summary, .. } => {
+                if let Some(y) = self.index(&peer) {
+                    let list = self.nodes[x]
+                        .driver
+                        .as_ref()
+                        .map(|d| d.docs().list())
+                        .unwrap_or_default();
+                    let msg = StreamMsg::DocCompare {
+                        from: x,
+                        from_life: life,
+                        summary,
+                        list,
+                    };
+                    self.stream(x, y, msg);
+                }
+            }
         }
     }
 

@@ -100,7 +100,10 @@ impl Sim {
                 node.generation_since = now;
                 self.views.renew(x, gen_of(id.generation));
             }
-            Event::Connected | Event::Isolated | Event::SuspicionLingers(_) => {}
+            Event::Connected
+            | Event::Isolated
+            | Event::SuspicionLingers(_)
+            | Event::DocNotice { .. } => {}
             Event::CatalogNotice { node, version } => {
                 if let Some(y) = self.index(&node) {
                     self.catalogs.notice(x, y, version, now);

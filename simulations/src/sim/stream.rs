@@ -1,6 +1,7 @@
 //! Stream messages: catalog fetches and digests, and push-pull member
 //! syncs, each a one-way message on a simulated stream.
 
+use gossamer_membership::docs::{DocKey, DocRef, DocStamp};
 use gossamer_membership::sync::SyncPayload;
 
 use super::Sim;
@@ -22,6 +23,31 @@ pub(super) enum StreamMsg {
         from_life: u32,
         digest: Vec<(String, u64)>,
         answer: bool,
+    },
+    /// "Send me this document."
+    DocFetch {
+        from: usize,
+        from_life: u32,
+        key: DocKey,
+    },
+    /// The answer: the stamp the holder has, if any.
+    DocGot {
+        holder: usize,
+        key: DocKey,
+        stamp: Option<DocStamp>,
+    },
+    /// A document comparison: the opener's summary and list (the agent
+    /// sends the list only when the summaries differ, in a second frame).
+    DocCompare {
+        from: usize,
+        from_life: u32,
+        summary: u128,
+        list: Vec<DocRef>,
+    },
+    /// The answer to a comparison: the peer's list, or `None` if the same.
+    DocAnswer {
+        peer: usize,
+        list: Option<Vec<DocRef>>,
     },
     /// A push-pull member sync: the sender's encoded view; the receiver
     /// merges it and answers with its own unless this is the answer.
@@ -60,6 +86,35 @@ impl Sim {
         true
     }
 
+    /// A stream message that could not reach `to`: a fetch among them still
+    /// ends, as the agent's does.
+    pub(super) fn stream_failed(&mut self, to: usize, msg: StreamMsg) {
+        match msg {
+            StreamMsg::Fetch { from, from_life } => self.fetch_failed(from, from_life, to),
+            StreamMsg::DocFetch {
+                from,
+                from_life,
+                key,
+            } => {
+                let at = self.now + self.net.stream_delay() * 2;
+                let msg = StreamMsg::DocGot {
+                    holder: to,
+                    key,
+                    stamp: None,
+                };
+                self.queue.push(
+                    at,
+                    Ev::Stream {
+                        to: from,
+                        to_life: from_life,
+                        msg,
+                    },
+                );
+            }
+            _ => {}
+        }
+    }
+
     /// `x`'s fetch from `owner` ends without an entry, a round trip later;
     /// like the agent's, every fetch ends one way or the other.
     pub(super) fn fetch_failed(&mut self, x: usize, life: u32, owner: usize) {
@@ -78,9 +133,7 @@ impl Sim {
     pub(super) fn on_stream(&mut self, to: usize, to_life: u32, msg: StreamMsg) {
         if self.nodes[to].life != to_life {
             self.counters.stream_failures += 1;
-            if let StreamMsg::Fetch { from, from_life } = msg {
-                self.fetch_failed(from, from_life, to);
-            }
+            self.stream_failed(to, msg);
             return;
         }
         let now = self.now;
@@ -136,6 +189,73 @@ impl Sim {
                 answer,
                 gossip,
             } => self.on_members(to, from, from_life, &payload, answer, gossip),
+            StreamMsg::DocFetch {
+                from,
+                from_life,
+                key,
+            } => {
+                let stamp = self.nodes[to]
+                    .driver
+                    .as_ref()
+                    .and_then(|d| d.docs().held(&key));
+                let reply = StreamMsg::DocGot {
+                    holder: to,
+                    key: key.clone(),
+                    stamp,
+                };
+                if !self.stream_to_life(to, from, from_life, reply) {
+                    let msg = StreamMsg::DocFetch {
+                        from,
+                        from_life,
+                        key,
+                    };
+                    self.stream_failed(to, msg);
+                }
+            }
+            StreamMsg::DocGot { holder, key, stamp } => {
+                let name = self.names[holder].clone();
+                if let Some(d) = self.nodes[to].driver.as_mut() {
+                    // The agent checks and stores what it got; what it
+                    // holds after that is the higher of the two.
+                    let got = stamp.map(|s| d.docs().held(&key).map_or(s, |h| h.max(s)));
+                    d.handle_doc_fetched(now, &key, &name, got);
+                }
+                self.flush(to);
+            }
+            StreamMsg::DocCompare {
+                from,
+                from_life,
+                summary,
+                list,
+            } => {
+                let name = self.names[from].clone();
+                let Some(d) = self.nodes[to].driver.as_mut() else {
+                    return;
+                };
+                let ours = if d.docs().summary() == summary {
+                    None
+                } else {
+                    let ours = d.docs().list();
+                    d.handle_doc_list(now, &name, &list);
+                    Some(ours)
+                };
+                self.flush(to);
+                let reply = StreamMsg::DocAnswer {
+                    peer: to,
+                    list: ours,
+                };
+                self.stream_to_life(to, from, from_life, reply);
+            }
+            StreamMsg::DocAnswer { peer, list } => {
+                let name = self.names[peer].clone();
+                if let Some(d) = self.nodes[to].driver.as_mut() {
+                    match list {
+                        Some(list) => d.handle_doc_list(now, &name, &list),
+                        None => d.handle_docs_same(),
+                    }
+                }
+                self.flush(to);
+            }
         }
     }
 
