@@ -214,6 +214,7 @@ def all_alive(agents, expect, deadline, what):
     first complete round, or None at the deadline."""
     t0 = time.monotonic()
     last = ""
+    gap = None
     while time.monotonic() - t0 < deadline:
         round_start = time.monotonic()
         ok = True
@@ -228,8 +229,14 @@ def all_alive(agents, expect, deadline, what):
                 ok = False
                 if worst is None or n_alive < worst[1]:
                     worst = (a.name, n_alive)
+                missing = sorted(n for n in want if st is None or st.get(n) != "alive")
+                gap = (a.name, [(n, (st or {}).get(n, "unknown")) for n in missing[:3]])
                 break
         if ok:
+            if gap is not None:
+                # What held formation up last: which observer lacked whom.
+                print(f"  {what}: the last gap seen, {time.monotonic() - t0:.1f} s in: "
+                      f"{gap[0]} listed " + ", ".join(f"{n} as {s}" for n, s in gap[1]), flush=True)
             return round_start - t0
         last = f"{worst[0]} lists {worst[1]} of {len(expect) - 1} alive" if worst else ""
         # At most half of one core for this poller: a full round over

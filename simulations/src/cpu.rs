@@ -60,11 +60,12 @@ pub struct Costs {
     /// `stream_message_us`: a task, encoding and decoding, the catalog.
     pub agent_stream_us: f64,
     /// Work a running process does every second whatever its traffic:
-    /// runtime timers, the link sweep, QUIC keep-alives and
-    /// acknowledgements, metrics.
+    /// runtime timers, the link sweep, acknowledgements, metrics.
     pub background_us_per_s: f64,
     /// Work a running process does every second per member it holds
-    /// active, on top of `background_us_per_s`.
+    /// active, on top of `background_us_per_s`. 0 since the agent stopped
+    /// keeping idle connections alive (that was what grew with the member
+    /// table); kept to ask what a per-peer cost would do.
     pub member_us_per_s: f64,
 }
 
@@ -81,8 +82,8 @@ impl Default for Costs {
             process_start_us: 10_000.0,
             agent_input_us: 50.0,
             agent_stream_us: 150.0,
-            background_us_per_s: 2_400.0,
-            member_us_per_s: 17.0,
+            background_us_per_s: 1_200.0,
+            member_us_per_s: 0.0,
         }
     }
 }
