@@ -249,6 +249,7 @@ pub async fn run(
         transport.clone(),
         catalog.shared.clone(),
         snapshot.clone(),
+        documents.clone(),
         proxy_metrics,
         tasks.clone(),
     );

@@ -6,6 +6,7 @@
 //! client for the owner's last hop.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,12 +29,15 @@ use super::error::{
     AttemptError, ERROR_HEADER, MESSAGE_HEADER, NO_RESPONSE, OTHER, UNREACHABLE, local_response,
 };
 use super::hop;
-use super::metrics::{InstanceLabels, ProxyMetrics, RequestLabels, ServiceLabel};
+use super::metrics::{InstanceLabels, ProxyMetrics, RequestLabels, RouteLabels, ServiceLabel};
 use super::outlier::{EjectionPolicy, Outliers, RetryBudget, Verdict};
+use super::policy::{Policies, Policy};
 use super::routes::{Backend, Routes, ServiceRoute};
 use super::upgrade::bridge;
 use super::wire::{self, RequestHead, ResponseHead, STREAM_PROXY};
 use crate::catalog::Shared;
+use crate::documents::Documents;
+use crate::documents::route::RouteSpec;
 use crate::members::Snapshot;
 use crate::tasks::Tasks;
 
@@ -51,6 +55,8 @@ pub struct Proxy {
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
     clients: Mutex<HashMap<(Duration, bool), HttpClient>>,
     inflight: Mutex<HashMap<String, usize>>,
+    /// Requests in flight per service under a route's circuit breaker.
+    breakers: Mutex<HashMap<String, Arc<AtomicUsize>>>,
     /// Upgraded connections' bridges run here, so shutdown ends them.
     tasks: Tasks,
     /// Metric families.
@@ -64,11 +70,12 @@ impl Proxy {
         transport: Transport,
         catalog: Arc<Shared>,
         members: watch::Receiver<Arc<Snapshot>>,
+        documents: Arc<Documents>,
         metrics: ProxyMetrics,
         tasks: Tasks,
     ) -> Arc<Self> {
         let (tx, rx) = watch::channel(Arc::new(Routes::default()));
-        tasks.spawn(keep_routes(catalog.catalog.clone(), members, tx));
+        tasks.spawn(keep_routes(catalog.catalog.clone(), members, documents, tx));
         Arc::new(Self {
             tasks,
             config,
@@ -79,6 +86,7 @@ impl Proxy {
             budgets: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
+            breakers: Mutex::new(HashMap::new()),
             metrics,
         })
     }
@@ -86,6 +94,31 @@ impl Proxy {
     /// The route of `service`, if the catalog has it.
     pub fn route(&self, service: &str) -> Option<Arc<ServiceRoute>> {
         self.routes.borrow().services.get(service).cloned()
+    }
+
+    /// Every route and route document, as of now.
+    pub fn routes(&self) -> Arc<Routes> {
+        self.routes.borrow().clone()
+    }
+
+    /// Admits one more request to `service` if fewer than `max` are in
+    /// flight from this agent (a route document's circuit breaker).
+    pub(super) fn admit(&self, service: &str, max: u32) -> Option<Admitted> {
+        let counter = self
+            .breakers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(service.to_owned())
+            .or_default()
+            .clone();
+        let admitted = counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max as usize).then_some(n + 1)
+            })
+            .is_ok();
+        // `then`, not `then_some`: a refused request must not build (and
+        // drop, which releases) a guard it never took.
+        admitted.then(|| Admitted(counter))
     }
 
     fn policy(&self) -> EjectionPolicy {
@@ -177,9 +210,18 @@ impl Proxy {
         parts: Parts,
         body: Replayable,
         mut on_upgrade: Option<OnUpgrade>,
+        route_timeout: Option<Duration>,
     ) -> Response<ProxyBody> {
         let service = &route.name;
-        let timeouts = self.config.timeouts(service, &parts.headers);
+        let mut timeouts = self.config.timeouts(service, &parts.headers);
+        // A route document's timeout replaces the agent's own, unless the
+        // caller's deadline is shorter still.
+        if let Some(t) = route_timeout
+            && (!timeouts.callers_deadline || t < timeouts.request)
+        {
+            timeouts.request = t;
+            timeouts.callers_deadline = false;
+        }
         let (request_timeout, connect_timeout) = (timeouts.request, timeouts.connect);
         let budget = self.budget(service);
         budget.request();
@@ -296,6 +338,18 @@ impl Proxy {
                 service: service.to_owned(),
                 instance: instance.to_owned(),
                 class: class.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one request under a route document.
+    pub(super) fn count_route(&self, service: &str, rule: &str, arm: &str) {
+        self.metrics
+            .routed
+            .get_or_create(&RouteLabels {
+                service: service.to_owned(),
+                rule: rule.to_owned(),
+                arm: arm.to_owned(),
             })
             .inc();
     }
@@ -581,20 +635,65 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Rebuilds the routes whenever the catalog or the membership changes.
+/// A request counted against a circuit breaker until dropped.
+#[derive(Debug)]
+pub(super) struct Admitted(Arc<AtomicUsize>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Compiles the route documents in force. A document that no longer
+/// compiles (it passed the same checks when it arrived) is skipped with a
+/// warning rather than taking the service down.
+fn compile_policies(documents: &Documents) -> Policies {
+    let mut out = Policies::new();
+    for held in documents.all() {
+        let env = &held.envelope;
+        if env.kind != "route" || env.deleted {
+            continue;
+        }
+        let compiled = serde_json::from_str::<RouteSpec>(&env.body)
+            .map_err(|e| e.to_string())
+            .and_then(|spec| Policy::compile(&env.name, env.version, &spec));
+        match compiled {
+            Ok(p) => {
+                out.insert(env.name.clone(), Arc::new(p));
+            }
+            Err(e) => {
+                warn!(service = %env.name, version = env.version, error = %e, "route document not applied")
+            }
+        }
+    }
+    out
+}
+
+/// Rebuilds the routes whenever the catalog, the membership or a
+/// configuration document changes.
 async fn keep_routes(
     mut catalog: watch::Receiver<Arc<gossamer_membership::catalog::Catalog>>,
     mut members: watch::Receiver<Arc<Snapshot>>,
+    documents: Arc<Documents>,
     tx: watch::Sender<Arc<Routes>>,
 ) {
+    let mut changes = documents.subscribe();
+    let mut policies = Arc::new(compile_policies(&documents));
     loop {
         let c = catalog.borrow_and_update().clone();
         let m = members.borrow_and_update().clone();
         let previous = tx.borrow().clone();
-        tx.send_replace(Arc::new(Routes::build(&c, &m, &previous)));
+        tx.send_replace(Arc::new(Routes::build(&c, &m, &previous, policies.clone())));
         tokio::select! {
             r = catalog.changed() => if r.is_err() { return },
             r = members.changed() => if r.is_err() { return },
+            r = changes.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                policies = Arc::new(compile_policies(&documents));
+            }
         }
     }
 }

@@ -34,6 +34,17 @@ pub struct RequestLabels {
     pub class: String,
 }
 
+/// `service`, `rule` (its index, or `default`), `arm` (its label).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// The destination service the route document is for.
+    pub service: String,
+    /// Which rule matched.
+    pub rule: String,
+    /// Which arm of the split was taken.
+    pub arm: String,
+}
+
 /// `service`, `direction` (`request` or `response` body bytes).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BytesLabels {
@@ -60,6 +71,8 @@ pub struct ProxyMetrics {
     pub ejections: Family<InstanceLabels, Counter>,
     /// Body bytes.
     pub bytes: Family<BytesLabels, Counter>,
+    /// Requests under a route document, by rule and arm.
+    pub routed: Family<RouteLabels, Counter>,
     /// Requests in flight through this agent (both sides).
     pub active: Gauge,
 }
@@ -73,6 +86,7 @@ impl ProxyMetrics {
             retries: Family::default(),
             ejections: Family::default(),
             bytes: Family::default(),
+            routed: Family::default(),
             active: Gauge::default(),
         };
         registry.register(
@@ -90,6 +104,11 @@ impl ProxyMetrics {
             "gossamer_proxy_ejections",
             "Outlier ejections",
             m.ejections.clone(),
+        );
+        registry.register(
+            "gossamer_route_requests",
+            "Requests under a route document, by rule and arm",
+            m.routed.clone(),
         );
         registry.register(
             "gossamer_proxy_body_bytes",

@@ -10,6 +10,7 @@
 //! - [`inbound`]: serving proxy streams from other nodes.
 //! - [`config`]: `[proxy]`, typed when the config file loads.
 //! - [`routes`]: the routing table built from the catalog, hash policies.
+//! - [`policy`]: route documents compiled: rules, sticky splits, faults.
 //! - [`hop`]: hop-by-hop headers, HTTP versions and the hop count.
 //! - [`upgrade`]: recognising and bridging HTTP upgrades (WebSocket).
 //! - [`error`]: answers the mesh makes itself and how they are marked.
@@ -27,6 +28,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod outlier;
+pub mod policy;
 pub mod routes;
 pub mod upgrade;
 pub mod wire;

@@ -15,8 +15,9 @@ use tracing::warn;
 
 use super::Proxy;
 use super::body::{ProxyBody, Replayable};
-use super::error::{grpc_error, is_grpc, local_response};
+use super::error::{ERROR_HEADER, grpc_error, is_grpc, local_response};
 use super::hop::{HOPS_HEADER, MAX_HOPS};
+use super::policy::{choose_arm, draw};
 use super::routes::HashPolicy;
 use super::upgrade::is_upgrade;
 use crate::balance::rendezvous::hash_key;
@@ -147,7 +148,8 @@ async fn route_request(
             ),
         );
     }
-    let Some(route) = proxy.route(&service) else {
+    let routes = proxy.routes();
+    let Some(route) = routes.services.get(&service).cloned() else {
         proxy.count(&service, "none", "5xx");
         return local_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -169,8 +171,108 @@ async fn route_request(
     if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
         parts.headers.append("x-forwarded-for", v);
     }
-    let hash = hash_key(&hash_input(&parts, &route.policy, peer));
-    proxy
-        .dispatch(&route, hash, parts, Replayable::new(body), on_upgrade)
-        .await
+    let Some(policy) = routes.policies.get(&service).cloned() else {
+        let hash = hash_key(&hash_input(&parts, &route.policy, peer));
+        return proxy
+            .dispatch(&route, hash, parts, Replayable::new(body), on_upgrade, None)
+            .await;
+    };
+    // A route document is in force: its first matching rule, then an arm
+    // of the split by the sticky key.
+    let matched = policy.rule_for(&parts);
+    let rule = matched.map(|(_, r)| r);
+    let rule_label = matched.map_or_else(|| "default".to_owned(), |(i, _)| i.to_string());
+    let key = hash_key(&hash_input(
+        &parts,
+        policy.sticky.as_ref().unwrap_or(&route.policy),
+        peer,
+    ));
+    let arms = policy.arms_for(rule);
+    let (target, arm_label) = if arms.is_empty() {
+        (route, service.clone())
+    } else {
+        let Some(i) = choose_arm(arms, key) else {
+            return local_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("route {service} rule {rule_label}: no arm with a weight"),
+            );
+        };
+        let arm = &arms[i];
+        let target = match &arm.subset {
+            None => routes.services.get(&arm.service).cloned(),
+            Some(_) => routes.subsets.get(&arm.label).cloned(),
+        };
+        let Some(target) = target else {
+            proxy.count(&arm.service, "none", "5xx");
+            return local_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "route {service} rule {rule_label}: no instance of {}",
+                    arm.label
+                ),
+            );
+        };
+        (target, arm.label.clone())
+    };
+    proxy.count_route(&service, &rule_label, &arm_label);
+    let mut response_edits = None;
+    let mut timeout = policy.timeout;
+    if let Some(r) = rule {
+        if let Some((status, share)) = r.abort
+            && draw() < share
+        {
+            let mut response = local_response(
+                status,
+                format!("fault injected by route {service} rule {rule_label}"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!(
+                "fault injected by route {service} rule {rule_label}"
+            )) {
+                response.headers_mut().insert(ERROR_HEADER, v);
+            }
+            return response;
+        }
+        if let Some((delay, share)) = r.delay
+            && draw() < share
+        {
+            tokio::time::sleep(delay).await;
+        }
+        r.rewrite(&mut parts);
+        if let Some(edits) = &r.request_headers {
+            edits.apply(&mut parts.headers);
+        }
+        response_edits = r.response_headers.clone();
+        timeout = r.timeout.or(timeout);
+    }
+    let _admitted = match policy.max_requests {
+        None => None,
+        Some(max) => match proxy.admit(&service, max) {
+            Some(a) => Some(a),
+            None => {
+                proxy.count(&service, "none", "overflow");
+                let mut response = local_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("overloaded {service}: {max} requests in flight from this agent"),
+                );
+                if let Ok(v) = HeaderValue::from_str(&format!("overloaded {service}")) {
+                    response.headers_mut().insert(ERROR_HEADER, v);
+                }
+                return response;
+            }
+        },
+    };
+    let mut response = proxy
+        .dispatch(
+            &target,
+            key,
+            parts,
+            Replayable::new(body),
+            on_upgrade,
+            timeout,
+        )
+        .await;
+    if let Some(edits) = response_edits {
+        edits.apply(response.headers_mut());
+    }
+    response
 }

@@ -10,6 +10,7 @@ use gossamer_membership::MemberState;
 use gossamer_membership::catalog::{Catalog, InvalidService, Protocol, validate_hash_policy};
 use http::HeaderName;
 
+use super::policy::Policies;
 use crate::balance::rendezvous::Table;
 use crate::catalog::view;
 use crate::members::Snapshot;
@@ -84,6 +85,10 @@ pub struct Backend {
     pub owner_addr: Option<SocketAddr>,
     /// What the instance speaks.
     pub protocol: Protocol,
+    /// Its tags (route subsets select by them).
+    pub tags: Vec<String>,
+    /// Its version label (route subsets select by it).
+    pub version: String,
 }
 
 /// A service's instances and its hash table.
@@ -110,18 +115,57 @@ impl ServiceRoute {
     }
 }
 
+impl ServiceRoute {
+    /// A route over `backends`, reusing `previous`'s table if the instance
+    /// set is the same.
+    fn new(
+        name: String,
+        policy: HashPolicy,
+        backends: Vec<Backend>,
+        previous: Option<&ServiceRoute>,
+    ) -> Self {
+        let signature: Vec<(String, u32)> =
+            backends.iter().map(|b| (b.key.clone(), b.weight)).collect();
+        let table = OnceLock::new();
+        if let Some(old) = previous
+            && old.signature == signature
+            && let Some(t) = old.table.get()
+        {
+            let _ = table.set(t.clone());
+        }
+        let keys = backends.iter().map(|b| b.key.clone()).collect();
+        Self {
+            name,
+            policy,
+            backends,
+            keys,
+            signature,
+            table,
+        }
+    }
+}
+
 /// Every service's route.
 #[derive(Debug, Default)]
 pub struct Routes {
     /// By service name.
     pub services: HashMap<String, Arc<ServiceRoute>>,
+    /// Route documents in force, by destination service.
+    pub policies: Arc<Policies>,
+    /// The instances of each arm with a subset, by arm label.
+    pub subsets: HashMap<String, Arc<ServiceRoute>>,
 }
 
 impl Routes {
     /// Builds routes from the catalog and membership, reusing the tables of
     /// `previous` whose instance sets did not change (health changes never
     /// rebuild a table: unusable instances are skipped at lookup).
-    pub fn build(catalog: &Catalog, members: &Snapshot, previous: &Routes) -> Self {
+    pub fn build(
+        catalog: &Catalog,
+        members: &Snapshot,
+        previous: &Routes,
+        policies: Arc<Policies>,
+    ) -> Self {
         let addrs: HashMap<&str, SocketAddr> = members
             .members
             .iter()
@@ -152,10 +196,10 @@ impl Routes {
                     local: i.node == members.local.name,
                     owner_addr: addrs.get(i.node.as_str()).copied(),
                     protocol: Protocol::parse(i.protocol).unwrap_or_default(),
+                    tags: i.tags.clone(),
+                    version: i.version.clone(),
                 })
                 .collect();
-            let signature: Vec<(String, u32)> =
-                backends.iter().map(|b| (b.key.clone(), b.weight)).collect();
             // Registrations are checked with the same parser; only an entry
             // from a node that checked less strictly can fail here, and the
             // default key beats dropping the service.
@@ -163,27 +207,48 @@ impl Routes {
                 .first()
                 .and_then(|i| HashPolicy::parse(&i.hash_policy).ok())
                 .unwrap_or_default();
-            let table = OnceLock::new();
-            if let Some(old) = previous.services.get(&name)
-                && old.signature == signature
-                && let Some(t) = old.table.get()
-            {
-                let _ = table.set(t.clone());
-            }
-            let keys = backends.iter().map(|b| b.key.clone()).collect();
-            services.insert(
+            let route = ServiceRoute::new(
                 name.clone(),
-                Arc::new(ServiceRoute {
-                    name,
-                    policy,
-                    backends,
-                    keys,
-                    signature,
-                    table,
-                }),
+                policy,
+                backends,
+                previous.services.get(&name).map(|r| r.as_ref()),
             );
+            services.insert(name, Arc::new(route));
         }
-        Self { services }
+        // Each arm with a subset gets its own table over its instances.
+        let mut subsets = HashMap::new();
+        for policy in policies.values() {
+            let all_arms = policy
+                .arms
+                .iter()
+                .chain(policy.rules.iter().flat_map(|r| r.arms.iter()));
+            for arm in all_arms {
+                let (Some(subset), Some(whole)) = (&arm.subset, services.get(&arm.service)) else {
+                    continue;
+                };
+                if subsets.contains_key(&arm.label) {
+                    continue;
+                }
+                let backends: Vec<Backend> = whole
+                    .backends
+                    .iter()
+                    .filter(|b| subset.admits(&b.tags, &b.version))
+                    .cloned()
+                    .collect();
+                let route = ServiceRoute::new(
+                    arm.service.clone(),
+                    whole.policy.clone(),
+                    backends,
+                    previous.subsets.get(&arm.label).map(|r| r.as_ref()),
+                );
+                subsets.insert(arm.label.clone(), Arc::new(route));
+            }
+        }
+        Self {
+            services,
+            policies,
+            subsets,
+        }
     }
 }
 

@@ -1,0 +1,345 @@
+//! Traffic policy from route documents, through real agents: a sticky
+//! 90/10 split that every agent agrees on, weights that move only the keys
+//! they must, header matches, injected aborts and delays, and a circuit
+//! breaker.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+use support::{Agent, AgentOptions, DemoService, Pki, gossamer, poll, wait_health, wait_states};
+
+/// One request through a proxy: (status, x-served-by, headers and body).
+fn request(
+    proxy: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String, String)> {
+    let mut stream = TcpStream::connect_timeout(&proxy, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut head = format!("GET {path} HTTP/1.1\r\nHost: web\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status: u16 = response.split(' ').nth(1).context("no status")?.parse()?;
+    let served = response
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("x-served-by")
+                .then(|| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    Ok((status, served, response))
+}
+
+fn apply(
+    agent: &Agent,
+    dir: &Path,
+    op: &(PathBuf, PathBuf),
+    name: &str,
+    toml: &str,
+) -> Result<u64> {
+    let file = dir.join(name);
+    std::fs::write(&file, toml)?;
+    let out = gossamer(&[
+        "config",
+        "apply",
+        file.to_str().unwrap(),
+        "--operator-cert",
+        op.0.to_str().unwrap(),
+        "--operator-key",
+        op.1.to_str().unwrap(),
+        "--admin",
+        &agent.admin.to_string(),
+    ]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "config apply: {text}");
+    let (_, body) = agent.get("/v1/config/route/web")?;
+    let v: Value = serde_json::from_str(&body)?;
+    v["version"].as_u64().context("no version")
+}
+
+fn wait_version(agents: &[Agent], version: u64) -> Result<Duration> {
+    let (_, took) = poll(
+        &format!("route web version {version} everywhere"),
+        Duration::from_secs(10),
+        || {
+            let seen: Vec<Option<u64>> = agents
+                .iter()
+                .map(|a| {
+                    let (_, b) = a.get("/v1/config/route/web").ok()?;
+                    serde_json::from_str::<Value>(&b).ok()?["version"].as_u64()
+                })
+                .collect();
+            if seen.iter().all(|v| *v == Some(version)) {
+                Ok(())
+            } else {
+                Err(format!("{seen:?}"))
+            }
+        },
+    )?;
+    Ok(took)
+}
+
+/// The arm (`v1`/`v2`) each of `keys` takes through `agent`'s proxy.
+fn arms_of(agent: &Agent, keys: std::ops::Range<u32>) -> Result<HashMap<u32, String>> {
+    let mut out = HashMap::new();
+    for k in keys {
+        let key = format!("user-{k}");
+        let (status, served, _) = request(agent.proxy, "/", &[("x-user-id", &key)])?;
+        ensure!(status == 200, "key {key}: {status}");
+        out.insert(k, served);
+    }
+    Ok(out)
+}
+
+fn share(arms: &HashMap<u32, String>, arm: &str) -> f64 {
+    arms.values().filter(|a| a.as_str() == arm).count() as f64 / arms.len() as f64
+}
+
+const SPLIT: &str = r#"
+[[route]]
+name = "web"
+sticky = "header:x-user-id"
+backends = [
+  { subset = { version = "v1" }, weight = WEIGHT1 },
+  { subset = { version = "v2" }, weight = WEIGHT2 },
+]
+[[route.rule]]
+match = { headers = [{ name = "x-canary", exact = "1" }] }
+backends = [{ subset = { version = "v2" }, weight = 1 }]
+request_headers = { set = { x-route = "canary" } }
+[[route.rule]]
+match = { path = { prefix = "/flaky" } }
+fault = { abort = { status = 503, percent = 10 } }
+[[route.rule]]
+match = { path = { prefix = "/delayed" } }
+fault = { delay = { fixed = "200ms", percent = 100 } }
+"#;
+
+#[test]
+fn route_documents_split_match_inject_and_limit() -> Result<()> {
+    let pki = Pki::new()?;
+    let alice = pki.issue_operator("alice")?;
+    let first = Agent::start(&pki, "n1", AgentOptions::default())?;
+    let opts = AgentOptions {
+        seeds: vec![first.seed()],
+        ..Default::default()
+    };
+    let agents = vec![
+        first,
+        Agent::start(&pki, "n2", opts.clone())?,
+        Agent::start(&pki, "n3", opts)?,
+    ];
+    let refs: Vec<&Agent> = agents.iter().collect();
+    wait_states(
+        &refs,
+        &[("n1", "alive"), ("n2", "alive"), ("n3", "alive")],
+        Duration::from_secs(15),
+    )?;
+    let mut services = Vec::new();
+    for (i, version) in ["v1", "v2"].iter().enumerate() {
+        let svc = DemoService::start(version, None)?;
+        let body = format!(
+            r#"{{"name": "web", "port": {}, "version": "{version}"}}"#,
+            svc.addr.port()
+        );
+        let (status, text) = agents[i].register(version, &body)?;
+        ensure!(status == 200, "register: {text}");
+        services.push(svc);
+    }
+    for id in ["v1", "v2"] {
+        wait_health(&refs, "web", id, Some("passing"), Duration::from_secs(10))?;
+    }
+    let dir = pki.dir.path();
+
+    // 90/10, sticky by user: every agent sends each key to the same arm.
+    let v = apply(
+        &agents[0],
+        dir,
+        &alice,
+        "split.toml",
+        &SPLIT.replace("WEIGHT1", "90").replace("WEIGHT2", "10"),
+    )?;
+    let took = wait_version(&agents, v)?;
+    eprintln!("route version {v} in force on all 3 agents after {took:?}");
+    let per_agent: Vec<HashMap<u32, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = agents
+            .iter()
+            .map(|a| s.spawn(move || arms_of(a, 0..10_000)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("no panic"))
+            .collect::<Result<_>>()
+    })?;
+    for (a, arms) in agents.iter().zip(&per_agent) {
+        let v2 = share(arms, "v2");
+        eprintln!(
+            "{}: v2 share {:.2} % (e.g. {:?})",
+            a.name,
+            100.0 * v2,
+            arms.get(&0)
+        );
+        ensure!((v2 - 0.10).abs() <= 0.02, "{}: v2 share {v2}", a.name);
+        ensure!(
+            arms == &per_agent[0],
+            "{} disagrees with n1 on some key's arm",
+            a.name
+        );
+    }
+
+    // 50/50: only keys that must move do, and only towards v2.
+    let v = apply(
+        &agents[1],
+        dir,
+        &alice,
+        "split.toml",
+        &SPLIT.replace("WEIGHT1", "50").replace("WEIGHT2", "50"),
+    )?;
+    let took = wait_version(&agents, v)?;
+    eprintln!("weights 50/50 in force on all 3 agents after {took:?}");
+    let after = arms_of(&agents[2], 0..10_000)?;
+    let v2 = share(&after, "v2");
+    ensure!((v2 - 0.50).abs() <= 0.02, "v2 share after the change {v2}");
+    let back = (0..10_000u32)
+        .filter(|k| per_agent[0][k] == "v2" && after[k] == "v1")
+        .count();
+    let moved = (0..10_000u32)
+        .filter(|k| per_agent[0][k] != after[k])
+        .count();
+    eprintln!("{moved} of 10000 keys moved arm, {back} of them back to v1");
+    ensure!(back == 0, "{back} keys moved from v2 to v1");
+
+    // The header match always reaches v2, and its header edit arrives.
+    for k in 0..200 {
+        let (status, served, text) = request(
+            agents[0].proxy,
+            "/",
+            &[("x-canary", "1"), ("x-user-id", &format!("c{k}"))],
+        )?;
+        ensure!(
+            status == 200 && served == "v2",
+            "canary request {k}: {status} {served}"
+        );
+        ensure!(
+            text.contains("\"x-route\":\"canary\""),
+            "edit missing: {text}"
+        );
+    }
+
+    // 10 % aborts.
+    let aborted = (0..2_000)
+        .map(|k| {
+            request(
+                agents[1].proxy,
+                "/flaky",
+                &[("x-user-id", &format!("f{k}"))],
+            )
+        })
+        .collect::<Result<Vec<_>>>()?
+        .iter()
+        .filter(|(status, _, text)| {
+            *status == 503 && text.contains("fault injected by route web rule 1")
+        })
+        .count();
+    let share = aborted as f64 / 2_000.0;
+    eprintln!("aborted {:.1} % of /flaky", 100.0 * share);
+    ensure!((share - 0.10).abs() <= 0.02, "abort share {share}");
+
+    // A 200 ms delay: never less, and about that much more than without.
+    let mean = |path: &str| -> Result<f64> {
+        let mut total = 0.0;
+        for k in 0..20 {
+            let t = Instant::now();
+            let (status, _, _) =
+                request(agents[2].proxy, path, &[("x-user-id", &format!("d{k}"))])?;
+            ensure!(status == 200, "{path}: {status}");
+            total += t.elapsed().as_secs_f64();
+        }
+        Ok(total / 20.0)
+    };
+    let (plain, delayed) = (mean("/")?, mean("/delayed")?);
+    eprintln!(
+        "mean latency {:.1} ms plain, {:.1} ms delayed",
+        plain * 1e3,
+        delayed * 1e3
+    );
+    ensure!(
+        delayed - plain >= 0.19,
+        "the delay added {:.1} ms",
+        (delayed - plain) * 1e3
+    );
+
+    // A circuit breaker of 50 under 200 concurrent slow requests.
+    let v = apply(
+        &agents[0],
+        dir,
+        &alice,
+        "breaker.toml",
+        "[[route]]\nname = \"web\"\ncircuit_breaker = { max_requests = 50 }\n",
+    )?;
+    wait_version(&agents, v)?;
+    let results: Vec<(u16, String, Duration)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..200)
+            .map(|k| {
+                let proxy = agents[0].proxy;
+                s.spawn(move || {
+                    let t = Instant::now();
+                    request(proxy, "/slow?ms=3000", &[("x-user-id", &format!("b{k}"))])
+                        .map(|(status, _, text)| (status, text, t.elapsed()))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("no panic"))
+            .collect::<Result<_>>()
+    })?;
+    let overloaded: Vec<_> = results
+        .iter()
+        .filter(|(s, text, _)| {
+            *s == 503
+                && text
+                    .to_ascii_lowercase()
+                    .contains("x-gossamer-error: overloaded web")
+        })
+        .collect();
+    let served = results.iter().filter(|(s, _, _)| *s == 200).count();
+    let mut times: Vec<u128> = results
+        .iter()
+        .filter(|(s, _, _)| *s == 200)
+        .map(|(_, _, t)| t.as_millis())
+        .collect();
+    times.sort();
+    eprintln!(
+        "{} overloaded, {served} served; served took {:?} ms",
+        overloaded.len(),
+        times.iter().step_by(10).collect::<Vec<_>>()
+    );
+    ensure!(
+        overloaded.len() == 150 && served == 50,
+        "{} overloaded, {served} served",
+        overloaded.len()
+    );
+    ensure!(
+        overloaded
+            .iter()
+            .all(|(_, _, t)| *t < Duration::from_secs(2)),
+        "503s must be fast"
+    );
+    drop(services);
+    Ok(())
+}
