@@ -201,6 +201,23 @@ fn route_documents_split_match_inject_and_limit() -> Result<()> {
         );
     }
 
+    // The explain API says what the proxy did.
+    for k in [0u32, 1, 2, 3] {
+        let (_, body) = agents[1].get(&format!("/v1/route?service=web&key=user-{k}"))?;
+        let v: Value = serde_json::from_str(&body)?;
+        ensure!(v["rule"] == "default", "{body}");
+        ensure!(
+            v["arm"] == format!("web/version={}", per_agent[0][&k]),
+            "{body}"
+        );
+    }
+    let (_, body) = agents[1].get("/v1/route?service=web&key=u&header=x-canary:1")?;
+    let v: Value = serde_json::from_str(&body)?;
+    ensure!(
+        v["rule"] == "0" && v["arm"] == "web/version=v2" && v["instance"] == "v2",
+        "{body}"
+    );
+
     // 50/50: only keys that must move do, and only towards v2.
     let v = apply(
         &agents[1],

@@ -396,13 +396,55 @@ fn route_of(state: &AdminState, query: &str) -> Response<Body> {
         );
     };
     let key = param("key").unwrap_or_default();
-    let Some(route) = state.proxy.route(&service) else {
+    let routes = state.proxy.routes();
+    let Some(mut route) = routes.services.get(&service).cloned() else {
         return error(
             StatusCode::NOT_FOUND,
             format!("no service named {service:?} in the catalog"),
         );
     };
     let hash = crate::balance::rendezvous::hash_key(key.as_bytes());
+    // Under a route document: which rule the described request matches
+    // and which arm its key takes, as the proxy would decide.
+    let mut explained = serde_json::json!({});
+    if let Some(policy) = routes.policies.get(&service) {
+        let mut req = http::Request::builder()
+            .method(param("method").as_deref().unwrap_or("GET"))
+            .uri(param("path").unwrap_or_else(|| "/".into()));
+        for pair in query.split('&') {
+            if let Some(v) = pair.strip_prefix("header=")
+                && let Some((name, value)) = percent_decode(v).split_once(':')
+            {
+                req = req.header(name.trim(), value.trim());
+            }
+        }
+        let Ok(req) = req.body(()) else {
+            return error(StatusCode::BAD_REQUEST, "method, path or header: not valid");
+        };
+        let parts = req.into_parts().0;
+        let matched = policy.rule_for(&parts);
+        let arms = policy.arms_for(matched.map(|(_, r)| r));
+        let rule = matched.map_or_else(|| "default".to_owned(), |(i, _)| i.to_string());
+        explained = serde_json::json!({"route_version": policy.version, "rule": rule});
+        if !arms.is_empty() {
+            let Some(i) = crate::proxy::policy::choose_arm(arms, hash) else {
+                return error(StatusCode::SERVICE_UNAVAILABLE, "no arm with a weight");
+            };
+            let arm = &arms[i];
+            explained["arm"] = arm.label.clone().into();
+            let target = match &arm.subset {
+                None => routes.services.get(&arm.service).cloned(),
+                Some(_) => routes.subsets.get(&arm.label).cloned(),
+            };
+            let Some(target) = target else {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("route {service} rule {rule}: no instance of {}", arm.label),
+                );
+            };
+            route = target;
+        }
+    }
     let first = route
         .table()
         .lookup(hash)
@@ -410,14 +452,15 @@ fn route_of(state: &AdminState, query: &str) -> Response<Body> {
     match state.proxy.pick(&route, hash, &[]) {
         Some(i) => {
             let b = &route.backends[i];
-            json(
-                StatusCode::OK,
-                &serde_json::json!({
-                    "service": service, "key": key, "instance": b.id, "node": b.node,
-                    "address": b.address, "port": b.port, "local": b.local,
-                    "failover": first.as_deref() != Some(b.key.as_str()),
-                }),
-            )
+            let mut answer = serde_json::json!({
+                "service": service, "key": key, "instance": b.id, "node": b.node,
+                "address": b.address, "port": b.port, "local": b.local,
+                "failover": first.as_deref() != Some(b.key.as_str()),
+            });
+            if let (Some(a), Some(e)) = (answer.as_object_mut(), explained.as_object()) {
+                a.extend(e.clone());
+            }
+            json(StatusCode::OK, &answer)
         }
         None => error(
             StatusCode::SERVICE_UNAVAILABLE,
