@@ -7,7 +7,7 @@ use anyhow::Result;
 mod support;
 
 use rand::{Rng, RngExt};
-use support::{Agent, AgentOptions, Pki, poll, wait_states};
+use support::{Agent, AgentOptions, Pki, poll, wait_ready, wait_states};
 
 fn seeded(seed: &Agent) -> AgentOptions {
     AgentOptions {
@@ -47,7 +47,10 @@ fn five_agents_join_detect_crash_and_leave() -> Result<()> {
     let took = wait_states(&refs(&agents), &expect(&alive), Duration::from_secs(15))?;
     eprintln!("5 agents all alive everywhere after {took:?}");
     for a in &agents {
-        assert_eq!(a.get("/ready")?.0, 200, "{} ready", a.name);
+        // Ready also means caught up on configuration documents: one
+        // comparison with a peer after joining.
+        let took = wait_ready(a, Duration::from_secs(15))?;
+        eprintln!("{} ready {took:?} later", a.name);
         assert_eq!(a.get("/health")?.0, 200);
     }
     // Every agent that joined swapped member lists with a peer over QUIC
@@ -182,6 +185,6 @@ fn restart_rejoins_through_saved_members_when_seed_is_down() -> Result<()> {
     let took = wait_states(&[&agents[1]], &[("n3", "alive")], Duration::from_secs(20))?;
     wait_states(&[&restarted], &[("n2", "alive")], Duration::from_secs(10))?;
     eprintln!("n3 rejoined through its saved members after {took:?}");
-    assert_eq!(restarted.get("/ready")?.0, 200);
+    wait_ready(&restarted, Duration::from_secs(15))?;
     Ok(())
 }

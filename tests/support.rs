@@ -565,6 +565,18 @@ impl Agent {
     }
 }
 
+/// Polls until `agent`'s `/ready` answers 200 (joined and caught up on
+/// configuration documents); returns how long that took.
+pub fn wait_ready(agent: &Agent, deadline: Duration) -> Result<Duration> {
+    let (_, took) = poll(&format!("{} ready", agent.name), deadline, || {
+        match agent.get("/ready") {
+            Ok((200, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })?;
+    Ok(took)
+}
+
 /// Polls until every agent reports `id` of `service` with `health`
 /// (`None`: not listed at all).
 pub fn wait_health(
