@@ -73,6 +73,11 @@ all_see() {  # all_see NODES... -> every listed node sees all of them alive and 
         [ "$(passing_web "$n")" -ge "$want" ] || return 1
     done
 }
+minority_sees_cut() {  # n4 no longer lists any other node alive (suspect or down)
+    for m in n1 n2 n3 n5; do
+        case "$(state_of n4 "$m")" in suspect|down) ;; *) return 1 ;; esac
+    done
+}
 majority_sees_cut() {
     for n in n1 n2 n3; do for m in n4 n5; do
         [ "$(state_of "$n" "$m")" = down ] || return 1
@@ -119,6 +124,9 @@ if [ "$(field "$report" 'failed')" = "0" ] && [ "$(field "$report" 'sorted(by_in
 else
     fail "majority side: $report"
 fi
+# n4 routes around a peer once it suspects it; until then a request to that
+# peer's instance waits for its timeout.
+wait_until 30 "cut-off n4 lists every other node suspect or down" minority_sees_cut
 report="$(load n4 3)"
 echo "     n4 alone: $report"
 if [ "$(field "$report" 'failed')" = "0" ] && [ "$(field "$report" 'sorted(by_instance)')" = "['web4']" ]; then
