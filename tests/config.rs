@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use serde_json::Value;
-use support::{Agent, AgentOptions, Pki, gossamer, http, poll, wait_states};
+use support::{Agent, AgentOptions, Pki, config_apply, gossamer, http, poll, wait_states};
 
 fn mesh(pki: &Pki, n: usize) -> Result<Vec<Agent>> {
     let extra = vec!["--enable-fault-injection".to_string()];
@@ -72,24 +72,6 @@ fn wait_all(
     Ok(took)
 }
 
-fn apply(
-    agent: &Agent,
-    file: &Path,
-    op: &(std::path::PathBuf, std::path::PathBuf),
-) -> std::process::Output {
-    gossamer(&[
-        "config",
-        "apply",
-        file.to_str().unwrap(),
-        "--operator-cert",
-        op.0.to_str().unwrap(),
-        "--operator-key",
-        op.1.to_str().unwrap(),
-        "--admin",
-        &agent.admin.to_string(),
-    ])
-}
-
 fn route_file(dir: &Path, name: &str, sticky: &str) -> Result<std::path::PathBuf> {
     let path = dir.join(format!("{name}-{}.toml", sticky.replace(':', "-")));
     std::fs::write(
@@ -123,7 +105,7 @@ fn signed_documents_spread_survive_restarts_and_agree_after_a_partition() -> Res
 
     // 1. Applied at n3, active on all five.
     let v1_file = route_file(dir, "web", "header:x-user-id")?;
-    let out = apply(&agents[2], &v1_file, &alice);
+    let out = config_apply(&agents[2], &v1_file, &alice);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("route web: version 1 applied, signed by alice"),
@@ -136,7 +118,7 @@ fn signed_documents_spread_survive_restarts_and_agree_after_a_partition() -> Res
     eprintln!("version 1 applied at n3 held by all 5 after {took:?}");
 
     // The same file again changes nothing.
-    let out = apply(&agents[0], &v1_file, &alice);
+    let out = config_apply(&agents[0], &v1_file, &alice);
     assert!(
         text(&out).contains("route web: unchanged (version 1)"),
         "{}",
@@ -188,7 +170,7 @@ fn signed_documents_spread_survive_restarts_and_agree_after_a_partition() -> Res
     let other = Pki::new()?;
     let mallory = other.issue_operator("mallory")?;
     let v9_file = route_file(dir, "web", "path")?;
-    let out = apply(&agents[1], &v9_file, &mallory);
+    let out = config_apply(&agents[1], &v9_file, &mallory);
     assert!(!out.status.success());
     assert!(
         text(&out).contains("not valid for signing under the mesh CA"),
@@ -199,7 +181,7 @@ fn signed_documents_spread_survive_restarts_and_agree_after_a_partition() -> Res
     // The CLI refuses a node certificate as a signer, and bad bodies, before
     // anything is sent.
     let node_key = pki.dir.path().join("certs/n2.key");
-    let out = apply(&agents[1], &v9_file, &(node_cert.clone(), node_key));
+    let out = config_apply(&agents[1], &v9_file, &(node_cert.clone(), node_key));
     assert!(
         text(&out).contains("only operator certificates may sign"),
         "{}",
@@ -210,7 +192,7 @@ fn signed_documents_spread_survive_restarts_and_agree_after_a_partition() -> Res
         &bad,
         "[[route]]\nname = \"web\"\nbackends = [{ weigth = 1 }]\n",
     )?;
-    let out = apply(&agents[1], &bad, &alice);
+    let out = config_apply(&agents[1], &bad, &alice);
     assert!(
         text(&out).contains("unknown field `weigth`"),
         "{}",
@@ -220,7 +202,7 @@ fn signed_documents_spread_survive_restarts_and_agree_after_a_partition() -> Res
         &bad,
         "[[route]]\nname = \"web\"\n[[route.rule]]\nmatch = { path = { regex = \"(\" } }\n",
     )?;
-    let out = apply(&agents[1], &bad, &alice);
+    let out = config_apply(&agents[1], &bad, &alice);
     assert!(
         text(&out).contains("rule[0].match.path.regex: bad regex"),
         "{}",
@@ -248,7 +230,7 @@ fn signed_documents_spread_survive_restarts_and_agree_after_a_partition() -> Res
     //    2 by the time /ready says ready.
     let n5_dir = agents[4].data_dir.clone();
     agents[4].terminate(Duration::from_secs(10))?;
-    let out = apply(&agents[0], &v9_file, &bob);
+    let out = config_apply(&agents[0], &v9_file, &bob);
     assert!(
         text(&out).contains("route web: version 2 applied, signed by bob"),
         "{}",
@@ -307,9 +289,9 @@ fn signed_documents_spread_survive_restarts_and_agree_after_a_partition() -> Res
     }
     let a_file = route_file(dir, "web", "cookie:user")?;
     let b_file = route_file(dir, "web", "query:user")?;
-    let out = apply(&agents[0], &a_file, &alice);
+    let out = config_apply(&agents[0], &a_file, &alice);
     assert!(text(&out).contains("version 3 applied"), "{}", text(&out));
-    let out = apply(&agents[3], &b_file, &bob);
+    let out = config_apply(&agents[3], &b_file, &bob);
     assert!(text(&out).contains("version 3 applied"), "{}", text(&out));
     let side_a = stamp(&agents[0], "route", "web").unwrap();
     let side_b = stamp(&agents[3], "route", "web").unwrap();

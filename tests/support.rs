@@ -79,32 +79,17 @@ impl Pki {
 
     /// `gossamer cert issue` for `name`; returns (cert, key).
     pub fn issue(&self, name: &str) -> Result<(PathBuf, PathBuf)> {
-        let certs = self.dir.path().join("certs");
-        let cert = certs.join(format!("{name}.pem"));
-        if !cert.exists() {
-            let out = gossamer(&[
-                "cert",
-                "issue",
-                "--ca-dir",
-                self.dir.path().join("ca").to_str().unwrap(),
-                "--name",
-                name,
-                "--out",
-                certs.to_str().unwrap(),
-            ]);
-            if !out.status.success() {
-                bail!(
-                    "cert issue failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-        }
-        Ok((cert, certs.join(format!("{name}.key"))))
+        self.issue_as("--name", "certs", name)
     }
 
     /// `gossamer cert issue --operator NAME`; returns (cert, key).
     pub fn issue_operator(&self, name: &str) -> Result<(PathBuf, PathBuf)> {
-        let out_dir = self.dir.path().join("operators");
+        self.issue_as("--operator", "operators", name)
+    }
+
+    /// `gossamer cert issue FLAG NAME --out DIR/SUBDIR`, once per name.
+    fn issue_as(&self, flag: &str, subdir: &str, name: &str) -> Result<(PathBuf, PathBuf)> {
+        let out_dir = self.dir.path().join(subdir);
         let cert = out_dir.join(format!("{name}.pem"));
         if !cert.exists() {
             let out = gossamer(&[
@@ -112,14 +97,14 @@ impl Pki {
                 "issue",
                 "--ca-dir",
                 self.dir.path().join("ca").to_str().unwrap(),
-                "--operator",
+                flag,
                 name,
                 "--out",
                 out_dir.to_str().unwrap(),
             ]);
             if !out.status.success() {
                 bail!(
-                    "cert issue --operator failed: {}",
+                    "cert issue {flag} {name} failed: {}",
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
@@ -563,6 +548,22 @@ impl Agent {
         };
         Ok(status)
     }
+}
+
+/// `gossamer config apply FILE` against `agent`, signed by `operator`
+/// (cert, key): the command's output.
+pub fn config_apply(agent: &Agent, file: &Path, operator: &(PathBuf, PathBuf)) -> Output {
+    gossamer(&[
+        "config",
+        "apply",
+        file.to_str().unwrap(),
+        "--operator-cert",
+        operator.0.to_str().unwrap(),
+        "--operator-key",
+        operator.1.to_str().unwrap(),
+        "--admin",
+        &agent.admin.to_string(),
+    ])
 }
 
 /// Polls until `agent`'s `/ready` answers 200 (joined and caught up on

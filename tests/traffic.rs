@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use support::{Agent, AgentOptions, DemoService, Pki, gossamer, poll, wait_health, wait_states};
+use support::{
+    Agent, AgentOptions, DemoService, Pki, config_apply, poll, wait_health, wait_states,
+};
 
 /// One request through a proxy: (status, x-served-by, headers and body).
 fn request(
@@ -52,17 +54,7 @@ fn apply(
 ) -> Result<u64> {
     let file = dir.join(name);
     std::fs::write(&file, toml)?;
-    let out = gossamer(&[
-        "config",
-        "apply",
-        file.to_str().unwrap(),
-        "--operator-cert",
-        op.0.to_str().unwrap(),
-        "--operator-key",
-        op.1.to_str().unwrap(),
-        "--admin",
-        &agent.admin.to_string(),
-    ]);
+    let out = config_apply(agent, &file, op);
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.success(), "config apply: {text}");
