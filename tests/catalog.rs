@@ -6,36 +6,7 @@ mod support;
 use std::time::Duration;
 
 use anyhow::Result;
-use support::{Agent, AgentOptions, Pki, Upstream, poll, wait_health, wait_states};
-
-fn mesh(pki: &Pki, n: usize, extra: &[&str]) -> Result<Vec<Agent>> {
-    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-    let first = Agent::start(
-        pki,
-        "n1",
-        AgentOptions {
-            extra: extra.clone(),
-            ..Default::default()
-        },
-    )?;
-    let opts = AgentOptions {
-        seeds: vec![first.seed()],
-        extra,
-        ..Default::default()
-    };
-    let mut agents = vec![first];
-    for i in 2..=n {
-        agents.push(Agent::start(pki, &format!("n{i}"), opts.clone())?);
-    }
-    let names: Vec<String> = agents.iter().map(|a| a.name.clone()).collect();
-    let alive: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "alive")).collect();
-    wait_states(
-        &agents.iter().collect::<Vec<_>>(),
-        &alive,
-        Duration::from_secs(15),
-    )?;
-    Ok(agents)
-}
+use support::{Agent, AgentOptions, Pki, Upstream, mesh, poll, wait_health, wait_states};
 
 #[test]
 fn registration_spreads_and_is_removed_within_two_seconds() -> Result<()> {

@@ -9,36 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use serde_json::Value;
-use support::{Agent, AgentOptions, Pki, config_apply, gossamer, http, poll, wait_states};
-
-fn mesh(pki: &Pki, n: usize) -> Result<Vec<Agent>> {
-    let extra = vec!["--enable-fault-injection".to_string()];
-    let first = Agent::start(
-        pki,
-        "n1",
-        AgentOptions {
-            extra: extra.clone(),
-            ..Default::default()
-        },
-    )?;
-    let opts = AgentOptions {
-        seeds: vec![first.seed()],
-        extra,
-        ..Default::default()
-    };
-    let mut agents = vec![first];
-    for i in 2..=n {
-        agents.push(Agent::start(pki, &format!("n{i}"), opts.clone())?);
-    }
-    let names: Vec<String> = agents.iter().map(|a| a.name.clone()).collect();
-    let alive: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "alive")).collect();
-    wait_states(
-        &agents.iter().collect::<Vec<_>>(),
-        &alive,
-        Duration::from_secs(20),
-    )?;
-    Ok(agents)
-}
+use support::{Agent, AgentOptions, Pki, config_apply, gossamer, http, mesh, poll};
 
 /// The (version, digest) of `route web` at `agent`, if it holds one.
 fn stamp(agent: &Agent, kind: &str, name: &str) -> Option<(u64, String)> {
@@ -100,7 +71,7 @@ fn signed_documents_spread_survive_restarts_and_agree_after_a_partition() -> Res
     let pki = Pki::new()?;
     let alice = pki.issue_operator("alice")?;
     let bob = pki.issue_operator("bob")?;
-    let mut agents = mesh(&pki, 5)?;
+    let mut agents = mesh(&pki, 5, &["--enable-fault-injection"])?;
     let dir = pki.dir.path();
 
     // 1. Applied at n3, active on all five.

@@ -550,6 +550,37 @@ impl Agent {
     }
 }
 
+/// `n` agents (`n1`, then `n2`… seeded by it) with `extra` arguments, all
+/// listing each other alive.
+pub fn mesh(pki: &Pki, n: usize, extra: &[&str]) -> Result<Vec<Agent>> {
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    let first = Agent::start(
+        pki,
+        "n1",
+        AgentOptions {
+            extra: extra.clone(),
+            ..Default::default()
+        },
+    )?;
+    let opts = AgentOptions {
+        seeds: vec![first.seed()],
+        extra,
+        ..Default::default()
+    };
+    let mut agents = vec![first];
+    for i in 2..=n {
+        agents.push(Agent::start(pki, &format!("n{i}"), opts.clone())?);
+    }
+    let names: Vec<String> = agents.iter().map(|a| a.name.clone()).collect();
+    let alive: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "alive")).collect();
+    wait_states(
+        &agents.iter().collect::<Vec<_>>(),
+        &alive,
+        Duration::from_secs(20),
+    )?;
+    Ok(agents)
+}
+
 /// `gossamer config apply FILE` against `agent`, signed by `operator`
 /// (cert, key): the command's output.
 pub fn config_apply(agent: &Agent, file: &Path, operator: &(PathBuf, PathBuf)) -> Output {
