@@ -1,7 +1,7 @@
 //! Traffic policy from route documents, through real agents: a sticky
 //! 90/10 split that every agent agrees on, weights that move only the keys
-//! they must, header matches, injected aborts and delays, and a circuit
-//! breaker.
+//! they must, header matches, injected aborts and delays, circuit
+//! breakers, retries and mirroring.
 
 mod support;
 
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use support::{
-    Agent, AgentOptions, DemoService, Pki, config_apply, poll, wait_health, wait_states,
+    Agent, AgentOptions, DemoService, Pki, config_apply, http, mesh, poll, wait_health, wait_states,
 };
 
 /// One request through a proxy: (status, x-served-by, headers and body).
@@ -293,6 +293,9 @@ fn route_documents_split_match_inject_and_limit() -> Result<()> {
     );
 
     // A circuit breaker of 50 under 200 concurrent slow requests.
+    for svc in &services {
+        stats(svc, true)?;
+    }
     let v = apply(
         &agents[0],
         dir,
@@ -349,6 +352,310 @@ fn route_documents_split_match_inject_and_limit() -> Result<()> {
             .all(|(_, _, t)| *t < Duration::from_secs(2)),
         "503s must be fast"
     );
+    // What the instances saw: their peaks of requests in flight add up to
+    // at least the mesh's peak, so a sum of 50 proves it never exceeded 50.
+    let peaks = services
+        .iter()
+        .map(|svc| Ok(stats(svc, false)?.2))
+        .collect::<Result<Vec<u64>>>()?;
+    eprintln!("upstream peaks in flight: {peaks:?}");
+    ensure!(
+        peaks.iter().sum::<u64>() <= 50,
+        "the upstream saw {peaks:?} requests at once"
+    );
     drop(services);
+    Ok(())
+}
+
+/// A demo service's counts: (requests, in flight, peak in flight), zeroed
+/// afterwards if `reset`.
+fn stats(svc: &DemoService, reset: bool) -> Result<(u64, u64, u64)> {
+    let (status, body) = http(svc.addr, "GET", "/admin/stats", None)?;
+    ensure!(
+        status == 200,
+        "{}: /admin/stats answered {status}",
+        svc.name
+    );
+    let v: Value = serde_json::from_str(&body)?;
+    let n = |k: &str| v[k].as_u64().context("no count");
+    let out = (n("requests")?, n("in_flight")?, n("max_in_flight")?);
+    if reset {
+        http(svc.addr, "POST", "/admin/stats/reset", None)?;
+    }
+    Ok(out)
+}
+
+/// Sets a demo service's fault: every request waits `delay_ms`, then gets
+/// `status` (0: its normal answer).
+fn fault(svc: &DemoService, status: u16, delay_ms: u64) -> Result<()> {
+    let (code, body) = http(
+        svc.addr,
+        "POST",
+        &format!("/admin/fault?status={status}&delay_ms={delay_ms}"),
+        None,
+    )?;
+    ensure!(code == 200, "{}: {body}", svc.name);
+    Ok(())
+}
+
+/// `n` requests with distinct keys through `proxy`, `at_once` at a time:
+/// (status, x-served-by, time) of each.
+fn burst(
+    proxy: SocketAddr,
+    path: &str,
+    n: usize,
+    at_once: usize,
+) -> Result<Vec<(u16, String, Duration)>> {
+    let mut out = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(at_once) {
+        let part: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|k| {
+                    s.spawn(move || {
+                        let t = Instant::now();
+                        let key = format!("k{k}");
+                        request(proxy, path, &[("x-user-id", &key)])
+                            .map(|(status, served, _)| (status, served, t.elapsed()))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("no panic"))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        out.extend(part);
+    }
+    Ok(out)
+}
+
+/// `POST /upload` of `n` bytes to web through `proxy`; checks that all
+/// arrived and returns the instance that took them.
+fn upload(proxy: SocketAddr, n: usize) -> Result<String> {
+    let mut stream = TcpStream::connect_timeout(&proxy, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "POST /upload HTTP/1.1\r\nHost: web\r\nConnection: close\r\nContent-Length: {n}\r\n\r\n{}",
+        "x".repeat(n)
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    ensure!(
+        response.starts_with("HTTP/1.1 200") && response.contains(&format!("\"bytes\": {n}")),
+        "{response}"
+    );
+    let served = response
+        .lines()
+        .find_map(|l| l.strip_prefix("x-served-by: "))
+        .context("no x-served-by")?;
+    Ok(served.trim().to_owned())
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+#[test]
+fn route_retries_mirrors_and_connection_limits() -> Result<()> {
+    let pki = Pki::new()?;
+    let alice = pki.issue_operator("alice")?;
+    // No outlier ejection here: each phase below must reach the faulty
+    // instance to show what the route does about it. Every request comes
+    // from one address, so all go to one instance first, and the retry
+    // budget must allow a retry for each.
+    let config = pki.dir.path().join("agent.toml");
+    std::fs::write(&config, "[proxy]\neject_after = 1000\nretry_budget = 1.0\n")?;
+    let agents = mesh(&pki, 2, &["--config", config.to_str().context("path")?])?;
+    let refs: Vec<&Agent> = agents.iter().collect();
+    // web: instance a on n1, b on n2; shadow (the mirror) on n2.
+    let mut services = Vec::new();
+    for (i, (id, service)) in [("a", "web"), ("b", "web"), ("s", "shadow")]
+        .iter()
+        .enumerate()
+    {
+        let svc = DemoService::start(id, None)?;
+        let body = format!(r#"{{"name": "{service}", "port": {}}}"#, svc.addr.port());
+        let (status, text) = agents[i.min(1)].register(id, &body)?;
+        ensure!(status == 200, "register: {text}");
+        wait_health(&refs, service, id, Some("passing"), Duration::from_secs(10))?;
+        services.push(svc);
+    }
+    let (a, b, shadow) = (&services[0], &services[1], &services[2]);
+    let dir = pki.dir.path();
+    let proxy = agents[0].proxy;
+    let retries = || agents[0].metric("gossamer_proxy_retries_total{service=\"web\"}");
+
+    // Retries on 5xx: a answers 503 to everything, yet every request is
+    // served, by b on a retry.
+    let v = apply(
+        &agents[0],
+        dir,
+        &alice,
+        "retry.toml",
+        "[[route]]\nname = \"web\"\nretries = { attempts = 3, on = [\"5xx\"] }\n",
+    )?;
+    wait_version(&agents, v)?;
+    fault(a, 503, 0)?;
+    let before = retries().unwrap_or(0.0);
+    let results = burst(proxy, "/", 100, 10)?;
+    let failed: Vec<_> = results.iter().filter(|r| r.0 != 200).collect();
+    let (hit_a, _, _) = stats(a, true)?;
+    let retried = retries().unwrap_or(0.0) - before;
+    eprintln!(
+        "retry on 5xx: {} of 100 failed; a answered 503 {hit_a} times; {retried} retries",
+        failed.len()
+    );
+    ensure!(failed.is_empty(), "failed despite retries: {failed:?}");
+    ensure!(hit_a >= 1 && retried >= 1.0, "a was never tried");
+    // A body is sent again on the retry.
+    for _ in 0..5 {
+        let served = upload(proxy, 20_000)?;
+        ensure!(served == "b", "upload served by {served}");
+    }
+    ensure!(stats(a, true)?.0 == 5, "the uploads did not try a first");
+
+    // Per-try timeout: a hangs for 3 s; each attempt gets 300 ms, then b
+    // answers.
+    fault(a, 0, 3000)?;
+    let v = apply(
+        &agents[0],
+        dir,
+        &alice,
+        "retry.toml",
+        "[[route]]\nname = \"web\"\ntimeout = \"10s\"\nretries = { attempts = 2, on = [\"gateway-error\"], per_try_timeout = \"300ms\" }\n",
+    )?;
+    wait_version(&agents, v)?;
+    stats(a, true)?;
+    let results = burst(proxy, "/", 40, 10)?;
+    let (hit_a, _, _) = stats(a, true)?;
+    let slowest = results.iter().map(|r| r.2).max().unwrap_or_default();
+    eprintln!(
+        "per-try timeout: statuses {:?}, a tried {hit_a} times, slowest {slowest:?}",
+        results
+            .iter()
+            .map(|r| r.0)
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+    ensure!(
+        results.iter().all(|r| r.0 == 200 && r.1 == "b"),
+        "{results:?}"
+    );
+    ensure!(hit_a >= 1, "a was never tried");
+    ensure!(
+        slowest < Duration::from_millis(2500),
+        "an attempt waited longer than its per-try timeout: {slowest:?}"
+    );
+    fault(a, 0, 0)?;
+
+    // Mirroring: half the requests are copied to a slow shadow; the main
+    // path's latency does not change.
+    let v = apply(
+        &agents[0],
+        dir,
+        &alice,
+        "mirror.toml",
+        "[[route]]\nname = \"web\"\n",
+    )?;
+    wait_version(&agents, v)?;
+    let plain = median(
+        burst(proxy, "/", 300, 1)?
+            .into_iter()
+            .map(|r| r.2)
+            .collect(),
+    );
+    fault(shadow, 0, 300)?;
+    stats(shadow, true)?;
+    let v = apply(
+        &agents[0],
+        dir,
+        &alice,
+        "mirror.toml",
+        "[[route]]\nname = \"web\"\n[[route.rule]]\nmirror = { service = \"shadow\", percent = 50 }\n",
+    )?;
+    wait_version(&agents, v)?;
+    let mirrored = burst(proxy, "/", 1000, 1)?;
+    ensure!(
+        mirrored.iter().all(|r| r.0 == 200),
+        "a mirrored request failed"
+    );
+    let with_mirror = median(mirrored.into_iter().map(|r| r.2).collect());
+    let sent = || {
+        agents[0]
+            .metric(
+                "gossamer_route_mirrored_total{service=\"web\",mirror=\"shadow\",outcome=\"sent\"}",
+            )
+            .unwrap_or(0.0) as u64
+    };
+    let (copies, _) = poll("the mirror to catch up", Duration::from_secs(30), || {
+        let (n, in_flight, _) = stats(shadow, false).map_err(|e| e.to_string())?;
+        (in_flight == 0 && n == sent())
+            .then_some(n)
+            .ok_or(format!("{n} copies arrived, {} sent", sent()))
+    })?;
+    eprintln!(
+        "mirror: {copies} of 1000 copied; median {:?} without a mirror, {:?} with",
+        plain, with_mirror
+    );
+    ensure!(
+        (400..=600).contains(&copies),
+        "{copies} copies of 1000 at 50 %"
+    );
+    ensure!(
+        with_mirror < plain + Duration::from_millis(30),
+        "the mirror slowed the main path: {with_mirror:?} against {plain:?}"
+    );
+    // A request with a body is copied with it.
+    stats(shadow, true)?;
+    fault(shadow, 0, 0)?;
+    let v = apply(
+        &agents[0],
+        dir,
+        &alice,
+        "mirror.toml",
+        "[[route]]\nname = \"web\"\n[[route.rule]]\nmirror = { service = \"shadow\", percent = 100 }\n",
+    )?;
+    wait_version(&agents, v)?;
+    for _ in 0..5 {
+        upload(proxy, 3000)?;
+    }
+    poll("5 uploads mirrored", Duration::from_secs(10), || {
+        let (n, _, _) = stats(shadow, false).map_err(|e| e.to_string())?;
+        (n == 5).then_some(()).ok_or(format!("{n}"))
+    })?;
+
+    // max_connections 10, max_pending 20: of 60 slow requests at once, 10
+    // run, 20 wait their turn, 30 are refused at once.
+    for svc in [a, b] {
+        stats(svc, true)?;
+    }
+    let v = apply(
+        &agents[0],
+        dir,
+        &alice,
+        "limits.toml",
+        "[[route]]\nname = \"web\"\ncircuit_breaker = { max_connections = 10, max_pending = 20 }\n",
+    )?;
+    wait_version(&agents, v)?;
+    let results = burst(proxy, "/slow?ms=1000", 60, 60)?;
+    let refused: Vec<_> = results.iter().filter(|r| r.0 == 503).collect();
+    let served = results.iter().filter(|r| r.0 == 200).count();
+    let peaks = [stats(a, false)?.2, stats(b, false)?.2];
+    eprintln!(
+        "connection limit: {served} served, {} refused, upstream peaks {peaks:?}",
+        refused.len()
+    );
+    ensure!(
+        served == 30 && refused.len() == 30,
+        "{served} served, {} refused",
+        refused.len()
+    );
+    ensure!(
+        refused.iter().all(|r| r.2 < Duration::from_millis(900)),
+        "refusals must be fast"
+    );
+    ensure!(peaks.iter().sum::<u64>() <= 10, "upstream peaks {peaks:?}");
     Ok(())
 }

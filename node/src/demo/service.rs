@@ -7,16 +7,22 @@
 //! | `GET /health` | 200, or the status set with `POST /admin/health?status=N` |
 //! | `GET /slow?ms=N` | waits N ms, then answers |
 //! | `GET /fail` | 500 |
+//! | `POST /admin/fault?status=N&delay_ms=M` | from now on, every request below waits M ms, then gets N (0: its normal answer) |
+//! | `GET /admin/stats` | `{"requests", "in_flight", "max_in_flight"}` of the requests below |
+//! | `POST /admin/stats/reset` | zeroes those counts |
 //! | `POST /upload` | reads the body, answers `{"bytes": N}` |
 //! | `GET /download?bytes=N` | streams N bytes |
 //! | `POST /echo` | streams the request body back, then trailers `grpc-status: 0` |
 //! | `Upgrade:` requests | 101, then echoes raw bytes |
 //! | anything else | `{"instance", "method", "path", "headers"}` |
+//!
+//! Counts and faults apply to every request except `/health` and
+//! `/admin/...`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,10 +36,36 @@ use tokio::sync::mpsc;
 
 use crate::proxy::body::{self, BoxError, ProxyBody};
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct State {
     name: String,
     health: AtomicU16,
+    /// Status every counted request gets (0: its normal answer).
+    fault_status: AtomicU16,
+    /// Wait before answering a counted request.
+    fault_delay_ms: AtomicU64,
+    requests: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+}
+
+/// A counted request in flight, until dropped (also when the caller goes
+/// away mid-request).
+struct Counted<'a>(&'a State);
+
+impl<'a> Counted<'a> {
+    fn new(state: &'a State) -> Self {
+        state.requests.fetch_add(1, Ordering::Relaxed);
+        let now = state.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::AcqRel);
+        Self(state)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Serves the demo service on `listener` until `stop` flips (then every
@@ -46,6 +78,7 @@ pub async fn serve_until(
     let state = Arc::new(State {
         name,
         health: AtomicU16::new(200),
+        ..State::default()
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     loop {
@@ -125,6 +158,27 @@ async fn handle(
             .expect("valid"));
     }
     let path = req.uri().path().to_owned();
+    let _counted = if path == "/health" || path.starts_with("/admin/") {
+        None
+    } else {
+        let counted = Counted::new(&state);
+        let delay = state.fault_delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        let status = state.fault_status.load(Ordering::Relaxed);
+        if let Some(status) = StatusCode::from_u16(status).ok().filter(|_| status != 0) {
+            return Ok(text(
+                status,
+                &name,
+                format!(
+                    "{{\"instance\": \"{name}\", \"fault\": {}}}\n",
+                    status.as_u16()
+                ),
+            ));
+        }
+        Some(counted)
+    };
     let response = match (req.method().as_str(), path.as_str()) {
         (_, "/health") => {
             let code = state.health.load(Ordering::Relaxed);
@@ -139,6 +193,34 @@ async fn handle(
             let code = query(&req, "status").unwrap_or(200) as u16;
             state.health.store(code, Ordering::Relaxed);
             text(StatusCode::OK, &name, format!("{{\"health\": {code}}}\n"))
+        }
+        ("POST", "/admin/fault") => {
+            let status = query(&req, "status").unwrap_or(0).min(599) as u16;
+            let delay = query(&req, "delay_ms").unwrap_or(0).min(600_000);
+            state.fault_status.store(status, Ordering::Relaxed);
+            state.fault_delay_ms.store(delay, Ordering::Relaxed);
+            text(
+                StatusCode::OK,
+                &name,
+                format!("{{\"status\": {status}, \"delay_ms\": {delay}}}\n"),
+            )
+        }
+        ("GET", "/admin/stats") => text(
+            StatusCode::OK,
+            &name,
+            format!(
+                "{{\"requests\": {}, \"in_flight\": {}, \"max_in_flight\": {}}}\n",
+                state.requests.load(Ordering::Relaxed),
+                state.in_flight.load(Ordering::Relaxed),
+                state.max_in_flight.load(Ordering::Relaxed)
+            ),
+        ),
+        ("POST", "/admin/stats/reset") => {
+            state.requests.store(0, Ordering::Relaxed);
+            state
+                .max_in_flight
+                .store(state.in_flight.load(Ordering::Relaxed), Ordering::Relaxed);
+            text(StatusCode::OK, &name, "{\"reset\": true}\n".into())
         }
         (_, "/fail") => text(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -320,6 +320,9 @@ fn retries(field: &str, r: &Retries) -> Result<(), String> {
     if r.attempts == 0 || r.attempts > 10 {
         return Err(format!("{field}.attempts: must be 1-10"));
     }
+    if r.per_try_timeout == Some(Duration::ZERO) {
+        return Err(format!("{field}.per_try_timeout: must be more than 0"));
+    }
     for on in &r.on {
         if !RETRY_ON.contains(&on.as_str()) {
             return Err(format!(
@@ -355,35 +358,22 @@ fn value_matches(field: &str, list: &[ValueMatch], headers: bool) -> Result<(), 
     Ok(())
 }
 
-/// Fields the schema reads but the proxy does not apply yet: refused, so a
-/// document never claims a behaviour it does not get.
-fn not_yet(field: &str) -> String {
-    format!("{field}: not supported by this version of Gossamer yet")
-}
-
 impl RouteSpec {
     /// Checks what serde cannot. Errors name the field.
     pub fn validate(&self) -> Result<(), String> {
-        if self.retries.is_some() {
-            return Err(not_yet("retries"));
-        }
         if let Some(cb) = &self.circuit_breaker {
-            if cb.max_pending.is_some() {
-                return Err(not_yet("circuit_breaker.max_pending"));
+            for (name, v) in [
+                ("max_requests", cb.max_requests),
+                ("max_connections", cb.max_connections),
+            ] {
+                if v == Some(0) {
+                    return Err(format!("circuit_breaker.{name}: must be at least 1"));
+                }
             }
-            if cb.max_connections.is_some() {
-                return Err(not_yet("circuit_breaker.max_connections"));
-            }
-            if cb.max_requests == Some(0) {
-                return Err("circuit_breaker.max_requests: must be at least 1".into());
-            }
-        }
-        for (i, rule) in self.rules.iter().enumerate() {
-            if rule.retries.is_some() {
-                return Err(not_yet(&format!("rule[{i}].retries")));
-            }
-            if rule.mirror.is_some() {
-                return Err(not_yet(&format!("rule[{i}].mirror")));
+            if cb.max_pending.is_some() && cb.max_connections.is_none() {
+                return Err(
+                    "circuit_breaker.max_pending: requests wait for a connection, so it needs max_connections".into(),
+                );
             }
         }
         if let Some(s) = &self.sticky {
@@ -527,16 +517,32 @@ mod tests {
                 "rule[0].fault.abort.percent",
             ),
             (
-                "[[rule]]\nretries = { attempts = 2 }",
-                "rule[0].retries: not supported",
+                "[[rule]]\nretries = { attempts = 0 }",
+                "rule[0].retries.attempts: must be 1-10",
             ),
             (
-                "[[rule]]\nmirror = { service = \"shadow\", percent = 5 }",
-                "rule[0].mirror: not supported",
+                "retries = { attempts = 2, on = [\"4xx\"] }",
+                "retries.on: \"4xx\" is not one of",
+            ),
+            (
+                "retries = { attempts = 2, per_try_timeout = \"0s\" }",
+                "retries.per_try_timeout: must be more than 0",
+            ),
+            (
+                "[[rule]]\nmirror = { service = \"Shadow!\", percent = 5 }",
+                "rule[0].mirror.service",
+            ),
+            (
+                "[[rule]]\nmirror = { service = \"shadow\", percent = -1 }",
+                "rule[0].mirror.percent",
             ),
             (
                 "circuit_breaker = { max_pending = 5 }",
-                "circuit_breaker.max_pending: not supported",
+                "circuit_breaker.max_pending: requests wait for a connection",
+            ),
+            (
+                "circuit_breaker = { max_connections = 0 }",
+                "circuit_breaker.max_connections: must be at least 1",
             ),
             (
                 "[[rule]]\nrewrite = { path_prefix = \"/x\" }",

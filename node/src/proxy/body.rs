@@ -1,7 +1,7 @@
 //! Bodies that stream between HTTP and QUIC without buffering whole.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -138,17 +138,44 @@ where
     Ok(())
 }
 
-/// A request body that can be handed to a second attempt as long as the
-/// first one never read from it (a connect failure, say). It also tells
-/// whether the *client* broke it (a malformed chunk, a disconnect), so that
-/// a client's mistake is never charged to the instance.
+/// How much of a request body is kept so that a retry (or a mirror) can
+/// send it again. A longer body streams through once and is not retried.
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// A request body that later attempts can send again: the frames one
+/// attempt reads are kept (up to [`REPLAY_LIMIT`] bytes) and replayed to
+/// the next. It also tells whether the *client* broke it (a malformed
+/// chunk, a disconnect), so that a client's mistake is never charged to
+/// the instance. A new attempt supersedes the older ones, whose bodies
+/// then fail rather than steal frames from it.
 #[derive(Clone)]
 #[allow(missing_debug_implementations)]
 pub struct Replayable {
-    slot: Arc<Mutex<Option<Incoming>>>,
-    touched: Arc<AtomicBool>,
+    shared: Arc<Mutex<Replay>>,
     state: Arc<AtomicU8>,
     end_stream: bool,
+    /// The whole body's length, when known.
+    length: Option<u64>,
+}
+
+struct Replay {
+    /// The client's body, while it has more to give.
+    incoming: Option<Incoming>,
+    /// What attempts read so far, in order; emptied on overflow.
+    kept: Vec<Kept>,
+    kept_bytes: usize,
+    /// More than [`REPLAY_LIMIT`] was read: no attempt can resend it.
+    overflow: bool,
+    /// Frames read from `incoming` so far.
+    read: usize,
+    /// The newest attempt; older ones are superseded.
+    generation: u32,
+}
+
+#[derive(Clone)]
+enum Kept {
+    Data(Bytes),
+    Trailers(http::HeaderMap),
 }
 
 const READING: u8 = 0;
@@ -159,17 +186,46 @@ impl Replayable {
     /// Wraps a request body.
     pub fn new(body: Incoming) -> Self {
         let end_stream = body.is_end_stream();
+        let length = body.size_hint().exact();
+        Self::with(Some(body), Vec::new(), end_stream, length)
+    }
+
+    fn with(
+        incoming: Option<Incoming>,
+        kept: Vec<Kept>,
+        end_stream: bool,
+        length: Option<u64>,
+    ) -> Self {
+        let complete = end_stream || incoming.is_none();
+        let kept_bytes = kept
+            .iter()
+            .map(|k| match k {
+                Kept::Data(d) => d.len(),
+                Kept::Trailers(_) => 0,
+            })
+            .sum();
         Self {
-            slot: Arc::new(Mutex::new(Some(body))),
-            touched: Arc::new(AtomicBool::new(false)),
-            state: Arc::new(AtomicU8::new(if end_stream { COMPLETE } else { READING })),
+            shared: Arc::new(Mutex::new(Replay {
+                read: kept.len(),
+                incoming,
+                kept,
+                kept_bytes,
+                overflow: false,
+                generation: 0,
+            })),
+            state: Arc::new(AtomicU8::new(if complete { COMPLETE } else { READING })),
             end_stream,
+            length,
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Replay> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether another attempt can still send the whole body.
     pub fn replayable(&self) -> bool {
-        self.end_stream || !self.touched.load(Ordering::Relaxed)
+        self.end_stream || !self.lock().overflow
     }
 
     /// Whether the request has no body at all.
@@ -188,14 +244,39 @@ impl Replayable {
         self.state.load(Ordering::Relaxed) == COMPLETE
     }
 
-    /// A body for one attempt.
+    /// A body for one attempt: what earlier attempts read, then the rest
+    /// of the client's body. Earlier attempts' bodies stop here.
     pub fn attempt(&self) -> ProxyBody {
-        Attempt { body: self.clone() }.boxed_unsync()
+        let generation = {
+            let mut r = self.lock();
+            r.generation = r.generation.wrapping_add(1);
+            r.generation
+        };
+        Attempt {
+            body: self.clone(),
+            generation,
+            position: 0,
+        }
+        .boxed_unsync()
+    }
+
+    /// An independent copy of the whole body, if the client has sent all
+    /// of it and it was short enough to keep (what a mirror sends).
+    pub fn copy(&self) -> Option<Self> {
+        if self.end_stream {
+            return Some(Self::with(None, Vec::new(), true, Some(0)));
+        }
+        let r = self.lock();
+        (self.complete() && !r.overflow && r.incoming.is_none())
+            .then(|| Self::with(None, r.kept.clone(), false, self.length))
     }
 }
 
 struct Attempt {
     body: Replayable,
+    generation: u32,
+    /// Frames this attempt has sent.
+    position: usize,
 }
 
 impl Body for Attempt {
@@ -203,35 +284,118 @@ impl Body for Attempt {
     type Error = BoxError;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<HttpFrame<Bytes>, BoxError>>> {
-        let mut slot = self.body.slot.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(inner) = slot.as_mut() else {
+        let this = &mut *self;
+        let mut r = this.body.lock();
+        if r.generation != this.generation {
+            return Poll::Ready(Some(Err("superseded by a retry".into())));
+        }
+        if this.position < r.read {
+            if r.overflow {
+                return Poll::Ready(Some(Err("request body too long to send again".into())));
+            }
+            let frame = match r.kept[this.position].clone() {
+                Kept::Data(d) => HttpFrame::data(d),
+                Kept::Trailers(t) => HttpFrame::trailers(t),
+            };
+            this.position += 1;
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        let Some(inner) = r.incoming.as_mut() else {
             return Poll::Ready(None);
         };
         let polled = Pin::new(&mut *inner).poll_frame(cx);
         match &polled {
-            Poll::Ready(Some(Ok(_))) => {
-                self.body.touched.store(true, Ordering::Relaxed);
-                if inner.is_end_stream() {
-                    self.body.state.store(COMPLETE, Ordering::Relaxed);
+            Poll::Ready(Some(Ok(frame))) => {
+                let end = inner.is_end_stream();
+                let kept = match frame.data_ref() {
+                    Some(d) => Kept::Data(d.clone()),
+                    None => Kept::Trailers(frame.trailers_ref().cloned().unwrap_or_default()),
+                };
+                r.read += 1;
+                this.position += 1;
+                if !r.overflow {
+                    if let Kept::Data(d) = &kept {
+                        r.kept_bytes += d.len();
+                    }
+                    if r.kept_bytes > REPLAY_LIMIT {
+                        r.overflow = true;
+                        r.kept = Vec::new();
+                    } else {
+                        r.kept.push(kept);
+                    }
+                }
+                if end {
+                    r.incoming = None;
+                    this.body.state.store(COMPLETE, Ordering::Relaxed);
                 }
             }
-            Poll::Ready(None) => self.body.state.store(COMPLETE, Ordering::Relaxed),
-            Poll::Ready(Some(Err(_))) => self.body.state.store(CLIENT_FAILED, Ordering::Relaxed),
+            Poll::Ready(None) => {
+                r.incoming = None;
+                this.body.state.store(COMPLETE, Ordering::Relaxed);
+            }
+            Poll::Ready(Some(Err(_))) => this.body.state.store(CLIENT_FAILED, Ordering::Relaxed),
             Poll::Pending => {}
         }
         polled.map(|f| f.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.end_stream
+        if self.body.end_stream {
+            return true;
+        }
+        let r = self.body.lock();
+        r.generation == self.generation && self.position >= r.read && r.incoming.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let slot = self.body.slot.lock().unwrap_or_else(|e| e.into_inner());
-        slot.as_ref().map(Body::size_hint).unwrap_or_default()
+        match self.body.length {
+            Some(n) if self.position == 0 => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// `body`, holding `guard` until it ends or is dropped (a circuit
+/// breaker's count lasts as long as the response streams).
+pub fn holding<G: Send + Unpin + 'static>(body: ProxyBody, guard: G) -> ProxyBody {
+    Holding {
+        inner: body,
+        guard: Some(guard),
+    }
+    .boxed_unsync()
+}
+
+struct Holding<G> {
+    inner: ProxyBody,
+    guard: Option<G>,
+}
+
+impl<G: Send + Unpin + 'static> Body for Holding<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<HttpFrame<Bytes>, BoxError>>> {
+        // `Holding` is Unpin: both fields are.
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.guard = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -20,7 +20,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{debug, warn};
 
 use super::body::{self, Counting, ProxyBody, Replayable};
@@ -31,7 +31,7 @@ use super::error::{
 use super::hop;
 use super::metrics::{InstanceLabels, ProxyMetrics, RequestLabels, RouteLabels, ServiceLabel};
 use super::outlier::{EjectionPolicy, Outliers, RetryBudget, Verdict};
-use super::policy::{Policies, Policy};
+use super::policy::{Policies, Policy, RetryPolicy};
 use super::routes::{Backend, Routes, ServiceRoute};
 use super::upgrade::bridge;
 use super::wire::{self, RequestHead, ResponseHead, STREAM_PROXY};
@@ -57,6 +57,10 @@ pub struct Proxy {
     inflight: Mutex<HashMap<String, usize>>,
     /// Requests in flight per service under a route's circuit breaker.
     breakers: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    /// Connection slots per service under a route's circuit breaker.
+    slots: Mutex<HashMap<String, Arc<Slots>>>,
+    /// Mirror copies in flight from this agent.
+    pub(super) mirrors: Arc<AtomicUsize>,
     /// Upgraded connections' bridges run here, so shutdown ends them.
     tasks: Tasks,
     /// Metric families.
@@ -87,6 +91,8 @@ impl Proxy {
             clients: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
             breakers: Mutex::new(HashMap::new()),
+            slots: Mutex::new(HashMap::new()),
+            mirrors: Arc::default(),
             metrics,
         })
     }
@@ -119,6 +125,51 @@ impl Proxy {
         // `then`, not `then_some`: a refused request must not build (and
         // drop, which releases) a guard it never took.
         admitted.then(|| Admitted(counter))
+    }
+
+    /// Takes one of `max` connection slots of `service` (a route
+    /// document's `max_connections`). When all are busy the request waits
+    /// for one, up to `wait`, if fewer than `max_pending` already wait;
+    /// otherwise it is refused at once. The error says why.
+    pub(super) async fn connection_slot(
+        &self,
+        service: &str,
+        max: u32,
+        max_pending: u32,
+        wait: Duration,
+    ) -> Result<OwnedSemaphorePermit, String> {
+        let slots = {
+            let mut all = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let slots = all
+                .entry(service.to_owned())
+                .or_insert_with(|| Slots::new(max));
+            // A new limit starts afresh; requests holding the old one's
+            // slots finish on it.
+            if slots.max != max {
+                *slots = Slots::new(max);
+            }
+            slots.clone()
+        };
+        if let Ok(permit) = slots.permits.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        let queued = slots
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max_pending as usize).then_some(n + 1)
+            })
+            .is_ok();
+        if !queued {
+            return Err(format!(
+                "{max} connections busy and {max_pending} requests waiting"
+            ));
+        }
+        let _waiting = Waiting(&slots.waiting);
+        match tokio::time::timeout(wait, slots.permits.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err("connection slots closed".into()),
+            Err(_) => Err(format!("{max} connections busy: none free within {wait:?}")),
+        }
     }
 
     fn policy(&self) -> EjectionPolicy {
@@ -202,7 +253,7 @@ impl Proxy {
     }
 
     /// Sends a request to the instance its key maps to, retrying and
-    /// failing over as the policy allows.
+    /// failing over as the agent's policy, or a route document's, allows.
     pub(super) async fn dispatch(
         &self,
         route: &ServiceRoute,
@@ -210,28 +261,39 @@ impl Proxy {
         parts: Parts,
         body: Replayable,
         mut on_upgrade: Option<OnUpgrade>,
-        route_timeout: Option<Duration>,
+        overrides: Overrides,
     ) -> Response<ProxyBody> {
         let service = &route.name;
         let mut timeouts = self.config.timeouts(service, &parts.headers);
         // A route document's timeout replaces the agent's own, unless the
         // caller's deadline is shorter still.
-        if let Some(t) = route_timeout
+        if let Some(t) = overrides.timeout
             && (!timeouts.callers_deadline || t < timeouts.request)
         {
             timeouts.request = t;
             timeouts.callers_deadline = false;
         }
         let (request_timeout, connect_timeout) = (timeouts.request, timeouts.connect);
+        let deadline = Instant::now() + request_timeout;
+        let retry = overrides.retries;
+        let attempts = retry.map_or(self.config.max_retries + 1, |r| r.attempts) as usize;
         let budget = self.budget(service);
         budget.request();
         // The client side of an upgrade goes to the first attempt; a retry
         // would be a plain request, so upgrades are never retried.
         let upgrade = on_upgrade.is_some();
         let mut tried = Vec::new();
+        let mut made = 0usize;
         let mut last_error = None;
         loop {
-            let Some(index) = self.pick(route, hash, &tried) else {
+            let mut picked = self.pick(route, hash, &tried);
+            // A route's retries may go back to an instance already tried
+            // once every usable one has been.
+            if picked.is_none() && retry.is_some() && !tried.is_empty() {
+                tried.clear();
+                picked = self.pick(route, hash, &tried);
+            }
+            let Some(index) = picked else {
                 self.count(service, "none", "5xx");
                 return match last_error {
                     Some(e) => local_response(StatusCode::BAD_GATEWAY, format!("{service}: {e}")),
@@ -242,11 +304,14 @@ impl Proxy {
                 };
             };
             tried.push(index);
+            made += 1;
             let backend = &route.backends[index];
             let started = Instant::now();
+            let left = deadline.saturating_duration_since(started);
+            let per_try = retry.and_then(|r| r.per_try_timeout).filter(|t| *t < left);
             let in_flight = self.begin(&backend.key);
             let attempt = tokio::time::timeout(
-                request_timeout,
+                per_try.unwrap_or(left),
                 self.attempt(
                     route,
                     backend,
@@ -274,17 +339,39 @@ impl Proxy {
                     "request body: malformed or cut short by the client".into(),
                 );
             }
-            let error = match attempt {
+            let may_try_again = made < attempts && body.replayable() && !upgrade;
+            // An attempt that got no answer: what went wrong, whether the
+            // policy retries it, and the status to answer with if not.
+            let (error, may_retry, status) = match attempt {
                 Ok(Ok(response)) => {
-                    if response.status().is_server_error() {
+                    let status = response.status();
+                    if status.is_server_error() {
                         self.failed(route, backend);
                     } else {
                         self.outliers.success(&backend.key);
                     }
-                    self.count(service, &backend.key, class(response.status()));
-                    return response;
+                    self.count(service, &backend.key, class(status));
+                    let retried = retry.is_some_and(|r| r.retries_status(status))
+                        && may_try_again
+                        && budget.try_retry();
+                    if !retried {
+                        return response;
+                    }
+                    debug!(instance = %backend.key, %status, "retrying after the answer");
+                    self.retried(service);
+                    continue;
                 }
-                Ok(Err(e)) => e,
+                Ok(Err(e)) => {
+                    self.failed(route, backend);
+                    self.count(service, &backend.key, "error");
+                    let may_retry = match (&e, retry) {
+                        (AttemptError::Connect(_), None) => true,
+                        (AttemptError::NoResponse(_), None) => idempotent(&parts.method),
+                        (AttemptError::Connect(_), Some(r)) => r.on_connect_failure,
+                        (AttemptError::NoResponse(_), Some(r)) => r.on_reset,
+                    };
+                    (e, may_retry, StatusCode::BAD_GATEWAY)
+                }
                 Err(_) if !body.complete() => {
                     self.count(service, &backend.key, "4xx");
                     return local_response(
@@ -293,40 +380,40 @@ impl Proxy {
                     );
                 }
                 Err(_) => {
-                    if !timeouts.callers_deadline {
+                    if !timeouts.callers_deadline || per_try.is_some() {
                         self.failed(route, backend);
                     }
                     self.count(service, &backend.key, "5xx");
-                    return local_response(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        format!("{} did not answer within {request_timeout:?}", backend.key),
-                    );
+                    let Some(per_try) = per_try else {
+                        return local_response(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            format!("{} did not answer within {request_timeout:?}", backend.key),
+                        );
+                    };
+                    let e = AttemptError::NoResponse(format!(
+                        "{} did not answer within the route's per-try timeout ({per_try:?})",
+                        backend.key
+                    ));
+                    let may_retry = retry.is_some_and(|r| r.retries_timeout());
+                    (e, may_retry, StatusCode::GATEWAY_TIMEOUT)
                 }
             };
-            self.failed(route, backend);
-            self.count(service, &backend.key, "error");
-            let may_retry = match &error {
-                AttemptError::Connect(_) => true,
-                AttemptError::NoResponse(_) => idempotent(&parts.method),
-            };
             debug!(instance = %backend.key, error = %error, "attempt failed");
-            last_error = Some(error);
-            if !(may_retry
-                && body.replayable()
-                && !upgrade
-                && tried.len() <= self.config.max_retries as usize
-                && budget.try_retry())
-            {
-                let e = last_error.take().expect("set above");
-                return local_response(StatusCode::BAD_GATEWAY, e.to_string());
+            if !(may_retry && may_try_again && budget.try_retry()) {
+                return local_response(status, error.to_string());
             }
-            self.metrics
-                .retries
-                .get_or_create(&ServiceLabel {
-                    service: service.clone(),
-                })
-                .inc();
+            last_error = Some(error);
+            self.retried(service);
         }
+    }
+
+    fn retried(&self, service: &str) {
+        self.metrics
+            .retries
+            .get_or_create(&ServiceLabel {
+                service: service.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts one request's outcome (`2xx`…`5xx`, or `error` for an
@@ -612,6 +699,15 @@ impl Proxy {
     }
 }
 
+/// What a route document changes about one request's dispatch.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Overrides {
+    /// The whole request's timeout.
+    pub timeout: Option<Duration>,
+    /// Retries, in place of the agent's own.
+    pub retries: Option<RetryPolicy>,
+}
+
 /// A request in flight to one instance; see [`Proxy::begin`].
 #[derive(Debug)]
 struct InFlight<'a> {
@@ -632,6 +728,34 @@ impl Drop for InFlight<'_> {
                 *n = n.saturating_sub(1);
             }
         }
+    }
+}
+
+/// A service's connection slots.
+#[derive(Debug)]
+pub(super) struct Slots {
+    max: u32,
+    permits: Arc<Semaphore>,
+    waiting: AtomicUsize,
+}
+
+impl Slots {
+    fn new(max: u32) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            permits: Arc::new(Semaphore::new(max as usize)),
+            waiting: AtomicUsize::new(0),
+        })
+    }
+}
+
+/// One request waiting for a slot, until dropped (also when its caller
+/// goes away).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

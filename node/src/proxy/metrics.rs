@@ -45,6 +45,18 @@ pub struct RouteLabels {
     pub arm: String,
 }
 
+/// `service`, `mirror`, `outcome` (`sent`, `overflow`: too many copies in
+/// flight, `body`: the body could not be copied).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    /// The service whose requests are copied.
+    pub service: String,
+    /// Where the copies go.
+    pub mirror: String,
+    /// What became of the copy.
+    pub outcome: String,
+}
+
 /// `service`, `direction` (`request` or `response` body bytes).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BytesLabels {
@@ -73,6 +85,8 @@ pub struct ProxyMetrics {
     pub bytes: Family<BytesLabels, Counter>,
     /// Requests under a route document, by rule and arm.
     pub routed: Family<RouteLabels, Counter>,
+    /// Copies of requests for a mirror.
+    pub mirrored: Family<MirrorLabels, Counter>,
     /// Requests in flight through this agent (both sides).
     pub active: Gauge,
 }
@@ -87,6 +101,7 @@ impl ProxyMetrics {
             ejections: Family::default(),
             bytes: Family::default(),
             routed: Family::default(),
+            mirrored: Family::default(),
             active: Gauge::default(),
         };
         registry.register(
@@ -109,6 +124,11 @@ impl ProxyMetrics {
             "gossamer_route_requests",
             "Requests under a route document, by rule and arm",
             m.routed.clone(),
+        );
+        registry.register(
+            "gossamer_route_mirrored",
+            "Copies of requests for a route's mirror, by outcome",
+            m.mirrored.clone(),
         );
         registry.register(
             "gossamer_proxy_body_bytes",

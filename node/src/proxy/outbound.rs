@@ -6,18 +6,25 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use http::request::Parts;
 use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tracing::warn;
 
 use super::Proxy;
-use super::body::{ProxyBody, Replayable};
+use super::body::{ProxyBody, Replayable, holding};
+use super::dispatch::Overrides;
 use super::error::{ERROR_HEADER, grpc_error, is_grpc, local_response};
 use super::hop::{HOPS_HEADER, MAX_HOPS};
-use super::policy::{choose_arm, draw};
+use super::metrics::MirrorLabels;
+
+/// Set on a mirror's copy of a request: the service it was copied from.
+pub const MIRROR_HEADER: &str = "x-gossamer-mirrored-from";
+use super::policy::{MirrorSpec, choose_arm, draw};
 use super::routes::HashPolicy;
 use super::upgrade::is_upgrade;
 use crate::balance::rendezvous::hash_key;
@@ -174,7 +181,14 @@ async fn route_request(
     let Some(policy) = routes.policies.get(&service).cloned() else {
         let hash = hash_key(&hash_input(&parts, &route.policy, peer));
         return proxy
-            .dispatch(&route, hash, parts, Replayable::new(body), on_upgrade, None)
+            .dispatch(
+                &route,
+                hash,
+                parts,
+                Replayable::new(body),
+                on_upgrade,
+                Overrides::default(),
+            )
             .await;
     };
     // A route document is in force: its first matching rule, then an arm
@@ -216,21 +230,17 @@ async fn route_request(
     };
     proxy.count_route(&service, &rule_label, &arm_label);
     let mut response_edits = None;
-    let mut timeout = policy.timeout;
+    let mut overrides = Overrides {
+        timeout: policy.timeout,
+        retries: policy.retries,
+    };
+    let mut mirror = None;
     if let Some(r) = rule {
         if let Some((status, share)) = r.abort
             && draw() < share
         {
-            let mut response = local_response(
-                status,
-                format!("fault injected by route {service} rule {rule_label}"),
-            );
-            if let Ok(v) = HeaderValue::from_str(&format!(
-                "fault injected by route {service} rule {rule_label}"
-            )) {
-                response.headers_mut().insert(ERROR_HEADER, v);
-            }
-            return response;
+            let why = format!("fault injected by route {service} rule {rule_label}");
+            return with_error(local_response(status, why.clone()), &why);
         }
         if let Some((delay, share)) = r.delay
             && draw() < share
@@ -242,37 +252,127 @@ async fn route_request(
             edits.apply(&mut parts.headers);
         }
         response_edits = r.response_headers.clone();
-        timeout = r.timeout.or(timeout);
+        overrides.timeout = r.timeout.or(overrides.timeout);
+        overrides.retries = r.retries.or(overrides.retries);
+        mirror = r.mirror.as_ref().filter(|m| draw() < m.share);
     }
-    let _admitted = match policy.max_requests {
+    let overloaded = |why: String| {
+        proxy.count(&service, "none", "overflow");
+        with_error(
+            local_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("overloaded {service}: {why}"),
+            ),
+            &format!("overloaded {service}"),
+        )
+    };
+    let admitted = match policy.max_requests {
         None => None,
         Some(max) => match proxy.admit(&service, max) {
             Some(a) => Some(a),
-            None => {
-                proxy.count(&service, "none", "overflow");
-                let mut response = local_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("overloaded {service}: {max} requests in flight from this agent"),
-                );
-                if let Ok(v) = HeaderValue::from_str(&format!("overloaded {service}")) {
-                    response.headers_mut().insert(ERROR_HEADER, v);
-                }
-                return response;
-            }
+            None => return overloaded(format!("{max} requests in flight from this agent")),
         },
     };
+    let slot = match policy.max_connections {
+        None => None,
+        Some(max) => {
+            let wait = overrides.timeout.unwrap_or(proxy.config.request_timeout);
+            match proxy
+                .connection_slot(&service, max, policy.max_pending, wait)
+                .await
+            {
+                Ok(permit) => Some(permit),
+                Err(why) => return overloaded(why),
+            }
+        }
+    };
+    let body = Replayable::new(body);
+    // A copy of a request without a body goes at once; one with a body
+    // once the main request has sent it all.
+    let mut mirror = mirror.map(|m| (m, parts.clone()));
+    if body.is_empty()
+        && let Some((m, copy)) = mirror.take()
+    {
+        send_mirror(&proxy, &service, m, copy, body.copy(), key);
+    }
     let mut response = proxy
-        .dispatch(
-            &target,
-            key,
-            parts,
-            Replayable::new(body),
-            on_upgrade,
-            timeout,
-        )
+        .dispatch(&target, key, parts, body.clone(), on_upgrade, overrides)
         .await;
+    if let Some((m, copy)) = mirror {
+        send_mirror(&proxy, &service, m, copy, body.copy(), key);
+    }
     if let Some(edits) = response_edits {
         edits.apply(response.headers_mut());
     }
+    // The breaker's counts last until the response has streamed.
+    if admitted.is_some() || slot.is_some() {
+        response = response.map(|b| holding(b, (admitted, slot)));
+    }
     response
+}
+
+/// Sets `x-gossamer-error` on a local answer.
+fn with_error(mut response: Response<ProxyBody>, why: &str) -> Response<ProxyBody> {
+    if let Ok(v) = HeaderValue::from_str(why) {
+        response.headers_mut().insert(ERROR_HEADER, v);
+    }
+    response
+}
+
+/// Most mirror copies in flight from one agent; more are dropped (and
+/// counted), so a slow mirror cannot pile up work or memory.
+const MIRRORS_IN_FLIGHT: usize = 256;
+
+/// Sends a copy of a request to a mirror service in the background; its
+/// answer is discarded, and nothing about it reaches the caller.
+fn send_mirror(
+    proxy: &Arc<Proxy>,
+    service: &str,
+    mirror: &MirrorSpec,
+    mut parts: Parts,
+    body: Option<Replayable>,
+    key: u64,
+) {
+    let outcome = |what: &str| {
+        proxy
+            .metrics
+            .mirrored
+            .get_or_create(&MirrorLabels {
+                service: service.to_owned(),
+                mirror: mirror.service.clone(),
+                outcome: what.to_owned(),
+            })
+            .inc();
+    };
+    let Some(body) = body else {
+        return outcome("body");
+    };
+    let Some(route) = proxy.route(&mirror.service) else {
+        return outcome("no-route");
+    };
+    let taken = proxy
+        .mirrors
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < MIRRORS_IN_FLIGHT).then_some(n + 1)
+        })
+        .is_ok();
+    if !taken {
+        return outcome("overflow");
+    }
+    outcome("sent");
+    if let Ok(v) = HeaderValue::from_str(&mirror.service) {
+        parts.headers.insert(http::header::HOST, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(service) {
+        parts.headers.insert(MIRROR_HEADER, v);
+    }
+    let proxy = proxy.clone();
+    tokio::spawn(async move {
+        let response = proxy
+            .dispatch(&route, key, parts, body, None, Overrides::default())
+            .await;
+        // Read the answer to its end so the connection can be reused.
+        let _ = response.into_body().collect().await;
+        proxy.mirrors.fetch_sub(1, Ordering::AcqRel);
+    });
 }

@@ -111,6 +111,71 @@ pub struct Rule {
     pub delay: Option<(Duration, f64)>,
     /// Abort (status, share 0–1).
     pub abort: Option<(http::StatusCode, f64)>,
+    /// Retries, replacing the route's.
+    pub retries: Option<RetryPolicy>,
+    /// Copies of requests go here.
+    pub mirror: Option<MirrorSpec>,
+}
+
+/// Where a rule copies requests to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MirrorSpec {
+    /// The service that gets the copies.
+    pub service: String,
+    /// Share of requests copied, 0–1.
+    pub share: f64,
+}
+
+/// A route's retries, compiled: how many attempts in all, on which
+/// outcomes, and each attempt's timeout. Every retry still needs the
+/// service's retry budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all (1: none retried).
+    pub attempts: u32,
+    /// Any 5xx answer (and an attempt's timeout).
+    pub on_5xx: bool,
+    /// 502, 503 and 504 answers (and an attempt's timeout).
+    pub on_gateway_error: bool,
+    /// No connection to the instance.
+    pub on_connect_failure: bool,
+    /// The connection or stream broke before an answer.
+    pub on_reset: bool,
+    /// Timeout of each attempt.
+    pub per_try_timeout: Option<Duration>,
+}
+
+impl RetryPolicy {
+    /// Compiles a checked `retries` block; `on` defaults to
+    /// `gateway-error`, `connect-failure` and `reset`.
+    pub fn of(r: &route::Retries) -> Self {
+        let on = |what: &str| {
+            if r.on.is_empty() {
+                what != "5xx"
+            } else {
+                r.on.iter().any(|o| o == what)
+            }
+        };
+        Self {
+            attempts: r.attempts,
+            on_5xx: on("5xx"),
+            on_gateway_error: on("gateway-error"),
+            on_connect_failure: on("connect-failure"),
+            on_reset: on("reset"),
+            per_try_timeout: r.per_try_timeout,
+        }
+    }
+
+    /// Whether an answer with this status is tried again.
+    pub fn retries_status(&self, status: http::StatusCode) -> bool {
+        (self.on_5xx && status.is_server_error())
+            || (self.on_gateway_error && matches!(status.as_u16(), 502..=504))
+    }
+
+    /// Whether an attempt that timed out is tried again.
+    pub fn retries_timeout(&self) -> bool {
+        self.on_5xx || self.on_gateway_error
+    }
 }
 
 /// Header edits, parsed.
@@ -169,9 +234,19 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// Timeout when the rule sets none.
     pub timeout: Option<Duration>,
+    /// Retries when the rule sets none.
+    pub retries: Option<RetryPolicy>,
     /// Requests in flight to the service from this agent, at most.
     pub max_requests: Option<u32>,
+    /// Requests being sent to the service's instances at once from this
+    /// agent (each holds one upstream connection or stream), at most.
+    pub max_connections: Option<u32>,
+    /// Requests that may wait for one of those, at most.
+    pub max_pending: u32,
 }
+
+/// `max_pending` when a route sets `max_connections` but not it.
+pub const DEFAULT_MAX_PENDING: u32 = 1024;
 
 fn arms(service: &str, list: &[route::Backend]) -> Vec<Arm> {
     list.iter()
@@ -280,6 +355,11 @@ impl Policy {
                         a.percent / 100.0,
                     ))
                 }),
+                retries: r.retries.as_ref().map(RetryPolicy::of),
+                mirror: r.mirror.as_ref().map(|m| MirrorSpec {
+                    service: m.service.clone(),
+                    share: m.percent / 100.0,
+                }),
             });
         }
         Ok(Self {
@@ -294,7 +374,17 @@ impl Policy {
             arms: arms(service, &spec.backends),
             rules,
             timeout: spec.timeout,
+            retries: spec.retries.as_ref().map(RetryPolicy::of),
             max_requests: spec.circuit_breaker.as_ref().and_then(|c| c.max_requests),
+            max_connections: spec
+                .circuit_breaker
+                .as_ref()
+                .and_then(|c| c.max_connections),
+            max_pending: spec
+                .circuit_breaker
+                .as_ref()
+                .and_then(|c| c.max_pending)
+                .unwrap_or(DEFAULT_MAX_PENDING),
         })
     }
 
