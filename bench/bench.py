@@ -200,10 +200,29 @@ http {{
             time.sleep(0.5)
         else:
             sys.exit("gossamer catalog did not reach 1,001 services on agent A")
+        if self.args.route_doc:
+            self.apply_route_doc(ports["aa"])
         response = http_get(ports["xa"], "/1k", host="bench")
         if b"x" * 1024 not in response:
             sys.exit(f"gossamer path does not serve the 1 kB response: {response[:300]!r}")
         self.paths["P1 gossamer"] = {"port": ports["xa"], "host": "bench", "procs": [a, b]}
+
+    def apply_route_doc(self, admin_port):
+        """Signs and applies --route-doc at agent A, then waits until A has
+        it in force."""
+        g = self.args.gossamer
+        ops = self.dir / "operators"
+        run([g, "cert", "issue", "--ca-dir", str(self.dir / "ca"), "--operator", "bench", "--out", str(ops)])
+        run([g, "config", "apply", self.args.route_doc, "--operator-cert", str(ops / "bench.pem"),
+             "--operator-key", str(ops / "bench.key"), "--admin", f"127.0.0.1:{admin_port}"])
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            response = http_get(admin_port, "/v1/config")
+            if b'"status":"active"' in response.replace(b" ", b""):
+                print(f"route document {self.args.route_doc} in force", file=sys.stderr)
+                return
+            time.sleep(0.2)
+        sys.exit(f"route document {self.args.route_doc} not in force on agent A: {response[:300]!r}")
 
     def haproxy(self):
         pa, pb = free_port(), free_port()
@@ -463,6 +482,8 @@ def main():
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="1 repetition, 5 s phases")
+    ap.add_argument("--route-doc", help="apply this signed route document (e.g. bench/route-20-rules.toml) "
+                    "to the Gossamer path before measuring")
     args = ap.parse_args()
     if args.quick:
         args.repetitions, args.saturation_seconds, args.latency_seconds = 1, 5, 5

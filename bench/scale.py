@@ -14,6 +14,8 @@ Certificates are issued before the first start. The phases, in order:
   hold     (--hold S) watch for S seconds that nobody lists anybody down
   catalog  register a service on one agent; seconds until each agent merged
            it (from the agents' own log lines, polled gently meanwhile)
+  config   apply a signed route document at one agent; seconds until each
+           agent applied it (from their logs)
   kill     kill -9 one agent; seconds until each observer declared it down
            (from the observers' logs)
   starve   SIGSTOP every agent, or run CPU hogs at real-time priority, for
@@ -462,6 +464,31 @@ def phase_catalog(args, agents, rng):
     return out
 
 
+def phase_config(args, agents, rng):
+    """A route document applied at one agent; the time each other agent
+    applied it, from its own log."""
+    owner = rng.choice(agents)
+    name = f"scale{rng.randrange(1 << 30)}"
+    doc = owner.root / f"{name}.toml"
+    doc.write_text(f'[[route]]\nname = "{name}"\ntimeout = "3s"\n')
+    ops = owner.root / "operator"
+    since = time.time()
+    done = subprocess.run(
+        [args.gossamer, "config", "apply", str(doc),
+         "--operator-cert", str(ops / "scale.pem"), "--operator-key", str(ops / "scale.key"),
+         "--admin", f"127.0.0.1:{owner.admin}"],
+        capture_output=True, text=True,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"config apply on {owner.name} failed: {done.stdout}{done.stderr}")
+    others = [a for a in agents if a is not owner]
+    wait_gently(others, lambda a: a.get(f"/v1/config/route/{name}") is not None, 60)
+    seen = log_times(others, "configuration document applied", "name", name, since)
+    out = {"owner": owner.name, "reached": len(seen), "of": len(others), **summary(seen.values())}
+    print(f"config: route document applied at {owner.name} active on {len(seen)}/{len(others)}; median {out.get('median', 0):.2f} s, last {out.get('max', 0):.2f} s", flush=True)
+    return out
+
+
 def phase_kill(args, agents, rng):
     """The time each observer declared the victim down, from its own log."""
     victim = rng.choice(agents[3:])
@@ -519,7 +546,7 @@ def main():
     p.add_argument("--gossamer", required=True)
     p.add_argument("--nodes", type=int, default=50)
     p.add_argument("--out", required=True)
-    p.add_argument("--phases", default="form,idle,catalog,kill,starve")
+    p.add_argument("--phases", default="form,idle,catalog,config,kill,starve")
     p.add_argument("--start-over", type=float, default=0.0, help="spread the starts over this many seconds")
     p.add_argument("--form-deadline", type=float, default=180)
     p.add_argument("--settle", type=float, default=30, help="pause before sampling footprint")
@@ -549,6 +576,11 @@ def main():
             [args.gossamer, "cert", "issue", "--ca-dir", str(root / "ca"), "--name", a.name, "--out", str(root / "certs")],
             check=True, capture_output=True,
         )
+    if "config" in args.phases.split(","):
+        subprocess.run(
+            [args.gossamer, "cert", "issue", "--ca-dir", str(root / "ca"), "--operator", "scale", "--out", str(root / "operator")],
+            check=True, capture_output=True,
+        )
     result = {"nodes": args.nodes, "cores": os.cpu_count(), "logs": str(root / "logs")}
     print(f"{args.nodes} agents, logs in {root / 'logs'}", flush=True)
     try:
@@ -561,6 +593,8 @@ def main():
                 result["hold"] = phase_hold(args, agents)
             elif phase == "catalog":
                 result["catalog"] = phase_catalog(args, agents, rng)
+            elif phase == "config":
+                result["config"] = phase_config(args, agents, rng)
             elif phase == "kill":
                 result["kill"] = phase_kill(args, agents, rng)
             elif phase == "starve":

@@ -226,6 +226,7 @@ fn demo_runs_end_to_end() -> Result<()> {
         "{stdout}"
     );
     assert!(stdout.contains("keys returned"), "{stdout}");
-    assert!(stderr.contains("[5/6]"), "progress shown: {stderr}");
+    assert!(stdout.contains("canary by document"), "{stdout}");
+    assert!(stderr.contains("[6/7]"), "progress shown: {stderr}");
     Ok(())
 }

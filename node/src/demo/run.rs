@@ -158,8 +158,11 @@ fn node_config(
         key: dir.join(format!("certs/{name}.key")),
     };
     config.log_format = LogFormat::Text;
+    // web-3 runs the next version: the canary step sends a share of keys
+    // to it.
+    let version = if name == "n3" { "v2" } else { "v1" };
     let spec = serde_json::json!({
-        "name": "web", "port": service_port,
+        "name": "web", "port": service_port, "version": version,
         "check": {"http": "/health", "interval": "1s", "timeout": "500ms", "rise": 1, "fall": 1},
     });
     let id = format!("web-{}", &name[1..]);
@@ -174,7 +177,7 @@ pub async fn run(
     options: DemoOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), DemoError> {
-    const STEPS: usize = 6;
+    const STEPS: usize = 7;
     let temp;
     let dir = match &options.dir {
         Some(d) => d.clone(),
@@ -345,7 +348,24 @@ pub async fn run(
     .await?;
     done(t, "its keys are back on it, everything else untouched");
 
-    eprintln!("[6/{STEPS}] report");
+    let t = step(
+        6,
+        STEPS,
+        "a canary: a signed route document sends 10 % of keys to v2 (web-3)",
+    );
+    let canary = canary(&dir, &ca, &nodes, &http, &keys).await?;
+    done(
+        t,
+        &format!(
+            "in force on all 3 agents {} ms after it was applied at n1; {} of {} keys ({:.1} %) on v2, the same keys from every agent",
+            canary.spread.as_millis(),
+            canary.on_v2,
+            keys.len(),
+            100.0 * canary.on_v2 as f64 / keys.len() as f64
+        ),
+    );
+
+    eprintln!("[7/{STEPS}] report");
     println!();
     println!(
         "Gossamer demo: 3 agents, 3 instances of `web`, {} keys per agent",
@@ -360,6 +380,12 @@ pub async fn run(
         survivors.len()
     );
     println!("  recovery            web-2's keys returned when it came back");
+    println!(
+        "  canary by document  10 % split in force on every agent after {} ms; {}/{} keys on v2, the same from every agent",
+        canary.spread.as_millis(),
+        canary.on_v2,
+        keys.len()
+    );
     println!();
 
     if options.keep_running {
@@ -377,6 +403,14 @@ pub async fn run(
         );
         println!("  gossamer members --admin {}", nodes[0].admin);
         println!("  gossamer services --admin {}", nodes[0].admin);
+        println!("  gossamer config get route web --admin {}", nodes[0].admin);
+        println!(
+            "  gossamer config apply {} --operator-cert {} --operator-key {} --admin {}   # after editing the weights",
+            canary.file.display(),
+            canary.cert.display(),
+            canary.key.display(),
+            nodes[0].admin
+        );
         shutdown.await;
     }
     let _ = stop_all.send(true);
@@ -390,6 +424,127 @@ pub async fn run(
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(())
+}
+
+/// What the canary step did.
+struct Canary {
+    /// From applying the document at n1 until all 3 agents held it.
+    spread: Duration,
+    /// Keys that went to v2.
+    on_v2: usize,
+    /// The document, and the operator certificate and key that signed it.
+    file: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+const CANARY: &str = r#"# A canary: 10 % of users (by the x-hash-key header) go to v2, on every
+# agent alike. Raise v2's weight and apply again to roll it out.
+[[route]]
+name = "web"
+sticky = "header:x-hash-key"
+backends = [
+  { subset = { version = "v1" }, weight = 90 },
+  { subset = { version = "v2" }, weight = 10 },
+]
+"#;
+
+/// Issues an operator certificate, signs the canary document with it and
+/// applies it at n1; then checks every agent sends the same keys to v2.
+async fn canary(
+    dir: &Path,
+    ca: &pki::PemPair,
+    nodes: &[Node],
+    http: &Http,
+    keys: &[String],
+) -> Result<Canary, DemoError> {
+    let err = |e: &dyn std::fmt::Display| DemoError(e.to_string());
+    let (cert, key) = (
+        dir.join("operators/demo.pem"),
+        dir.join("operators/demo.key"),
+    );
+    if !cert.exists() {
+        std::fs::create_dir_all(dir.join("operators")).map_err(|e| err(&e))?;
+        let pair =
+            pki::issue_operator_cert(ca, "demo", pki::DEFAULT_TRUST_DOMAIN).map_err(|e| err(&e))?;
+        pki::write_new(&key, &pair.key, true).map_err(|e| err(&e))?;
+        pki::write_new(&cert, &pair.cert, false).map_err(|e| err(&e))?;
+    }
+    let file = dir.join("canary.toml");
+    std::fs::write(&file, CANARY).map_err(|e| err(&e))?;
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| err(&e));
+    let signer = gossamer_transport::sign::OperatorSigner::from_pem(&read(&cert)?, &read(&key)?)
+        .map_err(|e| err(&e))?;
+    let docs =
+        crate::documents::envelope::parse_file("canary.toml", CANARY).or_else(|e| fail(e))?;
+    let (kind, name, body) = docs.into_iter().next().expect("one document");
+    // A kept demo directory may already hold a version of it.
+    let live = match client::call(
+        nodes[0].admin,
+        None,
+        Method::GET,
+        "/v1/config/route/web",
+        None,
+    )
+    .await
+    {
+        Ok(b) => serde_json::from_slice::<serde_json::Value>(&b)
+            .ok()
+            .and_then(|v| v["version"].as_u64())
+            .unwrap_or(0),
+        Err(_) => 0,
+    };
+    let mut env = crate::documents::envelope::Envelope::new(&kind, &name, live + 1, Some(&body))
+        .map_err(|e| err(&e))?;
+    env.sign(&signer).map_err(|e| err(&e))?;
+    let applied = Instant::now();
+    client::call(
+        nodes[0].admin,
+        None,
+        Method::POST,
+        "/v1/config",
+        Some(serde_json::to_vec(&env.to_json()).map_err(|e| err(&e))?),
+    )
+    .await
+    .map_err(|e| err(&e))?;
+    for n in nodes {
+        wait_for(
+            &format!("{} to hold route web version {}", n.name, live + 1),
+            Duration::from_secs(10),
+            async || {
+                let b = client::call(n.admin, None, Method::GET, "/v1/config/route/web", None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let v: serde_json::Value = serde_json::from_slice(&b).map_err(|e| e.to_string())?;
+                (v["version"].as_u64() == Some(live + 1))
+                    .then_some(())
+                    .ok_or_else(|| format!("version {}", v["version"]))
+            },
+        )
+        .await?;
+    }
+    let spread = applied.elapsed();
+    let first = mapping(http, nodes[0].proxy, keys).await?;
+    for n in &nodes[1..] {
+        if mapping(http, n.proxy, keys).await? != first {
+            return fail(format!("{} splits keys differently from n1", n.name));
+        }
+    }
+    let on_v2 = first.iter().filter(|s| *s == "web-3").count();
+    let share = on_v2 as f64 / keys.len().max(1) as f64;
+    if keys.len() >= 100 && !(0.04..=0.16).contains(&share) {
+        return fail(format!(
+            "{on_v2} of {} keys went to v2, not about 10 %",
+            keys.len()
+        ));
+    }
+    Ok(Canary {
+        spread,
+        on_v2,
+        file,
+        cert,
+        key,
+    })
 }
 
 fn tempdir() -> Result<PathBuf, DemoError> {
