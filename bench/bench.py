@@ -7,6 +7,8 @@ Paths, all to the same 1 kB response from one nginx upstream:
                 gossip running, synthetic catalog of 1,000 services / 2,000 instances
   P2 haproxy    client -> haproxy A -> TLS 1.3 mTLS -> haproxy B -> upstream
   P3 nginx      client -> nginx A -> TLS mTLS -> nginx B -> upstream
+  P4 gossamer+route  (with --route-doc FILE) P1 again, on a second pair of
+                agents with that route document in force
 
 The load generator (oha) runs on core 0; proxies and the upstream on core 1,
 one worker/thread each. Each repetition runs the paths in a shuffled order.
@@ -120,7 +122,8 @@ class Bench:
         g = self.args.gossamer
         run([g, "ca", "init", "--dir", str(self.dir / "ca")])
         for name in ["ga", "gb", "proxy-a", "proxy-b"]:
-            run([g, "cert", "issue", "--ca-dir", str(self.dir / "ca"), "--name", name, "--out", str(self.dir / "certs")])
+            run([g, "cert", "issue", "--ca-dir", str(self.dir / "ca"), "--name", name,
+                 "--service", "*", "--out", str(self.dir / "certs")])
         for name in ["proxy-a", "proxy-b"]:
             pem = (self.dir / f"certs/{name}.pem").read_text() + (self.dir / f"certs/{name}.key").read_text()
             (self.dir / f"certs/{name}.bundle").write_text(pem)
@@ -165,8 +168,11 @@ http {{
         self.upstream_proc = self.start("upstream", argv, self.up_port)
         self.paths["P0 direct"] = {"port": self.up_port, "host": None, "procs": []}
 
-    def gossamer(self):
+    def gossamer(self, label="P1 gossamer", route_doc=None):
+        """A pair of agents (A: the client's sidecar, B: the server's) with
+        a 1,000-service catalog; with `route_doc`, that document in force."""
         g = self.args.gossamer
+        tag = "" if route_doc is None else "-route"
         ports = {k: free_port() for k in ["qa", "qb", "aa", "ab", "xa", "xb"]}
         for node, other in [("ga", "a"), ("gb", "b")]:
             blocks = []
@@ -174,18 +180,18 @@ http {{
                 blocks.append(f'[[service]]\nid = "svc-{i:04}-{other}"\nname = "svc-{i:04}"\nport = {20000 + i}\n')
             if node == "gb":
                 blocks.append(f'[[service]]\nid = "bench-b"\nname = "bench"\nport = {self.up_port}\n')
-            (self.dir / f"{node}.toml").write_text("\n".join(blocks))
+            (self.dir / f"{node}{tag}.toml").write_text("\n".join(blocks))
         common = ["--ca", str(self.dir / "ca/ca.pem"), "--log-level", "warn", "--threads", "1"]
-        b = self.start("agent-b", [g, "agent", "--name", "gb", "--bind", f"127.0.0.1:{ports['qb']}",
+        b = self.start(f"agent-b{tag}", [g, "agent", "--name", "gb", "--bind", f"127.0.0.1:{ports['qb']}",
                                    "--admin", f"127.0.0.1:{ports['ab']}", "--proxy", f"127.0.0.1:{ports['xb']}",
                                    "--cert", str(self.dir / "certs/gb.pem"), "--key", str(self.dir / "certs/gb.key"),
-                                   "--data-dir", str(self.dir / "data-b"), "--config", str(self.dir / "gb.toml")] + common,
+                                   "--data-dir", str(self.dir / f"data-b{tag}"), "--config", str(self.dir / f"gb{tag}.toml")] + common,
                        ports["ab"])
-        a = self.start("agent-a", [g, "agent", "--name", "ga", "--bind", f"127.0.0.1:{ports['qa']}",
+        a = self.start(f"agent-a{tag}", [g, "agent", "--name", "ga", "--bind", f"127.0.0.1:{ports['qa']}",
                                    "--admin", f"127.0.0.1:{ports['aa']}", "--proxy", f"127.0.0.1:{ports['xa']}",
                                    "--seed", f"127.0.0.1:{ports['qb']}",
                                    "--cert", str(self.dir / "certs/ga.pem"), "--key", str(self.dir / "certs/ga.key"),
-                                   "--data-dir", str(self.dir / "data-a"), "--config", str(self.dir / "ga.toml")] + common,
+                                   "--data-dir", str(self.dir / f"data-a{tag}"), "--config", str(self.dir / f"ga{tag}.toml")] + common,
                        ports["aa"])
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -200,29 +206,29 @@ http {{
             time.sleep(0.5)
         else:
             sys.exit("gossamer catalog did not reach 1,001 services on agent A")
-        if self.args.route_doc:
-            self.apply_route_doc(ports["aa"])
+        if route_doc is not None:
+            self.apply_route_doc(route_doc, ports["aa"])
         response = http_get(ports["xa"], "/1k", host="bench")
         if b"x" * 1024 not in response:
             sys.exit(f"gossamer path does not serve the 1 kB response: {response[:300]!r}")
-        self.paths["P1 gossamer"] = {"port": ports["xa"], "host": "bench", "procs": [a, b]}
+        self.paths[label] = {"port": ports["xa"], "host": "bench", "procs": [a, b]}
 
-    def apply_route_doc(self, admin_port):
-        """Signs and applies --route-doc at agent A, then waits until A has
-        it in force."""
+    def apply_route_doc(self, doc, admin_port):
+        """Signs and applies a route document at agent A, then waits until
+        A has it in force."""
         g = self.args.gossamer
         ops = self.dir / "operators"
         run([g, "cert", "issue", "--ca-dir", str(self.dir / "ca"), "--operator", "bench", "--out", str(ops)])
-        run([g, "config", "apply", self.args.route_doc, "--operator-cert", str(ops / "bench.pem"),
+        run([g, "config", "apply", doc, "--operator-cert", str(ops / "bench.pem"),
              "--operator-key", str(ops / "bench.key"), "--admin", f"127.0.0.1:{admin_port}"])
         deadline = time.time() + 30
         while time.time() < deadline:
             response = http_get(admin_port, "/v1/config")
             if b'"status":"active"' in response.replace(b" ", b""):
-                print(f"route document {self.args.route_doc} in force", file=sys.stderr)
+                print(f"route document {doc} in force", file=sys.stderr)
                 return
             time.sleep(0.2)
-        sys.exit(f"route document {self.args.route_doc} not in force on agent A: {response[:300]!r}")
+        sys.exit(f"route document {doc} not in force on agent A: {response[:300]!r}")
 
     def haproxy(self):
         pa, pb = free_port(), free_port()
@@ -368,12 +374,17 @@ backend b
         return {"seconds": float(out[0]), "bytes": int(out[1])}
 
     def go(self):
-        results = {name: [] for name in ["P0 direct", "P1 gossamer", "P2 haproxy", "P3 nginx"]}
+        names = ["P0 direct", "P1 gossamer", "P2 haproxy", "P3 nginx"]
+        if self.args.route_doc:
+            names.append("P4 gossamer+route")
+        results = {name: [] for name in names}
         transfers = {}
         try:
             self.pki()
             self.upstream()
             self.gossamer()
+            if self.args.route_doc:
+                self.gossamer("P4 gossamer+route", self.args.route_doc)
             self.haproxy()
             self.nginx()
             rng = random.Random(self.args.seed)
@@ -482,8 +493,8 @@ def main():
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="1 repetition, 5 s phases")
-    ap.add_argument("--route-doc", help="apply this signed route document (e.g. bench/route-20-rules.toml) "
-                    "to the Gossamer path before measuring")
+    ap.add_argument("--route-doc", help="also measure P4: a second Gossamer pair with this route document "
+                    "in force (e.g. bench/route-20-rules.toml), alternating with the others")
     args = ap.parse_args()
     if args.quick:
         args.repetitions, args.saturation_seconds, args.latency_seconds = 1, 5, 5

@@ -127,12 +127,21 @@ class Agent:
         return r.status
 
     def states(self):
-        """name -> state as this agent lists it (itself excluded)."""
+        """name -> state as this agent lists it (itself excluded). A member
+        that restarted may still be listed down under its old generation
+        next to its new one; the newest generation is its state."""
         body = self.get("/v1/members")
         if body is None:
             return None
         try:
-            return {m["name"]: m["state"] for m in json.loads(body) if not m.get("is_self")}
+            newest = {}
+            for m in json.loads(body):
+                if m.get("is_self"):
+                    continue
+                seen = newest.get(m["name"])
+                if seen is None or m.get("generation", 0) >= seen[0]:
+                    newest[m["name"]] = (m.get("generation", 0), m["state"])
+            return {n: st for n, (_, st) in newest.items()}
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -349,18 +358,47 @@ def phase_hold(args, agents):
     """Counts, for --hold seconds, every (observer, member) pair seen down or
     suspect."""
     t0 = time.monotonic()
-    downs, suspects = set(), set()
+    since = time.time()
+    downs, suspects = {}, {}
     while time.monotonic() - t0 < args.hold:
         for a in agents:
             st = a.states() or {}
             for n, s in st.items():
-                if s == "down":
-                    downs.add((a.name, n))
-                elif s == "suspect":
-                    suspects.add((a.name, n))
+                seen = downs if s == "down" else suspects if s == "suspect" else None
+                if seen is not None:
+                    seen.setdefault(f"{a.name} saw {n}", round(time.monotonic() - t0, 1))
         time.sleep(1.0)
-    print(f"hold: {args.hold} s, {len(downs)} (observer, member) pairs seen down, {len(suspects)} suspect", flush=True)
-    return {"seconds": args.hold, "down_pairs": len(downs), "suspect_pairs": len(suspects)}
+    # What the agents themselves logged in the window (the poll may miss a
+    # short suspicion; the logs do not).
+    logged = {}
+    for message in ("member up", "member down", "member restarted"):
+        logged[message] = sum(1 for _ in log_lines(agents, message, since))
+    print(f"hold: {args.hold} s, {len(downs)} (observer, member) pairs seen down, {len(suspects)} suspect; "
+          f"logged: {logged}", flush=True)
+    return {"seconds": args.hold, "down_pairs": len(downs), "suspect_pairs": len(suspects),
+            "down_seen": downs, "suspect_seen": suspects, "logged": logged}
+
+
+def log_lines(agents, message, since):
+    """Every log record with this message at or after `since` (wall clock)."""
+    for a in agents:
+        try:
+            f = open(a.root / "logs" / f"{a.name}.log", "rb")
+        except OSError:
+            continue
+        with f:
+            for line in f:
+                if message.encode() not in line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec.get("message") != message:
+                    continue
+                t = datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp()
+                if t >= since:
+                    yield rec
 
 
 def log_times(agents, message, field, value, since):
@@ -573,7 +611,8 @@ def main():
     agents = [Agent(args, root, i + 1, udp[i], tcp[2 * i], tcp[2 * i + 1]) for i in range(args.nodes)]
     for a in agents:
         subprocess.run(
-            [args.gossamer, "cert", "issue", "--ca-dir", str(root / "ca"), "--name", a.name, "--out", str(root / "certs")],
+            [args.gossamer, "cert", "issue", "--ca-dir", str(root / "ca"), "--name", a.name, "--service", "scale",
+             "--out", str(root / "certs")],
             check=True, capture_output=True,
         )
     if "config" in args.phases.split(","):

@@ -49,6 +49,88 @@ fn registration_spreads_and_is_removed_within_two_seconds() -> Result<()> {
 }
 
 #[test]
+fn a_node_hosts_only_what_its_certificate_names() -> Result<()> {
+    let pki = Pki::new()?;
+    let n1 = Agent::start(&pki, "n1", AgentOptions::default())?;
+    let (cert, key) = pki.issue_hosting("n2", &["web"])?;
+    let n2 = Agent::start_with(
+        &pki,
+        "n2",
+        &pki.ca(),
+        &cert,
+        &key,
+        AgentOptions {
+            seeds: vec![n1.seed()],
+            ..Default::default()
+        },
+    )?;
+    wait_states(
+        &[&n1, &n2],
+        &[("n1", "alive"), ("n2", "alive")],
+        Duration::from_secs(15),
+    )?;
+    // From the API: 403 naming what the certificate allows; nothing changes.
+    let (status, body) = n2.register("db-1", r#"{"name": "db", "port": 5432}"#)?;
+    assert_eq!(status, 403, "{body}");
+    let error = serde_json::from_str::<serde_json::Value>(&body)?["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        error.contains("lets it host web, not \"db\"") && error.contains("--service db"),
+        "{body}"
+    );
+    let (status, body) = n2.register("web-1", r#"{"name": "web", "port": 8080}"#)?;
+    assert_eq!(status, 200, "{body}");
+    wait_health(
+        &[&n1, &n2],
+        "web",
+        "web-1",
+        Some("passing"),
+        Duration::from_secs(5),
+    )?;
+    assert_eq!(n1.instance_health("db", "db-1"), None);
+
+    // From the config file: the agent refuses to start, and says why.
+    let config = pki.dir.path().join("db.toml");
+    std::fs::write(
+        &config,
+        "[[service]]\nid = \"db-1\"\nname = \"db\"\nport = 5432\n",
+    )?;
+    let data = pki.data_dir("n2-db");
+    let out = support::gossamer(&[
+        "agent",
+        "--name",
+        "n2",
+        "--bind",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--proxy",
+        "127.0.0.1:0",
+        "--ca",
+        pki.ca().to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started: {stderr}");
+    assert!(
+        stderr.contains(
+            "service \"db-1\" (db): this node's certificate lets it host web, not \"db\""
+        ),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+#[test]
 fn failing_health_check_turns_critical_and_recovers() -> Result<()> {
     let pki = Pki::new()?;
     let agents = mesh(&pki, 3, &[])?;

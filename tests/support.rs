@@ -77,31 +77,50 @@ impl Pki {
         self.dir.path().join("ca/ca.pem")
     }
 
-    /// `gossamer cert issue` for `name`; returns (cert, key).
+    /// `gossamer cert issue` for node `name`, allowed to host any service;
+    /// returns (cert, key).
     pub fn issue(&self, name: &str) -> Result<(PathBuf, PathBuf)> {
-        self.issue_as("--name", "certs", name)
+        self.issue_as("--name", "certs", name, &["*"])
+    }
+
+    /// `gossamer cert issue` for node `name`, allowed to host `services`
+    /// only (into `certs-<name>`, apart from [`Pki::issue`]'s).
+    pub fn issue_hosting(&self, name: &str, services: &[&str]) -> Result<(PathBuf, PathBuf)> {
+        self.issue_as("--name", &format!("certs-{name}"), name, services)
     }
 
     /// `gossamer cert issue --operator NAME`; returns (cert, key).
     pub fn issue_operator(&self, name: &str) -> Result<(PathBuf, PathBuf)> {
-        self.issue_as("--operator", "operators", name)
+        self.issue_as("--operator", "operators", name, &[])
     }
 
-    /// `gossamer cert issue FLAG NAME --out DIR/SUBDIR`, once per name.
-    fn issue_as(&self, flag: &str, subdir: &str, name: &str) -> Result<(PathBuf, PathBuf)> {
+    /// `gossamer cert issue FLAG NAME [--service S]... --out DIR/SUBDIR`,
+    /// once per name.
+    fn issue_as(
+        &self,
+        flag: &str,
+        subdir: &str,
+        name: &str,
+        services: &[&str],
+    ) -> Result<(PathBuf, PathBuf)> {
         let out_dir = self.dir.path().join(subdir);
         let cert = out_dir.join(format!("{name}.pem"));
         if !cert.exists() {
-            let out = gossamer(&[
+            let ca = self.dir.path().join("ca");
+            let mut args = vec![
                 "cert",
                 "issue",
                 "--ca-dir",
-                self.dir.path().join("ca").to_str().unwrap(),
+                ca.to_str().unwrap(),
                 flag,
                 name,
                 "--out",
                 out_dir.to_str().unwrap(),
-            ]);
+            ];
+            for s in services {
+                args.extend(["--service", s]);
+            }
+            let out = gossamer(&args);
             if !out.status.success() {
                 bail!(
                     "cert issue {flag} {name} failed: {}",

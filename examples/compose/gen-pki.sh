@@ -12,7 +12,9 @@ mkdir -p "$pki"
 run() { docker run --rm --user "$(id -u):$(id -g)" -v "$pki:/pki" gossamer:local "$@"; }
 run ca init --dir /pki/ca >/dev/null
 for n in n1 n2 n3 n4 n5; do
-    run cert issue --ca-dir /pki/ca --name "$n" --out /pki/certs >/dev/null
+    # Each node hosts one instance of web: its certificate says so, and the
+    # other agents refuse any other service it might claim.
+    run cert issue --ca-dir /pki/ca --name "$n" --service web --out /pki/certs >/dev/null
 done
 # The agents run as an unprivileged user in the containers: let them read.
 chmod -R a+rX "$pki"

@@ -20,6 +20,7 @@ use crate::members::Snapshot;
 use crate::metrics::Metrics;
 use crate::proxy::routes::HashPolicy;
 use gossamer_transport::Transport;
+use gossamer_transport::pki::Hosts;
 
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 1 << 20;
@@ -185,6 +186,7 @@ async fn route(
         (&Method::GET, ["v1", "config"]) => config_list(state, &query),
         (&Method::GET, ["v1", "config", kind, name]) => config_get(state, kind, name),
         (&Method::GET, ["v1", "route"]) => route_of(state, &query),
+        (&Method::GET, ["v1", "authz", "check"]) => authz_check(state, &query),
         (&Method::GET, ["v1", "services", name]) => service(state, name),
         (&Method::GET, ["v1", "agent", "services"]) => local_services(state),
         (&Method::PUT, ["v1", "agent", "services", id]) => register(state, id, &body).await,
@@ -356,6 +358,7 @@ fn register_error(e: RegisterError) -> Response<Body> {
         RegisterError::ConfigOwned(_) | RegisterError::TooMany => StatusCode::CONFLICT,
         RegisterError::Persist(_) => StatusCode::INTERNAL_SERVER_ERROR,
         RegisterError::Closed => StatusCode::SERVICE_UNAVAILABLE,
+        RegisterError::NotInCertificate { .. } => StatusCode::FORBIDDEN,
     };
     error(status, e.to_string())
 }
@@ -382,13 +385,100 @@ fn catalog(state: &AdminState) -> Response<Body> {
     )
 }
 
-fn route_of(state: &AdminState, query: &str) -> Response<Body> {
-    let param = |name: &str| {
-        query.split('&').find_map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (k == name).then(|| percent_decode(v))
-        })
+/// The first value of `name` in a query string, percent-decoded.
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+/// A request as a query string describes it: `method`, `path` and any
+/// number of `header=NAME:VALUE`.
+fn described_request(query: &str) -> Option<http::request::Parts> {
+    let mut req = http::Request::builder()
+        .method(query_param(query, "method").as_deref().unwrap_or("GET"))
+        .uri(query_param(query, "path").unwrap_or_else(|| "/".into()));
+    for pair in query.split('&') {
+        if let Some(v) = pair.strip_prefix("header=")
+            && let Some((name, value)) = percent_decode(v).split_once(':')
+        {
+            req = req.header(name.trim(), value.trim());
+        }
+    }
+    Some(req.body(()).ok()?.into_parts().0)
+}
+
+/// `GET /v1/authz/check?from=NODE&to=SERVICE&path=&method=&services=a,b`:
+/// what this agent would decide for such a call to its instance of `to`,
+/// and which rule decided. The caller's services are `services` if given,
+/// else what its certificate names (known for this node and for peers it
+/// is connected to), else none.
+fn authz_check(state: &AdminState, query: &str) -> Response<Body> {
+    let (Some(from), Some(to)) = (query_param(query, "from"), query_param(query, "to")) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "from and to: required, as /v1/authz/check?from=NODE&to=SERVICE&path=/x&method=GET",
+        );
     };
+    let Some(parts) = described_request(query) else {
+        return error(StatusCode::BAD_REQUEST, "method, path or header: not valid");
+    };
+    let (hosts, known_by) = match query_param(query, "services") {
+        Some(list) => (
+            Hosts::Only(
+                list.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            ),
+            "the query",
+        ),
+        None if from == state.transport.name() => {
+            (state.transport.hosts().clone(), "this node's certificate")
+        }
+        None => match state.transport.peer_hosts(&from) {
+            Some(h) => ((*h).clone(), "its certificate, on the open connection"),
+            None => (Hosts::Only(Vec::new()), "nothing (no connection to it now)"),
+        },
+    };
+    let table = state.proxy.authz();
+    let request = crate::proxy::authz::Request {
+        method: &parts.method,
+        path: parts.uri.path(),
+        headers: &parts.headers,
+    };
+    let caller = crate::proxy::authz::Caller {
+        node: &from,
+        hosts: &hosts,
+    };
+    let d = table.decide(&to, caller, request);
+    let doc = table.services.get(&to);
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "from": from,
+            "caller_services": hosts.to_string(),
+            "caller_services_from": known_by,
+            "to": to,
+            "method": parts.method.as_str(),
+            "path": parts.uri.path(),
+            "allowed": d.allowed,
+            "decision": d.decision,
+            "rule": d.rule_label(),
+            "authz_version": doc.map(|a| a.version),
+            "mesh_default": table.mesh_default.map(|m| m.as_str()),
+            "why": if d.governed {
+                format!("{} by authz {to} {}", d.decision, d.rule_label())
+            } else {
+                "no authz document applies: allowed".to_owned()
+            },
+        }),
+    )
+}
+
+fn route_of(state: &AdminState, query: &str) -> Response<Body> {
+    let param = |name: &str| query_param(query, name);
     let Some(service) = param("service") else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -408,20 +498,9 @@ fn route_of(state: &AdminState, query: &str) -> Response<Body> {
     // and which arm its key takes, as the proxy would decide.
     let mut explained = serde_json::json!({});
     if let Some(policy) = routes.policies.get(&service) {
-        let mut req = http::Request::builder()
-            .method(param("method").as_deref().unwrap_or("GET"))
-            .uri(param("path").unwrap_or_else(|| "/".into()));
-        for pair in query.split('&') {
-            if let Some(v) = pair.strip_prefix("header=")
-                && let Some((name, value)) = percent_decode(v).split_once(':')
-            {
-                req = req.header(name.trim(), value.trim());
-            }
-        }
-        let Ok(req) = req.body(()) else {
+        let Some(parts) = described_request(query) else {
             return error(StatusCode::BAD_REQUEST, "method, path or header: not valid");
         };
-        let parts = req.into_parts().0;
         let matched = policy.rule_for(&parts);
         let arms = policy.arms_for(matched.map(|(_, r)| r));
         let rule = matched.map_or_else(|| "default".to_owned(), |(i, _)| i.to_string());

@@ -84,6 +84,10 @@ pub enum CertCommand {
         /// The operator the certificate is for.
         #[arg(long)]
         operator: Option<String>,
+        /// A service the node may host (repeatable); '*' allows any. A node
+        /// certificate without one lets its node host no service.
+        #[arg(long = "service", value_name = "SERVICE", conflicts_with = "operator")]
+        services: Vec<String>,
         /// Where to write the certificate and key.
         #[arg(long)]
         out: PathBuf,

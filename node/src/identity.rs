@@ -3,6 +3,8 @@
 use std::path::Path;
 
 use gossamer_transport::pki::{self, MeshIdentity, PemPair, PkiError};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 
 use crate::config::TlsSource;
 
@@ -20,8 +22,21 @@ pub fn load(
             let ca = ensure_ca(&dir, pki::DEFAULT_TRUST_DOMAIN)?;
             let cert = dir.join(format!("{name}.pem"));
             let key = dir.join(format!("{name}.key"));
-            if !cert.exists() || !key.exists() {
-                let pair = pki::issue_node_cert(&ca, &name, pki::DEFAULT_TRUST_DOMAIN)?;
+            // A development node may host anything; a certificate from
+            // before service identities is issued again.
+            let stale = std::fs::read(&cert).ok().is_some_and(|pem| {
+                CertificateDer::pem_slice_iter(&pem)
+                    .next()
+                    .and_then(Result::ok)
+                    .is_none_or(|der| pki::node_hosts(&der) != pki::Hosts::Any)
+            });
+            if stale || !cert.exists() || !key.exists() {
+                let pair = pki::issue_node_cert_hosting(
+                    &ca,
+                    &name,
+                    pki::DEFAULT_TRUST_DOMAIN,
+                    &pki::Hosts::Any,
+                )?;
                 let _ = std::fs::remove_file(&cert);
                 let _ = std::fs::remove_file(&key);
                 pki::write_new(&key, &pair.key, true)?;

@@ -34,12 +34,14 @@ fn main() -> ExitCode {
             ca_dir,
             name,
             operator,
+            services,
             out,
             trust_domain,
         }) => report(cert_issue(
             &ca_dir,
             name.as_deref(),
             operator.as_deref(),
+            &services,
             &out,
             &trust_domain,
         )),
@@ -222,16 +224,29 @@ fn cert_issue(
     ca_dir: &std::path::Path,
     node: Option<&str>,
     operator: Option<&str>,
+    services: &[String],
     out: &std::path::Path,
     trust_domain: &str,
 ) -> anyhow::Result<()> {
     let name = node.or(operator).context("give --name or --operator")?;
     gossamer_membership::identity::validate_name(name)?;
+    let hosts = if services.iter().any(|s| s == "*") {
+        pki::Hosts::Any
+    } else {
+        for s in services {
+            gossamer_membership::catalog::validate_service_name(s)
+                .with_context(|| format!("--service {s:?}"))?;
+        }
+        let mut list = services.to_vec();
+        list.sort();
+        list.dedup();
+        pki::Hosts::Only(list)
+    };
     let ca = pki::read_pair(&ca_dir.join("ca.pem"), &ca_dir.join("ca.key"))?;
     let pair = if operator.is_some() {
         pki::issue_operator_cert(&ca, name, trust_domain)?
     } else {
-        pki::issue_node_cert(&ca, name, trust_domain)?
+        pki::issue_node_cert_hosting(&ca, name, trust_domain, &hosts)?
     };
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let cert = out.join(format!("{name}.pem"));
@@ -246,6 +261,9 @@ fn cert_issue(
     pki::write_new(&key, &pair.key, true)?;
     pki::write_new(&cert, &pair.cert, false)?;
     println!("wrote {} and {}", cert.display(), key.display());
+    if operator.is_none() {
+        println!("{name} may host {hosts}");
+    }
     Ok(())
 }
 

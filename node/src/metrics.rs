@@ -407,6 +407,12 @@ impl AgentCollector {
         )?;
         counter(
             encoder,
+            "gossamer_catalog_refused_instances",
+            "Instances left out of fetched catalog entries because the owner's certificate does not name their service",
+            &[(&[], get(&c.refused_instances))],
+        )?;
+        counter(
+            encoder,
             "gossamer_health_checks",
             "Health checks run on local services, by result",
             &[

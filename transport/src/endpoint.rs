@@ -162,6 +162,8 @@ pub enum TransportError {
 struct Cached {
     conn: Connection,
     activity: Arc<Activity>,
+    /// The services the peer's certificate lets it host.
+    hosts: Arc<pki::Hosts>,
 }
 
 enum Slot {
@@ -555,6 +557,20 @@ impl Transport {
         Ok(stream::leased(halves, lease))
     }
 
+    /// The services this node's own certificate lets it host.
+    pub fn hosts(&self) -> &pki::Hosts {
+        &self.0.identity.hosts
+    }
+
+    /// The services the certificate of `name` lets it host, as proved on
+    /// the connection to it now open (`None`: no connection).
+    pub fn peer_hosts(&self, name: &str) -> Option<Arc<pki::Hosts>> {
+        match self.peers().get(name) {
+            Some(Slot::Ready(c)) if c.conn.close_reason().is_none() => Some(c.hosts.clone()),
+            _ => None,
+        }
+    }
+
     /// Closes the connections to `name` that carry streams (SWIM declared
     /// it down): requests in flight on them fail at once instead of
     /// waiting for a timeout. A connection carrying only SWIM stays: if the
@@ -725,9 +741,14 @@ impl Transport {
             conn.close(1u32.into(), b"identity refused");
             Err(TransportError::Identity { addr, reason })
         };
-        let Some((domain, name)) = peer_cert(&conn).as_ref().and_then(pki::node_identity) else {
+        let cert = peer_cert(&conn);
+        let Some((domain, name)) = cert.as_ref().and_then(pki::node_identity) else {
             return refuse("certificate carries no node identity".into());
         };
+        let hosts = Arc::new(
+            cert.as_ref()
+                .map_or(pki::Hosts::Only(Vec::new()), pki::node_hosts),
+        );
         if domain != self.0.identity.trust_domain {
             return refuse(format!("trust domain {domain:?} is not ours"));
         }
@@ -750,6 +771,7 @@ impl Transport {
         let cached = Cached {
             conn: conn.clone(),
             activity: Activity::new(self.0.epoch, self.0.config.initial_streams),
+            hosts,
         };
         self.live().insert(
             conn.stable_id(),
@@ -774,7 +796,7 @@ impl Transport {
 
     /// Reads everything a peer sends on one connection until it closes.
     async fn drive(self, name: String, cached: Cached) {
-        let Cached { conn, activity } = &cached;
+        let Cached { conn, activity, .. } = &cached;
         loop {
             let inbound = tokio::select! {
                 d = conn.read_datagram() => match d {

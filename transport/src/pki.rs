@@ -108,8 +108,49 @@ pub fn generate_ca(trust_domain: &str) -> Result<PemPair, PkiError> {
     })
 }
 
-/// Issues a certificate for node `name`, signed by the CA given in PEM.
+/// Issues a certificate for node `name`, signed by the CA given in PEM,
+/// that lets the node host no service (see [`issue_node_cert_hosting`]).
 pub fn issue_node_cert(ca: &PemPair, name: &str, trust_domain: &str) -> Result<PemPair, PkiError> {
+    issue_node_cert_hosting(ca, name, trust_domain, &Hosts::Only(Vec::new()))
+}
+
+/// The services a node certificate lets its node host: each is a URI SAN
+/// `spiffe://<td>/svc/<name>`, and `spiffe://<td>/svc/*` allows any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hosts {
+    /// Any service (`--service '*'`).
+    Any,
+    /// Only these (none: the node hosts nothing, e.g. a pure client).
+    Only(Vec<String>),
+}
+
+impl Hosts {
+    /// Whether the node may host `service`.
+    pub fn allows(&self, service: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Only(list) => list.iter().any(|s| s == service),
+        }
+    }
+}
+
+impl std::fmt::Display for Hosts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Any => f.write_str("any service"),
+            Self::Only(list) if list.is_empty() => f.write_str("no service"),
+            Self::Only(list) => f.write_str(&list.join(", ")),
+        }
+    }
+}
+
+/// Issues a certificate for node `name` that may host `hosts`.
+pub fn issue_node_cert_hosting(
+    ca: &PemPair,
+    name: &str,
+    trust_domain: &str,
+    hosts: &Hosts,
+) -> Result<PemPair, PkiError> {
     let ca_key = KeyPair::from_pem(&ca.key)?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key)?;
     let key = KeyPair::generate()?;
@@ -117,6 +158,15 @@ pub fn issue_node_cert(ca: &PemPair, name: &str, trust_domain: &str) -> Result<P
     params
         .subject_alt_names
         .push(SanType::URI(spiffe_id(trust_domain, name).try_into()?));
+    let services = match hosts {
+        Hosts::Any => vec!["*".to_owned()],
+        Hosts::Only(list) => list.clone(),
+    };
+    for service in services {
+        params.subject_alt_names.push(SanType::URI(
+            format!("spiffe://{trust_domain}/svc/{service}").try_into()?,
+        ));
+    }
     params.distinguished_name.push(DnType::CommonName, name);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![
@@ -176,20 +226,49 @@ pub fn node_identity(cert: &CertificateDer<'_>) -> Option<(String, String)> {
     spiffe_path(cert, "node/")
 }
 
+/// The services a node certificate names (`spiffe://…/svc/<name>` URIs):
+/// none listed means the node may host none.
+pub fn node_hosts(cert: &CertificateDer<'_>) -> Hosts {
+    let names: Vec<String> = spiffe_paths(cert, "svc/")
+        .into_iter()
+        .map(|(_, name)| name)
+        .collect();
+    if names.iter().any(|n| n == "*") {
+        Hosts::Any
+    } else {
+        Hosts::Only(names)
+    }
+}
+
 /// The trust domain and the name of the first `spiffe://<td>/<prefix><name>`
 /// URI in the certificate.
 fn spiffe_path(cert: &CertificateDer<'_>, prefix: &str) -> Option<(String, String)> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    let san = parsed.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        x509_parser::extensions::GeneralName::URI(uri) => {
-            let rest = uri.strip_prefix("spiffe://")?;
-            let (domain, path) = rest.split_once('/')?;
-            let name = path.strip_prefix(prefix)?;
-            (!name.is_empty() && !name.contains('/')).then(|| (domain.to_owned(), name.to_owned()))
-        }
-        _ => None,
-    })
+    spiffe_paths(cert, prefix).into_iter().next()
+}
+
+/// Every `spiffe://<td>/<prefix><name>` URI in the certificate, as (trust
+/// domain, name).
+fn spiffe_paths(cert: &CertificateDer<'_>, prefix: &str) -> Vec<(String, String)> {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(uri) => {
+                let rest = uri.strip_prefix("spiffe://")?;
+                let (domain, path) = rest.split_once('/')?;
+                let name = path.strip_prefix(prefix)?;
+                (!name.is_empty() && !name.contains('/'))
+                    .then(|| (domain.to_owned(), name.to_owned()))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// Writes `contents` to `path`, refusing to overwrite, with mode 0600 for keys.
@@ -239,6 +318,8 @@ pub struct MeshIdentity {
     /// The mesh CA certificate (the first in the CA file): what operator
     /// signatures must chain to.
     pub ca_cert: CertificateDer<'static>,
+    /// The services this node's certificate lets it host.
+    pub hosts: Hosts,
 }
 
 impl std::fmt::Debug for MeshIdentity {
@@ -319,9 +400,11 @@ impl MeshIdentity {
                 found: name,
             });
         }
+        let hosts = node_hosts(leaf);
         let identity = Self {
             name,
             trust_domain,
+            hosts,
             chain,
             key: Arc::new(key),
             roots,
@@ -368,6 +451,23 @@ mod tests {
         let other_key = issue_node_cert(&ca, "n1", "test.mesh").unwrap().key;
         let wrong_key_p = write(dir.path(), "wrong.key", &other_key);
         assert!(MeshIdentity::load(&ca_p, &cert_p, &wrong_key_p, None).is_err());
+
+        assert_eq!(id.hosts, Hosts::Only(Vec::new()));
+        let web = issue_node_cert_hosting(
+            &ca,
+            "n1",
+            "test.mesh",
+            &Hosts::Only(vec!["web".into(), "api".into()]),
+        )
+        .unwrap();
+        let web_p = write(dir.path(), "web.pem", &web.cert);
+        let web_key = write(dir.path(), "web.key", &web.key);
+        let id = MeshIdentity::load(&ca_p, &web_p, &web_key, Some("n1")).unwrap();
+        assert!(id.hosts.allows("web") && id.hosts.allows("api") && !id.hosts.allows("db"));
+        let any = issue_node_cert_hosting(&ca, "n1", "test.mesh", &Hosts::Any).unwrap();
+        let der = CertificateDer::from_pem_slice(any.cert.as_bytes()).unwrap();
+        assert_eq!(node_hosts(&der), Hosts::Any);
+        assert_eq!(node_identity(&der).unwrap().1, "n1");
 
         let junk = write(dir.path(), "junk.pem", "hello");
         assert!(MeshIdentity::load(&junk, &cert_p, &key_p, None).is_err());

@@ -63,6 +63,18 @@ pub enum StartError {
     /// A configured service cannot be registered.
     #[error("{0}")]
     Service(String),
+    /// The config file registers a service the certificate does not name.
+    #[error(
+        "service {id:?} ({service}): this node's certificate lets it host {hosts}, not {service:?}; issue it with `gossamer cert issue --service {service}` (or --service '*')"
+    )]
+    NotInCertificate {
+        /// The registration's id.
+        id: String,
+        /// Its service.
+        service: String,
+        /// What the certificate allows.
+        hosts: gossamer_transport::pki::Hosts,
+    },
 }
 
 /// The sockets an agent serves on, bound before anything else starts.
@@ -124,6 +136,14 @@ pub async fn run(
     let store = Store::open(&config.data_dir)?;
     let identity = crate::identity::load(&config.tls, config.name.as_deref(), &config.data_dir)?;
     let name = identity.name.clone();
+    let hosts = identity.hosts.clone();
+    if let Some(spec) = config.services.iter().find(|s| !hosts.allows(&s.name)) {
+        return Err(StartError::NotInCertificate {
+            id: spec.id.clone(),
+            service: spec.name.clone(),
+            hosts,
+        });
+    }
     let bound = sockets
         .udp
         .local_addr()
@@ -216,6 +236,7 @@ pub async fn run(
         config.services.clone(),
         store.clone(),
         tasks.clone(),
+        hosts,
     );
     let (mesh_task, snapshot, inbox) = MeshTask::new(
         driver,

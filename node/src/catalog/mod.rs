@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use gossamer_membership::catalog::{Catalog, Health, MAX_SERVICES_PER_NODE, NodeEntry};
+use gossamer_transport::pki::Hosts;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -52,6 +53,9 @@ pub struct CatalogCounters {
     pub checks_pass: AtomicU64,
     /// Health checks that failed.
     pub checks_fail: AtomicU64,
+    /// Instances left out of fetched entries: their owner's certificate
+    /// does not name their service.
+    pub refused_instances: AtomicU64,
 }
 
 impl CatalogCounters {
@@ -110,6 +114,16 @@ pub enum RegisterError {
     /// Could not persist; nothing changed.
     #[error("could not save the registration, nothing changed: {0}")]
     Persist(String),
+    /// The node's certificate does not name the service.
+    #[error(
+        "this node's certificate lets it host {hosts}, not {service:?}: issue it with `gossamer cert issue --service {service}` (or --service '*')"
+    )]
+    NotInCertificate {
+        /// The service asked for.
+        service: String,
+        /// What the certificate allows.
+        hosts: Hosts,
+    },
     /// The catalog task is gone (agent shutting down).
     #[error("the agent is shutting down")]
     Closed,
@@ -198,6 +212,8 @@ pub struct CatalogTask {
     digest_tx: watch::Sender<Arc<Vec<(String, u64)>>>,
     catalog_tx: watch::Sender<Arc<Catalog>>,
     counters: Arc<CatalogCounters>,
+    /// What this node's certificate lets it host.
+    hosts: Hosts,
 }
 
 impl std::fmt::Debug for CatalogTask {
@@ -211,12 +227,16 @@ impl std::fmt::Debug for CatalogTask {
 
 impl CatalogTask {
     /// Builds the task from config-file services and the saved runtime ones.
-    /// Health checkers run on `tasks`.
+    /// Health checkers run on `tasks`. The caller has checked that
+    /// `hosts` (what the node's certificate names) allows every config-file
+    /// service; a saved registration it does not allow is left out with a
+    /// warning.
     pub fn new(
         name: String,
         config_services: Vec<ServiceSpec>,
         store: Store,
         tasks: Tasks,
+        hosts: Hosts,
     ) -> (Self, CatalogHandle) {
         let saved: SavedServices = store.read_json(SERVICES_FILE).unwrap_or_else(|e| {
             warn!(error = %e, "services.json unreadable; starting without runtime registrations");
@@ -231,6 +251,13 @@ impl CatalogTask {
         for spec in saved.services {
             if config_ids.contains(&spec.id) {
                 warn!(id = %spec.id, "saved registration shadowed by the config file");
+                continue;
+            }
+            if !hosts.allows(&spec.name) {
+                warn!(
+                    id = %spec.id, service = %spec.name, certificate_allows = %hosts,
+                    "saved registration not restored: this node's certificate does not name its service"
+                );
                 continue;
             }
             specs.insert(spec.id.clone(), spec);
@@ -272,6 +299,7 @@ impl CatalogTask {
             digest_tx,
             catalog_tx,
             counters,
+            hosts,
         };
         (task, handle)
     }
@@ -329,6 +357,12 @@ impl CatalogTask {
     fn register(&mut self, spec: ServiceSpec) -> Result<u64, RegisterError> {
         if self.config_ids.contains(&spec.id) {
             return Err(RegisterError::ConfigOwned(spec.id));
+        }
+        if !self.hosts.allows(&spec.name) {
+            return Err(RegisterError::NotInCertificate {
+                service: spec.name,
+                hosts: self.hosts.clone(),
+            });
         }
         if !self.specs.contains_key(&spec.id) && self.specs.len() >= MAX_SERVICES_PER_NODE {
             return Err(RegisterError::TooMany);

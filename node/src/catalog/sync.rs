@@ -18,8 +18,11 @@ use gossamer_membership::catalog::{
 };
 use gossamer_transport::frame::{read_frame, write_frame};
 use gossamer_transport::{RecvStream, SendStream, Transport};
+use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
-use tracing::debug;
+
+use gossamer_transport::pki::Hosts;
+use tracing::{debug, warn};
 
 use super::{CatalogCounters, Shared};
 
@@ -103,19 +106,46 @@ pub async fn fetch(
         while !asm.is_complete() {
             asm.push(next(&mut rx, counters).await?)?;
         }
-        let entry = asm.finish()?;
+        let mut entry = asm.finish()?;
         if entry.node != owner {
             return Err(SyncFailure::NotOwner {
                 from: owner.to_owned(),
                 owner: entry.node,
             });
         }
+        keep_certified(transport, &mut entry, counters);
         Ok(entry)
     })
     .await
     .unwrap_or(Err(SyncFailure::Timeout));
     counters.sync_done("fetch", result.is_ok(), started.elapsed());
     result
+}
+
+/// Leaves out of a fetched entry every instance whose service its owner's
+/// certificate (as proved on the connection it came by) does not name, so
+/// no node can publish, or take over, another's service; and counts them.
+fn keep_certified(transport: &Transport, entry: &mut NodeEntry, counters: &CatalogCounters) {
+    let hosts = transport
+        .peer_hosts(&entry.node)
+        .unwrap_or_else(|| Arc::new(Hosts::Only(Vec::new())));
+    let mut refused = Vec::new();
+    entry.services.retain(|s| {
+        let ok = hosts.allows(&s.name);
+        if !ok {
+            refused.push(format!("{} ({})", s.name, s.id));
+        }
+        ok
+    });
+    if !refused.is_empty() {
+        counters
+            .refused_instances
+            .fetch_add(refused.len() as u64, Ordering::Relaxed);
+        warn!(
+            node = %entry.node, version = entry.version, refused = ?refused, certificate_allows = %hosts,
+            "catalog entry names services its owner's certificate does not: left out"
+        );
+    }
 }
 
 /// Exchanges digests with `peer`; returns theirs.
@@ -180,5 +210,98 @@ pub async fn serve(
     .unwrap_or(Err(SyncFailure::Timeout));
     if let Err(e) = result {
         debug!(peer = %from, error = %e, "sync stream failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gossamer_membership::catalog::{Catalog, Health, Protocol, ServiceInstance};
+    use gossamer_transport::pki::{self, MeshIdentity};
+    use gossamer_transport::{Inbound, TransportConfig};
+    use tokio::sync::watch;
+
+    fn identity(
+        dir: &std::path::Path,
+        ca: &pki::PemPair,
+        name: &str,
+        hosts: &Hosts,
+    ) -> MeshIdentity {
+        let node = pki::issue_node_cert_hosting(ca, name, "test.mesh", hosts).unwrap();
+        let (ca_p, cert_p, key_p) = (
+            dir.join(format!("{name}-ca.pem")),
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&ca_p, &ca.cert).unwrap();
+        std::fs::write(&cert_p, &node.cert).unwrap();
+        std::fs::write(&key_p, &node.key).unwrap();
+        MeshIdentity::load(&ca_p, &cert_p, &key_p, Some(name)).unwrap()
+    }
+
+    fn instance(id: &str, name: &str) -> ServiceInstance {
+        ServiceInstance {
+            id: id.into(),
+            name: name.into(),
+            address: "127.0.0.1".into(),
+            port: 8080,
+            tags: Vec::new(),
+            version: String::new(),
+            weight: 1,
+            hash_policy: "source-ip".into(),
+            health: Health::Passing,
+            protocol: Protocol::Http1,
+        }
+    }
+
+    /// A node whose certificate names only `web` publishes `web` and `db`
+    /// (as a modified agent could): the fetcher keeps `web`, leaves `db`
+    /// out and counts it.
+    #[tokio::test]
+    async fn instances_the_owner_may_not_host_are_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = pki::generate_ca("test.mesh").unwrap();
+        let web_only = Hosts::Only(vec!["web".into()]);
+        let bind = |id| {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            Transport::bind(id, TransportConfig::default(), socket).unwrap()
+        };
+        let (owner, mut owner_q) = bind(identity(dir.path(), &ca, "owner", &web_only));
+        let (fetcher, _fetcher_q) = bind(identity(dir.path(), &ca, "fetcher", &Hosts::Any));
+        let entry = NodeEntry {
+            node: "owner".into(),
+            version: 7,
+            services: vec![instance("db-1", "db"), instance("web-1", "web")],
+        };
+        let (_local_tx, local) = watch::channel(Arc::new(entry));
+        let (_d, digest) = watch::channel(Arc::new(Vec::new()));
+        let (_c, catalog) = watch::channel(Arc::new(Catalog::new()));
+        let shared = Arc::new(Shared {
+            local,
+            digest,
+            catalog,
+            counters: Arc::default(),
+        });
+        tokio::spawn(async move {
+            while let Some(Inbound::Stream {
+                from,
+                send,
+                mut recv,
+            }) = owner_q.streams.recv().await
+            {
+                let mut kind = [0u8; 1];
+                recv.read_exact(&mut kind).await.unwrap();
+                let (tx, _rx) = mpsc::channel(1);
+                tokio::spawn(serve(from, send, recv, shared.clone(), tx));
+            }
+        });
+        let counters = CatalogCounters::default();
+        let got = fetch(&fetcher, "owner", owner.local_addr().unwrap(), &counters)
+            .await
+            .unwrap();
+        let names: Vec<&str> = got.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["web"]);
+        assert_eq!(got.version, 7);
+        assert_eq!(counters.refused_instances.load(Ordering::Relaxed), 1);
     }
 }

@@ -193,7 +193,8 @@ pub async fn run(
     for name in ["n1", "n2", "n3"] {
         let cert = dir.join(format!("certs/{name}.pem"));
         if !cert.exists() {
-            let pair = pki::issue_node_cert(&ca, name, pki::DEFAULT_TRUST_DOMAIN)
+            let web = pki::Hosts::Only(vec!["web".into()]);
+            let pair = pki::issue_node_cert_hosting(&ca, name, pki::DEFAULT_TRUST_DOMAIN, &web)
                 .or_else(|e| fail(e.to_string()))?;
             pki::write_new(&dir.join(format!("certs/{name}.key")), &pair.key, true)
                 .or_else(|e| fail(e.to_string()))?;
@@ -475,8 +476,7 @@ async fn canary(
     let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| err(&e));
     let signer = gossamer_transport::sign::OperatorSigner::from_pem(&read(&cert)?, &read(&key)?)
         .map_err(|e| err(&e))?;
-    let docs =
-        crate::documents::envelope::parse_file("canary.toml", CANARY).or_else(|e| fail(e))?;
+    let docs = crate::documents::envelope::parse_file("canary.toml", CANARY).or_else(fail)?;
     let (kind, name, body) = docs.into_iter().next().expect("one document");
     // A kept demo directory may already hold a version of it.
     let live = match client::call(

@@ -24,7 +24,7 @@ pub const MAX_ENVELOPE: usize = MAX_BODY + 16 * 1024;
 /// Longest document name.
 pub const MAX_NAME: usize = 63;
 /// The kinds this agent knows.
-pub const KINDS: &[&str] = &["route"];
+pub const KINDS: &[&str] = &["route", "authz"];
 
 const SIGNED_PREFIX: &[u8] = b"gossamer-document-v1\0";
 
@@ -232,12 +232,14 @@ pub fn check_key(kind: &str, name: &str) -> Result<(), DocError> {
     if !KINDS.contains(&kind) {
         return Err(DocError::UnknownKind(kind.to_owned()));
     }
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NAME
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
-        && name.as_bytes()[0].is_ascii_alphanumeric();
+    let mesh_wide = kind == "authz" && name == super::authz::MESH_DEFAULT;
+    let ok = mesh_wide
+        || !name.is_empty()
+            && name.len() <= MAX_NAME
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+            && name.as_bytes()[0].is_ascii_alphanumeric();
     if !ok {
         return Err(DocError::BadName {
             kind: kind.to_owned(),
@@ -261,6 +263,16 @@ pub fn check_body(kind: &str, name: &str, body: &Value) -> Result<(), DocError> 
             let spec: RouteSpec =
                 serde_json::from_value(body.clone()).map_err(|e| invalid(e.to_string()))?;
             spec.validate().map_err(invalid)
+        }
+        "authz" => {
+            if name != super::authz::MESH_DEFAULT {
+                gossamer_membership::catalog::validate_service_name(name).map_err(|e| {
+                    invalid(format!("name: {e} (or \"*\" for the mesh-wide default)"))
+                })?;
+            }
+            let spec: super::authz::AuthzSpec =
+                serde_json::from_value(body.clone()).map_err(|e| invalid(e.to_string()))?;
+            spec.validate(name).map_err(invalid)
         }
         other => Err(DocError::UnknownKind(other.to_owned())),
     }

@@ -13,6 +13,7 @@
 //! - [`route`]: the `route` kind's body.
 //! - [`sync`]: fetching and comparing documents on QUIC streams.
 
+pub mod authz;
 pub mod cli;
 pub mod envelope;
 pub mod route;

@@ -23,12 +23,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{debug, warn};
 
+use super::authz::{Authz, AuthzTable, Caller, Decision};
 use super::body::{self, Counting, ProxyBody, Replayable};
 use super::config::ProxyConfig;
 use super::error::{
-    AttemptError, ERROR_HEADER, MESSAGE_HEADER, NO_RESPONSE, OTHER, UNREACHABLE, local_response,
+    AttemptError, DENIED, ERROR_HEADER, MESSAGE_HEADER, NO_RESPONSE, OTHER, UNREACHABLE,
+    local_response,
 };
 use super::hop;
+use super::metrics::AuthzLabels;
 use super::metrics::{InstanceLabels, ProxyMetrics, RequestLabels, RouteLabels, ServiceLabel};
 use super::outlier::{EjectionPolicy, Outliers, RetryBudget, Verdict};
 use super::policy::{Policies, Policy, RetryPolicy};
@@ -47,8 +50,10 @@ type HttpClient = Client<HttpConnector, ProxyBody>;
 #[derive(Debug)]
 pub struct Proxy {
     pub(super) config: ProxyConfig,
-    transport: Transport,
+    pub(super) transport: Transport,
     routes: watch::Receiver<Arc<Routes>>,
+    /// Authorization documents in force.
+    authz: watch::Receiver<Arc<AuthzTable>>,
     /// Read by the inbound server: which instances this node hosts.
     pub(super) catalog: Arc<Shared>,
     outliers: Outliers,
@@ -79,12 +84,20 @@ impl Proxy {
         tasks: Tasks,
     ) -> Arc<Self> {
         let (tx, rx) = watch::channel(Arc::new(Routes::default()));
-        tasks.spawn(keep_routes(catalog.catalog.clone(), members, documents, tx));
+        let (authz_tx, authz) = watch::channel(Arc::new(compile_authz(&documents)));
+        tasks.spawn(keep_routes(
+            catalog.catalog.clone(),
+            members,
+            documents,
+            tx,
+            authz_tx,
+        ));
         Arc::new(Self {
             tasks,
             config,
             transport,
             routes: rx,
+            authz,
             catalog,
             outliers: Outliers::default(),
             budgets: Mutex::new(HashMap::new()),
@@ -170,6 +183,44 @@ impl Proxy {
             Ok(Err(_)) => Err("connection slots closed".into()),
             Err(_) => Err(format!("{max} connections busy: none free within {wait:?}")),
         }
+    }
+
+    /// The authorization documents in force.
+    pub fn authz(&self) -> Arc<AuthzTable> {
+        self.authz.borrow().clone()
+    }
+
+    /// Decides whether `caller` may send this request to `service`'s
+    /// instance here; counts the decision and logs audited denials.
+    pub(super) fn authorize(&self, service: &str, caller: Caller<'_>, parts: &Parts) -> Decision {
+        let request = super::authz::Request {
+            method: &parts.method,
+            path: parts.uri.path(),
+            headers: &parts.headers,
+        };
+        let verdict = self.authz.borrow().decide(service, caller, request);
+        if verdict.governed {
+            self.metrics
+                .authz
+                .get_or_create(&AuthzLabels {
+                    service: service.to_owned(),
+                    rule: verdict.rule_label(),
+                    decision: verdict.decision.to_owned(),
+                })
+                .inc();
+        }
+        match verdict.decision {
+            "audit" => warn!(
+                %service, caller = %caller.node, method = %parts.method, path = %parts.uri.path(),
+                rule = %verdict.rule_label(), "authz audit: this request would be denied"
+            ),
+            "deny" => debug!(
+                %service, caller = %caller.node, method = %parts.method, path = %parts.uri.path(),
+                rule = %verdict.rule_label(), "authz denied"
+            ),
+            _ => {}
+        }
+        verdict
     }
 
     fn policy(&self) -> EjectionPolicy {
@@ -468,6 +519,16 @@ impl Proxy {
         connect_timeout: Duration,
     ) -> Result<Response<ProxyBody>, AttemptError> {
         if backend.local {
+            // This node calls its own instance: the same check as a call
+            // from another node, with this node as the caller.
+            let caller = Caller {
+                node: self.transport.name(),
+                hosts: self.transport.hosts(),
+            };
+            let verdict = self.authorize(&route.name, caller, parts);
+            if !verdict.allowed {
+                return Ok(denied(&route.name, &verdict));
+            }
             self.call_local(route, backend, parts, body, on_upgrade, connect_timeout)
                 .await
         } else {
@@ -611,6 +672,15 @@ impl Proxy {
             Some(r) if r == OTHER.as_bytes() => {
                 let _ = recv.stop(0u32.into());
                 return Ok(local_response(status, message()));
+            }
+            Some(r) if r == DENIED.as_bytes() => {
+                let _ = recv.stop(0u32.into());
+                let why = message();
+                let mut response = local_response(status, why.clone());
+                if let Ok(v) = http::HeaderValue::from_str(&why) {
+                    response.headers_mut().insert(ERROR_HEADER, v);
+                }
+                return Ok(response);
             }
             _ => {}
         }
@@ -769,6 +839,54 @@ impl Drop for Admitted {
     }
 }
 
+/// The answer to a request the destination's authorization refused: 403,
+/// with `x-gossamer-error: denied by authz SERVICE rule N` (or `default`).
+pub(super) fn denied(service: &str, verdict: &Decision) -> Response<ProxyBody> {
+    let why = denial(service, verdict);
+    let mut response = local_response(StatusCode::FORBIDDEN, why.clone());
+    if let Ok(v) = http::HeaderValue::from_str(&why) {
+        response.headers_mut().insert(ERROR_HEADER, v);
+    }
+    response
+}
+
+/// `denied by authz SERVICE rule N` (or `default`).
+pub(super) fn denial(service: &str, verdict: &Decision) -> String {
+    format!("denied by authz {service} {}", verdict.rule_label())
+}
+
+/// Compiles the authz documents in force; like routes, one that no longer
+/// compiles is skipped with a warning.
+fn compile_authz(documents: &Documents) -> AuthzTable {
+    let mut out = AuthzTable::default();
+    for held in documents.all() {
+        let env = &held.envelope;
+        if env.kind != "authz" || env.deleted {
+            continue;
+        }
+        let compiled = serde_json::from_str::<crate::documents::authz::AuthzSpec>(&env.body)
+            .map_err(|e| e.to_string())
+            .and_then(|spec| {
+                if env.name == crate::documents::authz::MESH_DEFAULT {
+                    spec.validate(&env.name)?;
+                    out.mesh_default = spec.default;
+                    return Ok(None);
+                }
+                Authz::compile(&env.name, env.version, &spec).map(Some)
+            });
+        match compiled {
+            Ok(Some(a)) => {
+                out.services.insert(env.name.clone(), Arc::new(a));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(service = %env.name, version = env.version, error = %e, "authz document not applied")
+            }
+        }
+    }
+    out
+}
+
 /// Compiles the route documents in force. A document that no longer
 /// compiles (it passed the same checks when it arrived) is skipped with a
 /// warning rather than taking the service down.
@@ -801,6 +919,7 @@ async fn keep_routes(
     mut members: watch::Receiver<Arc<Snapshot>>,
     documents: Arc<Documents>,
     tx: watch::Sender<Arc<Routes>>,
+    authz: watch::Sender<Arc<AuthzTable>>,
 ) {
     let mut changes = documents.subscribe();
     let mut policies = Arc::new(compile_policies(&documents));
@@ -817,6 +936,7 @@ async fn keep_routes(
                     return;
                 }
                 policies = Arc::new(compile_policies(&documents));
+                authz.send_replace(Arc::new(compile_authz(&documents)));
             }
         }
     }

@@ -17,6 +17,9 @@ pub const UNREACHABLE: &str = "unreachable";
 pub const NO_RESPONSE: &str = "no-response";
 /// Anything else (bad request, timeout): not to be retried.
 pub const OTHER: &str = "other";
+/// The owner's authorization policy refused the caller: not to be retried,
+/// and the message goes to the client in [`ERROR_HEADER`].
+pub const DENIED: &str = "denied";
 /// Carries the owner's one-line explanation to the caller, which puts it
 /// in its own error answer (removed before any client sees a response).
 pub const MESSAGE_HEADER: &str = "x-gossamer-message";

@@ -15,9 +15,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use tracing::{Instrument, debug, debug_span};
 
 use super::Proxy;
+use super::authz::Caller;
 use super::body;
 use super::dispatch::Upstream;
-use super::error::{AttemptError, ERROR_HEADER, MESSAGE_HEADER, NO_RESPONSE, OTHER, UNREACHABLE};
+use super::dispatch::denial;
+use super::error::{
+    AttemptError, DENIED, ERROR_HEADER, MESSAGE_HEADER, NO_RESPONSE, OTHER, UNREACHABLE,
+};
 use super::hop;
 use super::upgrade::bridge;
 use super::wire::{self, RequestHead, ResponseHead};
@@ -121,6 +125,22 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
         .await;
     };
     parts.headers = wire::headers_from_wire(&head.headers);
+    // Authorization: the caller is the node the handshake proved, with the
+    // services its certificate names.
+    let hosts = proxy
+        .transport
+        .peer_hosts(&from)
+        .unwrap_or_else(|| Arc::new(gossamer_transport::pki::Hosts::Only(Vec::new())));
+    let caller = Caller {
+        node: &from,
+        hosts: &hosts,
+    };
+    let verdict = proxy.authorize(&head.service, caller, parts);
+    if !verdict.allowed {
+        let _ = recv.stop(0u32.into());
+        let why = denial(&head.service, &verdict);
+        return reply(&mut send, StatusCode::FORBIDDEN, DENIED, &why).await;
+    }
     let timeouts = proxy.config.timeouts(&head.service, &parts.headers);
     let (request_timeout, connect_timeout) = (timeouts.request, timeouts.connect);
     let active = Raised::new(&proxy.metrics.active);

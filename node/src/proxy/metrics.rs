@@ -57,6 +57,18 @@ pub struct MirrorLabels {
     pub outcome: String,
 }
 
+/// `service`, `rule` (`rule N` or `default`), `decision` (`allow`, `deny`,
+/// `audit`: a denial let through).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    /// The destination service.
+    pub service: String,
+    /// What decided.
+    pub rule: String,
+    /// The decision.
+    pub decision: String,
+}
+
 /// `service`, `direction` (`request` or `response` body bytes).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BytesLabels {
@@ -87,6 +99,8 @@ pub struct ProxyMetrics {
     pub routed: Family<RouteLabels, Counter>,
     /// Copies of requests for a mirror.
     pub mirrored: Family<MirrorLabels, Counter>,
+    /// Authorization decisions at this (destination) agent.
+    pub authz: Family<AuthzLabels, Counter>,
     /// Requests in flight through this agent (both sides).
     pub active: Gauge,
 }
@@ -102,6 +116,7 @@ impl ProxyMetrics {
             bytes: Family::default(),
             routed: Family::default(),
             mirrored: Family::default(),
+            authz: Family::default(),
             active: Gauge::default(),
         };
         registry.register(
@@ -129,6 +144,11 @@ impl ProxyMetrics {
             "gossamer_route_mirrored",
             "Copies of requests for a route's mirror, by outcome",
             m.mirrored.clone(),
+        );
+        registry.register(
+            "gossamer_authz_decisions",
+            "Authorization decisions for requests to local instances, by service, rule and decision",
+            m.authz.clone(),
         );
         registry.register(
             "gossamer_proxy_body_bytes",

@@ -11,6 +11,7 @@
 //! - [`config`]: `[proxy]`, typed when the config file loads.
 //! - [`routes`]: the routing table built from the catalog, hash policies.
 //! - [`policy`]: route documents compiled: rules, sticky splits, faults.
+//! - [`authz`]: authz documents compiled: who may call a service.
 //! - [`hop`]: hop-by-hop headers, HTTP versions and the hop count.
 //! - [`upgrade`]: recognising and bridging HTTP upgrades (WebSocket).
 //! - [`error`]: answers the mesh makes itself and how they are marked.
@@ -19,6 +20,7 @@
 //! - [`outlier`]: ejection and the retry budget.
 //! - [`metrics`]: per service and instance metrics.
 
+pub mod authz;
 pub mod body;
 pub mod config;
 pub mod dispatch;

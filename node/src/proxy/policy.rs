@@ -51,8 +51,9 @@ impl SubsetSpec {
     }
 }
 
+/// A header or query condition, compiled.
 #[derive(Debug)]
-enum TextMatch {
+pub(crate) enum TextMatch {
     Exact(String),
     Prefix(String),
     Regex(Regex),
@@ -60,7 +61,8 @@ enum TextMatch {
 }
 
 impl TextMatch {
-    fn of(m: &ValueMatch) -> Result<Self, String> {
+    /// Compiles a checked condition.
+    pub(crate) fn of(m: &ValueMatch) -> Result<Self, String> {
         Ok(if let Some(e) = &m.exact {
             Self::Exact(e.clone())
         } else if let Some(p) = &m.prefix {
@@ -72,7 +74,8 @@ impl TextMatch {
         })
     }
 
-    fn matches(&self, value: Option<&str>) -> bool {
+    /// Whether a value (absent: `None`) meets it.
+    pub(crate) fn matches(&self, value: Option<&str>) -> bool {
         match (self, value) {
             (Self::Present(want), v) => v.is_some() == *want,
             (_, None) => false,
