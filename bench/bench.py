@@ -7,8 +7,8 @@ Paths, all to the same 1 kB response from one nginx upstream:
                 gossip running, synthetic catalog of 1,000 services / 2,000 instances
   P2 haproxy    client -> haproxy A -> TLS 1.3 mTLS -> haproxy B -> upstream
   P3 nginx      client -> nginx A -> TLS mTLS -> nginx B -> upstream
-  P4 gossamer+route  (with --route-doc FILE) P1 again, on a second pair of
-                agents with that route document in force
+  P4 gossamer+docs  (with --doc FILE...) P1 again, on a second pair of
+                agents with those configuration documents in force
 
 The load generator (oha) runs on core 0; proxies and the upstream on core 1,
 one worker/thread each. Each repetition runs the paths in a shuffled order.
@@ -168,11 +168,11 @@ http {{
         self.upstream_proc = self.start("upstream", argv, self.up_port)
         self.paths["P0 direct"] = {"port": self.up_port, "host": None, "procs": []}
 
-    def gossamer(self, label="P1 gossamer", route_doc=None):
+    def gossamer(self, label="P1 gossamer", docs=None):
         """A pair of agents (A: the client's sidecar, B: the server's) with
-        a 1,000-service catalog; with `route_doc`, that document in force."""
+        a 1,000-service catalog; with `docs`, those documents in force."""
         g = self.args.gossamer
-        tag = "" if route_doc is None else "-route"
+        tag = "" if not docs else "-docs"
         ports = {k: free_port() for k in ["qa", "qb", "aa", "ab", "xa", "xb"]}
         for node, other in [("ga", "a"), ("gb", "b")]:
             blocks = []
@@ -206,29 +206,31 @@ http {{
             time.sleep(0.5)
         else:
             sys.exit("gossamer catalog did not reach 1,001 services on agent A")
-        if route_doc is not None:
-            self.apply_route_doc(route_doc, ports["aa"])
+        if docs:
+            self.apply_docs(docs, [ports["aa"], ports["ab"]])
         response = http_get(ports["xa"], "/1k", host="bench")
         if b"x" * 1024 not in response:
             sys.exit(f"gossamer path does not serve the 1 kB response: {response[:300]!r}")
         self.paths[label] = {"port": ports["xa"], "host": "bench", "procs": [a, b]}
 
-    def apply_route_doc(self, doc, admin_port):
-        """Signs and applies a route document at agent A, then waits until
-        A has it in force."""
+    def apply_docs(self, docs, admin_ports):
+        """Signs the documents in `docs`, applies them at the first agent,
+        and waits until every agent has all of them in force."""
         g = self.args.gossamer
         ops = self.dir / "operators"
         run([g, "cert", "issue", "--ca-dir", str(self.dir / "ca"), "--operator", "bench", "--out", str(ops)])
-        run([g, "config", "apply", doc, "--operator-cert", str(ops / "bench.pem"),
-             "--operator-key", str(ops / "bench.key"), "--admin", f"127.0.0.1:{admin_port}"])
+        run([g, "config", "apply", *docs, "--operator-cert", str(ops / "bench.pem"),
+             "--operator-key", str(ops / "bench.key"), "--admin", f"127.0.0.1:{admin_ports[0]}"])
+        want = json.loads(subprocess.run([g, "config", "list", "--json", "--admin", f"127.0.0.1:{admin_ports[0]}"],
+                                         check=True, capture_output=True, text=True).stdout)["documents"]
         deadline = time.time() + 30
         while time.time() < deadline:
-            response = http_get(admin_port, "/v1/config")
-            if b'"status":"active"' in response.replace(b" ", b""):
-                print(f"route document {doc} in force", file=sys.stderr)
+            held = [http_get(port, "/v1/config").replace(b" ", b"").count(b'"status":"active"') for port in admin_ports]
+            if all(n >= len(want) for n in held):
+                print(f"{len(want)} documents in force on {len(admin_ports)} agents: {' '.join(docs)}", file=sys.stderr)
                 return
             time.sleep(0.2)
-        sys.exit(f"route document {doc} not in force on agent A: {response[:300]!r}")
+        sys.exit(f"documents {docs} not in force everywhere: {held} of {len(want)}")
 
     def haproxy(self):
         pa, pb = free_port(), free_port()
@@ -375,16 +377,16 @@ backend b
 
     def go(self):
         names = ["P0 direct", "P1 gossamer", "P2 haproxy", "P3 nginx"]
-        if self.args.route_doc:
-            names.append("P4 gossamer+route")
+        if self.args.doc:
+            names.append("P4 gossamer+docs")
         results = {name: [] for name in names}
         transfers = {}
         try:
             self.pki()
             self.upstream()
             self.gossamer()
-            if self.args.route_doc:
-                self.gossamer("P4 gossamer+route", self.args.route_doc)
+            if self.args.doc:
+                self.gossamer("P4 gossamer+docs", self.args.doc)
             self.haproxy()
             self.nginx()
             rng = random.Random(self.args.seed)
@@ -493,8 +495,9 @@ def main():
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="1 repetition, 5 s phases")
-    ap.add_argument("--route-doc", help="also measure P4: a second Gossamer pair with this route document "
-                    "in force (e.g. bench/route-20-rules.toml), alternating with the others")
+    ap.add_argument("--doc", action="append", default=[],
+                    help="also measure P4: a second Gossamer pair with this signed configuration document in force "
+                    "(repeatable; e.g. bench/route-20-rules.toml bench/authz-50-rules.toml), alternating with the others")
     args = ap.parse_args()
     if args.quick:
         args.repetitions, args.saturation_seconds, args.latency_seconds = 1, 5, 5
