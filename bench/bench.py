@@ -7,8 +7,8 @@ Paths, all to the same 1 kB response from one nginx upstream:
                 gossip running, synthetic catalog of 1,000 services / 2,000 instances
   P2 haproxy    client -> haproxy A -> TLS 1.3 mTLS -> haproxy B -> upstream
   P3 nginx      client -> nginx A -> TLS mTLS -> nginx B -> upstream
-  P4 gossamer+docs  (with --doc FILE...) P1 again, on a second pair of
-                agents with those configuration documents in force
+  P4 gossamer+docs  (with --doc FILE...) P1 again, on the same agents, with
+                those configuration documents applied before and deleted after
 
 The load generator (oha) runs on core 0; proxies and the upstream on core 1,
 one worker/thread each. Each repetition runs the paths in a shuffled order.
@@ -168,11 +168,11 @@ http {{
         self.upstream_proc = self.start("upstream", argv, self.up_port)
         self.paths["P0 direct"] = {"port": self.up_port, "host": None, "procs": []}
 
-    def gossamer(self, label="P1 gossamer", docs=None):
+    def gossamer(self):
         """A pair of agents (A: the client's sidecar, B: the server's) with
-        a 1,000-service catalog; with `docs`, those documents in force."""
+        a 1,000-service catalog. P4 is the same pair with --doc documents
+        in force while it is measured."""
         g = self.args.gossamer
-        tag = "" if not docs else "-docs"
         ports = {k: free_port() for k in ["qa", "qb", "aa", "ab", "xa", "xb"]}
         for node, other in [("ga", "a"), ("gb", "b")]:
             blocks = []
@@ -180,18 +180,18 @@ http {{
                 blocks.append(f'[[service]]\nid = "svc-{i:04}-{other}"\nname = "svc-{i:04}"\nport = {20000 + i}\n')
             if node == "gb":
                 blocks.append(f'[[service]]\nid = "bench-b"\nname = "bench"\nport = {self.up_port}\n')
-            (self.dir / f"{node}{tag}.toml").write_text("\n".join(blocks))
+            (self.dir / f"{node}.toml").write_text("\n".join(blocks))
         common = ["--ca", str(self.dir / "ca/ca.pem"), "--log-level", "warn", "--threads", "1"]
-        b = self.start(f"agent-b{tag}", [g, "agent", "--name", "gb", "--bind", f"127.0.0.1:{ports['qb']}",
+        b = self.start("agent-b", [g, "agent", "--name", "gb", "--bind", f"127.0.0.1:{ports['qb']}",
                                    "--admin", f"127.0.0.1:{ports['ab']}", "--proxy", f"127.0.0.1:{ports['xb']}",
                                    "--cert", str(self.dir / "certs/gb.pem"), "--key", str(self.dir / "certs/gb.key"),
-                                   "--data-dir", str(self.dir / f"data-b{tag}"), "--config", str(self.dir / f"gb{tag}.toml")] + common,
+                                   "--data-dir", str(self.dir / "data-b"), "--config", str(self.dir / "gb.toml")] + common,
                        ports["ab"])
-        a = self.start(f"agent-a{tag}", [g, "agent", "--name", "ga", "--bind", f"127.0.0.1:{ports['qa']}",
+        a = self.start("agent-a", [g, "agent", "--name", "ga", "--bind", f"127.0.0.1:{ports['qa']}",
                                    "--admin", f"127.0.0.1:{ports['aa']}", "--proxy", f"127.0.0.1:{ports['xa']}",
                                    "--seed", f"127.0.0.1:{ports['qb']}",
                                    "--cert", str(self.dir / "certs/ga.pem"), "--key", str(self.dir / "certs/ga.key"),
-                                   "--data-dir", str(self.dir / f"data-a{tag}"), "--config", str(self.dir / f"ga{tag}.toml")] + common,
+                                   "--data-dir", str(self.dir / "data-a"), "--config", str(self.dir / "ga.toml")] + common,
                        ports["aa"])
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -206,31 +206,43 @@ http {{
             time.sleep(0.5)
         else:
             sys.exit("gossamer catalog did not reach 1,001 services on agent A")
-        if docs:
-            self.apply_docs(docs, [ports["aa"], ports["ab"]])
         response = http_get(ports["xa"], "/1k", host="bench")
         if b"x" * 1024 not in response:
             sys.exit(f"gossamer path does not serve the 1 kB response: {response[:300]!r}")
-        self.paths[label] = {"port": ports["xa"], "host": "bench", "procs": [a, b]}
+        self.admin_ports = [ports["aa"], ports["ab"]]
+        self.paths["P1 gossamer"] = {"port": ports["xa"], "host": "bench", "procs": [a, b]}
 
-    def apply_docs(self, docs, admin_ports):
-        """Signs the documents in `docs`, applies them at the first agent,
-        and waits until every agent has all of them in force."""
-        g = self.args.gossamer
+    def operator(self):
+        """The operator certificate and key that sign --doc documents."""
         ops = self.dir / "operators"
-        run([g, "cert", "issue", "--ca-dir", str(self.dir / "ca"), "--operator", "bench", "--out", str(ops)])
-        run([g, "config", "apply", *docs, "--operator-cert", str(ops / "bench.pem"),
-             "--operator-key", str(ops / "bench.key"), "--admin", f"127.0.0.1:{admin_ports[0]}"])
-        want = json.loads(subprocess.run([g, "config", "list", "--json", "--admin", f"127.0.0.1:{admin_ports[0]}"],
-                                         check=True, capture_output=True, text=True).stdout)["documents"]
+        if not (ops / "bench.pem").exists():
+            run([self.args.gossamer, "cert", "issue", "--ca-dir", str(self.dir / "ca"), "--operator", "bench",
+                 "--out", str(ops)])
+        return ["--operator-cert", str(ops / "bench.pem"), "--operator-key", str(ops / "bench.key")]
+
+    def docs_in_force(self, want):
+        """Applies the --doc documents at agent A (want=True) or deletes
+        them (False), then waits until both agents agree."""
+        g, admin = self.args.gossamer, f"127.0.0.1:{self.admin_ports[0]}"
+        if want:
+            run([g, "config", "apply", *self.args.doc, *self.operator(), "--admin", admin])
+        else:
+            listed = json.loads(subprocess.run([g, "config", "list", "--json", "--admin", admin],
+                                               check=True, capture_output=True, text=True).stdout)["documents"]
+            for d in listed:
+                if d["status"] == "active":
+                    run([g, "config", "delete", d["kind"], d["name"], *self.operator(), "--admin", admin])
         deadline = time.time() + 30
         while time.time() < deadline:
-            held = [http_get(port, "/v1/config").replace(b" ", b"").count(b'"status":"active"') for port in admin_ports]
-            if all(n >= len(want) for n in held):
-                print(f"{len(want)} documents in force on {len(admin_ports)} agents: {' '.join(docs)}", file=sys.stderr)
+            lists = [http_get(port, "/v1/config").split(b"\r\n\r\n", 1)[1] for port in self.admin_ports]
+            active = [sum(1 for d in json.loads(b)["documents"] if d["status"] == "active") for b in lists]
+            if (all(n > 0 for n in active) and len(set(active)) == 1) if want else not any(active):
+                response = http_get(self.paths["P1 gossamer"]["port"], "/1k", host="bench")
+                if b"x" * 1024 not in response:
+                    sys.exit(f"with the documents in force, the gossamer path does not serve: {response[:300]!r}")
                 return
             time.sleep(0.2)
-        sys.exit(f"documents {docs} not in force everywhere: {held} of {len(want)}")
+        sys.exit(f"documents not {'in force' if want else 'deleted'} on both agents: {active}")
 
     def haproxy(self):
         pa, pb = free_port(), free_port()
@@ -325,6 +337,15 @@ backend b
 
     def measure(self, name):
         path = self.paths[name]
+        if path.get("docs"):
+            self.docs_in_force(True)
+            try:
+                return self.measure_now(path)
+            finally:
+                self.docs_in_force(False)
+        return self.measure_now(path)
+
+    def measure_now(self, path):
         procs = path["procs"]
         result = {"idle_rss_kib": [sum(rss_kib(pid) for pid in p.pids()) for p in procs]}
         # Saturation, closed loop, sampling RSS while it runs.
@@ -386,7 +407,7 @@ backend b
             self.upstream()
             self.gossamer()
             if self.args.doc:
-                self.gossamer("P4 gossamer+docs", self.args.doc)
+                self.paths["P4 gossamer+docs"] = dict(self.paths["P1 gossamer"], docs=True)
             self.haproxy()
             self.nginx()
             rng = random.Random(self.args.seed)
@@ -496,7 +517,7 @@ def main():
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="1 repetition, 5 s phases")
     ap.add_argument("--doc", action="append", default=[],
-                    help="also measure P4: a second Gossamer pair with this signed configuration document in force "
+                    help="also measure P4: the Gossamer pair with this signed configuration document in force "
                     "(repeatable; e.g. bench/route-20-rules.toml bench/authz-50-rules.toml), alternating with the others")
     args = ap.parse_args()
     if args.quick:

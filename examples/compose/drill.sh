@@ -51,6 +51,16 @@ versions() {
     g "$1" services --json 2>/dev/null | python3 -c \
         'import sys,json; d=json.load(sys.stdin)["nodes"]; print(sorted((k,v["version"]) for k,v in d.items()))' 2>/dev/null
 }
+# route_version NODE -> the version of route document `web` NODE holds
+route_version() {
+    g "$1" config get route web --json 2>/dev/null | python3 -c \
+        'import sys,json; print(json.load(sys.stdin)["version"])' 2>/dev/null || echo none
+}
+# route_everywhere VERSION NODE... -> whether every NODE holds that version
+route_everywhere() {
+    local want=$1 n; shift
+    for n in "$@"; do [ "$(route_version "$n")" = "$want" ] || return 1; done
+}
 # wait_until SECONDS DESCRIPTION COMMAND... : polls COMMAND until it succeeds.
 wait_until() {
     local limit=$1 what=$2; shift 2
@@ -135,12 +145,32 @@ else
     fail "cut-off n4: $report"
 fi
 
+info "applying a route document on the majority side, during the partition"
+cat > pki/drill-route.toml <<'TOML'
+[[route]]
+name = "web"
+timeout = "5s"
+retries = { attempts = 2, on = ["connect-failure", "reset"] }
+TOML
+if g n1 config apply /pki/drill-route.toml --operator-cert /pki/operators/drill.pem \
+        --operator-key /pki/operators/drill.key >/dev/null; then
+    wait_until 15 "route web version 1 on n1, n2, n3" route_everywhere 1 n1 n2 n3
+else
+    fail "config apply on n1"
+fi
+if [ "$(route_version n4)" = "none" ]; then
+    pass "cut-off n4 does not hold it yet"
+else
+    fail "cut-off n4 holds route web version $(route_version n4) during the partition"
+fi
+
 info "healing the partition"
 docker network connect --ip 10.213.47.14 "$network" "$(cid n4)"
 docker network connect --ip 10.213.47.15 "$network" "$(cid n5)"
 wait_until 60 "after healing, every agent sees 5 alive and 5 passing web instances" \
     all_see 5 n1 n2 n3 n4 n5
 wait_until 30 "after healing, catalogs agree on every node" catalogs_agree
+wait_until 30 "after healing, n4 and n5 hold the route document too" route_everywhere 1 n1 n2 n3 n4 n5
 report="$(load n1 5)"
 echo "     $report"
 if [ "$(field "$report" 'failed')" = "0" ] && [ "$(field "$report" 'len(by_instance)')" = "5" ]; then

@@ -16,6 +16,9 @@ for n in n1 n2 n3 n4 n5; do
     # other agents refuse any other service it might claim.
     run cert issue --ca-dir /pki/ca --name "$n" --service web --out /pki/certs >/dev/null
 done
+# An operator certificate signs configuration documents (the drill applies
+# one during a partition).
+run cert issue --ca-dir /pki/ca --operator drill --out /pki/operators >/dev/null
 # The agents run as an unprivileged user in the containers: let them read.
 chmod -R a+rX "$pki"
-echo "wrote $pki (CA and certificates for n1..n5)"
+echo "wrote $pki (CA, certificates for n1..n5, operator certificate drill)"
