@@ -372,14 +372,14 @@ def phase_hold(args, agents):
     # short suspicion; the logs do not).
     logged = {}
     for message in ("member up", "member down", "member restarted"):
-        logged[message] = sum(1 for _ in log_lines(agents, message, since))
+        logged[message] = sum(1 for _ in log_records(agents, message, since))
     print(f"hold: {args.hold} s, {len(downs)} (observer, member) pairs seen down, {len(suspects)} suspect; "
           f"logged: {logged}", flush=True)
     return {"seconds": args.hold, "down_pairs": len(downs), "suspect_pairs": len(suspects),
             "down_seen": downs, "suspect_seen": suspects, "logged": logged}
 
 
-def log_lines(agents, message, since):
+def log_records(agents, message, since):
     """Every log record with this message at or after `since` (wall clock)."""
     for a in agents:
         try:
