@@ -240,6 +240,9 @@ http {{
                 response = http_get(self.paths["P1 gossamer"]["port"], "/1k", host="bench")
                 if b"x" * 1024 not in response:
                     sys.exit(f"with the documents in force, the gossamer path does not serve: {response[:300]!r}")
+                # Measure the steady state, not the agents storing, spreading
+                # and compiling the change.
+                time.sleep(3)
                 return
             time.sleep(0.2)
         sys.exit(f"documents not {'in force' if want else 'deleted'} on both agents: {active}")
