@@ -406,24 +406,10 @@ def log_times(agents, message, field, value, since):
     agent's log with this message and `field` == `value`."""
     out = {}
     for a in agents:
-        try:
-            f = open(a.root / "logs" / f"{a.name}.log", "rb")
-        except OSError:
-            continue
-        with f:
-            for line in f:
-                if message.encode() not in line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if rec.get("message") != message or rec.get(field) != value:
-                    continue
-                t = datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp() - since
-                if t >= 0:
-                    out[a.name] = t
-                    break
+        for rec in log_records([a], message, since):
+            if rec.get(field) == value:
+                out[a.name] = datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp() - since
+                break
     return out
 
 

@@ -72,7 +72,11 @@ fn bench(c: &mut Criterion) {
         headers: &parts.headers,
     };
     let d = table.decide("db", caller, request);
-    assert_eq!((d.allowed, d.rule), (true, Some(49)), "the last rule must decide");
+    assert_eq!(
+        (d.allowed, d.rule),
+        (true, Some(49)),
+        "the last rule must decide"
+    );
     c.bench_function("authz: 50 rules, the last one decides", |b| {
         b.iter(|| black_box(table.decide("db", black_box(caller), black_box(request))))
     });

@@ -23,7 +23,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::route::{ValueMatch, compile_regex};
+use super::route::{ValueMatch, value_matches};
 
 /// Rules per document.
 pub const MAX_RULES: usize = 256;
@@ -226,26 +226,7 @@ impl AuthzSpec {
                 http::Method::from_bytes(m.as_bytes())
                     .map_err(|_| format!("{f}.http.methods[{j}]: {m:?} is not a method"))?;
             }
-            for (j, h) in http.headers.iter().enumerate() {
-                let g = format!("{f}.http.headers[{j}]");
-                if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
-                    return Err(format!("{g}.name: {:?} is not a header name", h.name));
-                }
-                let given = [
-                    h.exact.is_some(),
-                    h.prefix.is_some(),
-                    h.regex.is_some(),
-                    h.present.is_some(),
-                ];
-                if given.iter().filter(|g| **g).count() != 1 {
-                    return Err(format!(
-                        "{g}: give exactly one of exact, prefix, regex, present"
-                    ));
-                }
-                if let Some(r) = &h.regex {
-                    compile_regex(&format!("{g}.regex"), r)?;
-                }
-            }
+            value_matches(&format!("{f}.http.headers"), &http.headers, true)?;
         }
         Ok(())
     }

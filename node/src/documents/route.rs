@@ -334,7 +334,8 @@ fn retries(field: &str, r: &Retries) -> Result<(), String> {
     Ok(())
 }
 
-fn value_matches(field: &str, list: &[ValueMatch], headers: bool) -> Result<(), String> {
+/// Checks header (`headers`) or query conditions; errors name the field.
+pub(crate) fn value_matches(field: &str, list: &[ValueMatch], headers: bool) -> Result<(), String> {
     for (i, m) in list.iter().enumerate() {
         let f = format!("{field}[{i}]");
         if headers && http::HeaderName::from_bytes(m.name.as_bytes()).is_err() {

@@ -20,9 +20,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use gossamer_transport::pki::Hosts;
-use http::{HeaderMap, HeaderName, Method};
+use http::{HeaderMap, Method};
 
-use super::policy::TextMatch;
+use super::policy::HeaderConditions;
 use crate::documents::authz::{Action, AuthzSpec, Default, Sources, sources};
 
 /// A compiled rule.
@@ -34,7 +34,7 @@ struct Rule {
     exact: Vec<String>,
     prefixes: Vec<String>,
     methods: Vec<Method>,
-    headers: Vec<(HeaderName, TextMatch)>,
+    headers: HeaderConditions,
     /// Whether it has an `http` block at all.
     l7: bool,
 }
@@ -108,16 +108,7 @@ impl Authz {
                     .iter()
                     .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
                     .collect(),
-                headers: http
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        Ok((
-                            HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| e.to_string())?,
-                            TextMatch::of(h)?,
-                        ))
-                    })
-                    .collect::<Result<_, String>>()?,
+                headers: HeaderConditions::of(&http.headers)?,
                 l7: r.http.is_some(),
             });
         }
@@ -151,14 +142,7 @@ impl Rule {
         if !self.methods.is_empty() && !self.methods.contains(req.method) {
             return None;
         }
-        let headers_ok = self.headers.iter().all(|(name, m)| {
-            let mut values = req.headers.get_all(name).iter().peekable();
-            if values.peek().is_none() {
-                return m.matches(None);
-            }
-            values.any(|v| m.matches(v.to_str().ok()))
-        });
-        if !headers_ok {
+        if !self.headers.hold(req.headers) {
             return None;
         }
         let (path, length) = if self.exact.is_empty() && self.prefixes.is_empty() {

@@ -53,7 +53,7 @@ impl SubsetSpec {
 
 /// A header or query condition, compiled.
 #[derive(Debug)]
-pub(crate) enum TextMatch {
+enum TextMatch {
     Exact(String),
     Prefix(String),
     Regex(Regex),
@@ -62,7 +62,7 @@ pub(crate) enum TextMatch {
 
 impl TextMatch {
     /// Compiles a checked condition.
-    pub(crate) fn of(m: &ValueMatch) -> Result<Self, String> {
+    fn of(m: &ValueMatch) -> Result<Self, String> {
         Ok(if let Some(e) = &m.exact {
             Self::Exact(e.clone())
         } else if let Some(p) = &m.prefix {
@@ -75,7 +75,7 @@ impl TextMatch {
     }
 
     /// Whether a value (absent: `None`) meets it.
-    pub(crate) fn matches(&self, value: Option<&str>) -> bool {
+    fn matches(&self, value: Option<&str>) -> bool {
         match (self, value) {
             (Self::Present(want), v) => v.is_some() == *want,
             (_, None) => false,
@@ -83,6 +83,37 @@ impl TextMatch {
             (Self::Prefix(p), Some(v)) => v.starts_with(p.as_str()),
             (Self::Regex(r), Some(v)) => r.is_match(v),
         }
+    }
+}
+
+/// Header conditions, compiled: all must hold for a request to match.
+#[derive(Debug, Default)]
+pub(crate) struct HeaderConditions(Vec<(HeaderName, TextMatch)>);
+
+impl HeaderConditions {
+    /// Compiles checked conditions.
+    pub(crate) fn of(list: &[ValueMatch]) -> Result<Self, String> {
+        list.iter()
+            .map(|h| {
+                Ok((
+                    HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| e.to_string())?,
+                    TextMatch::of(h)?,
+                ))
+            })
+            .collect::<Result<_, String>>()
+            .map(Self)
+    }
+
+    /// Whether `headers` meet every condition (of several values of one
+    /// header, any may match).
+    pub(crate) fn hold(&self, headers: &HeaderMap) -> bool {
+        self.0.iter().all(|(name, m)| {
+            let mut values = headers.get_all(name).iter().peekable();
+            if values.peek().is_none() {
+                return m.matches(None);
+            }
+            values.any(|v| m.matches(Some(v.to_str().unwrap_or(""))))
+        })
     }
 }
 
@@ -98,7 +129,7 @@ enum PathMatch {
 pub struct Rule {
     path: Option<PathMatch>,
     methods: Vec<Method>,
-    headers: Vec<(HeaderName, TextMatch)>,
+    headers: HeaderConditions,
     query: Vec<(String, TextMatch)>,
     /// Arms; empty: the route's defaults.
     pub arms: Vec<Arm>,
@@ -321,16 +352,7 @@ impl Policy {
                     .iter()
                     .filter_map(|x| Method::from_bytes(x.as_bytes()).ok())
                     .collect(),
-                headers: m
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        Ok((
-                            HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| e.to_string())?,
-                            TextMatch::of(h)?,
-                        ))
-                    })
-                    .collect::<Result<_, String>>()?,
+                headers: HeaderConditions::of(&m.headers)?,
                 query: m
                     .query
                     .iter()
@@ -419,14 +441,7 @@ impl Rule {
         };
         path_ok
             && (self.methods.is_empty() || self.methods.contains(&parts.method))
-            && self.headers.iter().all(|(name, m)| {
-                // Several values: any may match.
-                let mut values = parts.headers.get_all(name).iter().peekable();
-                if values.peek().is_none() {
-                    return m.matches(None);
-                }
-                values.any(|v| m.matches(Some(v.to_str().unwrap_or(""))))
-            })
+            && self.headers.hold(&parts.headers)
             && self.query.iter().all(|(name, m)| {
                 let value = parts.uri.query().and_then(|q| {
                     q.split('&')
