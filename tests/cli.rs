@@ -230,3 +230,74 @@ fn demo_runs_end_to_end() -> Result<()> {
     assert!(stderr.contains("[6/7]"), "progress shown: {stderr}");
     Ok(())
 }
+
+#[test]
+fn certificates_carry_a_lifetime() -> Result<()> {
+    let pki = Pki::new()?;
+    let ca = pki.dir.path().join("ca");
+    let out_dir = pki.dir.path().join("short");
+    let issue = |name: &str, ttl: &str| {
+        gossamer(&[
+            "cert",
+            "issue",
+            "--ca-dir",
+            ca.to_str().unwrap(),
+            "--name",
+            name,
+            "--service",
+            "*",
+            "--ttl",
+            ttl,
+            "--out",
+            out_dir.to_str().unwrap(),
+        ])
+    };
+    // Bad lifetimes are refused.
+    let out = issue("n9", "soon");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("soon"));
+    // Two days: the agent starts, but warns in its log, in /ready and in
+    // its metric.
+    let out = issue("n1", "2d");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid until"));
+    let cert = out_dir.join("n1.pem");
+    let key = out_dir.join("n1.key");
+    let agent = Agent::start_with(&pki, "n1", &pki.ca(), &cert, &key, AgentOptions::default())?;
+    let (_, body) = agent.get("/ready")?;
+    let ready: serde_json::Value = serde_json::from_str(&body)?;
+    let warning = ready["warnings"][0].as_str().unwrap_or_default().to_owned();
+    assert!(warning.contains("expires in 47h"), "{body}");
+    let left = agent.metric("gossamer_cert_expiry_seconds").unwrap_or(0.0);
+    assert!((47.0 * 3600.0..48.0 * 3600.0).contains(&left), "{left}");
+    assert!(agent.log().contains("expires in 47h"), "no warning logged");
+    // One second: expired by the time the agent starts, which it refuses
+    // to do, saying why.
+    let out = issue("n2", "1s");
+    assert!(out.status.success());
+    std::thread::sleep(Duration::from_millis(2100));
+    let data = pki.data_dir("n2");
+    let out = gossamer(&[
+        "agent",
+        "--name",
+        "n2",
+        "--bind",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--proxy",
+        "127.0.0.1:0",
+        "--ca",
+        pki.ca().to_str().unwrap(),
+        "--cert",
+        out_dir.join("n2.pem").to_str().unwrap(),
+        "--key",
+        out_dir.join("n2.key").to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("n2.pem expired at"), "{stderr}");
+    Ok(())
+}

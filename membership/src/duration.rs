@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serializer};
 
-/// Parses `"<integer><unit>"` with unit `ms`, `s`, `m` or `h`.
+/// Parses `"<integer><unit>"` with unit `ms`, `s`, `m`, `h` or `d`.
 pub fn parse(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{text:?} has no unit (use ms, s, m or h)"))?;
+        .ok_or_else(|| format!("{text:?} has no unit (use ms, s, m, h or d)"))?;
     let (digits, unit) = text.split_at(split);
     let n: u64 = digits
         .parse()
@@ -20,9 +20,10 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
         "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "d" => Duration::from_secs(n.saturating_mul(86_400)),
         _ => {
             return Err(format!(
-                "{text:?} has unknown unit {unit:?} (use ms, s, m or h)"
+                "{text:?} has unknown unit {unit:?} (use ms, s, m, h or d)"
             ));
         }
     };

@@ -671,11 +671,29 @@ fn ready(state: &AdminState) -> Response<Body> {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    json(
-        status,
-        &serde_json::json!({"ready": ok, "reason": reason, "active_members": s.active}),
-    )
+    let mut body = serde_json::json!({"ready": ok, "reason": reason, "active_members": s.active});
+    if let Some(warning) = cert_warning(state.transport.cert_not_after()) {
+        body["warnings"] = serde_json::json!([warning]);
+    }
+    json(status, &body)
 }
+
+/// When this node's certificate expires within 7 days (or has), what to
+/// say about it.
+pub fn cert_warning(not_after: std::time::SystemTime) -> Option<String> {
+    let at = gossamer_transport::pki::humane_utc(not_after);
+    match not_after.duration_since(std::time::SystemTime::now()) {
+        Err(_) => Some(format!("this node's certificate expired at {at}")),
+        Ok(left) if left < CERT_WARNING => Some(format!(
+            "this node's certificate expires in {}h (at {at}): issue a new one",
+            left.as_secs() / 3600
+        )),
+        Ok(_) => None,
+    }
+}
+
+/// How long before its certificate expires an agent starts warning.
+pub const CERT_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The member table, this node first.
 pub fn members(s: &Snapshot) -> Vec<MemberJson> {

@@ -88,6 +88,9 @@ pub enum CertCommand {
         /// certificate without one lets its node host no service.
         #[arg(long = "service", value_name = "SERVICE", conflicts_with = "operator")]
         services: Vec<String>,
+        /// How long a node certificate is valid (e.g. 30d, 12h).
+        #[arg(long, default_value = "30d", value_parser = gossamer_membership::duration::parse, conflicts_with = "operator")]
+        ttl: std::time::Duration,
         /// Where to write the certificate and key.
         #[arg(long)]
         out: PathBuf,

@@ -35,6 +35,7 @@ fn main() -> ExitCode {
             name,
             operator,
             services,
+            ttl,
             out,
             trust_domain,
         }) => report(cert_issue(
@@ -42,6 +43,7 @@ fn main() -> ExitCode {
             name.as_deref(),
             operator.as_deref(),
             &services,
+            ttl,
             &out,
             &trust_domain,
         )),
@@ -225,9 +227,13 @@ fn cert_issue(
     node: Option<&str>,
     operator: Option<&str>,
     services: &[String],
+    ttl: std::time::Duration,
     out: &std::path::Path,
     trust_domain: &str,
 ) -> anyhow::Result<()> {
+    if ttl.is_zero() {
+        anyhow::bail!("--ttl: must be more than 0");
+    }
     let name = node.or(operator).context("give --name or --operator")?;
     gossamer_membership::identity::validate_name(name)?;
     let hosts = if services.iter().any(|s| s == "*") {
@@ -246,7 +252,7 @@ fn cert_issue(
     let pair = if operator.is_some() {
         pki::issue_operator_cert(&ca, name, trust_domain)?
     } else {
-        pki::issue_node_cert_hosting(&ca, name, trust_domain, &hosts)?
+        pki::issue_node_cert_for(&ca, name, trust_domain, &hosts, ttl)?
     };
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let cert = out.join(format!("{name}.pem"));
@@ -262,7 +268,10 @@ fn cert_issue(
     pki::write_new(&cert, &pair.cert, false)?;
     println!("wrote {} and {}", cert.display(), key.display());
     if operator.is_none() {
-        println!("{name} may host {hosts}");
+        println!(
+            "{name} may host {hosts}; valid until {}",
+            pki::humane_utc(std::time::SystemTime::now() + ttl)
+        );
     }
     Ok(())
 }

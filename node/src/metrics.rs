@@ -384,6 +384,18 @@ impl AgentCollector {
                 "How long a suspect has to refute before it is declared down, at the current cluster size",
                 snapshot.suspicion_timeout_ms as f64 / 1e3,
             ),
+            (
+                "gossamer_cert_expiry_seconds",
+                "Seconds until this node's certificate expires (negative: expired)",
+                {
+                    let end = self.transport.cert_not_after();
+                    let now = std::time::SystemTime::now();
+                    match end.duration_since(now) {
+                        Ok(left) => left.as_secs_f64(),
+                        Err(past) => -past.duration().as_secs_f64(),
+                    }
+                },
+            ),
         ] {
             let g = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             ConstGauge::new(value).encode(g)?;

@@ -562,6 +562,11 @@ impl Transport {
         &self.0.identity.hosts
     }
 
+    /// When this node's own certificate expires.
+    pub fn cert_not_after(&self) -> std::time::SystemTime {
+        self.0.identity.not_after
+    }
+
     /// The services the certificate of `name` lets it host, as proved on
     /// the connection to it now open (`None`: no connection).
     pub fn peer_hosts(&self, name: &str) -> Option<Arc<pki::Hosts>> {
@@ -692,6 +697,7 @@ impl Transport {
                 .await
                 .map_err(|source| {
                     Stats::add(&self.0.stats.handshake_failures, 1);
+                    warn_if_expired(addr, &source);
                     TransportError::Handshake { addr, source }
                 })
         };
@@ -721,6 +727,7 @@ impl Transport {
                     }
                     Err(e) => {
                         Stats::add(&this.0.stats.handshake_failures, 1);
+                        warn_if_expired(remote, &e);
                         debug!(%remote, error = %e, "inbound handshake failed");
                     }
                 }
@@ -880,6 +887,15 @@ impl Transport {
         if queue.try_send(inbound).is_err() {
             Stats::add(&self.0.stats.inbound_dropped, 1);
         }
+    }
+}
+
+/// An expired certificate, ours as the peer saw it or the peer's, is
+/// worth a warning: it will not fix itself.
+fn warn_if_expired(addr: SocketAddr, error: &ConnectionError) {
+    let text = error.to_string();
+    if text.contains("xpired") {
+        tracing::warn!(peer = %addr, error = %text, "handshake refused: a certificate has expired (issue a new one with `gossamer cert issue`)");
     }
 }
 

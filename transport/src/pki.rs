@@ -69,6 +69,17 @@ pub enum PkiError {
     /// A file already exists where we would write.
     #[error("{0} already exists; refusing to overwrite it")]
     Exists(PathBuf),
+    /// The node certificate is past its end.
+    #[error("{cert} expired at {at}: issue a new one with `gossamer cert issue`")]
+    Expired {
+        /// The node certificate file.
+        cert: PathBuf,
+        /// When it expired.
+        at: String,
+    },
+    /// A lifetime too long to represent.
+    #[error("--ttl is too long")]
+    Ttl,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
@@ -114,6 +125,20 @@ pub fn issue_node_cert(ca: &PemPair, name: &str, trust_domain: &str) -> Result<P
     issue_node_cert_hosting(ca, name, trust_domain, &Hosts::Only(Vec::new()))
 }
 
+/// How long a node certificate is valid unless `cert issue --ttl` says
+/// otherwise.
+pub const DEFAULT_NODE_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// Sets a certificate's validity to start a minute ago (clocks differ a
+/// little) and last `ttl`.
+fn valid_for(params: &mut CertificateParams, ttl: std::time::Duration) -> Result<(), PkiError> {
+    let now = time::OffsetDateTime::now_utc();
+    let ttl = time::Duration::try_from(ttl).map_err(|_| PkiError::Ttl)?;
+    params.not_before = now - time::Duration::minutes(1);
+    params.not_after = now.checked_add(ttl).ok_or(PkiError::Ttl)?;
+    Ok(())
+}
+
 /// The services a node certificate lets its node host: each is a URI SAN
 /// `spiffe://<td>/svc/<name>`, and `spiffe://<td>/svc/*` allows any.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,12 +169,25 @@ impl std::fmt::Display for Hosts {
     }
 }
 
-/// Issues a certificate for node `name` that may host `hosts`.
+/// Issues a certificate for node `name` that may host `hosts`, valid for
+/// [`DEFAULT_NODE_TTL`].
 pub fn issue_node_cert_hosting(
     ca: &PemPair,
     name: &str,
     trust_domain: &str,
     hosts: &Hosts,
+) -> Result<PemPair, PkiError> {
+    issue_node_cert_for(ca, name, trust_domain, hosts, DEFAULT_NODE_TTL)
+}
+
+/// Issues a certificate for node `name` that may host `hosts`, valid for
+/// `ttl` from now.
+pub fn issue_node_cert_for(
+    ca: &PemPair,
+    name: &str,
+    trust_domain: &str,
+    hosts: &Hosts,
+    ttl: std::time::Duration,
 ) -> Result<PemPair, PkiError> {
     let ca_key = KeyPair::from_pem(&ca.key)?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key)?;
@@ -167,6 +205,7 @@ pub fn issue_node_cert_hosting(
             format!("spiffe://{trust_domain}/svc/{service}").try_into()?,
         ));
     }
+    valid_for(&mut params, ttl)?;
     params.distinguished_name.push(DnType::CommonName, name);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![
@@ -224,6 +263,34 @@ pub fn spiffe_id(trust_domain: &str, name: &str) -> String {
 /// Returns the trust domain and the name.
 pub fn node_identity(cert: &CertificateDer<'_>) -> Option<(String, String)> {
     spiffe_path(cert, "node/")
+}
+
+/// When a certificate stops being valid.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<std::time::SystemTime> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let secs = parsed.validity().not_after.timestamp();
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(secs).ok()?))
+}
+
+/// `2026-12-31 23:59:59 UTC`.
+pub fn humane_utc(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    time::OffsetDateTime::from_unix_timestamp(secs).map_or_else(
+        |_| format!("{secs} (Unix time)"),
+        |d| {
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+                d.year(),
+                u8::from(d.month()),
+                d.day(),
+                d.hour(),
+                d.minute(),
+                d.second()
+            )
+        },
+    )
 }
 
 /// The services a node certificate names (`spiffe://…/svc/<name>` URIs):
@@ -320,6 +387,8 @@ pub struct MeshIdentity {
     pub ca_cert: CertificateDer<'static>,
     /// The services this node's certificate lets it host.
     pub hosts: Hosts,
+    /// When this node's certificate expires.
+    pub not_after: std::time::SystemTime,
 }
 
 impl std::fmt::Debug for MeshIdentity {
@@ -384,6 +453,14 @@ impl MeshIdentity {
         .map_err(|e| bad(ca_path, e.to_string()))?;
         let server_name = ServerName::try_from(name.clone())
             .map_err(|_| bad(cert_path, format!("node name {name:?} is not a DNS name")))?;
+        if let Some(end) = not_after(leaf)
+            && end < std::time::SystemTime::now()
+        {
+            return Err(PkiError::Expired {
+                cert: cert_path.to_owned(),
+                at: humane_utc(end),
+            });
+        }
         verifier
             .verify_server_cert(leaf, &chain[1..], &server_name, &[], UnixTime::now())
             .map_err(|e| PkiError::NotSignedByCa {
@@ -401,10 +478,13 @@ impl MeshIdentity {
             });
         }
         let hosts = node_hosts(leaf);
+        let not_after = not_after(leaf)
+            .ok_or_else(|| bad(cert_path, "has no readable validity period".into()))?;
         let identity = Self {
             name,
             trust_domain,
             hosts,
+            not_after,
             chain,
             key: Arc::new(key),
             roots,
@@ -468,6 +548,26 @@ mod tests {
         let der = CertificateDer::from_pem_slice(any.cert.as_bytes()).unwrap();
         assert_eq!(node_hosts(&der), Hosts::Any);
         assert_eq!(node_identity(&der).unwrap().1, "n1");
+
+        // A certificate past its end is refused, and the error says when.
+        let short = issue_node_cert_for(
+            &ca,
+            "n1",
+            "test.mesh",
+            &Hosts::Any,
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap();
+        let short_p = write(dir.path(), "short.pem", &short.cert);
+        let short_key = write(dir.path(), "short.key", &short.key);
+        let id = MeshIdentity::load(&ca_p, &short_p, &short_key, None).unwrap();
+        assert!(id.not_after > std::time::SystemTime::now());
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        let err = MeshIdentity::load(&ca_p, &short_p, &short_key, None).unwrap_err();
+        assert!(
+            matches!(err, PkiError::Expired { .. }) && err.to_string().contains("expired at"),
+            "{err}"
+        );
 
         let junk = write(dir.path(), "junk.pem", "hello");
         assert!(MeshIdentity::load(&junk, &cert_p, &key_p, None).is_err());

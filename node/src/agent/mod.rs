@@ -137,6 +137,9 @@ pub async fn run(
     let identity = crate::identity::load(&config.tls, config.name.as_deref(), &config.data_dir)?;
     let name = identity.name.clone();
     let hosts = identity.hosts.clone();
+    if let Some(warning) = crate::admin::cert_warning(identity.not_after) {
+        tracing::warn!("{warning}");
+    }
     if let Some(spec) = config.services.iter().find(|s| !hosts.allows(&s.name)) {
         return Err(StartError::NotInCertificate {
             id: spec.id.clone(),
@@ -258,6 +261,7 @@ pub async fn run(
     tasks.spawn(mesh_task.run());
     tasks.spawn(mesh::links::tend(transport.clone(), config.peer_links));
     tasks.spawn(catalog_task.run());
+    tasks.spawn(warn_before_expiry(transport.clone(), tasks.clone()));
     let (metrics, proxy_metrics, listener_metrics) = Metrics::new(
         transport.clone(),
         counters,
@@ -494,4 +498,18 @@ fn advertise_for(bound: SocketAddr, seeds: &[String]) -> SocketAddr {
         }
     });
     SocketAddr::new(ip, bound.port())
+}
+
+/// Logs a warning every 6 hours once this node's certificate has less
+/// than a week left (the same warning `/ready` shows).
+async fn warn_before_expiry(transport: Transport, tasks: Tasks) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(6 * 3600)) => {}
+            () = tasks.stopped() => return,
+        }
+        if let Some(warning) = crate::admin::cert_warning(transport.cert_not_after()) {
+            tracing::warn!("{warning}");
+        }
+    }
 }

@@ -21,15 +21,15 @@ use super::dispatch::Overrides;
 use super::error::{ERROR_HEADER, grpc_error, is_grpc, local_response};
 use super::hop::{HOPS_HEADER, MAX_HOPS};
 use super::metrics::MirrorLabels;
-
-/// Set on a mirror's copy of a request: the service it was copied from.
-pub const MIRROR_HEADER: &str = "x-gossamer-mirrored-from";
 use super::policy::{MirrorSpec, choose_arm, draw};
 use super::routes::HashPolicy;
 use super::upgrade::is_upgrade;
 use crate::balance::rendezvous::hash_key;
 use crate::listener::{self, Limits, ListenerMetrics};
 use gossamer_membership::catalog::validate_service_name;
+
+/// Set on a mirror's copy of a request: the service it was copied from.
+pub const MIRROR_HEADER: &str = "x-gossamer-mirrored-from";
 
 /// Serves local applications until `tasks` drain.
 pub async fn serve(
