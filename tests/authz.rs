@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use support::{
-    Agent, AgentOptions, DemoService, Pki, config_apply, poll, wait_health, wait_states,
+    Agent, AgentOptions, DemoService, Pki, config_apply, wait_doc_version, wait_health, wait_states,
 };
 
 /// `METHOD path` for db through `proxy`: (status, x-gossamer-error).
@@ -60,23 +60,7 @@ fn apply(agents: &[&Agent], pki: &Pki, name: &str, toml: &str) -> Result<Duratio
     let version = serde_json::from_str::<Value>(&body)?["version"]
         .as_u64()
         .context("no version")?;
-    poll(
-        &format!("authz {name} v{version} everywhere"),
-        Duration::from_secs(10),
-        || {
-            let held: Vec<Option<u64>> = agents
-                .iter()
-                .map(|a| {
-                    let (_, b) = a.get(&path).ok()?;
-                    serde_json::from_str::<Value>(&b).ok()?["version"].as_u64()
-                })
-                .collect();
-            held.iter()
-                .all(|v| *v == Some(version))
-                .then_some(())
-                .ok_or(format!("{held:?}"))
-        },
-    )?;
+    wait_doc_version(agents, "authz", name, version)?;
     Ok(started.elapsed())
 }
 

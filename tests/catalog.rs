@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use support::{Agent, AgentOptions, Pki, Upstream, mesh, poll, wait_health, wait_states};
 
 #[test]
@@ -97,28 +97,8 @@ fn a_node_hosts_only_what_its_certificate_names() -> Result<()> {
         &config,
         "[[service]]\nid = \"db-1\"\nname = \"db\"\nport = 5432\n",
     )?;
-    let data = pki.data_dir("n2-db");
-    let out = support::gossamer(&[
-        "agent",
-        "--name",
-        "n2",
-        "--bind",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--proxy",
-        "127.0.0.1:0",
-        "--ca",
-        pki.ca().to_str().unwrap(),
-        "--cert",
-        cert.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-    ]);
+    let config = config.to_str().context("path")?;
+    let out = support::agent_once(&pki, "n2", &cert, &key, &["--config", config]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "started: {stderr}");
     assert!(

@@ -276,26 +276,13 @@ fn certificates_carry_a_lifetime() -> Result<()> {
     let out = issue("n2", "1s");
     assert!(out.status.success());
     std::thread::sleep(Duration::from_millis(2100));
-    let data = pki.data_dir("n2");
-    let out = gossamer(&[
-        "agent",
-        "--name",
+    let out = support::agent_once(
+        &pki,
         "n2",
-        "--bind",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--proxy",
-        "127.0.0.1:0",
-        "--ca",
-        pki.ca().to_str().unwrap(),
-        "--cert",
-        out_dir.join("n2.pem").to_str().unwrap(),
-        "--key",
-        out_dir.join("n2.key").to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
+        &out_dir.join("n2.pem"),
+        &out_dir.join("n2.key"),
+        &[],
+    );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("n2.pem expired at"), "{stderr}");

@@ -820,3 +820,61 @@ impl Drop for GrpcServer {
         let _ = self.child.wait();
     }
 }
+
+/// Runs `gossamer agent` in the foreground as `name` with these identity
+/// files and a fresh data dir, on port 0 everywhere, plus `extra`
+/// arguments: for an agent expected to refuse to start. Returns its output.
+pub fn agent_once(pki: &Pki, name: &str, cert: &Path, key: &Path, extra: &[&str]) -> Output {
+    let data = pki.data_dir(&format!("{name}-once"));
+    let ca = pki.ca();
+    let mut args = vec![
+        "agent",
+        "--name",
+        name,
+        "--bind",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--proxy",
+        "127.0.0.1:0",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    gossamer(&args)
+}
+
+/// Polls until every agent holds `version` of document `kind name`;
+/// returns how long that took.
+pub fn wait_doc_version(
+    agents: &[&Agent],
+    kind: &str,
+    name: &str,
+    version: u64,
+) -> Result<Duration> {
+    let path = format!("/v1/config/{kind}/{name}");
+    let (_, took) = poll(
+        &format!("{kind} {name} version {version} everywhere"),
+        Duration::from_secs(10),
+        || {
+            let held: Vec<Option<u64>> = agents
+                .iter()
+                .map(|a| {
+                    let (_, b) = a.get(&path).ok()?;
+                    serde_json::from_str::<Value>(&b).ok()?["version"].as_u64()
+                })
+                .collect();
+            held.iter()
+                .all(|v| *v == Some(version))
+                .then_some(())
+                .ok_or(format!("{held:?}"))
+        },
+    )?;
+    Ok(took)
+}

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use support::{
-    Agent, AgentOptions, DemoService, Pki, config_apply, http, mesh, poll, wait_health, wait_states,
+    Agent, AgentOptions, DemoService, Pki, config_apply, http, mesh, poll, wait_doc_version,
+    wait_health, wait_states,
 };
 
 /// One request through a proxy: (status, x-served-by, headers and body).
@@ -64,25 +65,8 @@ fn apply(
 }
 
 fn wait_version(agents: &[Agent], version: u64) -> Result<Duration> {
-    let (_, took) = poll(
-        &format!("route web version {version} everywhere"),
-        Duration::from_secs(10),
-        || {
-            let seen: Vec<Option<u64>> = agents
-                .iter()
-                .map(|a| {
-                    let (_, b) = a.get("/v1/config/route/web").ok()?;
-                    serde_json::from_str::<Value>(&b).ok()?["version"].as_u64()
-                })
-                .collect();
-            if seen.iter().all(|v| *v == Some(version)) {
-                Ok(())
-            } else {
-                Err(format!("{seen:?}"))
-            }
-        },
-    )?;
-    Ok(took)
+    let refs: Vec<&Agent> = agents.iter().collect();
+    wait_doc_version(&refs, "route", "web", version)
 }
 
 /// The arm (`v1`/`v2`) each of `keys` takes through `agent`'s proxy.
