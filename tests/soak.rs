@@ -2490,6 +2490,7 @@ fn soak_under_chaos() -> Result<()> {
             })).collect::<Vec<_>>(),
             "pass": inv.iter().all(|i| i.pass),
         });
+        std::fs::write(dir.join("report.txt"), &out)?;
         std::fs::write(
             dir.join("report.json"),
             serde_json::to_string_pretty(&report)? + "\n",

@@ -63,8 +63,11 @@ pub struct MemberJson {
     pub name: String,
     /// QUIC address.
     pub addr: String,
-    /// alive | suspect | down | left.
+    /// alive | suspect | down | left | revoked.
     pub state: &'static str,
+    /// Why, when the state needs explaining (revoked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// SWIM incarnation.
     pub incarnation: u16,
     /// Generation (renewed on restart or rejoin).
@@ -176,7 +179,7 @@ async fn route(
         (&Method::GET, ["v1", "members"]) => {
             json(StatusCode::OK, &members(&state.snapshot.borrow()))
         }
-        (&Method::GET, ["v1", "agent"]) => agent(&state.snapshot.borrow()),
+        (&Method::GET, ["v1", "agent"]) => agent(&state.snapshot.borrow(), &state.transport),
         (&Method::POST, ["v1", "leave"]) => {
             state.leave.notify_one();
             json(StatusCode::OK, &serde_json::json!({"leaving": true}))
@@ -435,7 +438,7 @@ fn authz_check(state: &AdminState, query: &str) -> Response<Body> {
             "the query",
         ),
         None if from == state.transport.name() => {
-            (state.transport.hosts().clone(), "this node's certificate")
+            (state.transport.hosts(), "this node's certificate")
         }
         None => match state.transport.peer_hosts(&from) {
             Some(h) => ((*h).clone(), "its certificate, on the open connection"),
@@ -701,6 +704,7 @@ pub fn members(s: &Snapshot) -> Vec<MemberJson> {
         name: s.local.name.clone(),
         addr: s.local.addr.to_string(),
         state: if s.left { "left" } else { "alive" },
+        reason: None,
         incarnation: s.local_incarnation,
         generation: s.local.generation,
         is_self: true,
@@ -709,7 +713,17 @@ pub fn members(s: &Snapshot) -> Vec<MemberJson> {
         .chain(s.members.iter().map(|m| MemberJson {
             name: m.id.name.clone(),
             addr: m.id.addr.to_string(),
-            state: m.state.as_str(),
+            state: if s.revoked.contains_key(&m.id.name) {
+                "revoked"
+            } else {
+                m.state.as_str()
+            },
+            reason: s.revoked.get(&m.id.name).map(|serial| {
+                format!(
+                    "certificate serial {serial} is revoked (SWIM says {})",
+                    m.state.as_str()
+                )
+            }),
             incarnation: m.incarnation,
             generation: m.id.generation,
             is_self: false,
@@ -717,7 +731,9 @@ pub fn members(s: &Snapshot) -> Vec<MemberJson> {
         .collect()
 }
 
-fn agent(s: &Snapshot) -> Response<Body> {
+fn agent(s: &Snapshot, transport: &Transport) -> Response<Body> {
+    let identity = transport.identity();
+    let cert = crate::certs::Summary::of(&identity);
     json(
         StatusCode::OK,
         &serde_json::json!({
@@ -725,6 +741,11 @@ fn agent(s: &Snapshot) -> Response<Body> {
             "addr": s.local.addr.to_string(),
             "generation": s.local.generation,
             "version": env!("CARGO_PKG_VERSION"),
+            "certificate": {
+                "serial": cert.serial,
+                "valid_until": cert.valid_until,
+                "hosts": identity.hosts.to_string(),
+            },
         }),
     )
 }

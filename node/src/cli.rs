@@ -98,6 +98,28 @@ pub enum CertCommand {
         #[arg(long, default_value = gossamer_transport::pki::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
     },
+    /// Revoke certificates: writes the CA's whole revocation list (an X.509
+    /// CRL) to CA_DIR/crl.pem; `gossamer config apply` spreads it, and
+    /// every agent then refuses the certificates and cuts their
+    /// connections.
+    Revoke {
+        /// Directory holding ca.pem and ca.key (and issued.log).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Revoke every unexpired node certificate issued to this node
+        /// (repeatable; read from CA_DIR/issued.log).
+        #[arg(long = "name", value_name = "NODE")]
+        names: Vec<String>,
+        /// Revoke the certificate with this serial number (hex; repeatable).
+        #[arg(long = "serial", value_name = "HEX")]
+        serials: Vec<String>,
+        /// Revoke the certificate in this PEM file (repeatable).
+        #[arg(long = "cert", value_name = "FILE")]
+        certs: Vec<PathBuf>,
+        /// Where to write the CRL (default CA_DIR/crl.pem).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 /// `gossamer config ...`

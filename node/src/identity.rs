@@ -8,6 +8,9 @@ use rustls_pki_types::pem::PemObject;
 
 use crate::config::TlsSource;
 
+/// Sub-directory of the data dir holding `--dev` mode's CA and certificate.
+pub const DEV_PKI: &str = "dev-pki";
+
 /// Loads (or in dev mode creates) the node identity.
 pub fn load(
     source: &TlsSource,
@@ -18,7 +21,7 @@ pub fn load(
         TlsSource::Files { ca, cert, key } => MeshIdentity::load(ca, cert, key, name),
         TlsSource::Dev => {
             let name = name.map(str::to_owned).unwrap_or_else(host_name);
-            let dir = data_dir.join("dev-pki");
+            let dir = data_dir.join(DEV_PKI);
             let ca = ensure_ca(&dir, pki::DEFAULT_TRUST_DOMAIN)?;
             let cert = dir.join(format!("{name}.pem"));
             let key = dir.join(format!("{name}.key"));

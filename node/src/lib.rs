@@ -27,7 +27,9 @@
 pub mod admin;
 pub mod agent;
 pub mod balance;
+pub mod ca;
 pub mod catalog;
+pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod config;

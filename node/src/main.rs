@@ -8,8 +8,7 @@ use gossamer_node::cli::{
     AgentArgs, CaCommand, CertCommand, Cli, Command, ListArgs, MembersArgs, ServiceArgs,
 };
 use gossamer_node::config::{AdminToken, AgentConfig};
-use gossamer_node::{agent, client, identity, logging};
-use gossamer_transport::pki;
+use gossamer_node::{agent, ca, client, identity, logging};
 use http::Method;
 
 /// Exit code for bad usage or configuration (sysexits EX_USAGE).
@@ -29,7 +28,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Agent(args) => run_agent(&args),
-        Command::Ca(CaCommand::Init { dir, trust_domain }) => report(ca_init(&dir, &trust_domain)),
+        Command::Ca(CaCommand::Init { dir, trust_domain }) => report(ca::init(&dir, &trust_domain)),
         Command::Cert(CertCommand::Issue {
             ca_dir,
             name,
@@ -38,7 +37,7 @@ fn main() -> ExitCode {
             ttl,
             out,
             trust_domain,
-        }) => report(cert_issue(
+        }) => report(ca::issue(
             &ca_dir,
             name.as_deref(),
             operator.as_deref(),
@@ -46,6 +45,19 @@ fn main() -> ExitCode {
             ttl,
             &out,
             &trust_domain,
+        )),
+        Command::Cert(CertCommand::Revoke {
+            ca_dir,
+            names,
+            serials,
+            certs,
+            out,
+        }) => report(ca::revoke(
+            &ca_dir,
+            &names,
+            &serials,
+            &certs,
+            out.as_deref(),
         )),
         Command::Config(command) => report(
             runtime().and_then(|rt| rt.block_on(gossamer_node::documents::cli::run(command))),
@@ -205,75 +217,6 @@ async fn shutdown_signal() {
         eprintln!("gossamer: second signal, exiting now");
         std::process::exit(130);
     });
-}
-
-fn ca_init(dir: &std::path::Path, trust_domain: &str) -> anyhow::Result<()> {
-    if dir.join("ca.pem").exists() || dir.join("ca.key").exists() {
-        anyhow::bail!(
-            "{} already holds a CA (ca.pem/ca.key); refusing to overwrite it",
-            dir.display()
-        );
-    }
-    identity::ensure_ca(dir, trust_domain)?;
-    println!(
-        "wrote {0}/ca.pem and {0}/ca.key (trust domain {trust_domain}); keep ca.key secret",
-        dir.display()
-    );
-    Ok(())
-}
-
-fn cert_issue(
-    ca_dir: &std::path::Path,
-    node: Option<&str>,
-    operator: Option<&str>,
-    services: &[String],
-    ttl: std::time::Duration,
-    out: &std::path::Path,
-    trust_domain: &str,
-) -> anyhow::Result<()> {
-    if ttl.is_zero() {
-        anyhow::bail!("--ttl: must be more than 0");
-    }
-    let name = node.or(operator).context("give --name or --operator")?;
-    gossamer_membership::identity::validate_name(name)?;
-    let hosts = if services.iter().any(|s| s == "*") {
-        pki::Hosts::Any
-    } else {
-        for s in services {
-            gossamer_membership::catalog::validate_service_name(s)
-                .with_context(|| format!("--service {s:?}"))?;
-        }
-        let mut list = services.to_vec();
-        list.sort();
-        list.dedup();
-        pki::Hosts::Only(list)
-    };
-    let ca = pki::read_pair(&ca_dir.join("ca.pem"), &ca_dir.join("ca.key"))?;
-    let pair = if operator.is_some() {
-        pki::issue_operator_cert(&ca, name, trust_domain)?
-    } else {
-        pki::issue_node_cert_for(&ca, name, trust_domain, &hosts, ttl)?
-    };
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let cert = out.join(format!("{name}.pem"));
-    let key = out.join(format!("{name}.key"));
-    if cert.exists() || key.exists() {
-        anyhow::bail!(
-            "{} or {} already exists; refusing to overwrite",
-            cert.display(),
-            key.display()
-        );
-    }
-    pki::write_new(&key, &pair.key, true)?;
-    pki::write_new(&cert, &pair.cert, false)?;
-    println!("wrote {} and {}", cert.display(), key.display());
-    if operator.is_none() {
-        println!(
-            "{name} may host {hosts}; valid until {}",
-            pki::humane_utc(std::time::SystemTime::now() + ttl)
-        );
-    }
-    Ok(())
 }
 
 async fn members(args: MembersArgs) -> anyhow::Result<()> {

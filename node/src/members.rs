@@ -3,6 +3,7 @@
 //! [`Command`]s; everyone else (catalog view, proxy, admin API, metrics)
 //! depends on these types only.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use gossamer_membership::lifeguard::HealthStats;
@@ -57,6 +58,9 @@ pub struct Snapshot {
     pub docs_synced: bool,
     /// Documents announced but not yet fetched.
     pub docs_wanted: usize,
+    /// Peers refused because their certificate is revoked: name → serial
+    /// (hex). They take no traffic whatever SWIM says.
+    pub revoked: Arc<BTreeMap<String, String>>,
 }
 
 impl Snapshot {
@@ -77,6 +81,7 @@ impl Snapshot {
             suspicion_timeout_ms: 0,
             docs_synced: false,
             docs_wanted: 0,
+            revoked: Arc::default(),
         }
     }
 
@@ -91,10 +96,13 @@ impl Snapshot {
     }
 
     /// Whether `node` can take traffic: this node unless it left, others
-    /// while alive or suspect.
+    /// while alive or suspect and not revoked.
     pub fn is_available(&self, node: &str) -> bool {
         if node == self.local.name {
             return !self.left;
+        }
+        if self.revoked.contains_key(node) {
+            return false;
         }
         self.members
             .iter()

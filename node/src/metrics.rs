@@ -20,6 +20,8 @@ use crate::members::Snapshot;
 /// Counters owned by the agent (the transport keeps its own).
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// New certificate files that did not load (kept the old ones).
+    pub cert_reload_failures: AtomicU64,
     decode_errors: AtomicU64,
     identity_mismatches: AtomicU64,
     member_syncs_ok: AtomicU64,
@@ -231,6 +233,44 @@ impl Collector for AgentCollector {
             "Keep-alives sent on connections carrying a quiet stream",
             &[(&[], get(&s.keep_alives))],
         )?;
+        counter(
+            &mut encoder,
+            "gossamer_cert_reloads",
+            "Certificate rotations: new files put in use, or refused (the old certificate stays)",
+            &[
+                (&[("outcome", "ok")], get(&s.cert_reloads)),
+                (
+                    &[("outcome", "failed")],
+                    self.counters.cert_reload_failures.load(Ordering::Relaxed),
+                ),
+            ],
+        )?;
+        counter(
+            &mut encoder,
+            "gossamer_revocation_cutoffs",
+            "Connections closed because the peer's certificate was revoked",
+            &[(&[], get(&s.revocation_cutoffs))],
+        )?;
+        let revocations = self.transport.revocations();
+        for (name, help, value) in [
+            (
+                "gossamer_revoked_certificates",
+                "Serial numbers on the mesh CA's revocation list in force",
+                revocations.len(),
+            ),
+            (
+                "gossamer_revoked_peers",
+                "Peers refused because the certificate they presented is revoked",
+                revocations.peers().len(),
+            ),
+        ] {
+            ConstGauge::new(value as i64).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Gauge,
+            )?)?;
+        }
         ConstGauge::new(self.transport.connections() as i64).encode(encoder.encode_descriptor(
             "gossamer_transport_connections",
             "Open QUIC connections to peers",

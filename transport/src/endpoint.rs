@@ -11,6 +11,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tracing::{debug, trace};
 
 use crate::pki::{self, MeshIdentity};
+use crate::revocation::{self, Revocations};
 use crate::stats::Stats;
 use crate::stream::{self, Activity, Lease, RecvStream, SendStream};
 use crate::tls;
@@ -20,6 +21,8 @@ use crate::tls;
 const MAX_UDP_PAYLOAD: u16 = 1500;
 /// Close code for a connection the cache let go (idle, or over its cap).
 const CLOSED_IDLE: u32 = 5;
+/// Close code for a connection whose peer's certificate was revoked.
+const CLOSED_REVOKED: u32 = 6;
 
 /// Tunables of the transport.
 #[derive(Debug, Clone)]
@@ -176,6 +179,8 @@ struct Live {
     cached: Cached,
     peer: String,
     established: Instant,
+    /// The serial number of the peer's certificate.
+    serial: Vec<u8>,
 }
 
 /// One open connection, as the cache policy sees it.
@@ -195,7 +200,15 @@ pub struct LinkInfo {
 
 struct Inner {
     endpoint: Endpoint,
-    identity: MeshIdentity,
+    /// This node's name (fixed: a new certificate must carry it too).
+    name: String,
+    trust_domain: String,
+    /// The certificate in use; replaced by [`Transport::reload_identity`].
+    identity: RwLock<Arc<MeshIdentity>>,
+    /// What new dials use (follows the identity).
+    client: RwLock<quinn::ClientConfig>,
+    quic: Arc<quinn::TransportConfig>,
+    revoked: Arc<Revocations>,
     config: TransportConfig,
     epoch: Instant,
     peers: Mutex<HashMap<String, Slot>>,
@@ -215,7 +228,7 @@ pub struct Transport(Arc<Inner>);
 impl std::fmt::Debug for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Transport")
-            .field("name", &self.0.identity.name)
+            .field("name", &self.0.name)
             .field("local_addr", &self.0.endpoint.local_addr().ok())
             .finish_non_exhaustive()
     }
@@ -231,7 +244,6 @@ impl Transport {
         config: TransportConfig,
         socket: std::net::UdpSocket,
     ) -> Result<(Self, Receivers), TransportError> {
-        let tls_err = |e: rustls::Error| TransportError::Tls(e.to_string());
         let mut transport = quinn::TransportConfig::default();
         transport
             .max_idle_timeout(Some(
@@ -246,22 +258,11 @@ impl Transport {
             .keep_alive_interval(None)
             .datagram_receive_buffer_size(Some(1 << 20))
             .datagram_send_buffer_size(1 << 20);
-        let transport = Arc::new(transport);
+        let quic = Arc::new(transport);
 
         let stats = Stats::default();
-        let server_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(
-            tls::server_config(&identity, stats.resumed.clone()).map_err(tls_err)?,
-        )
-        .map_err(|e| TransportError::Tls(e.to_string()))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-        server.transport_config(transport.clone());
-
-        let client_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(
-            tls::client_config(&identity, config.resumable_sessions).map_err(tls_err)?,
-        )
-        .map_err(|e| TransportError::Tls(e.to_string()))?;
-        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
-        client.transport_config(transport);
+        let revoked = Arc::new(Revocations::default());
+        let (server, client) = quic_configs(&identity, &quic, &stats, &config, &revoked)?;
 
         let runtime = quinn::default_runtime()
             .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
@@ -272,14 +273,18 @@ impl Transport {
         endpoint_config
             .max_udp_payload_size(MAX_UDP_PAYLOAD)
             .map_err(|e| TransportError::Tls(e.to_string()))?;
-        let mut endpoint = Endpoint::new(endpoint_config, Some(server), socket, runtime)?;
-        endpoint.set_default_client_config(client);
+        let endpoint = Endpoint::new(endpoint_config, Some(server), socket, runtime)?;
 
         let (tx, rx) = mpsc::channel(config.inbound_queue);
         let (streams_tx, streams_rx) = mpsc::channel(config.inbound_queue);
         let inner = Arc::new(Inner {
             endpoint,
-            identity,
+            name: identity.name.clone(),
+            trust_domain: identity.trust_domain.clone(),
+            identity: RwLock::new(Arc::new(identity)),
+            client: RwLock::new(client),
+            quic,
+            revoked,
             dials: Semaphore::new(config.dials_at_once.max(1)),
             config,
             epoch: Instant::now(),
@@ -308,7 +313,7 @@ impl Transport {
 
     /// This node's name.
     pub fn name(&self) -> &str {
-        &self.0.identity.name
+        &self.0.name
     }
 
     /// Counters.
@@ -557,14 +562,91 @@ impl Transport {
         Ok(stream::leased(halves, lease))
     }
 
+    /// The certificate in use.
+    pub fn identity(&self) -> Arc<MeshIdentity> {
+        self.0
+            .identity
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The services this node's own certificate lets it host.
-    pub fn hosts(&self) -> &pki::Hosts {
-        &self.0.identity.hosts
+    pub fn hosts(&self) -> pki::Hosts {
+        self.identity().hosts.clone()
     }
 
     /// When this node's own certificate expires.
     pub fn cert_not_after(&self) -> std::time::SystemTime {
-        self.0.identity.not_after
+        self.identity().not_after
+    }
+
+    /// Switches to a new certificate and key (rotation). New handshakes,
+    /// both ways, present it; connections already open stay up with the
+    /// certificate they were made with. The new certificate must name
+    /// this node in the same trust domain.
+    pub fn reload_identity(&self, identity: MeshIdentity) -> Result<(), TransportError> {
+        if identity.name != self.0.name || identity.trust_domain != self.0.trust_domain {
+            return Err(TransportError::Tls(format!(
+                "the new certificate is for {} in {}, not {} in {}",
+                identity.name, identity.trust_domain, self.0.name, self.0.trust_domain
+            )));
+        }
+        let (server, client) = quic_configs(
+            &identity,
+            &self.0.quic,
+            &self.0.stats,
+            &self.0.config,
+            &self.0.revoked,
+        )?;
+        self.0.endpoint.set_server_config(Some(server));
+        *self.0.client.write().unwrap_or_else(|e| e.into_inner()) = client;
+        *self.0.identity.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(identity);
+        Stats::add(&self.0.stats.cert_reloads, 1);
+        Ok(())
+    }
+
+    /// The revoked certificates in force, and the peers refused for one.
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.0.revoked
+    }
+
+    /// Puts a new set of revoked serial numbers in force: handshakes with
+    /// them are refused from now on, and connections already open with one
+    /// are closed at once. Returns the peers cut off.
+    pub fn set_revoked(&self, serials: HashSet<Vec<u8>>) -> Vec<String> {
+        if !self.0.revoked.set(serials) {
+            return Vec::new();
+        }
+        let cut: Vec<(String, Vec<u8>, Connection)> = self
+            .live()
+            .values()
+            .filter(|l| self.0.revoked.contains(&l.serial))
+            .map(|l| (l.peer.clone(), l.serial.clone(), l.cached.conn.clone()))
+            .collect();
+        let mut names = Vec::new();
+        for (peer, serial, conn) in cut {
+            self.0.revoked.note(&peer, &serial);
+            self.forget(&peer, &conn);
+            conn.close(CLOSED_REVOKED.into(), b"certificate revoked");
+            Stats::add(&self.0.stats.revocation_cutoffs, 1);
+            if !names.contains(&peer) {
+                names.push(peer);
+            }
+        }
+        names
+    }
+
+    /// The serial number (hex) of the certificate `name` presented on the
+    /// connection to it now open.
+    pub fn peer_serial(&self, name: &str) -> Option<String> {
+        let id = match self.peers().get(name) {
+            Some(Slot::Ready(c)) if c.conn.close_reason().is_none() => c.conn.stable_id(),
+            _ => return None,
+        };
+        self.live()
+            .get(&id)
+            .map(|l| revocation::serial_hex(&l.serial))
     }
 
     /// The services the certificate of `name` lets it host, as proved on
@@ -690,9 +772,15 @@ impl Transport {
         // that cannot start in time fails like one that cannot finish.
         let handshake = async {
             let _turn = self.0.dials.acquire().await;
+            let client = self
+                .0
+                .client
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             self.0
                 .endpoint
-                .connect(addr, server_name)
+                .connect_with(client, addr, server_name)
                 .map_err(|source| TransportError::Connect { addr, source })?
                 .await
                 .map_err(|source| {
@@ -756,7 +844,7 @@ impl Transport {
             cert.as_ref()
                 .map_or(pki::Hosts::Only(Vec::new()), pki::node_hosts),
         );
-        if domain != self.0.identity.trust_domain {
+        if domain != self.0.trust_domain {
             return refuse(format!("trust domain {domain:?} is not ours"));
         }
         if let Some(expected) = expected
@@ -766,7 +854,26 @@ impl Transport {
                 "dialed {expected:?} but the certificate names {name:?}"
             ));
         }
-        if name == self.0.identity.name {
+        let serial = cert
+            .as_ref()
+            .and_then(revocation::serial_of)
+            .unwrap_or_default();
+        if self.0.revoked.contains(&serial) {
+            // A resumed session skips the verifiers: this is where a
+            // revoked certificate from a session ticket is caught.
+            self.0.revoked.note(&name, &serial);
+            Stats::add(&self.0.stats.identity_rejections, 1);
+            conn.close(CLOSED_REVOKED.into(), b"certificate revoked");
+            return Err(TransportError::Identity {
+                addr,
+                reason: format!(
+                    "{name}'s certificate (serial {}) is revoked",
+                    revocation::serial_hex(&serial)
+                ),
+            });
+        }
+        self.0.revoked.clear(&name);
+        if name == self.0.name {
             conn.close(0u32.into(), b"self");
             return Err(TransportError::SelfConnection(addr));
         }
@@ -786,6 +893,7 @@ impl Transport {
                 cached: cached.clone(),
                 peer: name.clone(),
                 established: Instant::now(),
+                serial,
             },
         );
         let previous = self
@@ -890,13 +998,62 @@ impl Transport {
     }
 }
 
-/// An expired certificate, ours as the peer saw it or the peer's, is
-/// worth a warning: it will not fix itself.
+/// The QUIC server and client configurations for `identity`.
+fn quic_configs(
+    identity: &MeshIdentity,
+    quic: &Arc<quinn::TransportConfig>,
+    stats: &Stats,
+    config: &TransportConfig,
+    revoked: &Arc<Revocations>,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransportError> {
+    let tls_err = |e: rustls::Error| TransportError::Tls(e.to_string());
+    let server_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(
+        tls::server_config(identity, stats.resumed.clone(), revoked.clone()).map_err(tls_err)?,
+    )
+    .map_err(|e| TransportError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+    server.transport_config(quic.clone());
+
+    let client_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(
+        tls::client_config(identity, config.resumable_sessions, revoked.clone())
+            .map_err(tls_err)?,
+    )
+    .map_err(|e| TransportError::Tls(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+    client.transport_config(quic.clone());
+    Ok((server, client))
+}
+
+/// An expired or revoked certificate, ours as the peer saw it or the
+/// peer's, is worth a warning: it will not fix itself. At most one every
+/// 10 s, as a node cut off retries often.
 fn warn_if_expired(addr: SocketAddr, error: &ConnectionError) {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let text = error.to_string();
-    if text.contains("xpired") {
-        tracing::warn!(peer = %addr, error = %text, "handshake refused: a certificate has expired (issue a new one with `gossamer cert issue`)");
+    let what = if text.contains("xpired") {
+        "a certificate has expired (issue a new one with `gossamer cert issue`)"
+    } else if text.contains("evoked") {
+        "a certificate is revoked (the mesh CA's revocation list names it)"
+    } else {
+        return;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+    if now < last + 10
+        || LAST
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_err()
+    {
+        return;
     }
+    tracing::warn!(peer = %addr, error = %text, "handshake refused: {what}");
 }
 
 fn peer_cert(conn: &Connection) -> Option<rustls_pki_types::CertificateDer<'static>> {

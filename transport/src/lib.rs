@@ -10,6 +10,7 @@
 //!
 //! # Layout
 //! - [`pki`]: the mesh CA, node certificates, and loading a [`MeshIdentity`].
+//! - [`revocation`]: CRLs from the mesh CA and the revoked serials in force.
 //! - [`sign`]: signatures by operator certificates (configuration documents).
 //! - [`tls`]: rustls client and server configuration.
 //! - [`endpoint`]: the [`Transport`] and its connection cache.
@@ -20,6 +21,7 @@
 pub mod endpoint;
 pub mod frame;
 pub mod pki;
+pub mod revocation;
 pub mod sign;
 pub mod stats;
 pub mod stream;

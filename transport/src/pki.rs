@@ -492,7 +492,7 @@ impl MeshIdentity {
         };
         // Catch a key that does not belong to the certificate now, not at
         // the first handshake.
-        crate::tls::server_config(&identity, Default::default())
+        crate::tls::server_config(&identity, Default::default(), Default::default())
             .map_err(|e| bad(key_path, e.to_string()))?;
         Ok(identity)
     }

@@ -31,6 +31,10 @@ pub struct Stats {
     /// Connections refused after the handshake: another trust domain, or a
     /// certificate for another node than the one dialed.
     pub identity_rejections: AtomicU64,
+    /// Certificates put in use by [`crate::Transport::reload_identity`].
+    pub cert_reloads: AtomicU64,
+    /// Connections closed because the peer's certificate was revoked.
+    pub revocation_cutoffs: AtomicU64,
     /// Inbound datagrams dropped because the agent was not keeping up.
     pub inbound_dropped: AtomicU64,
     /// Datagrams or streams dropped by fault injection.

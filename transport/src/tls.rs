@@ -7,11 +7,13 @@ use rustls::client::Resumption;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ProducesTickets, WebPkiClientVerifier};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::pki::MeshIdentity;
+use crate::revocation::Revocations;
 
 /// ALPN protocol of node-to-node connections.
 pub const ALPN: &[u8] = b"gossamer/1";
@@ -32,17 +34,20 @@ fn provider() -> Arc<CryptoProvider> {
 /// certificate signatures and checks, the expensive half of a handshake,
 /// and the server keeps nothing per client. The client's certificate
 /// travels inside the ticket, so a resumed connection names its peer like
-/// a full one. `resumed` counts the tickets accepted.
+/// a full one. `resumed` counts the tickets accepted. A client whose
+/// certificate is in `revoked` is refused (a resumed session skips this
+/// check; the transport repeats it on every new connection).
 pub fn server_config(
     id: &MeshIdentity,
     resumed: Arc<AtomicU64>,
+    revoked: Arc<Revocations>,
 ) -> Result<rustls::ServerConfig, rustls::Error> {
-    let client_verifier = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider())
+    let inner = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider())
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(client_verifier)
+        .with_client_cert_verifier(Arc::new(MeshClientVerifier { inner, revoked }))
         .with_single_cert(id.chain.clone(), id.key.clone_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     config.ticketer = Arc::new(CountingTicketer {
@@ -53,10 +58,12 @@ pub fn server_config(
 }
 
 /// The client side: presents our certificate and checks the server's, and
-/// keeps up to `sessions` peers' session tickets for resumption.
+/// keeps up to `sessions` peers' session tickets for resumption. A server
+/// whose certificate is in `revoked` is refused.
 pub fn client_config(
     id: &MeshIdentity,
     sessions: usize,
+    revoked: Arc<Revocations>,
 ) -> Result<rustls::ClientConfig, rustls::Error> {
     let inner = WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider())
         .build()
@@ -67,6 +74,7 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(MeshServerVerifier {
             inner,
             roots: id.roots.clone(),
+            revoked,
         }))
         .with_client_auth_cert(id.chain.clone(), id.key.clone_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
@@ -109,6 +117,14 @@ impl ProducesTickets for CountingTicketer {
 struct MeshServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
     roots: Arc<rustls::RootCertStore>,
+    revoked: Arc<Revocations>,
+}
+
+fn refuse_revoked(revoked: &Revocations, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+    match revoked.check(cert) {
+        Some(_) => Err(rustls::Error::InvalidCertificate(CertificateError::Revoked)),
+        None => Ok(()),
+    }
 }
 
 impl ServerCertVerifier for MeshServerVerifier {
@@ -120,6 +136,7 @@ impl ServerCertVerifier for MeshServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        refuse_revoked(&self.revoked, end_entity)?;
         let is_seed =
             matches!(server_name, ServerName::DnsName(d) if d.as_ref() == SEED_SERVER_NAME);
         if !is_seed {
@@ -140,6 +157,52 @@ impl ServerCertVerifier for MeshServerVerifier {
             provider().signature_verification_algorithms.all,
         )?;
         Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// rustls's client verifier, refusing revoked certificates first.
+#[derive(Debug)]
+struct MeshClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revoked: Arc<Revocations>,
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        refuse_revoked(&self.revoked, end_entity)?;
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)
     }
 
     fn verify_tls12_signature(

@@ -5,6 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use gossamer_transport::frame::{read_frame, write_frame};
 use gossamer_transport::pki::{self, PemPair};
+use gossamer_transport::revocation;
 use gossamer_transport::{Inbound, MeshIdentity, Stats, Transport, TransportConfig};
 use tokio::sync::mpsc::Receiver;
 
@@ -302,4 +303,119 @@ async fn only_connections_with_a_quiet_stream_get_keep_alives() {
         a.connections() == 0 && b.connections() == 0
     })
     .await;
+}
+
+fn serial_hex_of(cert: &rustls_pki_types::CertificateDer<'_>) -> String {
+    revocation::serial_hex(&revocation::serial_of(cert).unwrap())
+}
+
+#[tokio::test]
+async fn a_new_certificate_serves_new_handshakes_and_old_connections_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki::generate_ca("test.mesh").unwrap();
+    let (a, _a_rx, mut a_streams) = start(identity(dir.path(), &ca, "a"));
+    let (b, _b_rx, _b_streams) = start(identity(dir.path(), &ca, "b"));
+    let (c, _c_rx, _c_streams) = start(identity(dir.path(), &ca, "c"));
+    let a_addr = a.local_addr().unwrap();
+    let old_serial = serial_hex_of(&a.identity().chain[0]);
+
+    // b opens a stream to a, made with a's first certificate.
+    let (mut tx, mut rx) = b.open_bi("a", a_addr).await.unwrap();
+    write_frame(&mut tx, b"before").await.unwrap();
+    let Some(Inbound::Stream {
+        send: mut a_send,
+        recv: mut a_recv,
+        ..
+    }) = a_streams.recv().await
+    else {
+        panic!("no stream");
+    };
+    assert_eq!(
+        &read_frame(&mut a_recv, 64).await.unwrap().unwrap()[..],
+        b"before"
+    );
+    assert_eq!(b.peer_serial("a").unwrap(), old_serial);
+
+    // a switches to a new certificate.
+    let next = pki::issue_node_cert(&ca, "a", "test.mesh").unwrap();
+    std::fs::write(dir.path().join("a.pem"), &next.cert).unwrap();
+    std::fs::write(dir.path().join("a.key"), &next.key).unwrap();
+    let id = MeshIdentity::load(
+        &dir.path().join("a-ca.pem"),
+        &dir.path().join("a.pem"),
+        &dir.path().join("a.key"),
+        Some("a"),
+    )
+    .unwrap();
+    a.reload_identity(id).unwrap();
+    let new_serial = serial_hex_of(&a.identity().chain[0]);
+    assert_ne!(new_serial, old_serial);
+
+    // A new handshake sees the new certificate.
+    assert_eq!(c.connect_seed(a_addr).await.unwrap(), "a");
+    assert_eq!(c.peer_serial("a").unwrap(), new_serial);
+
+    // The old connection still carries the stream, both ways.
+    write_frame(&mut tx, b"after").await.unwrap();
+    assert_eq!(
+        &read_frame(&mut a_recv, 64).await.unwrap().unwrap()[..],
+        b"after"
+    );
+    write_frame(&mut a_send, b"reply").await.unwrap();
+    assert_eq!(
+        &read_frame(&mut rx, 64).await.unwrap().unwrap()[..],
+        b"reply"
+    );
+    assert_eq!(b.peer_serial("a").unwrap(), old_serial);
+
+    // A certificate for another node is refused, and nothing changes.
+    assert!(a.reload_identity(identity(dir.path(), &ca, "z")).is_err());
+    assert_eq!(serial_hex_of(&a.identity().chain[0]), new_serial);
+}
+
+#[tokio::test]
+async fn a_revoked_certificate_is_cut_off_and_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki::generate_ca("test.mesh").unwrap();
+    let (a, _a_rx, _a_streams) = start(identity(dir.path(), &ca, "a"));
+    let (b, mut b_rx, _b_streams) = start(identity(dir.path(), &ca, "b"));
+    let a_addr = a.local_addr().unwrap();
+    let b_addr = b.local_addr().unwrap();
+    let b_serial = revocation::serial_of(&b.identity().chain[0]).unwrap();
+
+    a.send_datagram("b", b_addr, Bytes::from_static(b"hello"));
+    assert_eq!(next_datagram(&mut b_rx).await.0, "a");
+    assert_eq!(a.connections(), 1);
+
+    // a learns that b's certificate is revoked: the open connection closes
+    // at once, b is named, and no new handshake gets through either way.
+    let cut = a.set_revoked([b_serial.clone()].into_iter().collect());
+    assert_eq!(cut, vec!["b".to_owned()]);
+    assert_eq!(
+        a.revocations().peers().get("b"),
+        Some(&revocation::serial_hex(&b_serial))
+    );
+    eventually("both sides drop the revoked connection", || {
+        a.connections() == 0 && b.connections() == 0
+    })
+    .await;
+    // In TLS 1.3 the client is done before the server has checked its
+    // certificate, so b may see its dial succeed; a refuses it right after.
+    let failures = Stats::get(&a.stats().handshake_failures);
+    let _ = b.connect_seed(a_addr).await;
+    eventually("a refuses b's handshake", || {
+        Stats::get(&a.stats().handshake_failures) > failures && b.connections() == 0
+    })
+    .await;
+    assert!(a.connect_seed(b_addr).await.is_err());
+    // b resuming a session skips the verifiers; the transport still refuses.
+    a.send_datagram("b", b_addr, Bytes::from_static(b"again"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(b_rx.try_recv().is_err());
+    assert_eq!(a.connections(), 0);
+
+    // Lifting the revocation lets b back in.
+    a.set_revoked(Default::default());
+    assert!(a.revocations().peers().is_empty());
+    assert_eq!(a.connect_seed(b_addr).await.unwrap(), "b");
 }

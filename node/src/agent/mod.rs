@@ -209,6 +209,8 @@ pub async fn run(
         identity.trust_domain.clone(),
     )?);
     let (transport, queues) = Transport::bind(identity, transport_config, sockets.udp)?;
+    // Revocations held from earlier runs are in force before any peer.
+    transport.set_revoked(crate::certs::revoked_serials(&documents));
     let local = NodeId::new(name.clone(), advertise, generation)
         .expect("the certificate name was validated");
     if config.seeds.is_empty() && saved.members.is_empty() {
@@ -233,13 +235,14 @@ pub async fn run(
 
     let tasks = Tasks::new();
     let counters = Arc::new(Counters::default());
+    let (hosts_tx, hosts_rx) = tokio::sync::watch::channel(hosts);
     let (command_tx, command_rx) = mpsc::channel(256);
     let (catalog_task, catalog) = CatalogTask::new(
         name.clone(),
         config.services.clone(),
         store.clone(),
         tasks.clone(),
-        hosts,
+        hosts_rx,
     );
     let (mesh_task, snapshot, inbox) = MeshTask::new(
         driver,
@@ -261,7 +264,22 @@ pub async fn run(
     tasks.spawn(mesh_task.run());
     tasks.spawn(mesh::links::tend(transport.clone(), config.peer_links));
     tasks.spawn(catalog_task.run());
-    tasks.spawn(warn_before_expiry(transport.clone(), tasks.clone()));
+    tasks.spawn(crate::certs::warn_before_expiry(
+        transport.clone(),
+        tasks.clone(),
+    ));
+    tasks.spawn(crate::certs::keep_identity(
+        transport.clone(),
+        crate::certs::Files::of(&config.tls, &name, &config.data_dir),
+        hosts_tx,
+        counters.clone(),
+        tasks.clone(),
+    ));
+    tasks.spawn(crate::certs::keep_revocations(
+        transport.clone(),
+        documents.clone(),
+        tasks.clone(),
+    ));
     let (metrics, proxy_metrics, listener_metrics) = Metrics::new(
         transport.clone(),
         counters,
@@ -498,18 +516,4 @@ fn advertise_for(bound: SocketAddr, seeds: &[String]) -> SocketAddr {
         }
     });
     SocketAddr::new(ip, bound.port())
-}
-
-/// Logs a warning every 6 hours once this node's certificate has less
-/// than a week left (the same warning `/ready` shows).
-async fn warn_before_expiry(transport: Transport, tasks: Tasks) {
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(std::time::Duration::from_secs(6 * 3600)) => {}
-            () = tasks.stopped() => return,
-        }
-        if let Some(warning) = crate::admin::cert_warning(transport.cert_not_after()) {
-            tracing::warn!("{warning}");
-        }
-    }
 }

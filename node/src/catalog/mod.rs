@@ -212,8 +212,8 @@ pub struct CatalogTask {
     digest_tx: watch::Sender<Arc<Vec<(String, u64)>>>,
     catalog_tx: watch::Sender<Arc<Catalog>>,
     counters: Arc<CatalogCounters>,
-    /// What this node's certificate lets it host.
-    hosts: Hosts,
+    /// What this node's certificate lets it host (follows rotations).
+    hosts: watch::Receiver<Hosts>,
 }
 
 impl std::fmt::Debug for CatalogTask {
@@ -236,7 +236,7 @@ impl CatalogTask {
         config_services: Vec<ServiceSpec>,
         store: Store,
         tasks: Tasks,
-        hosts: Hosts,
+        hosts: watch::Receiver<Hosts>,
     ) -> (Self, CatalogHandle) {
         let saved: SavedServices = store.read_json(SERVICES_FILE).unwrap_or_else(|e| {
             warn!(error = %e, "services.json unreadable; starting without runtime registrations");
@@ -253,9 +253,9 @@ impl CatalogTask {
                 warn!(id = %spec.id, "saved registration shadowed by the config file");
                 continue;
             }
-            if !hosts.allows(&spec.name) {
+            if !hosts.borrow().allows(&spec.name) {
                 warn!(
-                    id = %spec.id, service = %spec.name, certificate_allows = %hosts,
+                    id = %spec.id, service = %spec.name, certificate_allows = %*hosts.borrow(),
                     "saved registration not restored: this node's certificate does not name its service"
                 );
                 continue;
@@ -358,10 +358,10 @@ impl CatalogTask {
         if self.config_ids.contains(&spec.id) {
             return Err(RegisterError::ConfigOwned(spec.id));
         }
-        if !self.hosts.allows(&spec.name) {
+        if !self.hosts.borrow().allows(&spec.name) {
             return Err(RegisterError::NotInCertificate {
                 service: spec.name,
-                hosts: self.hosts.clone(),
+                hosts: self.hosts.borrow().clone(),
             });
         }
         if !self.specs.contains_key(&spec.id) && self.specs.len() >= MAX_SERVICES_PER_NODE {

@@ -24,7 +24,7 @@ pub const MAX_ENVELOPE: usize = MAX_BODY + 16 * 1024;
 /// Longest document name.
 pub const MAX_NAME: usize = 63;
 /// The kinds this agent knows.
-pub const KINDS: &[&str] = &["route", "authz"];
+pub const KINDS: &[&str] = &["route", "authz", "crl"];
 
 const SIGNED_PREFIX: &[u8] = b"gossamer-document-v1\0";
 
@@ -274,8 +274,29 @@ pub fn check_body(kind: &str, name: &str, body: &Value) -> Result<(), DocError> 
                 serde_json::from_value(body.clone()).map_err(|e| invalid(e.to_string()))?;
             spec.validate(name).map_err(invalid)
         }
+        "crl" => crl_pem(body).map(drop).map_err(invalid),
         other => Err(DocError::UnknownKind(other.to_owned())),
     }
+}
+
+/// A `crl` body: `{"pem": "-----BEGIN X509 CRL-----..."}`, written by
+/// `gossamer cert revoke`. Returns the PEM text; whether the mesh CA
+/// signed it is checked with the CA at hand ([`Envelope::check`]).
+pub fn crl_pem(body: &Value) -> Result<&str, String> {
+    let Value::Object(fields) = body else {
+        return Err("expected a table with `pem`".into());
+    };
+    if let Some(other) = fields.keys().find(|k| *k != "pem") {
+        return Err(format!("unknown field `{other}`, expected `pem`"));
+    }
+    let pem = fields
+        .get("pem")
+        .and_then(Value::as_str)
+        .ok_or("pem: required (the CRL file from `gossamer cert revoke`)")?;
+    if !pem.contains("-----BEGIN X509 CRL-----") {
+        return Err("pem: not a PEM X509 CRL".into());
+    }
+    Ok(pem)
 }
 
 impl Envelope {
@@ -394,6 +415,22 @@ impl Envelope {
         }
         if !self.deleted {
             check_body(&self.kind, &self.name, &body)?;
+            if self.kind == "crl" {
+                // Only the mesh CA may revoke: its signature on the CRL is
+                // checked as well as the operator's on the envelope.
+                let pem = crl_pem(&body).map_err(|p| DocError::Invalid {
+                    kind: self.kind.clone(),
+                    name: self.name.clone(),
+                    problem: p,
+                })?;
+                gossamer_transport::revocation::read_crl(pem.as_bytes(), ca).map_err(|p| {
+                    DocError::Invalid {
+                        kind: self.kind.clone(),
+                        name: self.name.clone(),
+                        problem: p,
+                    }
+                })?;
+            }
         }
         Ok(Checked {
             signer,
@@ -498,10 +535,21 @@ fn pem_cert(der: &[u8]) -> String {
     out
 }
 
+/// The name a CRL file is applied under: one revocation list per mesh.
+pub const CRL_NAME: &str = "mesh";
+
 /// Reads an operator's file: TOML (or JSON) whose top-level keys are kinds,
 /// each an array of tables with a `name` and the body's fields. Returns
 /// (kind, name, body) in file order.
 pub fn parse_file(path: &str, text: &str) -> Result<Vec<(String, String, Value)>, String> {
+    if text.trim_start().starts_with("-----BEGIN X509 CRL-----") {
+        // A CRL file from `gossamer cert revoke`, as it is.
+        return Ok(vec![(
+            "crl".into(),
+            CRL_NAME.into(),
+            serde_json::json!({ "pem": text }),
+        )]);
+    }
     let value: Value = if text.trim_start().starts_with('{') {
         serde_json::from_str(text).map_err(|e| format!("{path}: not valid JSON: {e}"))?
     } else {

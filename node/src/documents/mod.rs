@@ -205,6 +205,11 @@ impl Documents {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The mesh CA every document is checked against.
+    pub fn ca(&self) -> &CertificateDer<'static> {
+        &self.ca
+    }
+
     /// Notified (the value counts changes) whenever a document changes.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
@@ -225,6 +230,13 @@ impl Documents {
         let checked = env.check(&self.ca, &self.trust_domain)?;
         let key = (env.kind.clone(), env.name.clone());
         let mut inner = self.inner();
+        if let Some(problem) = revoked_signer(&env, &checked.signer, &inner.docs, &self.ca) {
+            return Err(DocError::Invalid {
+                kind: key.0,
+                name: key.1,
+                problem,
+            });
+        }
         let previous = inner.docs.get(&key).cloned();
         if let Some(held) = &previous {
             let stale = match source {
@@ -250,6 +262,13 @@ impl Documents {
                     loser = %held.signer, loser_digest = %held.stamp.digest_hex(),
                     "two documents with the same version: the higher digest wins on every node"
                 );
+            }
+            if let Some(problem) = older_crl(&env, &held.envelope, &self.ca) {
+                return Err(DocError::Invalid {
+                    kind: key.0,
+                    name: key.1,
+                    problem,
+                });
             }
         } else if inner.docs.len() >= MAX_DOCS {
             return Err(DocError::Full(format!(
@@ -364,6 +383,61 @@ impl Documents {
     }
 }
 
+/// Why `env` may not be applied because the operator certificate that
+/// signed it is on a CRL in force (`None`: it is not).
+fn revoked_signer(
+    env: &Envelope,
+    signer: &str,
+    docs: &BTreeMap<DocKey, Held>,
+    ca: &CertificateDer<'_>,
+) -> Option<String> {
+    let crls: Vec<&Held> = docs
+        .values()
+        .filter(|h| h.envelope.kind == "crl" && !h.envelope.deleted)
+        .collect();
+    if crls.is_empty() {
+        return None;
+    }
+    let serial = gossamer_transport::revocation::serial_of(&CertificateDer::from(
+        env.signer_cert.as_slice(),
+    ))?;
+    let revoked = crls.iter().any(|h| {
+        serde_json::from_str::<serde_json::Value>(&h.envelope.body)
+            .ok()
+            .and_then(|body| {
+                let pem = envelope::crl_pem(&body).ok()?;
+                gossamer_transport::revocation::read_crl(pem.as_bytes(), ca).ok()
+            })
+            .is_some_and(|list| list.serials.contains(&serial))
+    });
+    revoked.then(|| {
+        format!(
+            "signed by operator {signer}, whose certificate (serial {}) is revoked",
+            gossamer_transport::revocation::serial_hex(&serial)
+        )
+    })
+}
+
+/// Why `new` may not replace the CRL `held`: its CRL number is lower, so
+/// it would bring back certificates revoked since (a stale file applied
+/// again, say).
+fn older_crl(new: &Envelope, held: &Envelope, ca: &CertificateDer<'_>) -> Option<String> {
+    if new.kind != "crl" || new.deleted || held.deleted {
+        return None;
+    }
+    let number = |env: &Envelope| {
+        let body: serde_json::Value = serde_json::from_str(&env.body).ok()?;
+        let pem = envelope::crl_pem(&body).ok()?;
+        gossamer_transport::revocation::read_crl(pem.as_bytes(), ca)
+            .ok()
+            .map(|l| l.number)
+    };
+    let (new_n, held_n) = (number(new)?, number(held)?);
+    (new_n < held_n).then(|| {
+        format!("CRL number {new_n} is older than CRL number {held_n} in force; write a new one with `gossamer cert revoke`")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,6 +511,79 @@ mod tests {
         assert_eq!(
             again.summary(),
             summary_of(again.stamps().iter().map(|(k, s)| (k, s)))
+        );
+    }
+
+    #[test]
+    fn crls_check_their_ca_never_go_back_and_revoke_operators() {
+        use gossamer_transport::revocation::{self, Revoked};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = pki::generate_ca("t.mesh").unwrap();
+        let ca_der = CertificateDer::from_pem_slice(ca.cert.as_bytes()).unwrap();
+        let alice = pki::issue_operator_cert(&ca, "alice", "t.mesh").unwrap();
+        let bob = pki::issue_operator_cert(&ca, "bob", "t.mesh").unwrap();
+        let alice = OperatorSigner::from_pem(&alice.cert, &alice.key).unwrap();
+        let bob_signer = OperatorSigner::from_pem(&bob.cert, &bob.key).unwrap();
+        let bob_serial =
+            revocation::serial_of(&CertificateDer::from_pem_slice(bob.cert.as_bytes()).unwrap())
+                .unwrap();
+        let docs = Documents::open(dir.path(), ca_der, "t.mesh".into()).unwrap();
+        let crl = |number: u64, version: u64, revoked: &[Vec<u8>]| {
+            let list: Vec<Revoked> = revoked
+                .iter()
+                .map(|s| Revoked {
+                    serial: s.clone(),
+                    at: std::time::SystemTime::now(),
+                })
+                .collect();
+            let pem = revocation::write_crl(&ca, &list, number).unwrap();
+            let mut env = Envelope::new(
+                "crl",
+                "mesh",
+                version,
+                Some(&serde_json::json!({ "pem": pem })),
+            )
+            .unwrap();
+            env.sign(&alice).unwrap();
+            env
+        };
+
+        // bob signs freely until his certificate is revoked.
+        docs.apply(signed(&bob_signer, 1, "path"), Source::Api)
+            .unwrap();
+        docs.apply(crl(10, 1, std::slice::from_ref(&bob_serial)), Source::Api)
+            .unwrap();
+        let err = docs
+            .apply(signed(&bob_signer, 2, "path"), Source::Api)
+            .unwrap_err();
+        assert!(err.to_string().contains("is revoked"), "{err}");
+        assert_eq!(docs.get("route", "web").unwrap().stamp.version, 1);
+        // alice's documents still go in.
+        docs.apply(signed(&alice, 2, "path"), Source::Api).unwrap();
+
+        // An older CRL cannot replace a newer one, even as a newer version.
+        let err = docs.apply(crl(9, 2, &[]), Source::Api).unwrap_err();
+        assert!(
+            err.to_string().contains("older than CRL number 10"),
+            "{err}"
+        );
+        docs.apply(crl(11, 2, &[]), Source::Api).unwrap();
+
+        // A CRL from another CA is refused.
+        let other = pki::generate_ca("t.mesh").unwrap();
+        let forged = revocation::write_crl(&other, &[], 12).unwrap();
+        let mut env = Envelope::new(
+            "crl",
+            "mesh",
+            3,
+            Some(&serde_json::json!({ "pem": forged })),
+        )
+        .unwrap();
+        env.sign(&alice).unwrap();
+        let err = docs.apply(env, Source::Api).unwrap_err();
+        assert!(
+            err.to_string().contains("not signed by the mesh CA"),
+            "{err}"
         );
     }
 }

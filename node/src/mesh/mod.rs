@@ -140,6 +140,8 @@ pub struct MeshTask {
     snapshot: watch::Sender<Arc<Snapshot>>,
     /// The core's members fingerprint when the member list was last built.
     members_fingerprint: u64,
+    /// The revoked peers last published, and the generation they are of.
+    revoked: (u64, Arc<std::collections::BTreeMap<String, String>>),
     dirty: bool,
     last_save: Instant,
     logged_join: bool,
@@ -192,6 +194,7 @@ impl MeshTask {
             doc_lists_rx,
             snapshot,
             members_fingerprint: 0,
+            revoked: (0, Arc::default()),
             dirty: false,
             last_save: Instant::now(),
             logged_join: false,
@@ -489,6 +492,15 @@ impl MeshTask {
         self.wiring.tasks.spawn(io);
     }
 
+    fn revoked(&mut self) -> Arc<std::collections::BTreeMap<String, String>> {
+        let revocations = self.wiring.transport.revocations();
+        let generation = revocations.generation();
+        if generation != self.revoked.0 {
+            self.revoked = (generation, Arc::new(revocations.peers()));
+        }
+        self.revoked.1.clone()
+    }
+
     fn publish(&mut self) {
         let core = self.driver.core();
         // Rebuilding the member list is O(members) and allocates; it runs
@@ -515,6 +527,7 @@ impl MeshTask {
             suspicion_timeout_ms: core.suspicion_timeout().as_millis() as u64,
             docs_synced: self.driver.docs().synced(),
             docs_wanted: self.driver.docs().wanted(),
+            revoked: self.revoked(),
         };
         self.snapshot.send_if_modified(|current| {
             let same = **current == snapshot;

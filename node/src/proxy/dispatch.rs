@@ -521,9 +521,10 @@ impl Proxy {
         if backend.local {
             // This node calls its own instance: the same check as a call
             // from another node, with this node as the caller.
+            let identity = self.transport.identity();
             let caller = Caller {
                 node: self.transport.name(),
-                hosts: self.transport.hosts(),
+                hosts: &identity.hosts,
             };
             let verdict = self.authorize(&route.name, caller, parts);
             if !verdict.allowed {
