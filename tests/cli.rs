@@ -227,7 +227,12 @@ fn demo_runs_end_to_end() -> Result<()> {
     );
     assert!(stdout.contains("keys returned"), "{stdout}");
     assert!(stdout.contains("canary by document"), "{stdout}");
-    assert!(stderr.contains("[6/7]"), "progress shown: {stderr}");
+    assert!(
+        stdout.contains("all 3 replaced under traffic; 0 of"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("n2 cut off by every peer"), "{stdout}");
+    assert!(stderr.contains("[6/9]"), "progress shown: {stderr}");
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The partition drill: build the image, start the 5-node cluster, check it,
 # cut two nodes off, check both sides, heal, check convergence, kill a node,
-# check failover, tear everything down. Every wait is bounded; cleanup runs
+# check failover, revoke a node's certificate, tear everything down. Every wait is bounded; cleanup runs
 # whatever happens. Exit code 0 only if every check passed.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -95,6 +95,9 @@ majority_sees_cut() {
 }
 survivors_see_n3_down() {
     for n in n1 n2 n4 n5; do [ "$(state_of "$n" n3)" = down ] || return 1; done
+}
+others_see_n5_revoked() {
+    for n in n1 n2 n4; do [ "$(state_of "$n" n5)" = revoked ] || return 1; done
 }
 catalogs_agree() {
     local first; first="$(versions n1)"
@@ -192,6 +195,25 @@ else
     fail "failover after killing n3: $report"
 fi
 wait_until 30 "survivors list n3 down" survivors_see_n3_down
+
+info "revoking n5's certificate: the CA writes a CRL, n1 spreads it"
+# The CA directory is written from the host side, like gen-pki.sh does.
+if docker run --rm --user "$(id -u):$(id -g)" -v "$here/pki:/pki" gossamer:local \
+        cert revoke --ca-dir /pki/ca --name n5 >/dev/null \
+    && chmod a+r pki/ca/crl.pem \
+    && g n1 config apply /pki/ca/crl.pem --operator-cert /pki/operators/drill.pem \
+        --operator-key /pki/operators/drill.key >/dev/null; then
+    wait_until 10 "n1, n2 and n4 list n5 revoked" others_see_n5_revoked
+    report="$(load n1 5)"
+    echo "     after the revocation: $report"
+    if [ "$(field "$report" 'failed')" = "0" ] && [ "$(field "$report" "'web5' in by_instance")" = "False" ]; then
+        pass "n5's instance takes no traffic, nothing failed"
+    else
+        fail "traffic after revoking n5: $report"
+    fi
+else
+    fail "cert revoke or config apply of the CRL"
+fi
 
 echo
 if (( failures == 0 )); then

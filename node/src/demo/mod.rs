@@ -1,5 +1,6 @@
 //! `gossamer demo`, the demo service it runs, and a small load generator.
 
+mod certs;
 pub mod loadgen;
 pub mod run;
 pub mod service;

@@ -36,24 +36,28 @@ pub struct DemoOptions {
 /// A demo failure: what did not hold.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct DemoError(String);
+pub struct DemoError(pub(super) String);
 
-fn fail<T>(msg: impl Into<String>) -> Result<T, DemoError> {
+pub(super) fn fail<T>(msg: impl Into<String>) -> Result<T, DemoError> {
     Err(DemoError(msg.into()))
 }
 
-struct Node {
-    name: String,
-    admin: SocketAddr,
+pub(super) struct Node {
+    pub(super) name: String,
+    pub(super) admin: SocketAddr,
     proxy: SocketAddr,
     service_addr: SocketAddr,
     service_stop: watch::Sender<bool>,
     service_task: JoinHandle<()>,
 }
 
-type Http = Client<HttpConnector, Empty<Bytes>>;
+pub(super) type Http = Client<HttpConnector, Empty<Bytes>>;
 
-async fn served_by(client: &Http, proxy: SocketAddr, key: &str) -> Result<String, String> {
+pub(super) async fn served_by(
+    client: &Http,
+    proxy: SocketAddr,
+    key: &str,
+) -> Result<String, String> {
     let req = Request::get(format!("http://{proxy}/"))
         .header(http::header::HOST, "web")
         .header("x-hash-key", key)
@@ -107,7 +111,7 @@ fn done(started: Instant, detail: &str) {
     );
 }
 
-async fn wait_for(
+pub(super) async fn wait_for(
     what: &str,
     deadline: Duration,
     mut check: impl AsyncFnMut() -> Result<(), String>,
@@ -177,7 +181,7 @@ pub async fn run(
     options: DemoOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), DemoError> {
-    const STEPS: usize = 7;
+    const STEPS: usize = 9;
     let temp;
     let dir = match &options.dir {
         Some(d) => d.clone(),
@@ -366,7 +370,60 @@ pub async fn run(
         ),
     );
 
-    eprintln!("[7/{STEPS}] report");
+    let t = step(
+        7,
+        STEPS,
+        "replacing every agent's certificate while traffic flows",
+    );
+    let traffic = super::certs::Traffic::start(&http, nodes[0].proxy, &keys);
+    let (noticed, replaced) = super::certs::rotate(&dir, &ca, &nodes).await?;
+    let (rotation_sent, rotation_failed) = traffic.finish().await;
+    done(
+        t,
+        &format!(
+            "all 3 agents noticed their new files within {:.1} s and use them for new handshakes; {rotation_failed} of {rotation_sent} requests failed",
+            noticed.as_secs_f64()
+        ),
+    );
+    if rotation_failed > 0 {
+        return fail(format!(
+            "{rotation_failed} requests failed during the rotation"
+        ));
+    }
+
+    let t = step(
+        8,
+        STEPS,
+        "revoking n2's certificate (a CRL from the CA, spread as a document)",
+    );
+    let operator = (
+        std::fs::read_to_string(&canary.cert).or_else(|e| fail(e.to_string()))?,
+        std::fs::read_to_string(&canary.key).or_else(|e| fail(e.to_string()))?,
+    );
+    let traffic = super::certs::Traffic::start(&http, nodes[0].proxy, &keys);
+    let revoked = super::certs::revoke(
+        &dir,
+        &ca,
+        (&operator.0, &operator.1),
+        &nodes,
+        1,
+        &replaced[1],
+    )
+    .await?;
+    let (revoke_sent, revoke_failed) = traffic.finish().await;
+    let after = mapping(&http, nodes[0].proxy, &keys).await?;
+    if after.iter().any(|s| s == "web-2") {
+        return fail("n2's instance still takes traffic after its revocation");
+    }
+    done(
+        t,
+        &format!(
+            "n1 and n3 cut n2 off {} ms after the CRL was applied at n1; {revoke_failed} of {revoke_sent} requests failed while it happened; web-2's keys moved to web-1",
+            revoked.cut_off.as_millis()
+        ),
+    );
+
+    eprintln!("[9/{STEPS}] report");
     println!();
     println!(
         "Gossamer demo: 3 agents, 3 instances of `web`, {} keys per agent",
@@ -387,6 +444,13 @@ pub async fn run(
         canary.on_v2,
         keys.len()
     );
+    println!(
+        "  cert rotation       all 3 replaced under traffic; {rotation_failed} of {rotation_sent} requests failed"
+    );
+    println!(
+        "  cert revocation     n2 cut off by every peer {} ms after the CRL was applied; {revoke_failed} of {revoke_sent} requests failed",
+        revoked.cut_off.as_millis()
+    );
     println!();
 
     if options.keep_running {
@@ -402,7 +466,11 @@ pub async fn run(
             "  curl 'http://{}/v1/route?service=web&key=alice'",
             nodes[0].admin
         );
-        println!("  gossamer members --admin {}", nodes[0].admin);
+        println!(
+            "  gossamer members --admin {}          # n2 is revoked ({})",
+            nodes[0].admin,
+            revoked.crl.display()
+        );
         println!("  gossamer services --admin {}", nodes[0].admin);
         println!("  gossamer config get route web --admin {}", nodes[0].admin);
         println!(
