@@ -127,6 +127,16 @@ class Bench:
         for name in ["proxy-a", "proxy-b"]:
             pem = (self.dir / f"certs/{name}.pem").read_text() + (self.dir / f"certs/{name}.key").read_text()
             (self.dir / f"certs/{name}.bundle").write_text(pem)
+        if self.args.crl:
+            # A revocation list of this CA naming --crl serials no bench
+            # certificate has, applied like the --doc documents.
+            rng = random.Random(self.args.seed)
+            serials = [f"{rng.getrandbits(120) | 1 << 119:030x}" for _ in range(self.args.crl)]
+            argv = [g, "cert", "revoke", "--ca-dir", str(self.dir / "ca")]
+            for serial in serials:
+                argv += ["--serial", serial]
+            run(argv)
+            self.args.doc.append(str(self.dir / "ca/crl.pem"))
 
     def nginx_conf(self, name, body):
         prefix = self.dir / name
@@ -401,7 +411,7 @@ backend b
 
     def go(self):
         names = ["P0 direct", "P1 gossamer", "P2 haproxy", "P3 nginx"]
-        if self.args.doc:
+        if self.args.doc or self.args.crl:
             names.append("P4 gossamer+docs")
         results = {name: [] for name in names}
         transfers = {}
@@ -409,7 +419,7 @@ backend b
             self.pki()
             self.upstream()
             self.gossamer()
-            if self.args.doc:
+            if self.args.doc or self.args.crl:
                 self.paths["P4 gossamer+docs"] = dict(self.paths["P1 gossamer"], docs=True)
             self.haproxy()
             self.nginx()
@@ -519,6 +529,8 @@ def main():
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="1 repetition, 5 s phases")
+    ap.add_argument("--crl", type=int, default=0, metavar="N",
+                    help="also measure P4 with a revocation list of N serials (of no bench certificate) in force")
     ap.add_argument("--doc", action="append", default=[],
                     help="also measure P4: the Gossamer pair with this signed configuration document in force "
                     "(repeatable; e.g. bench/route-20-rules.toml bench/authz-50-rules.toml), alternating with the others")

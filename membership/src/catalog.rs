@@ -58,11 +58,14 @@ pub enum Protocol {
     H2c,
     /// gRPC: HTTP/2 without TLS, with gRPC's deadline and status handling.
     Grpc,
+    /// Any TCP protocol, carried as bytes: reached through an upstream
+    /// listener, not the HTTP proxy.
+    Tcp,
 }
 
 impl Protocol {
     /// Every accepted spelling, for error messages.
-    pub const NAMES: &'static str = "http1 (or http), h2c, grpc";
+    pub const NAMES: &'static str = "http1 (or http), h2c, grpc, tcp";
 
     /// Lower-case name used by the API and the config file.
     pub fn as_str(self) -> &'static str {
@@ -70,15 +73,17 @@ impl Protocol {
             Self::Http1 => "http1",
             Self::H2c => "h2c",
             Self::Grpc => "grpc",
+            Self::Tcp => "tcp",
         }
     }
 
-    /// Parses `http1` (also `http`), `h2c` or `grpc`.
+    /// Parses `http1` (also `http`), `h2c`, `grpc` or `tcp`.
     pub fn parse(text: &str) -> Option<Self> {
         match text {
             "http1" | "http" => Some(Self::Http1),
             "h2c" => Some(Self::H2c),
             "grpc" => Some(Self::Grpc),
+            "tcp" => Some(Self::Tcp),
             _ => None,
         }
     }

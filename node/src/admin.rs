@@ -50,6 +50,8 @@ pub struct AdminState {
     pub token: Option<AdminToken>,
     /// Listeners no registration may point at.
     pub listeners: AgentListeners,
+    /// Upstream listeners.
+    pub upstreams: Arc<crate::upstreams::Upstreams>,
     /// Configuration documents.
     pub documents: Arc<crate::documents::Documents>,
     /// Requests to the mesh task (document notices).
@@ -193,6 +195,16 @@ async fn route(
         (&Method::GET, ["v1", "services", name]) => service(state, name),
         (&Method::GET, ["v1", "agent", "services"]) => local_services(state),
         (&Method::PUT, ["v1", "agent", "services", id]) => register(state, id, &body).await,
+        (&Method::GET, ["v1", "agent", "upstreams"]) => upstreams_list(state),
+        (&Method::PUT, ["v1", "agent", "upstreams", service]) => {
+            upstream_put(state, service, &body).await
+        }
+        (&Method::DELETE, ["v1", "agent", "upstreams", service]) => {
+            match state.upstreams.delete(service) {
+                Ok(()) => json(StatusCode::OK, &serde_json::json!({"service": service})),
+                Err(e) => upstream_error(e),
+            }
+        }
         (&Method::DELETE, ["v1", "agent", "services", id]) => {
             match state.catalog.deregister((*id).to_owned()).await {
                 Ok(version) => json(
@@ -247,6 +259,50 @@ async fn register(state: &AdminState, id: &str, body: &[u8]) -> Response<Body> {
         ),
         Err(e) => register_error(e),
     }
+}
+
+fn upstream_row(spec: &crate::upstreams::UpstreamSpec, from_config: bool) -> serde_json::Value {
+    serde_json::json!({
+        "service": spec.service,
+        "listen": spec.listen.to_string(),
+        "hash": spec.hash,
+        "source": if from_config { "config" } else { "api" },
+    })
+}
+
+fn upstreams_list(state: &AdminState) -> Response<Body> {
+    let rows: Vec<serde_json::Value> = state
+        .upstreams
+        .list()
+        .iter()
+        .map(|(s, c)| upstream_row(s, *c))
+        .collect();
+    json(StatusCode::OK, &rows)
+}
+
+async fn upstream_put(state: &AdminState, service: &str, body: &[u8]) -> Response<Body> {
+    let value: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: not JSON ({e})")),
+    };
+    let spec = match crate::upstreams::UpstreamSpec::from_json(Some(service), &value) {
+        Ok(s) => s,
+        Err(e) => return upstream_error(e),
+    };
+    match state.upstreams.put(spec).await {
+        Ok(spec) => json(StatusCode::OK, &upstream_row(&spec, false)),
+        Err(e) => upstream_error(e),
+    }
+}
+
+fn upstream_error(e: crate::upstreams::UpstreamError) -> Response<Body> {
+    use crate::upstreams::UpstreamError as E;
+    let status = match &e {
+        E::Invalid(_) | E::Bind { .. } | E::TooMany => StatusCode::BAD_REQUEST,
+        E::ConfigOwned(_) => StatusCode::CONFLICT,
+        E::UnknownService(_) | E::NotFound(_) => StatusCode::NOT_FOUND,
+    };
+    error(status, e.to_string())
 }
 
 /// One document's status, as `GET /v1/config` shows it.

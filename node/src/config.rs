@@ -40,6 +40,8 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     /// Services from `[[service]]` blocks.
     pub services: Vec<ServiceSpec>,
+    /// Upstream listeners from `[[upstream]]` blocks.
+    pub upstreams: Vec<crate::upstreams::UpstreamSpec>,
     /// Catalog timing.
     pub catalog: CatalogConfig,
     /// Whether `/v1/debug/*` fault injection is served.
@@ -162,6 +164,7 @@ pub struct FileConfig {
     peer_links: Option<LinkPolicy>,
     admin_token_file: Option<PathBuf>,
     service: Option<Vec<toml::Value>>,
+    upstream: Option<Vec<toml::Value>>,
     enable_fault_injection: Option<bool>,
 }
 
@@ -300,6 +303,23 @@ impl AgentConfig {
             }
             services.push(spec);
         }
+        let mut upstreams: Vec<crate::upstreams::UpstreamSpec> = Vec::new();
+        for (i, block) in file.upstream.unwrap_or_default().iter().enumerate() {
+            let json =
+                serde_json::to_value(block).or_else(|e| err(format!("upstream[{i}]: {e}")))?;
+            let spec = crate::upstreams::UpstreamSpec::from_json(None, &json)
+                .or_else(|e| err(format!("upstream[{i}].{e}")))?;
+            if let Some(other) = upstreams
+                .iter()
+                .find(|u| u.service == spec.service || u.listen == spec.listen)
+            {
+                return err(format!(
+                    "upstream[{i}]: {} on {} clashes with the upstream for {} on {}: one listener per service and per address",
+                    spec.service, spec.listen, other.service, other.listen
+                ));
+            }
+            upstreams.push(spec);
+        }
         let catalog = file.catalog.unwrap_or_default();
         if catalog.anti_entropy_interval.is_zero() {
             return err("catalog.anti_entropy_interval: must be positive");
@@ -345,6 +365,7 @@ impl AgentConfig {
             log_level,
             log_format,
             services,
+            upstreams,
             catalog,
             fault_injection,
             proxy,

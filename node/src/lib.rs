@@ -44,3 +44,4 @@ pub mod metrics;
 pub mod proxy;
 pub mod store;
 pub mod tasks;
+pub mod upstreams;

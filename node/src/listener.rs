@@ -357,8 +357,9 @@ impl AsyncWrite for Watched {
 }
 
 /// Counts an open connection for as long as it lives.
+/// A connection's place under its listener's cap, given back when dropped.
 #[derive(Debug)]
-struct Slot {
+pub struct Slot {
     count: Arc<AtomicUsize>,
     gauge: Gauge,
 }
@@ -385,52 +386,112 @@ pub async fn serve<H, F, B>(
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
-    let count = Arc::new(AtomicUsize::new(0));
-    let label = ListenerLabel { listener: name };
-    let gauge = metrics.open.get_or_create(&label).clone();
-    let refused = metrics.refused.get_or_create(&label).clone();
-    let mut last_warning: Option<Instant> = None;
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of descriptors, typically: back off instead of spinning.
-                    debug!(listener = name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            () = tasks.draining() => return,
-        };
-        if count.fetch_add(1, Ordering::Relaxed) >= limits.max_connections {
-            count.fetch_sub(1, Ordering::Relaxed);
-            refused.inc();
-            if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                warn!(
-                    listener = name, %peer, max_connections = limits.max_connections,
-                    "connection refused: the listener is at its connection cap"
-                );
-                last_warning = Some(Instant::now());
-            }
-            drop(stream);
-            continue;
+    let mut acceptor = Acceptor::new(name, limits, metrics, tasks);
+    while let Some((stream, peer, slot)) = acceptor.accept(&listener).await {
+        acceptor.serve_http(stream, peer, slot, handler.clone());
+    }
+}
+
+/// Accepts connections under a listener's cap, counted in its metrics,
+/// and serves HTTP on those it is asked to.
+#[allow(missing_debug_implementations)] // hyper's builder has no Debug
+pub struct Acceptor {
+    name: &'static str,
+    limits: Limits,
+    metrics: ListenerMetrics,
+    tasks: Tasks,
+    builder: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    count: Arc<AtomicUsize>,
+    gauge: Gauge,
+    refused: Counter,
+    last_warning: Option<Instant>,
+}
+
+impl Acceptor {
+    /// An acceptor for the listener called `name` in metrics and logs.
+    pub fn new(name: &'static str, limits: Limits, metrics: ListenerMetrics, tasks: Tasks) -> Self {
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new());
+        builder.http2().timer(TokioTimer::new());
+        let label = ListenerLabel { listener: name };
+        let gauge = metrics.open.get_or_create(&label).clone();
+        let refused = metrics.refused.get_or_create(&label).clone();
+        Self {
+            name,
+            limits,
+            metrics,
+            tasks,
+            builder,
+            count: Arc::new(AtomicUsize::new(0)),
+            gauge,
+            refused,
+            last_warning: None,
         }
-        gauge.inc();
-        let slot = Slot {
-            count: count.clone(),
-            gauge: gauge.clone(),
-        };
-        let _ = stream.set_nodelay(true);
+    }
+
+    /// The next connection under the cap (those over it are closed at
+    /// once), with the slot it holds until dropped; `None` once the agent
+    /// drains.
+    pub async fn accept(
+        &mut self,
+        listener: &TcpListener,
+    ) -> Option<(TcpStream, SocketAddr, Slot)> {
+        let name = self.name;
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors, typically: back off instead of spinning.
+                        debug!(listener = name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+                () = self.tasks.draining() => return None,
+            };
+            if self.count.fetch_add(1, Ordering::Relaxed) >= self.limits.max_connections {
+                self.count.fetch_sub(1, Ordering::Relaxed);
+                self.refused.inc();
+                if self
+                    .last_warning
+                    .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+                {
+                    warn!(
+                        listener = name, %peer, max_connections = self.limits.max_connections,
+                        "connection refused: the listener is at its connection cap"
+                    );
+                    self.last_warning = Some(Instant::now());
+                }
+                drop(stream);
+                continue;
+            }
+            self.gauge.inc();
+            let slot = Slot {
+                count: self.count.clone(),
+                gauge: self.gauge.clone(),
+            };
+            let _ = stream.set_nodelay(true);
+            return Some((stream, peer, slot));
+        }
+    }
+
+    /// Serves HTTP/1.1 and h2c (with upgrades) on one accepted connection,
+    /// on the agent's tasks, with the listener's timeouts.
+    pub fn serve_http<H, F, B>(&self, stream: TcpStream, peer: SocketAddr, slot: Slot, handler: H)
+    where
+        H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
+        F: Future<Output = Response<B>> + Send + 'static,
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let name = self.name;
+        let limits = self.limits;
         let state = Arc::new(ConnState::new());
         let io = TokioIo::new(Watched {
             stream,
             state: state.clone(),
         });
-        let handler = handler.clone();
         let conn_state = state.clone();
         let service = service_fn(move |req| {
             let open = OpenRequest::new(conn_state.clone());
@@ -440,10 +501,10 @@ pub async fn serve<H, F, B>(
                 Ok::<_, Infallible>(response.map(|inner| Tracked { inner, _open: open }))
             }
         });
-        let builder = builder.clone();
-        let metrics = metrics.clone();
-        let conn_tasks = tasks.clone();
-        tasks.spawn(async move {
+        let builder = self.builder.clone();
+        let metrics = self.metrics.clone();
+        let conn_tasks = self.tasks.clone();
+        self.tasks.spawn(async move {
             let tasks = conn_tasks;
             let _slot = slot;
             let conn = builder.serve_connection_with_upgrades(io, service);

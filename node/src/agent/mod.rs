@@ -63,6 +63,14 @@ pub enum StartError {
     /// A configured service cannot be registered.
     #[error("{0}")]
     Service(String),
+    /// A configured upstream listener cannot start.
+    #[error("upstream {service}: {source}")]
+    Upstream {
+        /// Its service.
+        service: String,
+        /// Why.
+        source: crate::upstreams::UpstreamError,
+    },
     /// The config file registers a service the certificate does not name.
     #[error(
         "service {id:?} ({service}): this node's certificate lets it host {hosts}, not {service:?}; issue it with `gossamer cert issue --service {service}` (or --service '*')"
@@ -305,6 +313,27 @@ pub async fn run(
         tasks.clone(),
     ));
 
+    let (proxy_cap, admin_cap) = connection_caps(&config.limits);
+    let upstreams = crate::upstreams::Upstreams::start(
+        proxy.clone(),
+        store.clone(),
+        &config.upstreams,
+        config.limits.for_listener(proxy_cap),
+        listener_metrics.clone(),
+        tasks.clone(),
+    )
+    .await
+    .map_err(|source| StartError::Upstream {
+        service: match &source {
+            crate::upstreams::UpstreamError::Bind { addr, .. } => config
+                .upstreams
+                .iter()
+                .find(|u| u.listen == *addr)
+                .map_or_else(String::new, |u| u.service.clone()),
+            _ => String::new(),
+        },
+        source,
+    })?;
     let leave = Arc::new(Notify::new());
     let admin_state = Arc::new(AdminState {
         documents: documents.clone(),
@@ -319,8 +348,8 @@ pub async fn run(
         leave: leave.clone(),
         token: config.admin_token.clone(),
         listeners: listeners.clone(),
+        upstreams,
     });
-    let (proxy_cap, admin_cap) = connection_caps(&config.limits);
     let in_flight = proxy.metrics.active.clone();
     tasks.spawn(crate::proxy::outbound::serve(
         sockets.proxy,
@@ -466,6 +495,9 @@ async fn dispatch_streams(
                 match (read, kind[0]) {
                     (Ok(Ok(())), crate::proxy::wire::STREAM_PROXY) => {
                         crate::proxy::inbound::serve(from, send, recv, proxy).await;
+                    }
+                    (Ok(Ok(())), crate::proxy::tcp::STREAM_TCP) => {
+                        crate::proxy::tcp::serve_stream(from, send, recv, proxy).await;
                     }
                     (Ok(Ok(())), mesh::sync::STREAM_MEMBERS) => {
                         mesh::sync::serve(from, send, recv, inbox.sync).await;

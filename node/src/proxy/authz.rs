@@ -125,7 +125,7 @@ type Specificity = (u8, u8, usize);
 
 impl Rule {
     /// How specifically the rule matches this call, or `None`.
-    fn matches(&self, caller: Caller<'_>, req: Request<'_>) -> Option<Specificity> {
+    fn matches(&self, caller: Caller<'_>, req: Option<Request<'_>>) -> Option<Specificity> {
         let source = match &self.sources {
             Sources::Any => 0,
             Sources::Some { services, nodes } => {
@@ -138,6 +138,10 @@ impl Rule {
                     return None;
                 }
             }
+        };
+        let Some(req) = req else {
+            // A TCP stream: only rules without an `http` block speak of it.
+            return (!self.l7).then_some((source, 0, 0));
         };
         if !self.methods.is_empty() && !self.methods.contains(req.method) {
             return None;
@@ -174,6 +178,17 @@ pub struct AuthzTable {
 impl AuthzTable {
     /// Decides whether `caller` may make `req` to `service`.
     pub fn decide(&self, service: &str, caller: Caller<'_>, req: Request<'_>) -> Decision {
+        self.decide_for(service, caller, Some(req))
+    }
+
+    /// Decides whether `caller` may open a TCP stream to `service`: only
+    /// the rules without an `http` block (L4 rules) apply, then the
+    /// defaults.
+    pub fn decide_stream(&self, service: &str, caller: Caller<'_>) -> Decision {
+        self.decide_for(service, caller, None)
+    }
+
+    fn decide_for(&self, service: &str, caller: Caller<'_>, req: Option<Request<'_>>) -> Decision {
         let doc = self.services.get(service);
         let mut best: Option<(Specificity, bool, usize)> = None;
         for rule in doc.map_or(&[][..], |d| &d.rules[..]) {

@@ -49,6 +49,10 @@ pub struct ProxyConfig {
     /// agent stopped accepting and left the mesh.
     #[serde(with = "gossamer_membership::duration")]
     pub shutdown_grace: Duration,
+    /// A TCP connection through an upstream listener with no byte either
+    /// way for this long is closed.
+    #[serde(with = "gossamer_membership::duration")]
+    pub tcp_idle_timeout: Duration,
     /// Per-service overrides, `[proxy.service.NAME]`.
     #[serde(deserialize_with = "service_overrides")]
     pub service: BTreeMap<String, ServiceOverride>,
@@ -131,6 +135,7 @@ impl Default for ProxyConfig {
             bounded_load: None,
             upstream_idle_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
+            tcp_idle_timeout: Duration::from_secs(3600),
             service: BTreeMap::new(),
         }
     }
@@ -142,8 +147,8 @@ impl ProxyConfig {
         if self.request_timeout.is_zero() || self.connect_timeout.is_zero() {
             return Err("proxy.request_timeout / connect_timeout: must be positive".into());
         }
-        if self.upstream_idle_timeout.is_zero() {
-            return Err("proxy.upstream_idle_timeout: must be positive".into());
+        if self.upstream_idle_timeout.is_zero() || self.tcp_idle_timeout.is_zero() {
+            return Err("proxy.upstream_idle_timeout / tcp_idle_timeout: must be positive".into());
         }
         if !(0.0..=10.0).contains(&self.retry_budget) {
             return Err("proxy.retry_budget: must be between 0 and 10".into());

@@ -199,6 +199,25 @@ impl Proxy {
             headers: &parts.headers,
         };
         let verdict = self.authz.borrow().decide(service, caller, request);
+        self.record_decision(service, caller, &verdict, &parts.method, parts.uri.path());
+        verdict
+    }
+
+    /// [`Self::authorize`] for a TCP stream (L4 rules only).
+    pub(super) fn authorize_stream(&self, service: &str, caller: Caller<'_>) -> Decision {
+        let verdict = self.authz.borrow().decide_stream(service, caller);
+        self.record_decision(service, caller, &verdict, &Method::CONNECT, "(tcp)");
+        verdict
+    }
+
+    fn record_decision(
+        &self,
+        service: &str,
+        caller: Caller<'_>,
+        verdict: &Decision,
+        method: &Method,
+        path: &str,
+    ) {
         if verdict.governed {
             self.metrics
                 .authz
@@ -211,16 +230,15 @@ impl Proxy {
         }
         match verdict.decision {
             "audit" => warn!(
-                %service, caller = %caller.node, method = %parts.method, path = %parts.uri.path(),
+                %service, caller = %caller.node, %method, %path,
                 rule = %verdict.rule_label(), "authz audit: this request would be denied"
             ),
             "deny" => debug!(
-                %service, caller = %caller.node, method = %parts.method, path = %parts.uri.path(),
+                %service, caller = %caller.node, %method, %path,
                 rule = %verdict.rule_label(), "authz denied"
             ),
             _ => {}
         }
-        verdict
     }
 
     fn policy(&self) -> EjectionPolicy {
@@ -286,6 +304,13 @@ impl Proxy {
                 ok(i) && inflight.get(&route.backends[i].key).copied().unwrap_or(0) < cap
             })
             .or_else(|| table.lookup_usable(hash, ok))
+    }
+
+    /// Whether backend `i` of `route` may take traffic now: passing, its
+    /// owner alive, not ejected.
+    pub(super) fn usable(&self, route: &ServiceRoute, i: usize) -> bool {
+        let b = &route.backends[i];
+        b.usable && !self.outliers.is_ejected(&b.key, Instant::now())
     }
 
     /// Counts a request in flight to `key` until the guard drops, so a
@@ -492,7 +517,7 @@ impl Proxy {
             .inc();
     }
 
-    fn failed(&self, route: &ServiceRoute, backend: &Backend) {
+    pub(super) fn failed(&self, route: &ServiceRoute, backend: &Backend) {
         if let Verdict::Ejected(time) =
             self.outliers
                 .failure(&backend.key, &route.keys, &self.policy(), Instant::now())

@@ -90,7 +90,11 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
     let Some(instance) = local
         .services
         .iter()
-        .find(|s| s.id == head.instance && s.name == head.service)
+        .find(|s| {
+            s.id == head.instance
+                && s.name == head.service
+                && s.protocol != gossamer_membership::catalog::Protocol::Tcp
+        })
         .cloned()
     else {
         let msg = format!(

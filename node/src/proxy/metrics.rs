@@ -78,6 +78,29 @@ pub struct BytesLabels {
     pub direction: String,
 }
 
+/// `service`, `instance`, `outcome` (`opened`, `failed`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// Service name.
+    pub service: String,
+    /// `node/id`, or `none` when no instance could be reached.
+    pub instance: String,
+    /// What became of the connection attempt.
+    pub outcome: String,
+}
+
+/// `service`, `instance`, `direction` (`sent`: client to instance,
+/// `received`: instance to client).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpBytesLabels {
+    /// Service name.
+    pub service: String,
+    /// `node/id`.
+    pub instance: String,
+    /// Which way.
+    pub direction: String,
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
 }
@@ -103,6 +126,14 @@ pub struct ProxyMetrics {
     pub authz: Family<AuthzLabels, Counter>,
     /// Requests in flight through this agent (both sides).
     pub active: Gauge,
+    /// TCP connections through upstream listeners, by outcome.
+    pub tcp_connections: Family<TcpLabels, Counter>,
+    /// TCP connections open through upstream listeners, per instance.
+    pub tcp_active: Family<InstanceLabels, Gauge>,
+    /// TCP bytes each way, per instance.
+    pub tcp_bytes: Family<TcpBytesLabels, Counter>,
+    /// Time to reach a TCP instance (until it accepted the connection).
+    pub tcp_connect: Family<ServiceLabel, Histogram, fn() -> Histogram>,
 }
 
 impl ProxyMetrics {
@@ -118,6 +149,10 @@ impl ProxyMetrics {
             mirrored: Family::default(),
             authz: Family::default(),
             active: Gauge::default(),
+            tcp_connections: Family::default(),
+            tcp_active: Family::default(),
+            tcp_bytes: Family::default(),
+            tcp_connect: Family::new_with_constructor(latency_histogram),
         };
         registry.register(
             "gossamer_proxy_requests",
@@ -154,6 +189,26 @@ impl ProxyMetrics {
             "gossamer_proxy_body_bytes",
             "Request and response body bytes",
             m.bytes.clone(),
+        );
+        registry.register(
+            "gossamer_tcp_connections",
+            "TCP connections through upstream listeners, by service, instance and outcome (opened, failed)",
+            m.tcp_connections.clone(),
+        );
+        registry.register(
+            "gossamer_tcp_active_connections",
+            "TCP connections open through upstream listeners, by service and instance",
+            m.tcp_active.clone(),
+        );
+        registry.register(
+            "gossamer_tcp_bytes",
+            "TCP bytes through upstream listeners, by service, instance and direction (sent: client to instance)",
+            m.tcp_bytes.clone(),
+        );
+        registry.register(
+            "gossamer_tcp_connect_seconds",
+            "Time to reach a TCP instance through the mesh",
+            m.tcp_connect.clone(),
         );
         registry.register(
             "gossamer_proxy_active_streams",

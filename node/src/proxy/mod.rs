@@ -8,6 +8,8 @@
 //!   remote, retry, fail over); the only `impl Proxy`.
 //! - [`outbound`]: the listener for local apps, feeding the request path.
 //! - [`inbound`]: serving proxy streams from other nodes.
+//! - [`tcp`]: TCP services: upstream listeners' connections as bytes on
+//!   QUIC streams.
 //! - [`config`]: `[proxy]`, typed when the config file loads.
 //! - [`routes`]: the routing table built from the catalog, hash policies.
 //! - [`policy`]: route documents compiled: rules, sticky splits, faults.
@@ -32,6 +34,7 @@ pub mod outbound;
 pub mod outlier;
 pub mod policy;
 pub mod routes;
+pub mod tcp;
 pub mod upgrade;
 pub mod wire;
 

@@ -120,6 +120,24 @@ pub fn hash_input(parts: &Parts, policy: &HashPolicy, peer: SocketAddr) -> Vec<u
     found.unwrap_or_else(|| peer.ip().to_string().into_bytes())
 }
 
+/// A request to an upstream listener of `service`: whatever its Host
+/// header or URI says, it goes to `service`.
+pub async fn handle_for(
+    proxy: Arc<Proxy>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    service: String,
+) -> Response<ProxyBody> {
+    if let Some(path) = req.uri().path_and_query().cloned() {
+        *req.uri_mut() = path.into();
+    }
+    req.headers_mut().remove(http::header::HOST);
+    if let Ok(v) = HeaderValue::from_str(&service) {
+        req.headers_mut().insert(http::header::HOST, v);
+    }
+    handle(proxy, req, peer).await
+}
+
 async fn handle(
     proxy: Arc<Proxy>,
     req: Request<Incoming>,
@@ -163,6 +181,15 @@ async fn route_request(
             format!("unknown service {service:?}"),
         );
     };
+    if super::tcp::speaks_tcp(&route) {
+        proxy.count(&service, "none", "5xx");
+        return local_response(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "service {service:?} speaks tcp, not HTTP: reach it through an upstream listener ([[upstream]] service = \"{service}\" in the agent config, or PUT /v1/agent/upstreams/{service})"
+            ),
+        );
+    }
     let on_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     // The instance sees the name it was called by: from an absolute URI or
