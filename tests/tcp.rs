@@ -491,3 +491,162 @@ fn redis_through_the_mesh() -> Result<()> {
     let _ = redis.wait();
     result
 }
+
+#[test]
+fn upstreams_from_the_config_file_serve_http_and_obey_l4_authz() -> Result<()> {
+    let rt = runtime()?;
+    let pki = Pki::new()?;
+    let ops = pki.issue_operator("ops")?;
+    let first = Agent::start(&pki, "n1", AgentOptions::default())?;
+    let web = DemoService::start("web-n2", None)?;
+    let echo = rt.block_on(echo_server("echo-n2"))?;
+    let up_web = free_port()?;
+    let up_echo = free_port()?;
+
+    // n2 hosts web (HTTP) and echo (TCP); n1's config file dials both
+    // through upstream listeners.
+    let n2_config = pki.dir.path().join("n2.toml");
+    std::fs::write(
+        &n2_config,
+        format!(
+            "[[service]]\nid = \"web-n2\"\nname = \"web\"\nport = {}\n\n[[service]]\nid = \"echo-n2\"\nname = \"echo\"\nport = {}\nprotocol = \"tcp\"\ncheck = {{ tcp = true, interval = \"1s\" }}\n",
+            web.addr.port(),
+            echo.port()
+        ),
+    )?;
+    let n2 = Agent::start(
+        &pki,
+        "n2",
+        AgentOptions {
+            seeds: vec![first.seed()],
+            config: Some(n2_config),
+            ..Default::default()
+        },
+    )?;
+    drop(first);
+    let n1_config = pki.dir.path().join("n1.toml");
+    std::fs::write(
+        &n1_config,
+        format!(
+            "[[upstream]]\nservice = \"web\"\nlisten = \"127.0.0.1:{up_web}\"\n\n[[upstream]]\nservice = \"echo\"\nlisten = \"127.0.0.1:{up_echo}\"\nhash = \"none\"\n"
+        ),
+    )?;
+    let n1 = Agent::start(
+        &pki,
+        "n1",
+        AgentOptions {
+            seeds: vec![n2.seed()],
+            config: Some(n1_config.clone()),
+            ..Default::default()
+        },
+    )?;
+    let refs = [&n1, &n2];
+    wait_health(
+        &refs,
+        "echo",
+        "echo-n2",
+        Some("passing"),
+        Duration::from_secs(20),
+    )?;
+    wait_health(
+        &refs,
+        "web",
+        "web-n2",
+        Some("passing"),
+        Duration::from_secs(20),
+    )?;
+
+    // HTTP with no Host header at all (HTTP/1.0), and with a wrong one:
+    // the listener serves web whatever the request names.
+    for request in [
+        "GET /hello HTTP/1.0\r\n\r\n".to_owned(),
+        "GET /hello HTTP/1.1\r\nHost: elsewhere.example\r\nConnection: close\r\n\r\n".to_owned(),
+    ] {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", up_web))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(request.as_bytes())?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        ensure!(
+            answer.starts_with("HTTP/1.") && answer.contains(" 200 "),
+            "{answer}"
+        );
+        ensure!(answer.contains("web-n2"), "{answer}");
+    }
+    let (_, list) = n1.get("/v1/agent/upstreams")?;
+    ensure!(list.contains("\"source\": \"config\""), "{list}");
+    let (status, text) = http(n1.admin, "DELETE", "/v1/agent/upstreams/web", None)?;
+    ensure!(
+        status == 409 && text.contains("config file"),
+        "{status} {text}"
+    );
+
+    // An L4 rule (no http block) denying n1 cuts its TCP connections; an
+    // L7 rule says nothing about TCP.
+    let up: SocketAddr = format!("127.0.0.1:{up_echo}").parse()?;
+    ensure!(rt.block_on(echo_once(up, b"before"))?.1 == b"before");
+    let doc = pki.dir.path().join("authz-echo.toml");
+    std::fs::write(
+        &doc,
+        "[[authz]]\nname = \"echo\"\ndefault = \"allow\"\n[[authz.rule]]\nfrom = { nodes = [\"n1\"] }\naction = \"allow\"\nhttp = { paths = [{ prefix = \"/\" }] }\n[[authz.rule]]\nfrom = { nodes = [\"n1\"] }\naction = \"deny\"\n",
+    )?;
+    let applied = config_apply(&n1, &doc, &ops);
+    ensure!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    wait_doc_version(&refs, "authz", "echo", 1)?;
+    let denied = rt.block_on(echo_once(up, b"after"));
+    ensure!(
+        denied.as_ref().map_or(true, |(_, back)| back.is_empty()),
+        "a denied connection echoed: {denied:?}"
+    );
+    let denials = n2
+        .metric(r#"gossamer_authz_decisions_total{service="echo",rule="rule 1",decision="deny"}"#)
+        .unwrap_or(0.0);
+    ensure!(denials >= 1.0, "{denials}");
+    drop(n1);
+
+    // Config-file mistakes stop the agent with a clear error.
+    let (cert, key) = pki.issue("n3")?;
+    for (text, expect) in [
+        (
+            format!(
+                "[[upstream]]\nservice = \"web\"\nlisten = \"{}\"\n",
+                n2.admin
+            ),
+            "cannot listen on",
+        ),
+        (
+            "[[upstream]]\nservice = \"web\"\nlisten = \"127.0.0.1:1\"\nhash = \"ring\"\n"
+                .to_owned(),
+            "upstream[0].hash",
+        ),
+        (
+            "[[upstream]]\nservice = \"web\"\nlisten = \"nowhere\"\n".to_owned(),
+            "upstream[0].listen",
+        ),
+        (
+            "[[service]]\nname = \"db\"\nport = 5432\nprotocol = \"postgres\"\n".to_owned(),
+            "tcp",
+        ),
+    ] {
+        let file = pki.dir.path().join("bad.toml");
+        std::fs::write(&file, &text)?;
+        let out = agent_once(
+            &pki,
+            "n3",
+            &cert,
+            &key,
+            &["--config", file.to_str().unwrap()],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && stderr.contains(expect),
+            "{text}: {stderr}"
+        );
+    }
+    Ok(())
+}

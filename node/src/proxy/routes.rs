@@ -102,6 +102,9 @@ pub struct ServiceRoute {
     pub backends: Vec<Backend>,
     /// Keys of all backends, for ejection caps.
     pub keys: Vec<String>,
+    /// Whether an instance registered `protocol = "tcp"`: then the service
+    /// is reached through upstream listeners, not the HTTP proxy.
+    pub tcp: bool,
     signature: Vec<(String, u32)>,
     table: OnceLock<Arc<Table>>,
 }
@@ -134,11 +137,13 @@ impl ServiceRoute {
             let _ = table.set(t.clone());
         }
         let keys = backends.iter().map(|b| b.key.clone()).collect();
+        let tcp = backends.iter().any(|b| b.protocol == Protocol::Tcp);
         Self {
             name,
             policy,
             backends,
             keys,
+            tcp,
             signature,
             table,
         }

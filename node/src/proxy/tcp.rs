@@ -82,7 +82,7 @@ impl Spread {
 /// Whether a service's instances speak TCP (then the HTTP proxy refuses
 /// it, and an upstream listener carries bytes).
 pub fn speaks_tcp(route: &ServiceRoute) -> bool {
-    route.backends.iter().any(|b| b.protocol == Protocol::Tcp)
+    route.tcp
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
