@@ -9,6 +9,10 @@ Paths, all to the same 1 kB response from one nginx upstream:
   P3 nginx      client -> nginx A -> TLS mTLS -> nginx B -> upstream
   P4 gossamer+docs  (with --doc FILE...) P1 again, on the same agents, with
                 those configuration documents applied before and deleted after
+  T1 gossamer tcp   (with --tcp) client -> agent A's upstream listener -> QUIC mTLS
+                -> agent B -> upstream, the upstream registered as a TCP service
+  T2 haproxy tcp    (with --tcp) client -> haproxy A (mode tcp) -> TLS 1.3 mTLS
+                -> haproxy B (mode tcp) -> upstream
 
 The load generator (oha) runs on core 0; proxies and the upstream on core 1,
 one worker/thread each. Each repetition runs the paths in a shuffled order.
@@ -183,13 +187,19 @@ http {{
         a 1,000-service catalog. P4 is the same pair with --doc documents
         in force while it is measured."""
         g = self.args.gossamer
-        ports = {k: free_port() for k in ["qa", "qb", "aa", "ab", "xa", "xb"]}
+        ports = {k: free_port() for k in ["qa", "qb", "aa", "ab", "xa", "xb", "ta"]}
+        tcp = self.args.tcp
         for node, other in [("ga", "a"), ("gb", "b")]:
             blocks = []
             for i in range(1000):
                 blocks.append(f'[[service]]\nid = "svc-{i:04}-{other}"\nname = "svc-{i:04}"\nport = {20000 + i}\n')
             if node == "gb":
                 blocks.append(f'[[service]]\nid = "bench-b"\nname = "bench"\nport = {self.up_port}\n')
+                if tcp:
+                    blocks.append(f'[[service]]\nid = "bench-tcp-b"\nname = "bench-tcp"\nport = {self.up_port}\n'
+                                  'protocol = "tcp"\n')
+            elif tcp:
+                blocks.append(f'[[upstream]]\nservice = "bench-tcp"\nlisten = "127.0.0.1:{ports["ta"]}"\n')
             (self.dir / f"{node}.toml").write_text("\n".join(blocks))
         common = ["--ca", str(self.dir / "ca/ca.pem"), "--log-level", "warn", "--threads", "1"]
         b = self.start("agent-b", [g, "agent", "--name", "gb", "--bind", f"127.0.0.1:{ports['qb']}",
@@ -209,7 +219,7 @@ http {{
                 body = http_get(ports["aa"], "/v1/catalog").split(b"\r\n\r\n", 1)[1]
                 services = json.loads(body)["services"]
                 instances = sum(len(v) for v in services.values())
-                if len(services) == 1001 and instances == 2001:
+                if len(services) == 1001 + tcp and instances == 2001 + tcp:
                     break
             except (OSError, ValueError, KeyError, IndexError):
                 pass
@@ -221,6 +231,10 @@ http {{
             sys.exit(f"gossamer path does not serve the 1 kB response: {response[:300]!r}")
         self.admin_ports = [ports["aa"], ports["ab"]]
         self.paths["P1 gossamer"] = {"port": ports["xa"], "host": "bench", "procs": [a, b]}
+        if tcp:
+            if b"x" * 1024 not in http_get(ports["ta"], "/1k"):
+                sys.exit("gossamer tcp path does not serve the 1 kB response")
+            self.paths["T1 gossamer tcp"] = {"port": ports["ta"], "host": None, "procs": [a, b]}
 
     def operator(self):
         """The operator certificate and key that sign --doc documents."""
@@ -298,6 +312,49 @@ backend b
         if b"x" * 1024 not in http_get(pa, "/1k"):
             sys.exit("haproxy path does not serve the 1 kB response")
         self.paths["P2 haproxy"] = {"port": pa, "host": None, "procs": [a, b]}
+
+    def haproxy_tcp(self):
+        """The HAProxy pair in TCP mode: TLS 1.3 with client certificates
+        between A and B, bytes on both sides (one TLS connection per client
+        connection)."""
+        pa, pb = free_port(), free_port()
+        c = self.dir / "certs"
+        common = """
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+"""
+        (self.dir / "haproxy-tcp-b.cfg").write_text(f"""
+global
+    nbthread 1
+    maxconn 8000
+    ssl-default-bind-options ssl-min-ver TLSv1.3
+{common}
+frontend fb
+    bind 127.0.0.1:{pb} ssl crt {c}/proxy-b.bundle ca-file {self.dir}/ca/ca.pem verify required
+    default_backend up
+backend up
+    server u 127.0.0.1:{self.up_port}
+""")
+        (self.dir / "haproxy-tcp-a.cfg").write_text(f"""
+global
+    nbthread 1
+    maxconn 8000
+    ssl-default-server-options ssl-min-ver TLSv1.3
+{common}
+frontend fa
+    bind 127.0.0.1:{pa}
+    default_backend b
+backend b
+    server b 127.0.0.1:{pb} ssl crt {c}/proxy-a.bundle ca-file {self.dir}/ca/ca.pem verify required verifyhost proxy-b sni str(proxy-b)
+""")
+        b = self.start("haproxy-tcp-b", ["haproxy", "-db", "-f", str(self.dir / "haproxy-tcp-b.cfg")], pb)
+        a = self.start("haproxy-tcp-a", ["haproxy", "-db", "-f", str(self.dir / "haproxy-tcp-a.cfg")], pa)
+        if b"x" * 1024 not in http_get(pa, "/1k"):
+            sys.exit("haproxy tcp path does not serve the 1 kB response")
+        self.paths["T2 haproxy tcp"] = {"port": pa, "host": None, "procs": [a, b]}
 
     def nginx(self):
         pa, pb = free_port(), free_port()
@@ -413,6 +470,8 @@ backend b
         names = ["P0 direct", "P1 gossamer", "P2 haproxy", "P3 nginx"]
         if self.args.doc or self.args.crl:
             names.append("P4 gossamer+docs")
+        if self.args.tcp:
+            names += ["T1 gossamer tcp", "T2 haproxy tcp"]
         results = {name: [] for name in names}
         transfers = {}
         try:
@@ -422,6 +481,8 @@ backend b
             if self.args.doc or self.args.crl:
                 self.paths["P4 gossamer+docs"] = dict(self.paths["P1 gossamer"], docs=True)
             self.haproxy()
+            if self.args.tcp:
+                self.haproxy_tcp()
             self.nginx()
             rng = random.Random(self.args.seed)
             for rep in range(self.args.repetitions):
@@ -430,7 +491,7 @@ backend b
                 for name in order:
                     print(f"[rep {rep + 1}/{self.args.repetitions}] {name}", file=sys.stderr, flush=True)
                     results[name].append(self.measure(name))
-            for name in ["P0 direct", "P1 gossamer"]:
+            for name in ["P0 direct", "P1 gossamer"] + (["T1 gossamer tcp", "T2 haproxy tcp"] if self.args.tcp else []):
                 transfers[name] = self.transfer(name)
                 print(f"1 GiB via {name}: {transfers[name]}", file=sys.stderr)
         finally:
@@ -529,6 +590,8 @@ def main():
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="1 repetition, 5 s phases")
+    ap.add_argument("--tcp", action="store_true",
+                    help="also measure T1 (a TCP service through an upstream listener) and T2 (HAProxy's TCP mode as an mTLS pair)")
     ap.add_argument("--crl", type=int, default=0, metavar="N",
                     help="also measure P4 with a revocation list of N serials (of no bench certificate) in force")
     ap.add_argument("--doc", action="append", default=[],

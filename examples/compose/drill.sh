@@ -99,6 +99,10 @@ survivors_see_n3_down() {
 others_see_n5_revoked() {
     for n in n1 n2 n4; do [ "$(state_of "$n" n5)" = revoked ] || return 1; done
 }
+redis_passing() {
+    [ "$(g "$1" service redis --json 2>/dev/null | python3 -c \
+        'import sys,json; print(sum(1 for i in json.load(sys.stdin) if i["health"]=="passing"))' 2>/dev/null)" = 1 ]
+}
 catalogs_agree() {
     local first; first="$(versions n1)"
     [ -n "$first" ] || return 1
@@ -107,6 +111,7 @@ catalogs_agree() {
 
 info "building the image (static binary, FROM scratch, no registry)"
 if ! ./build-image.sh; then fail "image build"; exit 1; fi
+if ! ./build-redis-image.sh; then fail "redis image build"; exit 1; fi
 ./gen-pki.sh || { fail "certificates"; exit 1; }
 
 info "starting the cluster"
@@ -124,6 +129,18 @@ if [ "$(field "$report" 'failed')" = "0" ] && [ "$(field "$report" 'len(by_insta
     pass "traffic through n1: no failures, all 5 instances answered"
 else
     fail "traffic through n1: $report"
+fi
+
+info "Redis through the mesh: redis-cli next to n1, via n1's upstream listener to n2"
+wait_until 30 "n1 lists the redis instance on n2 passing" redis_passing n1
+redis_cli() {
+    docker run --rm --network "container:$(cid n1)" --entrypoint /usr/bin/redis-cli redis:local -p 6380 "$@" 2>&1
+}
+if [ "$(redis_cli ping)" = PONG ] && [ "$(redis_cli set mesh gossamer)" = OK ] \
+    && [ "$(redis_cli get mesh)" = gossamer ]; then
+    pass "redis-cli ping, set and get through the mesh"
+else
+    fail "redis through the mesh: ping gave $(redis_cli ping)"
 fi
 
 info "cutting n4 and n5 off the network"

@@ -14,7 +14,10 @@ run ca init --dir /pki/ca >/dev/null
 for n in n1 n2 n3 n4 n5; do
     # Each node hosts one instance of web: its certificate says so, and the
     # other agents refuse any other service it might claim.
-    run cert issue --ca-dir /pki/ca --name "$n" --service web --out /pki/certs >/dev/null
+    services=(--service web)
+    # n2 also hosts Redis (a TCP service).
+    [ "$n" = n2 ] && services+=(--service redis)
+    run cert issue --ca-dir /pki/ca --name "$n" "${services[@]}" --out /pki/certs >/dev/null
 done
 # An operator certificate signs configuration documents (the drill applies
 # one during a partition).

@@ -11,7 +11,7 @@ use gossamer_transport::pki;
 use gossamer_transport::revocation::{self, Revoked};
 use http::Method;
 
-use super::run::{DemoError, Http, Node, fail, served_by, wait_for};
+use super::run::{DemoError, Http, Node, apply_document, fail, served_by, wait_for};
 use crate::client;
 
 /// Requests sent through one proxy, in the background, until stopped.
@@ -166,30 +166,15 @@ pub async fn revoke(
     std::fs::write(&crl, &pem).map_err(|e| err(&e))?;
     let signer = gossamer_transport::sign::OperatorSigner::from_pem(operator.0, operator.1)
         .map_err(|e| err(&e))?;
-    let live = json(nodes[0].admin, "/v1/config/crl/mesh")
-        .await
-        .ok()
-        .and_then(|v| v["version"].as_u64())
-        .unwrap_or(0);
     let body = serde_json::json!({ "pem": pem });
-    let mut env = crate::documents::envelope::Envelope::new(
+    let (_, applied) = apply_document(
+        nodes[0].admin,
+        &signer,
         "crl",
         crate::documents::envelope::CRL_NAME,
-        live + 1,
-        Some(&body),
+        &body,
     )
-    .map_err(|e| err(&e))?;
-    env.sign(&signer).map_err(|e| err(&e))?;
-    let applied = Instant::now();
-    client::call(
-        nodes[0].admin,
-        None,
-        Method::POST,
-        "/v1/config",
-        Some(serde_json::to_vec(&env.to_json()).map_err(|e| err(&e))?),
-    )
-    .await
-    .map_err(|e| err(&e))?;
+    .await?;
     for n in others {
         wait_for(
             &format!("{} to list {} revoked", n.name, target.name),

@@ -518,6 +518,43 @@ backends = [
 ]
 "#;
 
+/// Signs document `kind name` with `body` as the version after the one
+/// `admin`'s agent holds (a kept demo directory may hold one already) and
+/// applies it there: (the version, when it was applied).
+pub(super) async fn apply_document(
+    admin: SocketAddr,
+    signer: &gossamer_transport::sign::OperatorSigner,
+    kind: &str,
+    name: &str,
+    body: &serde_json::Value,
+) -> Result<(u64, Instant), DemoError> {
+    let err = |e: &dyn std::fmt::Display| DemoError(e.to_string());
+    let live = match client::call(
+        admin,
+        None,
+        Method::GET,
+        &format!("/v1/config/{kind}/{name}"),
+        None,
+    )
+    .await
+    {
+        Ok(b) => serde_json::from_slice::<serde_json::Value>(&b)
+            .ok()
+            .and_then(|v| v["version"].as_u64())
+            .unwrap_or(0),
+        Err(_) => 0,
+    };
+    let mut env = crate::documents::envelope::Envelope::new(kind, name, live + 1, Some(body))
+        .map_err(|e| err(&e))?;
+    env.sign(signer).map_err(|e| err(&e))?;
+    let applied = Instant::now();
+    let bytes = serde_json::to_vec(&env.to_json()).map_err(|e| err(&e))?;
+    client::call(admin, None, Method::POST, "/v1/config", Some(bytes))
+        .await
+        .map_err(|e| err(&e))?;
+    Ok((live + 1, applied))
+}
+
 /// Issues an operator certificate, signs the canary document with it and
 /// applies it at n1; then checks every agent sends the same keys to v2.
 async fn canary(
@@ -546,45 +583,17 @@ async fn canary(
         .map_err(|e| err(&e))?;
     let docs = crate::documents::envelope::parse_file("canary.toml", CANARY).or_else(fail)?;
     let (kind, name, body) = docs.into_iter().next().expect("one document");
-    // A kept demo directory may already hold a version of it.
-    let live = match client::call(
-        nodes[0].admin,
-        None,
-        Method::GET,
-        "/v1/config/route/web",
-        None,
-    )
-    .await
-    {
-        Ok(b) => serde_json::from_slice::<serde_json::Value>(&b)
-            .ok()
-            .and_then(|v| v["version"].as_u64())
-            .unwrap_or(0),
-        Err(_) => 0,
-    };
-    let mut env = crate::documents::envelope::Envelope::new(&kind, &name, live + 1, Some(&body))
-        .map_err(|e| err(&e))?;
-    env.sign(&signer).map_err(|e| err(&e))?;
-    let applied = Instant::now();
-    client::call(
-        nodes[0].admin,
-        None,
-        Method::POST,
-        "/v1/config",
-        Some(serde_json::to_vec(&env.to_json()).map_err(|e| err(&e))?),
-    )
-    .await
-    .map_err(|e| err(&e))?;
+    let (version, applied) = apply_document(nodes[0].admin, &signer, &kind, &name, &body).await?;
     for n in nodes {
         wait_for(
-            &format!("{} to hold route web version {}", n.name, live + 1),
+            &format!("{} to hold route web version {version}", n.name),
             Duration::from_secs(10),
             async || {
                 let b = client::call(n.admin, None, Method::GET, "/v1/config/route/web", None)
                     .await
                     .map_err(|e| e.to_string())?;
                 let v: serde_json::Value = serde_json::from_slice(&b).map_err(|e| e.to_string())?;
-                (v["version"].as_u64() == Some(live + 1))
+                (v["version"].as_u64() == Some(version))
                     .then_some(())
                     .ok_or_else(|| format!("version {}", v["version"]))
             },
