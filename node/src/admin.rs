@@ -200,7 +200,7 @@ async fn route(
             upstream_put(state, service, &body).await
         }
         (&Method::DELETE, ["v1", "agent", "upstreams", service]) => {
-            match state.upstreams.delete(service) {
+            match state.upstreams.delete(service).await {
                 Ok(()) => json(StatusCode::OK, &serde_json::json!({"service": service})),
                 Err(e) => upstream_error(e),
             }

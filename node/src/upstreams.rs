@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use gossamer_membership::catalog::validate_service_name;
 use serde::{Deserialize, Serialize};
@@ -134,6 +135,8 @@ struct Running {
     spec: UpstreamSpec,
     spread: Arc<Mutex<Spread>>,
     stop: CancellationToken,
+    /// Cancelled once the listener's socket is closed.
+    closed: CancellationToken,
     from_config: bool,
 }
 
@@ -207,13 +210,14 @@ impl Upstreams {
         })?;
         let spread = Arc::new(Mutex::new(spec.hash));
         let stop = CancellationToken::new();
+        let closed = CancellationToken::new();
         let acceptor = Acceptor::new(
             "upstream",
             self.limits,
             self.metrics.clone(),
             self.tasks.clone(),
         );
-        self.tasks.spawn(run(
+        let listening = run(
             listener,
             spec.service.clone(),
             spread.clone(),
@@ -221,7 +225,12 @@ impl Upstreams {
             acceptor,
             stop.clone(),
             self.tasks.clone(),
-        ));
+        );
+        let done = closed.clone();
+        self.tasks.spawn(async move {
+            listening.await;
+            done.cancel();
+        });
         info!(service = %spec.service, listen = %spec.listen, "upstream listener started");
         if let Some(old) = self.running().insert(
             spec.service.clone(),
@@ -229,6 +238,7 @@ impl Upstreams {
                 spec,
                 spread,
                 stop,
+                closed,
                 from_config,
             },
         ) {
@@ -263,21 +273,23 @@ impl Upstreams {
         Ok(spec)
     }
 
-    /// Stops a runtime upstream's listener (connections already open go on
-    /// until they end).
-    pub fn delete(&self, service: &str) -> Result<(), UpstreamError> {
-        let mut running = self.running();
-        match running.get(service) {
-            None => return Err(UpstreamError::NotFound(service.to_owned())),
-            Some(r) if r.from_config => {
-                return Err(UpstreamError::ConfigOwned(service.to_owned()));
+    /// Stops a runtime upstream's listener, returning once its port is
+    /// closed (connections already open go on until they end).
+    pub async fn delete(&self, service: &str) -> Result<(), UpstreamError> {
+        let removed = {
+            let mut running = self.running();
+            match running.get(service) {
+                None => return Err(UpstreamError::NotFound(service.to_owned())),
+                Some(r) if r.from_config => {
+                    return Err(UpstreamError::ConfigOwned(service.to_owned()));
+                }
+                Some(_) => running.remove(service),
             }
-            Some(_) => {}
-        }
-        if let Some(r) = running.remove(service) {
+        };
+        if let Some(r) = removed {
             r.stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), r.closed.cancelled()).await;
         }
-        drop(running);
         info!(%service, "upstream listener stopped");
         self.save();
         Ok(())
@@ -321,7 +333,8 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
-/// Accepts on one upstream listener until stopped or the agent drains.
+/// Accepts on one upstream listener until stopped or the agent drains;
+/// the socket closes when this returns.
 async fn run(
     listener: TcpListener,
     service: String,
