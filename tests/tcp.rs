@@ -12,6 +12,14 @@ use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
+/// The tests of this file run one at a time: each starts agents, servers
+/// and up to a thousand connections, which is enough for 2 cores.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A free loopback port (bound and released).
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -129,6 +137,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 #[test]
 fn tcp_upstreams_carry_bytes_half_close_bulk_and_many_connections() -> Result<()> {
+    let _serial = one_at_a_time();
     let rt = runtime()?;
     let pki = Pki::new()?;
     let agents = mesh(&pki, 2, &[])?;
@@ -292,6 +301,7 @@ fn tcp_upstreams_carry_bytes_half_close_bulk_and_many_connections() -> Result<()
 
 #[test]
 fn a_tcp_client_is_reset_when_its_owner_dies_and_reconnects_elsewhere() -> Result<()> {
+    let _serial = one_at_a_time();
     let rt = runtime()?;
     let pki = Pki::new()?;
     let mut agents = mesh(&pki, 3, &[])?;
@@ -407,6 +417,7 @@ fn redis_benchmark(port: u16) -> Result<(Vec<(String, f64)>, String)> {
 
 #[test]
 fn redis_through_the_mesh() -> Result<()> {
+    let _serial = one_at_a_time();
     for (command, package) in [
         ("redis-server", "redis-server"),
         ("redis-cli", "redis-tools"),
@@ -494,6 +505,7 @@ fn redis_through_the_mesh() -> Result<()> {
 
 #[test]
 fn upstreams_from_the_config_file_serve_http_and_obey_l4_authz() -> Result<()> {
+    let _serial = one_at_a_time();
     let rt = runtime()?;
     let pki = Pki::new()?;
     let ops = pki.issue_operator("ops")?;
