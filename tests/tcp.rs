@@ -27,10 +27,18 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// A loopback listener with room for a burst of a thousand connects in
+/// its accept queue (the default 128 would drop some of them).
+fn listen() -> Result<TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind("127.0.0.1:0".parse()?)?;
+    Ok(socket.listen(4096)?)
+}
+
 /// An echo server on a tokio runtime: greets each connection with
 /// `NAME\n`, echoes every byte, and shuts its side once the client has.
 async fn echo_server(name: &'static str) -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let listener = listen()?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
@@ -58,7 +66,7 @@ fn stream_chunk(state: &mut u64, buf: &mut [u8]) {
 /// A server that sends `len` bytes of the fixed stream to each
 /// connection, then closes.
 async fn source_server(len: u64) -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let listener = listen()?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
