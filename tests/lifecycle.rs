@@ -16,19 +16,7 @@ use support::*;
 /// atomic rename. Returns the new serial.
 fn replace_cert(pki: &Pki, name: &str, subdir: &str, cert: &Path, key: &Path) -> Result<String> {
     let out = pki.dir.path().join(subdir);
-    let ca = pki.dir.path().join("ca");
-    let issued = gossamer(&[
-        "cert",
-        "issue",
-        "--ca-dir",
-        ca.to_str().unwrap(),
-        "--name",
-        name,
-        "--service",
-        "*",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let issued = pki.issue_into(name, subdir, &["--service", "*"]);
     ensure!(
         issued.status.success(),
         "cert issue: {}",
@@ -313,20 +301,8 @@ fn a_peer_whose_certificate_expired_cannot_join() -> Result<()> {
     let pki = Pki::new()?;
     let n1 = Agent::start(&pki, "n1", AgentOptions::default())?;
     // n2's certificate lasts 8 s: it joins, then runs on past the end.
-    let ca = pki.dir.path().join("ca");
     let short = pki.dir.path().join("short");
-    let issued = gossamer(&[
-        "cert",
-        "issue",
-        "--ca-dir",
-        ca.to_str().unwrap(),
-        "--name",
-        "n2",
-        "--ttl",
-        "8s",
-        "--out",
-        short.to_str().unwrap(),
-    ]);
+    let issued = pki.issue_into("n2", "short", &["--ttl", "8s"]);
     ensure!(
         issued.status.success(),
         "{}",

@@ -131,6 +131,25 @@ impl Pki {
         Ok((cert, out_dir.join(format!("{name}.key"))))
     }
 
+    /// `gossamer cert issue --name NAME --out DIR/SUBDIR` plus `extra`
+    /// arguments, whatever is there already: the command's output.
+    pub fn issue_into(&self, name: &str, subdir: &str, extra: &[&str]) -> Output {
+        let ca = self.dir.path().join("ca");
+        let out = self.dir.path().join(subdir);
+        let mut args = vec![
+            "cert",
+            "issue",
+            "--ca-dir",
+            ca.to_str().unwrap(),
+            "--name",
+            name,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        gossamer(&args)
+    }
+
     /// A fresh data dir for `name`.
     pub fn data_dir(&self, name: &str) -> PathBuf {
         self.dir.path().join("data").join(name)
