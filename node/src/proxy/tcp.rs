@@ -21,7 +21,8 @@ use gossamer_membership::catalog::Protocol;
 use gossamer_transport::frame::{read_frame, write_frame};
 use gossamer_transport::{RecvStream, SendStream};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -386,8 +387,8 @@ async fn carry<R, W>(
     counters: Counters,
 ) -> std::io::Result<()>
 where
-    R: AsyncRead + Unpin + Abort,
-    W: AsyncWrite + Unpin + Abort,
+    R: Source,
+    W: Sink,
 {
     let (cr, cw) = client.into_split();
     carry_streams(cr, cw, up_r, up_w, idle, counters).await
@@ -436,10 +437,10 @@ async fn carry_streams<AR, AW, BR, BW>(
     counters: Counters,
 ) -> std::io::Result<()>
 where
-    AR: AsyncRead + Unpin + Abort,
-    AW: AsyncWrite + Unpin + Abort,
-    BR: AsyncRead + Unpin + Abort,
-    BW: AsyncWrite + Unpin + Abort,
+    AR: Source,
+    AW: Sink,
+    BR: Source,
+    BW: Sink,
 {
     let epoch = Instant::now();
     let last = AtomicU64::new(0);
@@ -472,7 +473,9 @@ where
     outcome
 }
 
-/// Copies until end of stream, then shuts `to` down for writing.
+/// Copies until end of stream, then shuts `to` down for writing. Chunks
+/// move as [`Bytes`]: a QUIC stream hands over its received chunks and
+/// takes the ones to send without another copy.
 async fn pump<R, W>(
     from: &mut R,
     to: &mut W,
@@ -480,17 +483,82 @@ async fn pump<R, W>(
     touch: &impl Fn(),
 ) -> std::io::Result<()>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    R: Source,
+    W: Sink,
 {
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = BytesMut::new();
     loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            return to.shutdown().await;
-        }
-        to.write_all(&buf[..n]).await?;
-        bytes.inc_by(n as u64);
+        let Some(chunk) = from.next_chunk(&mut buf).await? else {
+            return to.finish().await;
+        };
+        let n = chunk.len() as u64;
+        to.put(chunk).await?;
+        bytes.inc_by(n);
         touch();
+    }
+}
+
+/// A connection half bytes are read from.
+pub trait Source: Unpin + Abort {
+    /// The next bytes (`None` at end of stream); `buf` is scratch space
+    /// the caller keeps between calls.
+    fn next_chunk(
+        &mut self,
+        buf: &mut BytesMut,
+    ) -> impl Future<Output = std::io::Result<Option<Bytes>>> + Send;
+}
+
+/// A connection half bytes are written to.
+pub trait Sink: Unpin + Abort {
+    /// Writes all of `chunk`.
+    fn put(&mut self, chunk: Bytes) -> impl Future<Output = std::io::Result<()>> + Send;
+    /// Ends the stream for writing (half-close).
+    fn finish(&mut self) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+/// Reads what is there, up to about [`CHUNK`], into `buf` and cuts it off.
+/// (QUIC hands over one chunk per packet; gathering them here keeps the
+/// writes to a TCP socket few and large.)
+async fn read_into<R: AsyncRead + Unpin>(
+    from: &mut R,
+    buf: &mut BytesMut,
+) -> std::io::Result<Option<Bytes>> {
+    // Reuses the buffer's storage once the chunks cut from it are gone.
+    if buf.capacity() < CHUNK / 4 {
+        buf.reserve(CHUNK);
+    }
+    match from.read_buf(buf).await? {
+        0 => Ok(None),
+        _ => Ok(Some(buf.split().freeze())),
+    }
+}
+
+impl Source for tokio::net::tcp::OwnedReadHalf {
+    async fn next_chunk(&mut self, buf: &mut BytesMut) -> std::io::Result<Option<Bytes>> {
+        read_into(self, buf).await
+    }
+}
+
+impl Source for RecvStream {
+    async fn next_chunk(&mut self, buf: &mut BytesMut) -> std::io::Result<Option<Bytes>> {
+        read_into(self, buf).await
+    }
+}
+
+impl Sink for tokio::net::tcp::OwnedWriteHalf {
+    async fn put(&mut self, chunk: Bytes) -> std::io::Result<()> {
+        self.write_all(&chunk).await
+    }
+    async fn finish(&mut self) -> std::io::Result<()> {
+        self.shutdown().await
+    }
+}
+
+impl Sink for SendStream {
+    async fn put(&mut self, chunk: Bytes) -> std::io::Result<()> {
+        Ok(self.write_chunk(chunk).await?)
+    }
+    async fn finish(&mut self) -> std::io::Result<()> {
+        self.shutdown().await
     }
 }
