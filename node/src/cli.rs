@@ -216,6 +216,11 @@ pub struct AgentArgs {
     /// Admin HTTP API address [default: 127.0.0.1:7947].
     #[arg(long, env = "GOSSAMER_ADMIN", value_name = "IP:PORT")]
     pub admin: Option<String>,
+    /// Serve as a gateway: a plain-HTTP ingress listener on this address,
+    /// routed by `ingress` documents (HTTPS listeners: `[ingress]` in the
+    /// config file).
+    #[arg(long, env = "GOSSAMER_INGRESS", value_name = "IP:PORT")]
+    pub ingress: Option<String>,
     /// A peer to join through (repeatable; host names resolve).
     #[arg(
         long = "seed",

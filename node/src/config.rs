@@ -50,6 +50,8 @@ pub struct AgentConfig {
     pub proxy: ProxyConfig,
     /// Connection limits of the proxy and admin listeners.
     pub limits: LimitsConfig,
+    /// Gateway listeners and their limits.
+    pub ingress: crate::gateway::IngressConfig,
     /// How many connections to peers are kept open, and for how long.
     pub peer_links: LinkPolicy,
     /// The admin API's bearer token for writes, read from
@@ -161,6 +163,7 @@ pub struct FileConfig {
     catalog: Option<CatalogConfig>,
     proxy: Option<ProxyConfig>,
     limits: Option<LimitsConfig>,
+    ingress: Option<crate::gateway::IngressConfig>,
     peer_links: Option<LinkPolicy>,
     admin_token_file: Option<PathBuf>,
     service: Option<Vec<toml::Value>>,
@@ -331,6 +334,20 @@ impl AgentConfig {
         proxy.validate().or_else(err)?;
         let limits = file.limits.unwrap_or_default();
         limits.validate().or_else(err)?;
+        let mut ingress = file.ingress.unwrap_or_default();
+        if let Some(flag) = &args.ingress {
+            let listen = addr("ingress", flag)?;
+            if !ingress.listeners.iter().any(|l| l.listen == listen) {
+                ingress
+                    .listeners
+                    .push(crate::gateway::config::ListenerConfig {
+                        listen,
+                        tls: Vec::new(),
+                        redirect_https_port: None,
+                    });
+            }
+        }
+        ingress.validate().or_else(err)?;
         let peer_links = file.peer_links.unwrap_or_default();
         peer_links.validate().or_else(err)?;
         let admin_token = match args
@@ -370,6 +387,7 @@ impl AgentConfig {
             fault_injection,
             proxy,
             limits,
+            ingress,
             peer_links,
             admin_token,
         })

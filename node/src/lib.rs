@@ -16,6 +16,7 @@
 //! - [`catalog`]: registrations, health checks, the catalog sync and view.
 //! - [`admin`]: the admin HTTP API; [`client`]: the CLI's side of it.
 //! - [`proxy`]: the data plane (outbound listener, QUIC forwarding, inbound).
+//! - [`gateway`]: ingress listeners for clients outside the mesh.
 //! - [`listener`]: HTTP listeners with connection caps and timeouts.
 //! - [`balance`]: consistent hashing.
 //! - [`demo`]: `gossamer demo` and the demo HTTP service.
@@ -35,6 +36,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod documents;
+pub mod gateway;
 pub mod identity;
 pub mod listener;
 pub mod logging;

@@ -243,7 +243,11 @@ impl ConnState {
         if now >= deadline {
             (Some(Closing::Idle), Duration::ZERO)
         } else {
-            (None, Duration::from_millis(deadline - now))
+            // A head may start at any moment and nothing wakes the
+            // watchdog when it does: look again within half the header
+            // timeout, so a slow head is cut within 1.5 times it.
+            let idle_left = Duration::from_millis(deadline - now);
+            (None, idle_left.min(limits.header_read_timeout / 2))
         }
     }
 }
@@ -302,14 +306,15 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     }
 }
 
-/// The client's socket, telling the watchdog when bytes arrive.
+/// The client's socket (or TLS session), telling the watchdog when bytes
+/// arrive.
 #[derive(Debug)]
-struct Watched {
-    stream: TcpStream,
+struct Watched<S> {
+    stream: S,
     state: Arc<ConnState>,
 }
 
-impl AsyncRead for Watched {
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -326,7 +331,7 @@ impl AsyncRead for Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -395,6 +400,7 @@ pub async fn serve<H, F, B>(
 /// Accepts connections under a listener's cap, counted in its metrics,
 /// and serves HTTP on those it is asked to.
 #[allow(missing_debug_implementations)] // hyper's builder has no Debug
+#[derive(Clone)]
 pub struct Acceptor {
     name: &'static str,
     limits: Limits,
@@ -476,10 +482,18 @@ impl Acceptor {
         }
     }
 
-    /// Serves HTTP/1.1 and h2c (with upgrades) on one accepted connection,
-    /// on the agent's tasks, with the listener's timeouts.
-    pub fn serve_http<H, F, B>(&self, stream: TcpStream, peer: SocketAddr, slot: Slot, handler: H)
+    /// Runs `work` on the agent's tasks (e.g. a TLS handshake before
+    /// [`Self::serve_http`]).
+    pub fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(work);
+    }
+
+    /// Serves HTTP/1.1 and HTTP/2 (with upgrades) on one accepted
+    /// connection (plain TCP or a TLS session), on the agent's tasks, with
+    /// the listener's timeouts.
+    pub fn serve_http<S, H, F, B>(&self, stream: S, peer: SocketAddr, slot: Slot, handler: H)
     where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
         F: Future<Output = Response<B>> + Send + 'static,
         B: Body<Data = Bytes> + Send + Unpin + 'static,

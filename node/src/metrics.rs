@@ -493,10 +493,12 @@ impl Metrics {
         Self,
         crate::proxy::metrics::ProxyMetrics,
         crate::listener::ListenerMetrics,
+        crate::gateway::serve::GatewayMetrics,
     ) {
         let mut registry = Registry::default();
         let proxy = crate::proxy::metrics::ProxyMetrics::register(&mut registry);
         let listeners = crate::listener::ListenerMetrics::register(&mut registry);
+        let gateway = crate::gateway::serve::GatewayMetrics::register(&mut registry);
         registry.register_collector(Box::new(AgentCollector {
             catalog,
             documents,
@@ -504,7 +506,7 @@ impl Metrics {
             counters,
             snapshot,
         }));
-        (Self { registry }, proxy, listeners)
+        (Self { registry }, proxy, listeners, gateway)
     }
 
     /// The Prometheus text exposition.

@@ -94,6 +94,8 @@ pub struct Sockets {
     pub admin: TcpListener,
     /// Outbound proxy for local applications.
     pub proxy: TcpListener,
+    /// Gateway listeners (none unless configured).
+    pub ingress: crate::gateway::serve::Bound,
 }
 
 impl Sockets {
@@ -118,7 +120,19 @@ impl Sockets {
                 addr: config.proxy.listen,
                 source,
             })?;
-        Ok(Self { udp, admin, proxy })
+        let ingress = crate::gateway::serve::Bound::bind(&config.ingress)
+            .await
+            .map_err(|(addr, source)| StartError::Bind {
+                key: "ingress",
+                addr,
+                source,
+            })?;
+        Ok(Self {
+            udp,
+            admin,
+            proxy,
+            ingress,
+        })
     }
 }
 
@@ -288,7 +302,7 @@ pub async fn run(
         documents.clone(),
         tasks.clone(),
     ));
-    let (metrics, proxy_metrics, listener_metrics) = Metrics::new(
+    let (metrics, proxy_metrics, listener_metrics, gateway_metrics) = Metrics::new(
         transport.clone(),
         counters,
         snapshot.clone(),
@@ -351,6 +365,17 @@ pub async fn run(
         upstreams,
     });
     let in_flight = proxy.metrics.active.clone();
+    sockets
+        .ingress
+        .serve(
+            config.ingress.clone(),
+            proxy.clone(),
+            documents.clone(),
+            gateway_metrics,
+            listener_metrics.clone(),
+            tasks.clone(),
+        )
+        .map_err(|e| StartError::Service(format!("ingress: {e}")))?;
     tasks.spawn(crate::proxy::outbound::serve(
         sockets.proxy,
         proxy,

@@ -24,7 +24,7 @@ pub const MAX_ENVELOPE: usize = MAX_BODY + 16 * 1024;
 /// Longest document name.
 pub const MAX_NAME: usize = 63;
 /// The kinds this agent knows.
-pub const KINDS: &[&str] = &["route", "authz", "crl"];
+pub const KINDS: &[&str] = &["route", "authz", "crl", "ingress", "external"];
 
 const SIGNED_PREFIX: &[u8] = b"gossamer-document-v1\0";
 
@@ -275,6 +275,18 @@ pub fn check_body(kind: &str, name: &str, body: &Value) -> Result<(), DocError> 
             spec.validate(name).map_err(invalid)
         }
         "crl" => crl_pem(body).map(drop).map_err(invalid),
+        "ingress" => {
+            let spec: super::ingress::IngressSpec =
+                serde_json::from_value(body.clone()).map_err(|e| invalid(e.to_string()))?;
+            spec.validate().map_err(invalid)
+        }
+        "external" => {
+            gossamer_membership::catalog::validate_service_name(name)
+                .map_err(|e| invalid(format!("name: {e}")))?;
+            let spec: super::external::ExternalSpec =
+                serde_json::from_value(body.clone()).map_err(|e| invalid(e.to_string()))?;
+            spec.validate().map_err(invalid)
+        }
         other => Err(DocError::UnknownKind(other.to_owned())),
     }
 }

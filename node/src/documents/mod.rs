@@ -11,11 +11,14 @@
 //! - [`cli`]: `gossamer config ...`.
 //! - [`envelope`]: the signed envelope, canonical bytes, operator files.
 //! - [`route`]: the `route` kind's body.
+//! - [`authz`], [`ingress`], [`external`]: those kinds' bodies.
 //! - [`sync`]: fetching and comparing documents on QUIC streams.
 
 pub mod authz;
 pub mod cli;
 pub mod envelope;
+pub mod external;
+pub mod ingress;
 pub mod route;
 pub mod sync;
 

@@ -32,6 +32,8 @@ const REGEX_SIZE_LIMIT: usize = 256 * 1024;
 pub const MAX_RULES: usize = 256;
 /// Backends per rule.
 pub const MAX_BACKENDS: usize = 64;
+/// Header edits per block.
+pub const MAX_HEADER_OPS: usize = 64;
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let text = String::deserialize(d)?;
@@ -215,6 +217,32 @@ pub struct HeaderOps {
     /// Remove these.
     #[serde(default)]
     pub remove: Vec<String>,
+}
+
+impl HeaderOps {
+    /// Checks names and values; returns the first bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        let count = self.set.len() + self.add.len() + self.remove.len();
+        if count > MAX_HEADER_OPS {
+            return Err(format!("{count} header edits, at most {MAX_HEADER_OPS}"));
+        }
+        for h in self
+            .set
+            .keys()
+            .chain(self.add.keys())
+            .chain(self.remove.iter())
+        {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(format!("{h:?} is not a header name"));
+            }
+        }
+        for v in self.set.values().chain(self.add.values()) {
+            if http::HeaderValue::from_str(v).is_err() {
+                return Err(format!("{v:?} is not a header value"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Fault injection.
@@ -420,21 +448,8 @@ impl RouteSpec {
                 ("request_headers", &rule.request_headers),
                 ("response_headers", &rule.response_headers),
             ] {
-                let Some(ops) = ops else { continue };
-                for h in ops
-                    .set
-                    .keys()
-                    .chain(ops.add.keys())
-                    .chain(ops.remove.iter())
-                {
-                    if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
-                        return Err(format!("{f}.{name}: {h:?} is not a header name"));
-                    }
-                }
-                for v in ops.set.values().chain(ops.add.values()) {
-                    if http::HeaderValue::from_str(v).is_err() {
-                        return Err(format!("{f}.{name}: {v:?} is not a header value"));
-                    }
+                if let Some(ops) = ops {
+                    ops.validate().map_err(|e| format!("{f}.{name}: {e}"))?;
                 }
             }
             if let Some(fault) = &rule.fault {

@@ -170,6 +170,10 @@ struct Replay {
     read: usize,
     /// The newest attempt; older ones are superseded.
     generation: u32,
+    /// Most body bytes the client may send (a gateway's cap).
+    limit: u64,
+    /// Body bytes read so far.
+    total: u64,
 }
 
 #[derive(Clone)]
@@ -181,6 +185,7 @@ enum Kept {
 const READING: u8 = 0;
 const COMPLETE: u8 = 1;
 const CLIENT_FAILED: u8 = 2;
+const TOO_LARGE: u8 = 3;
 
 impl Replayable {
     /// Wraps a request body.
@@ -212,6 +217,8 @@ impl Replayable {
                 kept_bytes,
                 overflow: false,
                 generation: 0,
+                limit: u64::MAX,
+                total: 0,
             })),
             state: Arc::new(AtomicU8::new(if complete { COMPLETE } else { READING })),
             end_stream,
@@ -221,6 +228,20 @@ impl Replayable {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Replay> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Caps the body at `limit` bytes: past it, reading fails and
+    /// [`Self::too_large`] tells why.
+    pub fn limited(self, limit: Option<u64>) -> Self {
+        if let Some(limit) = limit {
+            self.lock().limit = limit;
+        }
+        self
+    }
+
+    /// Whether the client sent more than the cap.
+    pub fn too_large(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == TOO_LARGE
     }
 
     /// Whether another attempt can still send the whole body.
@@ -310,6 +331,18 @@ impl Body for Attempt {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 let end = inner.is_end_stream();
+                if let Some(d) = frame.data_ref() {
+                    r.total += d.len() as u64;
+                    if r.total > r.limit {
+                        let limit = r.limit;
+                        r.incoming = None;
+                        this.body.state.store(TOO_LARGE, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(format!(
+                            "request body larger than {limit} bytes"
+                        )
+                        .into())));
+                    }
+                }
                 let kept = match frame.data_ref() {
                     Some(d) => Kept::Data(d.clone()),
                     None => Kept::Trailers(frame.trailers_ref().cloned().unwrap_or_default()),

@@ -30,6 +30,7 @@ use super::error::{
     AttemptError, DENIED, ERROR_HEADER, MESSAGE_HEADER, NO_RESPONSE, OTHER, UNREACHABLE,
     local_response,
 };
+use super::external::Externals;
 use super::hop;
 use super::metrics::AuthzLabels;
 use super::metrics::{InstanceLabels, ProxyMetrics, RequestLabels, RouteLabels, ServiceLabel};
@@ -407,6 +408,13 @@ impl Proxy {
                 .observe(started.elapsed().as_secs_f64());
             // The client's own mistakes (a malformed body, hanging up
             // mid-upload, sending too slowly) are never the instance's.
+            if body.too_large() {
+                self.count(service, &backend.key, "4xx");
+                return local_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body larger than this gateway accepts".into(),
+                );
+            }
             if body.client_failed() {
                 self.count(service, &backend.key, "4xx");
                 debug!(instance = %backend.key, "request body broken by the client");
@@ -543,6 +551,10 @@ impl Proxy {
         on_upgrade: Option<OnUpgrade>,
         connect_timeout: Duration,
     ) -> Result<Response<ProxyBody>, AttemptError> {
+        if let Some(target) = &backend.external {
+            let response = target.call(parts, body.attempt()).await?;
+            return Ok(self.relay(route, response));
+        }
         if backend.local {
             // This node calls its own instance: the same check as a call
             // from another node, with this node as the caller.
@@ -602,13 +614,16 @@ impl Proxy {
             head.headers = hop::clean(&head.headers, true);
             return Ok(Response::from_parts(head, body::empty()));
         }
+        Ok(self.relay(route, response))
+    }
+
+    /// An instance's answer on its way to the client: hop-by-hop headers
+    /// dropped, body bytes counted.
+    fn relay(&self, route: &ServiceRoute, response: Response<Incoming>) -> Response<ProxyBody> {
         let counter = self.metrics.bytes(&route.name, "response");
         let (mut head, incoming) = response.into_parts();
         head.headers = hop::clean(&head.headers, false);
-        Ok(Response::from_parts(
-            head,
-            Counting::boxed(incoming, counter),
-        ))
+        Response::from_parts(head, Counting::boxed(incoming, counter))
     }
 
     /// Calls an instance on another node over a proxy stream to its owner,
@@ -797,7 +812,7 @@ impl Proxy {
 
 /// What a route document changes about one request's dispatch.
 #[derive(Debug, Clone, Copy, Default)]
-pub(super) struct Overrides {
+pub struct Overrides {
     /// The whole request's timeout.
     pub timeout: Option<Duration>,
     /// Retries, in place of the agent's own.
@@ -949,11 +964,18 @@ async fn keep_routes(
 ) {
     let mut changes = documents.subscribe();
     let mut policies = Arc::new(compile_policies(&documents));
+    let mut externals = Externals::build(&documents);
     loop {
         let c = catalog.borrow_and_update().clone();
         let m = members.borrow_and_update().clone();
         let previous = tx.borrow().clone();
-        tx.send_replace(Arc::new(Routes::build(&c, &m, &previous, policies.clone())));
+        tx.send_replace(Arc::new(Routes::build(
+            &c,
+            &m,
+            &previous,
+            policies.clone(),
+            &externals,
+        )));
         tokio::select! {
             r = catalog.changed() => if r.is_err() { return },
             r = members.changed() => if r.is_err() { return },
@@ -962,6 +984,7 @@ async fn keep_routes(
                     return;
                 }
                 policies = Arc::new(compile_policies(&documents));
+                externals = Externals::build(&documents);
                 authz.send_replace(Arc::new(compile_authz(&documents)));
             }
         }

@@ -8,6 +8,7 @@
 //!   remote, retry, fail over); the only `impl Proxy`.
 //! - [`outbound`]: the listener for local apps, feeding the request path.
 //! - [`inbound`]: serving proxy streams from other nodes.
+//! - [`external`]: egress to APIs outside the mesh (`external` documents).
 //! - [`tcp`]: TCP services: upstream listeners' connections as bytes on
 //!   QUIC streams.
 //! - [`config`]: `[proxy]`, typed when the config file loads.
@@ -27,6 +28,7 @@ pub mod body;
 pub mod config;
 pub mod dispatch;
 pub mod error;
+pub mod external;
 pub mod hop;
 pub mod inbound;
 pub mod metrics;

@@ -143,10 +143,30 @@ async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Response<ProxyBody> {
+    handle_entry(proxy, req, peer, &Entry::default()).await
+}
+
+/// What the way in (the outbound listener, a gateway route) sets for a
+/// request beyond what the service's route document says.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Entry {
+    /// Timeout and retries that win over the route document's.
+    pub overrides: Overrides,
+    /// Cap on the request body (413 past it).
+    pub body_limit: Option<u64>,
+}
+
+/// The request path for a request whose Host names its service.
+pub async fn handle_entry(
+    proxy: Arc<Proxy>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    entry: &Entry,
+) -> Response<ProxyBody> {
     if is_grpc(req.headers()) {
-        grpc_error(route_request(proxy, req, peer).await)
+        grpc_error(route_request(proxy, req, peer, entry).await)
     } else {
-        route_request(proxy, req, peer).await
+        route_request(proxy, req, peer, entry).await
     }
 }
 
@@ -154,6 +174,7 @@ async fn route_request(
     proxy: Arc<Proxy>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
+    entry: &Entry,
 ) -> Response<ProxyBody> {
     let service = match target_service(&req) {
         Ok(s) => s,
@@ -212,9 +233,9 @@ async fn route_request(
                 &route,
                 hash,
                 parts,
-                Replayable::new(body),
+                Replayable::new(body).limited(entry.body_limit),
                 on_upgrade,
-                Overrides::default(),
+                entry.overrides,
             )
             .await;
     };
@@ -258,8 +279,8 @@ async fn route_request(
     proxy.count_route(&service, &rule_label, &arm_label);
     let mut response_edits = None;
     let mut overrides = Overrides {
-        timeout: policy.timeout,
-        retries: policy.retries,
+        timeout: entry.overrides.timeout.or(policy.timeout),
+        retries: entry.overrides.retries.or(policy.retries),
     };
     let mut mirror = None;
     if let Some(r) = rule {
@@ -279,8 +300,8 @@ async fn route_request(
             edits.apply(&mut parts.headers);
         }
         response_edits = r.response_headers.clone();
-        overrides.timeout = r.timeout.or(overrides.timeout);
-        overrides.retries = r.retries.or(overrides.retries);
+        overrides.timeout = entry.overrides.timeout.or(r.timeout).or(overrides.timeout);
+        overrides.retries = entry.overrides.retries.or(r.retries).or(overrides.retries);
         mirror = r.mirror.as_ref().filter(|m| draw() < m.share);
     }
     let overloaded = |why: String| {
@@ -313,7 +334,7 @@ async fn route_request(
             }
         }
     };
-    let body = Replayable::new(body);
+    let body = Replayable::new(body).limited(entry.body_limit);
     // A copy of a request without a body goes at once; one with a body
     // once the main request has sent it all.
     let mut mirror = mirror.map(|m| (m, parts.clone()));

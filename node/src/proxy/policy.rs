@@ -221,7 +221,8 @@ pub struct HeaderEdits {
 }
 
 impl HeaderEdits {
-    fn of(ops: &HeaderOps) -> Result<Self, String> {
+    /// Compiles checked edits.
+    pub fn of(ops: &HeaderOps) -> Result<Self, String> {
         let pair = |(k, v): (&String, &String)| -> Result<(HeaderName, HeaderValue), String> {
             Ok((
                 HeaderName::from_bytes(k.as_bytes()).map_err(|e| e.to_string())?,

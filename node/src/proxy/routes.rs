@@ -89,6 +89,8 @@ pub struct Backend {
     pub tags: Vec<String>,
     /// Its version label (route subsets select by it).
     pub version: String,
+    /// An endpoint outside the mesh (an `external` document's).
+    pub external: Option<Arc<super::external::ExternalTarget>>,
 }
 
 /// A service's instances and its hash table.
@@ -170,6 +172,7 @@ impl Routes {
         members: &Snapshot,
         previous: &Routes,
         policies: Arc<Policies>,
+        externals: &super::external::Externals,
     ) -> Self {
         let addrs: HashMap<&str, SocketAddr> = members
             .members
@@ -203,6 +206,7 @@ impl Routes {
                     protocol: Protocol::parse(i.protocol).unwrap_or_default(),
                     tags: i.tags.clone(),
                     version: i.version.clone(),
+                    external: None,
                 })
                 .collect();
             // Registrations are checked with the same parser; only an entry
@@ -219,6 +223,41 @@ impl Routes {
                 previous.services.get(&name).map(|r| r.as_ref()),
             );
             services.insert(name, Arc::new(route));
+        }
+        // An external service's endpoints are its backends; a document
+        // naming a mesh service wins over the catalog (it was written on
+        // purpose).
+        for (name, targets) in &externals.services {
+            let backends: Vec<Backend> = targets
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Backend {
+                    key: format!("external/{name}/{i}"),
+                    node: "external".into(),
+                    id: i.to_string(),
+                    address: t.endpoint.host.clone(),
+                    port: t.endpoint.port,
+                    weight: 1,
+                    usable: true,
+                    local: false,
+                    owner_addr: None,
+                    protocol: Protocol::default(),
+                    tags: Vec::new(),
+                    version: String::new(),
+                    external: Some(t.clone()),
+                })
+                .collect();
+            let previous = previous
+                .services
+                .get(name)
+                .filter(|r| r.backends.iter().all(|b| b.external.is_some()));
+            let route = ServiceRoute::new(
+                name.clone(),
+                HashPolicy::default(),
+                backends,
+                previous.map(|r| r.as_ref()),
+            );
+            services.insert(name.clone(), Arc::new(route));
         }
         // Each arm with a subset gets its own table over its instances.
         let mut subsets = HashMap::new();

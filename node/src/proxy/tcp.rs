@@ -17,11 +17,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use gossamer_membership::catalog::Protocol;
 use gossamer_transport::frame::{read_frame, write_frame};
 use gossamer_transport::{RecvStream, SendStream};
 use serde::{Deserialize, Serialize};
-use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::debug;
@@ -489,7 +489,7 @@ where
     let mut buf = BytesMut::new();
     loop {
         let Some(chunk) = from.next_chunk(&mut buf).await? else {
-            return to.finish().await;
+            return to.close().await;
         };
         let n = chunk.len() as u64;
         to.put(chunk).await?;
@@ -513,7 +513,7 @@ pub trait Sink: Unpin + Abort {
     /// Writes all of `chunk`.
     fn put(&mut self, chunk: Bytes) -> impl Future<Output = std::io::Result<()>> + Send;
     /// Ends the stream for writing (half-close).
-    fn finish(&mut self) -> impl Future<Output = std::io::Result<()>> + Send;
+    fn close(&mut self) -> impl Future<Output = std::io::Result<()>> + Send;
 }
 
 /// Reads what is there, up to about [`CHUNK`], into `buf` and cuts it off.
@@ -549,7 +549,7 @@ impl Sink for tokio::net::tcp::OwnedWriteHalf {
     async fn put(&mut self, chunk: Bytes) -> std::io::Result<()> {
         self.write_all(&chunk).await
     }
-    async fn finish(&mut self) -> std::io::Result<()> {
+    async fn close(&mut self) -> std::io::Result<()> {
         self.shutdown().await
     }
 }
@@ -558,7 +558,7 @@ impl Sink for SendStream {
     async fn put(&mut self, chunk: Bytes) -> std::io::Result<()> {
         Ok(self.write_chunk(chunk).await?)
     }
-    async fn finish(&mut self) -> std::io::Result<()> {
+    async fn close(&mut self) -> std::io::Result<()> {
         self.shutdown().await
     }
 }

@@ -1,0 +1,555 @@
+//! Gateway listeners and the edge of the request path: every request is
+//! checked (head size, path, route, CORS, rate limits, body size), given
+//! the forwarding headers, and then follows the destination's own route
+//! policy over the mesh like any other request.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, info};
+
+use super::config::{IngressConfig, ListenerConfig};
+use super::table::{Route, Table, normalize};
+use super::tls::Store;
+use crate::documents::Documents;
+use crate::listener::{Acceptor, Limits, ListenerMetrics};
+use crate::proxy::Proxy;
+use crate::proxy::body::{self, ProxyBody};
+use crate::proxy::dispatch::Overrides;
+use crate::proxy::error::local_response;
+use crate::proxy::outbound::{Entry, handle_entry};
+use crate::tasks::Tasks;
+
+/// Longest `x-request-id` taken from a client (longer ones are replaced).
+const MAX_REQUEST_ID: usize = 128;
+
+/// `outcome` of a certificate reload.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// `reloaded` or `failed`.
+    pub outcome: &'static str,
+}
+
+/// `route`, `class` of a gateway answer.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GatewayLabels {
+    /// `ingress NAME route[i]`, or `none`.
+    pub route: String,
+    /// `2xx` … `5xx`.
+    pub class: &'static str,
+}
+
+/// `reason` a gateway refused a request itself.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabel {
+    /// `no_route`, `bad_path`, `rate_limited`, `headers_too_large`,
+    /// `body_too_large`, `cors`, `no_host`.
+    pub reason: &'static str,
+}
+
+/// The gateway's metrics.
+#[derive(Debug, Clone)]
+pub struct GatewayMetrics {
+    requests: Family<GatewayLabels, Counter>,
+    refused: Family<RefusedLabel, Counter>,
+    /// Certificate reloads by outcome.
+    pub cert_reloads: Family<OutcomeLabel, Counter>,
+}
+
+impl GatewayMetrics {
+    /// Registers the families.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            refused: Family::default(),
+            cert_reloads: Family::default(),
+        };
+        registry.register(
+            "gossamer_gateway_requests",
+            "Requests answered by the gateway, by ingress route and status class",
+            m.requests.clone(),
+        );
+        registry.register(
+            "gossamer_gateway_refused",
+            "Requests the gateway answered itself, by reason",
+            m.refused.clone(),
+        );
+        registry.register(
+            "gossamer_gateway_cert_reloads",
+            "Reloads of the gateway's public certificates, by outcome",
+            m.cert_reloads.clone(),
+        );
+        m
+    }
+}
+
+/// What every gateway listener shares.
+#[derive(Debug)]
+pub struct Gateway {
+    proxy: Arc<Proxy>,
+    table: watch::Receiver<Arc<Table>>,
+    config: IngressConfig,
+    metrics: GatewayMetrics,
+}
+
+/// How one listener answers.
+#[derive(Debug, Clone, Copy)]
+struct Side {
+    https: bool,
+    redirect_https_port: Option<u16>,
+}
+
+/// Bound gateway listeners, before they serve.
+#[derive(Debug)]
+pub struct Bound(Vec<(ListenerConfig, TcpListener)>);
+
+impl Bound {
+    /// Binds every listener; an error names the address.
+    pub async fn bind(config: &IngressConfig) -> Result<Self, (SocketAddr, std::io::Error)> {
+        let mut out = Vec::new();
+        for l in &config.listeners {
+            let socket = TcpListener::bind(l.listen)
+                .await
+                .map_err(|e| (l.listen, e))?;
+            out.push((l.clone(), socket));
+        }
+        Ok(Self(out))
+    }
+
+    /// The addresses bound (port 0 resolved).
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        self.0
+            .iter()
+            .filter_map(|(_, s)| s.local_addr().ok())
+            .collect()
+    }
+
+    /// Serves every listener until `tasks` drain, with routes from the
+    /// `ingress` documents in force.
+    pub fn serve(
+        self,
+        config: IngressConfig,
+        proxy: Arc<Proxy>,
+        documents: Arc<Documents>,
+        metrics: GatewayMetrics,
+        listener_metrics: ListenerMetrics,
+        tasks: Tasks,
+    ) -> Result<(), String> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let (tx, table) = watch::channel(Arc::new(Table::build(&documents, &Table::default())));
+        tasks.spawn(keep_table(documents, tx, tasks.clone()));
+        let limits = Limits {
+            header_read_timeout: config.header_read_timeout,
+            idle_timeout: config.idle_timeout,
+            max_connections: config.max_connections,
+        };
+        let gateway = Arc::new(Gateway {
+            proxy,
+            table,
+            config,
+            metrics: metrics.clone(),
+        });
+        // One acceptor: the connection cap is over all gateway listeners.
+        let acceptor = Acceptor::new("gateway", limits, listener_metrics, tasks.clone());
+        for (l, socket) in self.0 {
+            let side = Side {
+                https: !l.tls.is_empty(),
+                redirect_https_port: l.redirect_https_port,
+            };
+            let tls = if l.tls.is_empty() {
+                None
+            } else {
+                let store = Store::load(l.tls.clone())?;
+                tasks.spawn(
+                    store
+                        .clone()
+                        .keep_fresh(metrics.cert_reloads.clone(), tasks.clone()),
+                );
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+                    super::tls::server_config(store)?,
+                )))
+            };
+            info!(
+                listen = %l.listen,
+                scheme = if side.https { "https" } else { "http" },
+                "gateway listening"
+            );
+            tasks.spawn(accept_loop(
+                socket,
+                acceptor.clone(),
+                tls,
+                gateway.clone(),
+                side,
+                limits.header_read_timeout,
+            ));
+        }
+        Ok(())
+    }
+}
+
+async fn keep_table(documents: Arc<Documents>, tx: watch::Sender<Arc<Table>>, tasks: Tasks) {
+    let mut changes = documents.subscribe();
+    loop {
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            () = tasks.draining() => return,
+        }
+        let previous = tx.borrow().clone();
+        let table = Table::build(&documents, &previous);
+        debug!(routes = table.len(), "ingress routes rebuilt");
+        tx.send_replace(Arc::new(table));
+    }
+}
+
+async fn accept_loop(
+    socket: TcpListener,
+    mut acceptor: Acceptor,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    gateway: Arc<Gateway>,
+    side: Side,
+    handshake_timeout: Duration,
+) {
+    while let Some((stream, peer, slot)) = acceptor.accept(&socket).await {
+        let gateway = gateway.clone();
+        let handler = move |req, peer| handle(gateway.clone(), req, peer, side);
+        match &tls {
+            None => acceptor.serve_http(stream, peer, slot, handler),
+            Some(tls) => {
+                let tls = tls.clone();
+                let acceptor = acceptor.clone();
+                acceptor.clone().spawn(async move {
+                    match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => acceptor.serve_http(stream, peer, slot, handler),
+                        Ok(Err(e)) => debug!(%peer, error = %e, "gateway TLS handshake failed"),
+                        Err(_) => debug!(%peer, "gateway TLS handshake timed out"),
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// The host a request is for: the URI's authority (HTTP/2, absolute
+/// form), else the Host header; lower case, without port or final dot.
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    let raw = match req.uri().host() {
+        Some(h) => h.to_owned(),
+        None => {
+            let h = req.headers().get(header::HOST)?.to_str().ok()?;
+            let authority: http::uri::Authority = h.parse().ok()?;
+            authority.host().to_owned()
+        }
+    };
+    let host = raw.trim_end_matches('.').to_ascii_lowercase();
+    (!host.is_empty()).then_some(host)
+}
+
+fn head_bytes<B>(req: &Request<B>) -> usize {
+    req.uri().to_string().len()
+        + req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>()
+}
+
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get("x-request-id")
+        && !v.is_empty()
+        && v.len() <= MAX_REQUEST_ID
+        && v.as_bytes().iter().all(u8::is_ascii_graphic)
+    {
+        return v.clone();
+    }
+    let id: u128 = rand::random();
+    HeaderValue::from_str(&format!("{id:032x}")).expect("hex is a header value")
+}
+
+impl Gateway {
+    fn refuse(
+        &self,
+        reason: &'static str,
+        status: StatusCode,
+        message: String,
+    ) -> Response<ProxyBody> {
+        self.metrics
+            .refused
+            .get_or_create(&RefusedLabel { reason })
+            .inc();
+        local_response(status, message)
+    }
+
+    fn count(&self, route: &str, status: StatusCode) {
+        let class = match status.as_u16() {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.metrics
+            .requests
+            .get_or_create(&GatewayLabels {
+                route: route.to_owned(),
+                class,
+            })
+            .inc();
+    }
+}
+
+async fn handle(
+    gateway: Arc<Gateway>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    side: Side,
+) -> Response<ProxyBody> {
+    let id = request_id(req.headers());
+    let (label, mut response) = route(&gateway, req, peer, side, &id).await;
+    gateway.count(&label, response.status());
+    response.headers_mut().insert("x-request-id", id);
+    response
+}
+
+async fn route(
+    gateway: &Gateway,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    side: Side,
+    id: &HeaderValue,
+) -> (String, Response<ProxyBody>) {
+    let none = || "none".to_owned();
+    let config = &gateway.config;
+    if head_bytes(&req) > config.max_header_bytes {
+        let message = format!(
+            "request line and headers larger than {} bytes",
+            config.max_header_bytes
+        );
+        return (
+            none(),
+            gateway.refuse(
+                "headers_too_large",
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                message,
+            ),
+        );
+    }
+    let Some(host) = request_host(&req) else {
+        let message = "no host: send a Host header (or an HTTP/2 :authority)".to_owned();
+        return (
+            none(),
+            gateway.refuse("no_host", StatusCode::BAD_REQUEST, message),
+        );
+    };
+    if let Some(port) = side.redirect_https_port {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let location = if port == 443 {
+            format!("https://{host}{path}")
+        } else {
+            format!("https://{host}:{port}{path}")
+        };
+        let response = Response::builder()
+            .status(StatusCode::PERMANENT_REDIRECT)
+            .header(header::LOCATION, location)
+            .body(body::empty())
+            .expect("valid redirect");
+        return (none(), response);
+    }
+    let path = match normalize(req.uri().path()) {
+        Ok(p) => p,
+        Err(e) => {
+            let message = format!("bad path: {e}");
+            return (
+                none(),
+                gateway.refuse("bad_path", StatusCode::BAD_REQUEST, message),
+            );
+        }
+    };
+    let table = gateway.table.borrow().clone();
+    let Some(route) = table.find(&host, &path).cloned() else {
+        let message = format!("no route for host {host} path {path}");
+        return (
+            none(),
+            gateway.refuse("no_route", StatusCode::NOT_FOUND, message),
+        );
+    };
+    let label = route.label.clone();
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    if let (Some(cors), Some(origin)) = (&route.cors, &origin)
+        && req.method() == Method::OPTIONS
+        && let Some(asked) = req.headers().get(header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        return (
+            label,
+            preflight(gateway, cors, origin, asked, req.headers()),
+        );
+    }
+    if let Some(limits) = &route.limits
+        && let Err(over) = limits.admit(peer.ip())
+    {
+        let which = match over {
+            super::limit::Over::Client(_) => "for this client",
+            super::limit::Over::Route(_) => "for the route on this gateway",
+        };
+        let mut response = gateway.refuse(
+            "rate_limited",
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("rate limit of {} exceeded {which}", route.label),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(over.retry_after()));
+        return (label, response);
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > config.max_body_bytes) {
+        let message = format!("request body larger than {} bytes", config.max_body_bytes);
+        return (
+            label,
+            gateway.refuse("body_too_large", StatusCode::PAYLOAD_TOO_LARGE, message),
+        );
+    }
+    forward(&mut req, &route, &host, &path, side, id);
+    let entry = Entry {
+        overrides: Overrides {
+            timeout: route.timeout,
+            retries: route.retries,
+        },
+        body_limit: Some(config.max_body_bytes),
+    };
+    let mut response = handle_entry(gateway.proxy.clone(), req, peer, &entry).await;
+    if let Some(edits) = &route.response_headers {
+        edits.apply(response.headers_mut());
+    }
+    if let (Some(cors), Some(origin)) = (&route.cors, &origin)
+        && origin.to_str().is_ok_and(|o| cors.allows_origin(o))
+    {
+        let h = response.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            cors.allow_origin_value(origin),
+        );
+        if cors.credentials {
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            );
+        }
+        if let Some(expose) = &cors.expose {
+            h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, expose.clone());
+        }
+        h.append(header::VARY, HeaderValue::from_static("origin"));
+    }
+    (label, response)
+}
+
+/// Rewrites a request for its destination service: the normalised (and
+/// maybe stripped) path, the service as Host, the forwarding headers, the
+/// route's header edits; the mesh's own headers from outside are dropped.
+fn forward(
+    req: &mut Request<Incoming>,
+    route: &Route,
+    host: &str,
+    path: &str,
+    side: Side,
+    id: &HeaderValue,
+) {
+    let mut target = route.forward_path(path);
+    if let Some(q) = req.uri().query() {
+        target.push('?');
+        target.push_str(q);
+    }
+    if let Ok(uri) = target.parse() {
+        *req.uri_mut() = uri;
+    }
+    let headers = req.headers_mut();
+    let internal: Vec<_> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-gossamer-"))
+        .cloned()
+        .collect();
+    for k in internal {
+        headers.remove(k);
+    }
+    if let Ok(v) = HeaderValue::from_str(&route.service) {
+        headers.insert(header::HOST, v);
+    }
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if side.https { "https" } else { "http" }),
+    );
+    if let Ok(v) = HeaderValue::from_str(host) {
+        headers.insert("x-forwarded-host", v);
+    }
+    headers.insert("x-request-id", id.clone());
+    if let Some(edits) = &route.request_headers {
+        edits.apply(headers);
+    }
+}
+
+fn preflight(
+    gateway: &Gateway,
+    cors: &super::table::CompiledCors,
+    origin: &HeaderValue,
+    asked: &HeaderValue,
+    headers: &HeaderMap,
+) -> Response<ProxyBody> {
+    let origin_text = origin.to_str().unwrap_or("");
+    if !cors.allows_origin(origin_text) {
+        return gateway.refuse(
+            "cors",
+            StatusCode::FORBIDDEN,
+            format!("CORS: origin {origin_text:?} is not allowed"),
+        );
+    }
+    let method = asked.to_str().unwrap_or("");
+    if !cors.allows_method(method) {
+        return gateway.refuse(
+            "cors",
+            StatusCode::FORBIDDEN,
+            format!("CORS: method {method:?} is not allowed"),
+        );
+    }
+    let mut response = Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .header(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            cors.allow_origin_value(origin),
+        )
+        .header(header::ACCESS_CONTROL_ALLOW_METHODS, cors.methods.clone())
+        .header(header::VARY, "origin")
+        .body(body::full(Bytes::new()))
+        .expect("valid preflight answer");
+    let h = response.headers_mut();
+    if let Some(allowed) = cors
+        .headers
+        .clone()
+        .or_else(|| headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS).cloned())
+    {
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, allowed);
+    }
+    if cors.credentials {
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+    }
+    if let Some(age) = &cors.max_age {
+        h.insert(header::ACCESS_CONTROL_MAX_AGE, age.clone());
+    }
+    response
+}
