@@ -13,6 +13,10 @@ Paths, all to the same 1 kB response from one nginx upstream:
                 -> agent B -> upstream, the upstream registered as a TCP service
   T2 haproxy tcp    (with --tcp) client -> haproxy A (mode tcp) -> TLS 1.3 mTLS
                 -> haproxy B (mode tcp) -> upstream
+  G1 gossamer gateway  (with --gateway) HTTPS client -> agent A's gateway listener
+                (TLS terminated, an ingress route) -> QUIC mTLS -> agent B -> upstream
+  G2 haproxy gateway   (with --gateway) HTTPS client -> haproxy G (TLS terminated)
+                -> TLS 1.3 mTLS -> haproxy B -> upstream
 
 The load generator (oha) runs on core 0; proxies and the upstream on core 1,
 one worker/thread each. Each repetition runs the paths in a shuffled order.
@@ -131,6 +135,13 @@ class Bench:
         for name in ["proxy-a", "proxy-b"]:
             pem = (self.dir / f"certs/{name}.pem").read_text() + (self.dir / f"certs/{name}.key").read_text()
             (self.dir / f"certs/{name}.bundle").write_text(pem)
+        if self.args.gateway:
+            # The gateways' public certificate (P-256, like the mesh's).
+            c = self.dir / "certs"
+            run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                 "-days", "2", "-subj", "/CN=bench.test", "-addext", "subjectAltName=DNS:bench.test",
+                 "-keyout", str(c / "public.key"), "-out", str(c / "public.pem")])
+            (c / "public.bundle").write_text((c / "public.pem").read_text() + (c / "public.key").read_text())
         if self.args.crl:
             # A revocation list of this CA naming --crl serials no bench
             # certificate has, applied like the --doc documents.
@@ -187,7 +198,7 @@ http {{
         a 1,000-service catalog. P4 is the same pair with --doc documents
         in force while it is measured."""
         g = self.args.gossamer
-        ports = {k: free_port() for k in ["qa", "qb", "aa", "ab", "xa", "xb", "ta"]}
+        ports = {k: free_port() for k in ["qa", "qb", "aa", "ab", "xa", "xb", "ta", "ga"]}
         tcp = self.args.tcp
         for node, other in [("ga", "a"), ("gb", "b")]:
             blocks = []
@@ -200,6 +211,10 @@ http {{
                                   'protocol = "tcp"\n')
             elif tcp:
                 blocks.append(f'[[upstream]]\nservice = "bench-tcp"\nlisten = "127.0.0.1:{ports["ta"]}"\n')
+            if node == "ga" and self.args.gateway:
+                c = self.dir / "certs"
+                blocks.append(f'[[ingress.listener]]\nlisten = "127.0.0.1:{ports["ga"]}"\n'
+                              f'tls = [{{ cert = "{c}/public.pem", key = "{c}/public.key" }}]\n')
             (self.dir / f"{node}.toml").write_text("\n".join(blocks))
         common = ["--ca", str(self.dir / "ca/ca.pem"), "--log-level", "warn", "--threads", "1"]
         b = self.start("agent-b", [g, "agent", "--name", "gb", "--bind", f"127.0.0.1:{ports['qb']}",
@@ -230,6 +245,19 @@ http {{
         if b"x" * 1024 not in response:
             sys.exit(f"gossamer path does not serve the 1 kB response: {response[:300]!r}")
         self.admin_ports = [ports["aa"], ports["ab"]]
+        if self.args.gateway:
+            doc = self.dir / "ingress.toml"
+            doc.write_text('[[ingress]]\nname = "bench"\n[[ingress.route]]\nhosts = ["*"]\nservice = "bench"\n')
+            run([g, "config", "apply", str(doc), *self.operator(), "--admin", f"127.0.0.1:{ports['aa']}"])
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                out = subprocess.run(["curl", "-sk", f"https://127.0.0.1:{ports['ga']}/1k"], capture_output=True).stdout
+                if out == b"x" * 1024:
+                    break
+                time.sleep(0.2)
+            else:
+                sys.exit("the gossamer gateway does not serve the 1 kB response")
+            self.paths["G1 gossamer gateway"] = {"port": ports["ga"], "host": None, "procs": [a, b], "https": True}
         self.paths["P1 gossamer"] = {"port": ports["xa"], "host": "bench", "procs": [a, b]}
         if tcp:
             if b"x" * 1024 not in http_get(ports["ta"], "/1k"):
@@ -254,12 +282,13 @@ http {{
             listed = json.loads(subprocess.run([g, "config", "list", "--json", "--admin", admin],
                                                check=True, capture_output=True, text=True).stdout)["documents"]
             for d in listed:
-                if d["status"] == "active":
+                if d["status"] == "active" and d["kind"] != "ingress":
                     run([g, "config", "delete", d["kind"], d["name"], *self.operator(), "--admin", admin])
         deadline = time.time() + 30
         while time.time() < deadline:
             lists = [http_get(port, "/v1/config").split(b"\r\n\r\n", 1)[1] for port in self.admin_ports]
-            active = [sum(1 for d in json.loads(b)["documents"] if d["status"] == "active") for b in lists]
+            active = [sum(1 for d in json.loads(b)["documents"] if d["status"] == "active" and d["kind"] != "ingress")
+                      for b in lists]
             if (all(n > 0 for n in active) and len(set(active)) == 1) if want else not any(active):
                 response = http_get(self.paths["P1 gossamer"]["port"], "/1k", host="bench")
                 if b"x" * 1024 not in response:
@@ -312,6 +341,26 @@ backend b
         if b"x" * 1024 not in http_get(pa, "/1k"):
             sys.exit("haproxy path does not serve the 1 kB response")
         self.paths["P2 haproxy"] = {"port": pa, "host": None, "procs": [a, b]}
+        if self.args.gateway:
+            pg = free_port()
+            (self.dir / "haproxy-g.cfg").write_text(f"""
+global
+    nbthread 1
+    maxconn 8000
+    ssl-default-server-options ssl-min-ver TLSv1.3
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+{common}
+frontend fg
+    bind 127.0.0.1:{pg} ssl crt {c}/public.bundle alpn h2,http/1.1
+    default_backend b
+backend b
+    server b 127.0.0.1:{pb} ssl crt {c}/proxy-a.bundle ca-file {self.dir}/ca/ca.pem verify required verifyhost proxy-b sni str(proxy-b) alpn http/1.1
+""")
+            gw = self.start("haproxy-g", ["haproxy", "-db", "-f", str(self.dir / "haproxy-g.cfg")], pg)
+            out = subprocess.run(["curl", "-sk", f"https://127.0.0.1:{pg}/1k"], capture_output=True).stdout
+            if out != b"x" * 1024:
+                sys.exit("the haproxy gateway does not serve the 1 kB response")
+            self.paths["G2 haproxy gateway"] = {"port": pg, "host": None, "procs": [gw, b], "https": True}
 
     def haproxy_tcp(self):
         """The HAProxy pair in TCP mode: TLS 1.3 with client certificates
@@ -394,7 +443,10 @@ backend b
 
     # ---- measurement -------------------------------------------------
     def oha(self, path, extra, seconds):
-        url = f"http://127.0.0.1:{path['port']}/1k"
+        scheme = "https" if path.get("https") else "http"
+        url = f"{scheme}://127.0.0.1:{path['port']}/1k"
+        if path.get("https"):
+            extra = extra + ["--insecure"]
         argv = ["taskset", "-c", LOAD_CORE, self.args.oha, "--no-tui", "--output-format", "json",
                 "-z", f"{seconds}s"] + extra + [url]
         if path["host"]:
@@ -480,6 +532,8 @@ backend b
             names.append("P4 gossamer+docs")
         if self.args.tcp:
             names += ["T1 gossamer tcp", "T2 haproxy tcp"]
+        if self.args.gateway:
+            names += ["G1 gossamer gateway", "G2 haproxy gateway"]
         results = {name: [] for name in names}
         transfers = {}
         try:
@@ -616,6 +670,9 @@ def main():
     ap.add_argument("--doc", action="append", default=[],
                     help="also measure P4: the Gossamer pair with this signed configuration document in force "
                     "(repeatable; e.g. bench/route-20-rules.toml bench/authz-50-rules.toml), alternating with the others")
+    ap.add_argument("--gateway", action="store_true",
+                    help="also measure G1 (HTTPS into a Gossamer gateway, then the mesh) and G2 (HTTPS into "
+                    "HAProxy terminating TLS, then its mTLS pair)")
     ap.add_argument("--transfer-only", action="store_true",
                     help="only the 1 GiB transfers (no load phases)")
     args = ap.parse_args()

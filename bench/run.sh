@@ -31,4 +31,4 @@ fi
 echo "building gossamer (release)"
 (cd "$root" && cargo build --release --locked -p gossamer-node)
 exec python3 "$here/bench.py" --gossamer "$root/target/release/gossamer" --oha "$tools/bin/oha" \
-    --out "$root/docs/bench" --tcp "$@"
+    --out "$root/docs/bench" --tcp --gateway "$@"

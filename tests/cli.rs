@@ -232,7 +232,11 @@ fn demo_runs_end_to_end() -> Result<()> {
         "{stdout}"
     );
     assert!(stdout.contains("n2 cut off by every peer"), "{stdout}");
-    assert!(stderr.contains("[6/9]"), "progress shown: {stderr}");
+    assert!(
+        stdout.contains("n3 serves shop.local/api from a signed ingress document"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("[6/10]"), "progress shown: {stderr}");
     Ok(())
 }
 

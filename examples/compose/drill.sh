@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The partition drill: build the image, start the 5-node cluster, check it,
 # cut two nodes off, check both sides, heal, check convergence, kill a node,
-# check failover, revoke a node's certificate, tear everything down. Every wait is bounded; cleanup runs
+# check failover, revoke a node's certificate, tear everything down. Checks
+# Redis through an upstream listener and n1's gateway from the host on the way. Every wait is bounded; cleanup runs
 # whatever happens. Exit code 0 only if every check passed.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -141,6 +142,33 @@ if [ "$(redis_cli ping)" = PONG ] && [ "$(redis_cli set mesh gossamer)" = OK ] \
     pass "redis-cli ping, set and get through the mesh"
 else
     fail "redis through the mesh: ping gave $(redis_cli ping)"
+fi
+
+info "the gateway on n1, from the host: an ingress document routes shop.local/api to web"
+cat > pki/drill-ingress.toml <<'TOML'
+[[ingress]]
+name = "drill"
+[[ingress.route]]
+hosts = ["shop.local"]
+path = "/api"
+strip_prefix = true
+service = "web"
+TOML
+gateway() {
+    curl -s --max-time 5 -H 'Host: shop.local' "http://127.0.0.1:18480$1" 2>/dev/null
+}
+gateway_serves() { gateway /api/cart | grep -q '"path":"/cart"'; }
+if g n1 config apply /pki/drill-ingress.toml --operator-cert /pki/operators/drill.pem \
+        --operator-key /pki/operators/drill.key >/dev/null; then
+    wait_until 15 "curl on the host reaches web through n1's gateway (/api/cart arrives as /cart)" gateway_serves
+    missing="$(curl -s --max-time 5 -H 'Host: shop.local' http://127.0.0.1:18480/other)"
+    if [ "$missing" = "gossamer: no route for host shop.local path /other" ]; then
+        pass "a path with no route gets 404 naming host and path"
+    else
+        fail "no-route answer: $missing"
+    fi
+else
+    fail "config apply of the ingress document on n1"
 fi
 
 info "cutting n4 and n5 off the network"

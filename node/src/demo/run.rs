@@ -169,6 +169,16 @@ fn node_config(
         "name": "web", "port": service_port, "version": version,
         "check": {"http": "/health", "interval": "1s", "timeout": "500ms", "rise": 1, "fall": 1},
     });
+    if name == "n3" {
+        config
+            .ingress
+            .listeners
+            .push(crate::gateway::config::ListenerConfig {
+                listen: "127.0.0.1:0".parse().expect("an address"),
+                tls: Vec::new(),
+                redirect_https_port: None,
+            });
+    }
     let id = format!("web-{}", &name[1..]);
     config.services =
         vec![ServiceSpec::from_json(Some(&id), &spec).or_else(|e| fail(e.to_string()))?];
@@ -181,7 +191,7 @@ pub async fn run(
     options: DemoOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), DemoError> {
-    const STEPS: usize = 9;
+    const STEPS: usize = 10;
     let temp;
     let dir = match &options.dir {
         Some(d) => d.clone(),
@@ -216,6 +226,7 @@ pub async fn run(
     let mut nodes = Vec::new();
     let mut agents = Vec::new();
     let mut seed = None;
+    let mut gateway = None;
     for i in 1..=3 {
         let name = format!("n{i}");
         let listener = TcpListener::bind("127.0.0.1:0")
@@ -241,6 +252,9 @@ pub async fn run(
             .proxy
             .local_addr()
             .or_else(|e| fail(e.to_string()))?;
+        if let Some(addr) = sockets.ingress.addresses().first() {
+            gateway = Some(*addr);
+        }
         seed.get_or_insert(quic);
         let mut stop = stopped.clone();
         agents.push(tokio::spawn(agent::run(config, sockets, async move {
@@ -423,7 +437,30 @@ pub async fn run(
         ),
     );
 
-    eprintln!("[9/{STEPS}] report");
+    let t = step(
+        9,
+        STEPS,
+        "a gateway: n3 serves an ingress route (a signed document applied at n1) to clients outside the mesh",
+    );
+    let signer = gossamer_transport::sign::OperatorSigner::from_pem(&operator.0, &operator.1)
+        .or_else(|e| fail(e.to_string()))?;
+    let gateway = gateway.ok_or_else(|| DemoError("n3 has no gateway listener".into()))?;
+    let ingress = super::gateway::run(&http, nodes[0].admin, &signer, gateway).await?;
+    if ingress.path != "/cart" || ingress.answered == 0 || ingress.limited == 0 {
+        return fail(format!("the gateway step went wrong: {ingress:?}"));
+    }
+    done(
+        t,
+        &format!(
+            "shop.local/api/cart reached web as {} {} ms after the document was applied; of 60 requests at once, {} answered and {} refused by the 20/s per-client limit",
+            ingress.path,
+            ingress.spread.as_millis(),
+            ingress.answered,
+            ingress.limited
+        ),
+    );
+
+    eprintln!("[10/{STEPS}] report");
     println!();
     println!(
         "Gossamer demo: 3 agents, 3 instances of `web`, {} keys per agent",
@@ -451,6 +488,10 @@ pub async fn run(
         "  cert revocation     n2 cut off by every peer {} ms after the CRL was applied; {revoke_failed} of {revoke_sent} requests failed",
         revoked.cut_off.as_millis()
     );
+    println!(
+        "  gateway             n3 serves shop.local/api from a signed ingress document; a burst of 60: {} answered, {} rate-limited",
+        ingress.answered, ingress.limited
+    );
     println!();
 
     if options.keep_running {
@@ -461,6 +502,9 @@ pub async fn run(
                 n.proxy, n.name
             );
         }
+        println!(
+            "  curl -H 'Host: shop.local' http://{gateway}/api/hello          # through n3's gateway"
+        );
         println!("  curl http://{}/v1/catalog", nodes[0].admin);
         println!(
             "  curl 'http://{}/v1/route?service=web&key=alice'",
