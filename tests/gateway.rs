@@ -146,6 +146,7 @@ struct Setup {
     _web: DemoService,
     https: u16,
     plain: u16,
+    redirect: u16,
     shop: (PathBuf, PathBuf),
 }
 
@@ -228,14 +229,15 @@ impl Setup {
                 ..Default::default()
             },
         )?;
-        let (https, plain) = (free_port()?, free_port()?);
+        let (https, plain, redirect) = (free_port()?, free_port()?, free_port()?);
         let a_config = dir.join("a.toml");
         std::fs::write(
             &a_config,
             format!(
                 "[ingress]\nmax_header_bytes = 8192\nmax_body_bytes = 4096\n{extra_ingress}\n\
                  [[ingress.listener]]\nlisten = \"127.0.0.1:{https}\"\n\
-                 tls = [{{ cert = {:?}, key = {:?} }}, {{ cert = {:?}, key = {:?} }}]\n",
+                 tls = [{{ cert = {:?}, key = {:?} }}, {{ cert = {:?}, key = {:?} }}]\n\
+                 [[ingress.listener]]\nlisten = \"127.0.0.1:{redirect}\"\nredirect_https_port = {https}\n",
                 shop.0, shop.1, api.0, api.1
             ),
         )?;
@@ -271,6 +273,7 @@ impl Setup {
             _web: web,
             https,
             plain,
+            redirect,
             shop,
         })
     }
@@ -478,6 +481,16 @@ fn routing_precedence_path_tricks_limits_and_errors() -> Result<()> {
             "{trick}: {status} {body}"
         );
     }
+
+    // A plain listener set to redirect sends every request to https.
+    let (status, head, _) = get(s.redirect, "shop.test:80", "/a/b?c=1")?;
+    ensure!(
+        status == 308
+            && head
+                .to_ascii_lowercase()
+                .contains(&format!("location: https://shop.test:{}/a/b?c=1", s.https)),
+        "{status} {head}"
+    );
 
     // Errors, each with its own status and one line naming the cause.
     let (status, _, body) = get(s.plain, "nowhere.example.", "/any")?;

@@ -195,6 +195,9 @@ struct ConnState {
     seen: AtomicBool,
     /// HTTP/2 has no "partial head" to time out; only idleness counts.
     h2: AtomicBool,
+    /// Wakes the watchdog when a head starts, so its timeout runs from
+    /// then (an idle connection's watchdog sleeps until its idle deadline).
+    head_started: tokio::sync::Notify,
 }
 
 impl ConnState {
@@ -205,6 +208,7 @@ impl ConnState {
             head_since: AtomicU64::new(0),
             seen: AtomicBool::new(false),
             h2: AtomicBool::new(false),
+            head_started: tokio::sync::Notify::new(),
         }
     }
 
@@ -220,6 +224,7 @@ impl ConnState {
             && !self.h2.load(Ordering::Relaxed)
         {
             self.head_since.store(now_ms(), Ordering::Relaxed);
+            self.head_started.notify_one();
         }
     }
 
@@ -243,11 +248,8 @@ impl ConnState {
         if now >= deadline {
             (Some(Closing::Idle), Duration::ZERO)
         } else {
-            // A head may start at any moment and nothing wakes the
-            // watchdog when it does: look again within half the header
-            // timeout, so a slow head is cut within 1.5 times it.
-            let idle_left = Duration::from_millis(deadline - now);
-            (None, idle_left.min(limits.header_read_timeout / 2))
+            // A head that starts wakes the watchdog (`head_started`).
+            (None, Duration::from_millis(deadline - now))
         }
     }
 }
@@ -570,6 +572,7 @@ impl Acceptor {
                         break;
                     }
                     () = tokio::time::sleep(wait.max(Duration::from_millis(5))) => {}
+                    () = state.head_started.notified() => {}
                     () = tasks.draining(), if !stopping => stopping = true,
                 }
             }
