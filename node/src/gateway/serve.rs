@@ -257,7 +257,10 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
 }
 
 fn head_bytes<B>(req: &Request<B>) -> usize {
-    req.uri().to_string().len()
+    let uri = req.uri();
+    uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(1, |p| p.as_str().len())
         + req
             .headers()
             .iter()
@@ -291,21 +294,26 @@ impl Gateway {
         local_response(status, message)
     }
 
-    fn count(&self, route: &str, status: StatusCode) {
-        let class = match status.as_u16() {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
+    fn count(&self, route: Option<&Route>, status: StatusCode) {
+        const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+        let class = (usize::from(status.as_u16() / 100)).clamp(1, 5) - 1;
+        let family = &self.metrics.requests;
+        let counter = |route: &str, class: usize| {
+            family
+                .get_or_create(&GatewayLabels {
+                    route: route.to_owned(),
+                    class: CLASSES[class],
+                })
+                .clone()
         };
-        self.metrics
-            .requests
-            .get_or_create(&GatewayLabels {
-                route: route.to_owned(),
-                class,
-            })
-            .inc();
+        match route {
+            // A route's counters are looked up once, not per request.
+            Some(r) => r
+                .counters
+                .get_or_init(|| std::array::from_fn(|c| counter(&r.label, c)))[class]
+                .inc(),
+            None => counter("none", class).inc(),
+        };
     }
 }
 
@@ -316,8 +324,8 @@ async fn handle(
     side: Side,
 ) -> Response<ProxyBody> {
     let id = request_id(req.headers());
-    let (label, mut response) = route(&gateway, req, peer, side, &id).await;
-    gateway.count(&label, response.status());
+    let (matched, mut response) = route(&gateway, req, peer, side, &id).await;
+    gateway.count(matched.as_deref(), response.status());
     response.headers_mut().insert("x-request-id", id);
     response
 }
@@ -328,8 +336,8 @@ async fn route(
     peer: SocketAddr,
     side: Side,
     id: &HeaderValue,
-) -> (String, Response<ProxyBody>) {
-    let none = || "none".to_owned();
+) -> (Option<Arc<Route>>, Response<ProxyBody>) {
+    let none = || None;
     let config = &gateway.config;
     if head_bytes(&req) > config.max_header_bytes {
         let message = format!(
@@ -384,7 +392,7 @@ async fn route(
             gateway.refuse("no_route", StatusCode::NOT_FOUND, message),
         );
     };
-    let label = route.label.clone();
+    let label = Some(route.clone());
     let origin = req.headers().get(header::ORIGIN).cloned();
     if let (Some(cors), Some(origin)) = (&route.cors, &origin)
         && req.method() == Method::OPTIONS

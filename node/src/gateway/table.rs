@@ -39,6 +39,8 @@ pub struct Route {
     pub limits: Option<Buckets>,
     /// CORS.
     pub cors: Option<CompiledCors>,
+    /// Answers by status class, for metrics (filled on first use).
+    pub counters: std::sync::OnceLock<[prometheus_client::metrics::counter::Counter; 5]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,6 +260,7 @@ impl Route {
                 .transpose()?,
             limits: r.rate_limit.as_ref().map(Buckets::new),
             cors: r.cors.as_ref().map(CompiledCors::of).transpose()?,
+            counters: std::sync::OnceLock::new(),
         })
     }
 
@@ -283,6 +286,12 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
             && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/'))
 }
 
+/// Bytes a normalised path segment keeps as they are (RFC 3986 `pchar`
+/// without escapes); the rest are percent-escaped.
+fn unescaped(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b)
+}
+
 /// Why a path cannot be normalised.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BadPath {
@@ -304,6 +313,14 @@ pub enum BadPath {
 /// control character is refused rather than guessed at.
 pub fn normalize(path: &str) -> Result<String, BadPath> {
     let raw = path.as_bytes();
+    // Most paths need nothing done: no escapes, no empty, `.` or `..`
+    // segments, nothing to refuse.
+    let plain = raw.first() == Some(&b'/')
+        && !raw.windows(2).any(|w| w == b"//" || w == b"/.")
+        && raw.iter().all(|&b| b == b'/' || unescaped(b));
+    if plain {
+        return Ok(path.to_owned());
+    }
     let mut decoded = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < raw.len() {
@@ -347,7 +364,7 @@ pub fn normalize(path: &str) -> Result<String, BadPath> {
     for seg in &segments {
         out.push('/');
         for &b in *seg {
-            if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b) {
+            if unescaped(b) {
                 out.push(b as char);
             } else {
                 out.push_str(&format!("%{b:02X}"));
@@ -377,6 +394,9 @@ mod tests {
         assert_eq!(ok("/%70ublic/%2e%2e/admin"), "/admin");
         assert_eq!(ok("/a%20b"), "/a%20b");
         assert_eq!(ok("/caf%C3%A9"), "/caf%C3%A9");
+        assert_eq!(ok("/.well-known/x"), "/.well-known/x");
+        assert_eq!(ok("/a/b.c;v=1"), "/a/b.c;v=1");
+        assert_eq!(ok("/a{b}"), "/a%7Bb%7D");
         assert_eq!(normalize("/.."), Err(BadPath::AboveRoot));
         assert_eq!(normalize("/a/../../b"), Err(BadPath::AboveRoot));
         assert_eq!(normalize("/a%2fb"), Err(BadPath::Ambiguous));
