@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use support::{
-    Agent, AgentOptions, DemoService, Pki, config_apply, poll, wait_doc_version, wait_health,
+    Agent, AgentOptions, DemoService, Pki, config_apply, ensure_installed, poll, wait_doc_version,
+    wait_health,
 };
 
 /// Each test starts two agents and hundreds of connections: one at a time.
@@ -206,6 +207,22 @@ cors = { origins = ["https://app.example"], methods = ["GET", "PUT"], max_age = 
 "#;
 
 impl Setup {
+    /// `None` (with a message naming the package) when openssl or curl is
+    /// missing and cannot be installed.
+    fn start_or_skip(extra_ingress: &str) -> Result<Option<Self>> {
+        for (command, package) in [
+            ("openssl", "openssl"),
+            ("curl", "curl"),
+            ("python3", "python3"),
+        ] {
+            if let Err(why) = ensure_installed(command, package) {
+                println!("skipped: {why}");
+                return Ok(None);
+            }
+        }
+        Self::start(extra_ingress).map(Some)
+    }
+
     fn start(extra_ingress: &str) -> Result<Self> {
         let pki = Pki::new()?;
         let dir = pki.dir.path().to_owned();
@@ -234,11 +251,16 @@ impl Setup {
         std::fs::write(
             &a_config,
             format!(
-                "[ingress]\nmax_header_bytes = 8192\nmax_body_bytes = 4096\n{extra_ingress}\n\
+                "[access_log]\nenabled = true\npath = {:?}\n\n\
+                 [ingress]\nmax_header_bytes = 8192\nmax_body_bytes = 4096\n{extra_ingress}\n\
                  [[ingress.listener]]\nlisten = \"127.0.0.1:{https}\"\n\
                  tls = [{{ cert = {:?}, key = {:?} }}, {{ cert = {:?}, key = {:?} }}]\n\
                  [[ingress.listener]]\nlisten = \"127.0.0.1:{redirect}\"\nredirect_https_port = {https}\n",
-                shop.0, shop.1, api.0, api.1
+                dir.join("access.log"),
+                shop.0,
+                shop.1,
+                api.0,
+                api.1
             ),
         )?;
         let a = Agent::start(
@@ -342,7 +364,9 @@ fn python(script: &str, args: &[&str]) -> Result<String> {
 #[test]
 fn tls_clients_http1_http2_sni_and_websocket() -> Result<()> {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let s = Setup::start("")?;
+    let Some(s) = Setup::start_or_skip("")? else {
+        return Ok(());
+    };
     for (flag, want) in [("--http1.1", "1.1"), ("--http2", "2")] {
         let (status, version, text) = s.curl("shop.test", "/api/cart?x=1", &[flag])?;
         ensure!(
@@ -422,7 +446,9 @@ with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
 #[test]
 fn routing_precedence_path_tricks_limits_and_errors() -> Result<()> {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let s = Setup::start("")?;
+    let Some(s) = Setup::start_or_skip("")? else {
+        return Ok(());
+    };
     let route_of = |host: &str, path: &str| -> Result<(u16, String)> {
         let (status, _, body) = get(s.plain, host, path)?;
         if status != 200 {
@@ -502,6 +528,25 @@ fn routing_precedence_path_tricks_limits_and_errors() -> Result<()> {
     ensure!(
         status == 404 && body == "gossamer: no route for host locked.example path /other\n",
         "{status} {body:?}"
+    );
+    // The gateway's access log has the refusal, with its flag.
+    let (line, _) = poll(
+        "the no-route line in the access log",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(s.dir.join("access.log"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|v| v["path"] == "/other" && v["authority"] == "locked.example")
+                .ok_or_else(|| "not yet".to_string())
+        },
+    )?;
+    ensure!(
+        line["listener"] == "gateway"
+            && line["status"] == 404
+            && line["flags"] == serde_json::json!(["NR"]),
+        "{line}"
     );
     let (status, _, body) = get(s.plain, "ghost.test", "/")?;
     ensure!(
@@ -637,7 +682,9 @@ fn routing_precedence_path_tricks_limits_and_errors() -> Result<()> {
 #[test]
 fn certificate_swap_and_slowloris() -> Result<()> {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let s = Setup::start("header_read_timeout = \"3s\"")?;
+    let Some(s) = Setup::start_or_skip("header_read_timeout = \"3s\"")? else {
+        return Ok(());
+    };
     // A client opens a new TLS connection for every request for 8 s and
     // notes which certificate it got; the files are replaced after 2 s.
     let script = r#"
@@ -786,7 +833,9 @@ while time.time() < end:
 #[test]
 fn egress_to_an_external_https_api() -> Result<()> {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let s = Setup::start("")?;
+    let Some(s) = Setup::start_or_skip("")? else {
+        return Ok(());
+    };
     // An HTTPS server with its own CA, and a decoy no request may reach.
     let ext_ca = TestCa::new(&s.dir, "ext")?;
     let (cert, key) = ext_ca.leaf("ext.test", "ext")?;

@@ -897,3 +897,29 @@ pub fn wait_doc_version(
     )?;
     Ok(took)
 }
+
+/// Installs Debian packages if a command is missing; `Err` names what could
+/// not be had.
+pub fn ensure_installed(command: &str, package: &str) -> std::result::Result<(), String> {
+    let present = |c: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {c}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if present(command) {
+        return Ok(());
+    }
+    let _ = Command::new("apt-get").args(["update", "-qq"]).output();
+    let installed = Command::new("apt-get")
+        .args(["install", "-y", "-qq", package])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output();
+    if present(command) {
+        return Ok(());
+    }
+    Err(format!(
+        "{command} is missing and `apt-get install {package}` did not provide it ({:?})",
+        installed.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+    ))
+}

@@ -375,32 +375,6 @@ fn a_tcp_client_is_reset_when_its_owner_dies_and_reconnects_elsewhere() -> Resul
     Ok(())
 }
 
-/// Installs Debian packages if a command is missing; `Err` names what could
-/// not be had.
-fn ensure_installed(command: &str, package: &str) -> std::result::Result<(), String> {
-    let present = |c: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {c}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if present(command) {
-        return Ok(());
-    }
-    let _ = Command::new("apt-get").args(["update", "-qq"]).output();
-    let installed = Command::new("apt-get")
-        .args(["install", "-y", "-qq", package])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .output();
-    if present(command) {
-        return Ok(());
-    }
-    Err(format!(
-        "{command} is missing and `apt-get install {package}` did not provide it ({:?})",
-        installed.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
-    ))
-}
-
 /// `redis-benchmark -q -n 20000` against `port`: (requests per second per
 /// test, the whole output).
 fn redis_benchmark(port: u16) -> Result<(Vec<(String, f64)>, String)> {

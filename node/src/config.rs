@@ -52,6 +52,8 @@ pub struct AgentConfig {
     pub limits: LimitsConfig,
     /// Gateway listeners and their limits.
     pub ingress: crate::gateway::IngressConfig,
+    /// Access logs.
+    pub access_log: crate::observe::access::AccessLogConfig,
     /// How many connections to peers are kept open, and for how long.
     pub peer_links: LinkPolicy,
     /// The admin API's bearer token for writes, read from
@@ -164,6 +166,7 @@ pub struct FileConfig {
     proxy: Option<ProxyConfig>,
     limits: Option<LimitsConfig>,
     ingress: Option<crate::gateway::IngressConfig>,
+    access_log: Option<crate::observe::access::AccessLogConfig>,
     peer_links: Option<LinkPolicy>,
     admin_token_file: Option<PathBuf>,
     service: Option<Vec<toml::Value>>,
@@ -348,6 +351,8 @@ impl AgentConfig {
             }
         }
         ingress.validate().or_else(err)?;
+        let access_log = file.access_log.unwrap_or_default();
+        access_log.validate().or_else(err)?;
         let peer_links = file.peer_links.unwrap_or_default();
         peer_links.validate().or_else(err)?;
         let admin_token = match args
@@ -388,6 +393,7 @@ impl AgentConfig {
             proxy,
             limits,
             ingress,
+            access_log,
             peer_links,
             admin_token,
         })

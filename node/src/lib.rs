@@ -17,6 +17,7 @@
 //! - [`admin`]: the admin HTTP API; [`client`]: the CLI's side of it.
 //! - [`proxy`]: the data plane (outbound listener, QUIC forwarding, inbound).
 //! - [`gateway`]: ingress listeners for clients outside the mesh.
+//! - [`observe`]: access logs.
 //! - [`listener`]: HTTP listeners with connection caps and timeouts.
 //! - [`balance`]: consistent hashing.
 //! - [`demo`]: `gossamer demo` and the demo HTTP service.
@@ -43,6 +44,7 @@ pub mod logging;
 pub mod members;
 pub mod mesh;
 pub mod metrics;
+pub mod observe;
 pub mod proxy;
 pub mod store;
 pub mod tasks;

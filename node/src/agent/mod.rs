@@ -318,6 +318,15 @@ pub async fn run(
         proxy_metrics,
         tasks.clone(),
     );
+    if let Some(log) = crate::observe::access::AccessLog::start(
+        &config.access_log,
+        proxy.metrics.access_log_dropped.clone(),
+        &tasks,
+    )
+    .map_err(StartError::Service)?
+    {
+        proxy.set_access_log(log);
+    }
     tasks.spawn(dispatch_streams(
         queues.streams,
         catalog.clone(),

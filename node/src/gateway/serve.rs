@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -23,6 +23,7 @@ use super::table::{Route, Table, normalize};
 use super::tls::Store;
 use crate::documents::Documents;
 use crate::listener::{Acceptor, Limits, ListenerMetrics};
+use crate::observe::access;
 use crate::proxy::Proxy;
 use crate::proxy::body::{self, ProxyBody};
 use crate::proxy::dispatch::Overrides;
@@ -324,10 +325,28 @@ async fn handle(
     side: Side,
 ) -> Response<ProxyBody> {
     let id = request_id(req.headers());
+    let logged = gateway
+        .proxy
+        .access_log()
+        .filter(|log| log.sampled())
+        .map(|log| {
+            let mut record = access::begin(&req, peer, "gateway", gateway.proxy.node_name());
+            record.request_id = id.to_str().ok().map(str::to_owned);
+            (record, Instant::now(), log.clone())
+        });
     let (matched, mut response) = route(&gateway, req, peer, side, &id).await;
     gateway.count(matched.as_deref(), response.status());
     response.headers_mut().insert("x-request-id", id);
-    response
+    match logged {
+        Some((mut record, started, log)) => {
+            if let Some(route) = &matched {
+                record.ingress_route = Some(route.label.clone());
+                record.service = Some(route.service.clone());
+            }
+            access::finish(record, response, started, &log)
+        }
+        None => response,
+    }
 }
 
 async fn route(
@@ -438,6 +457,8 @@ async fn route(
             retries: route.retries,
         },
         body_limit: Some(config.max_body_bytes),
+        // The gateway logs its requests itself, refusals included.
+        listener: None,
     };
     let mut response = handle_entry(gateway.proxy.clone(), req, peer, &entry).await;
     if let Some(edits) = &route.response_headers {

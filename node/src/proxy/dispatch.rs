@@ -71,6 +71,8 @@ pub struct Proxy {
     tasks: Tasks,
     /// Metric families.
     pub metrics: ProxyMetrics,
+    /// Where access-log lines go, when they are on.
+    access: std::sync::OnceLock<crate::observe::access::AccessLog>,
 }
 
 impl Proxy {
@@ -106,9 +108,25 @@ impl Proxy {
             inflight: Mutex::new(HashMap::new()),
             breakers: Mutex::new(HashMap::new()),
             slots: Mutex::new(HashMap::new()),
+            access: std::sync::OnceLock::new(),
             mirrors: Arc::default(),
             metrics,
         })
+    }
+
+    /// Turns access logs on (once, at start).
+    pub fn set_access_log(&self, log: crate::observe::access::AccessLog) {
+        let _ = self.access.set(log);
+    }
+
+    /// The access log, when it is on.
+    pub fn access_log(&self) -> Option<&crate::observe::access::AccessLog> {
+        self.access.get()
+    }
+
+    /// This node's name.
+    pub fn node_name(&self) -> &str {
+        self.transport.name()
     }
 
     /// The route of `service`, if the catalog has it.
@@ -439,6 +457,17 @@ impl Proxy {
                         && may_try_again
                         && budget.try_retry();
                     if !retried {
+                        let mut response = response;
+                        if self.access.get().is_some() {
+                            response
+                                .extensions_mut()
+                                .insert(crate::observe::access::Served {
+                                    instance: backend.key.clone(),
+                                    node: backend.node.clone(),
+                                    retries: made.saturating_sub(1) as u32,
+                                    upstream: started.elapsed(),
+                                });
+                        }
                         return response;
                     }
                     debug!(instance = %backend.key, %status, "retrying after the answer");

@@ -134,6 +134,8 @@ pub struct ProxyMetrics {
     pub tcp_bytes: Family<TcpBytesLabels, Counter>,
     /// Time to reach a TCP instance (until it accepted the connection).
     pub tcp_connect: Family<ServiceLabel, Histogram, fn() -> Histogram>,
+    /// Access-log lines dropped because the writer fell behind.
+    pub access_log_dropped: Counter,
 }
 
 impl ProxyMetrics {
@@ -153,6 +155,7 @@ impl ProxyMetrics {
             tcp_active: Family::default(),
             tcp_bytes: Family::default(),
             tcp_connect: Family::new_with_constructor(latency_histogram),
+            access_log_dropped: Counter::default(),
         };
         registry.register(
             "gossamer_proxy_requests",
@@ -214,6 +217,11 @@ impl ProxyMetrics {
             "gossamer_proxy_active_streams",
             "Requests in flight (outbound and inbound)",
             m.active.clone(),
+        );
+        registry.register(
+            "gossamer_access_log_dropped",
+            "Access-log lines dropped because the writer fell behind",
+            m.access_log_dropped.clone(),
         );
         m
     }

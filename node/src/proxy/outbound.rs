@@ -26,7 +26,9 @@ use super::routes::HashPolicy;
 use super::upgrade::is_upgrade;
 use crate::balance::rendezvous::hash_key;
 use crate::listener::{self, Limits, ListenerMetrics};
+use crate::observe::access;
 use gossamer_membership::catalog::validate_service_name;
+use std::time::Instant;
 
 /// Set on a mirror's copy of a request: the service it was copied from.
 pub const MIRROR_HEADER: &str = "x-gossamer-mirrored-from";
@@ -135,7 +137,11 @@ pub async fn handle_for(
     if let Ok(v) = HeaderValue::from_str(&service) {
         req.headers_mut().insert(http::header::HOST, v);
     }
-    handle(proxy, req, peer).await
+    let entry = Entry {
+        listener: Some("upstream"),
+        ..Entry::default()
+    };
+    handle_entry(proxy, req, peer, &entry).await
 }
 
 async fn handle(
@@ -148,12 +154,24 @@ async fn handle(
 
 /// What the way in (the outbound listener, a gateway route) sets for a
 /// request beyond what the service's route document says.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Entry {
     /// Timeout and retries that win over the route document's.
     pub overrides: Overrides,
     /// Cap on the request body (413 past it).
     pub body_limit: Option<u64>,
+    /// The listener, for access logs; `None`: the caller logs the request.
+    pub listener: Option<&'static str>,
+}
+
+impl Default for Entry {
+    fn default() -> Self {
+        Self {
+            overrides: Overrides::default(),
+            body_limit: None,
+            listener: Some("proxy"),
+        }
+    }
 }
 
 /// The request path for a request whose Host names its service.
@@ -163,10 +181,22 @@ pub async fn handle_entry(
     peer: SocketAddr,
     entry: &Entry,
 ) -> Response<ProxyBody> {
-    if is_grpc(req.headers()) {
+    let logged = match (entry.listener, proxy.access_log()) {
+        (Some(listener), Some(log)) if log.sampled() => {
+            let mut record = access::begin(&req, peer, listener, proxy.node_name());
+            record.service = target_service(&req).ok();
+            Some((record, Instant::now(), log.clone()))
+        }
+        _ => None,
+    };
+    let response = if is_grpc(req.headers()) {
         grpc_error(route_request(proxy, req, peer, entry).await)
     } else {
         route_request(proxy, req, peer, entry).await
+    };
+    match logged {
+        Some((record, started, log)) => access::finish(record, response, started, &log),
+        None => response,
     }
 }
 
@@ -351,6 +381,12 @@ async fn route_request(
     }
     if let Some(edits) = response_edits {
         edits.apply(response.headers_mut());
+    }
+    if proxy.access_log().is_some() {
+        response.extensions_mut().insert(access::RouteChoice {
+            rule: rule_label,
+            arm: arm_label,
+        });
     }
     // The breaker's counts last until the response has streamed.
     if admitted.is_some() || slot.is_some() {

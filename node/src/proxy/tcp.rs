@@ -32,6 +32,7 @@ use super::dispatch::denial;
 use super::metrics::{InstanceLabels, ServiceLabel, TcpBytesLabels, TcpLabels};
 use super::routes::{Backend, ServiceRoute};
 use crate::balance::rendezvous::hash_key;
+use crate::observe::access;
 
 /// First byte of a TCP stream.
 pub const STREAM_TCP: u8 = 5;
@@ -107,6 +108,7 @@ pub async fn serve_client(
     let _ = client.set_nodelay(true);
     let service = route.name.clone();
     let started = Instant::now();
+    let wall = std::time::SystemTime::now();
     let mut tried: Vec<usize> = Vec::new();
     let mut errors: Vec<String> = Vec::new();
     let hash = hash_key(peer.ip().to_string().as_bytes());
@@ -149,7 +151,11 @@ pub async fn serve_client(
                         })
                         .clone()
                 };
-                let counters = (bytes("sent"), bytes("received"));
+                let mine: Pair = Default::default();
+                let counters = (
+                    (bytes("sent"), mine.0.clone()),
+                    (bytes("received"), mine.1.clone()),
+                );
                 let idle = proxy.config.tcp_idle_timeout;
                 let outcome = match upstream {
                     Upstream::Local(stream) => {
@@ -159,8 +165,24 @@ pub async fn serve_client(
                     Upstream::Remote(send, recv) => carry(client, recv, send, idle, counters).await,
                 };
                 active.dec();
-                if let Err(e) = outcome {
+                if let Err(e) = &outcome {
                     debug!(%service, instance = %backend.key, %peer, error = %e, "tcp connection ended by an error");
+                }
+                if let Some(log) = proxy.access_log().filter(|l| l.sampled()) {
+                    log.emit(&access::Record {
+                        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+                        bytes_in: Some(mine.0.get()),
+                        bytes_out: mine.1.get(),
+                        instance: Some(backend.key.clone()),
+                        node: Some(backend.node.clone()),
+                        retries: (tried.len() - 1) as u32,
+                        flags: if outcome.is_err() {
+                            vec!["DC"]
+                        } else {
+                            Vec::new()
+                        },
+                        ..tcp_record(&proxy, &service, peer, wall)
+                    });
                 }
                 return;
             }
@@ -179,7 +201,33 @@ pub async fn serve_client(
     }
     count(&proxy, &service, "none", "failed");
     debug!(%service, %peer, errors = ?errors, "tcp connection refused: no instance reached");
+    if let Some(log) = proxy.access_log().filter(|l| l.sampled()) {
+        log.emit(&access::Record {
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+            flags: vec![if tried.is_empty() { "UH" } else { "UF" }],
+            retries: tried.len().saturating_sub(1) as u32,
+            ..tcp_record(&proxy, &service, peer, wall)
+        });
+    }
     let _ = client.set_zero_linger();
+}
+
+/// An access-log record of one TCP connection through an upstream listener.
+fn tcp_record(
+    proxy: &Proxy,
+    service: &str,
+    peer: SocketAddr,
+    start: std::time::SystemTime,
+) -> access::Record {
+    access::Record {
+        start: access::rfc3339(start),
+        listener: "upstream",
+        protocol: "tcp",
+        source_node: proxy.node_name().to_owned(),
+        client: peer.to_string(),
+        service: Some(service.to_owned()),
+        ..access::Record::default()
+    }
 }
 
 /// Counts a connection an upstream listener could not serve at all (its
@@ -372,7 +420,10 @@ pub async fn serve_stream(
     }
 }
 
-type Counters = (
+/// Bytes each way (sent: client to instance, received), each counted in
+/// two counters: the instance's metric and the connection's own total.
+type Counters = (Pair, Pair);
+type Pair = (
     prometheus_client::metrics::counter::Counter,
     prometheus_client::metrics::counter::Counter,
 );
@@ -479,7 +530,7 @@ where
 async fn pump<R, W>(
     from: &mut R,
     to: &mut W,
-    bytes: &prometheus_client::metrics::counter::Counter,
+    bytes: &Pair,
     touch: &impl Fn(),
 ) -> std::io::Result<()>
 where
@@ -493,7 +544,8 @@ where
         };
         let n = chunk.len() as u64;
         to.put(chunk).await?;
-        bytes.inc_by(n);
+        bytes.0.inc_by(n);
+        bytes.1.inc_by(n);
         touch();
     }
 }

@@ -1,0 +1,503 @@
+//! Access logs: one JSON line per HTTP request (proxy, gateway and upstream
+//! listeners) or TCP connection, written by a task of its own so a slow
+//! disk never holds a request: lines are queued, and if the queue is full
+//! they are dropped and counted (`gossamer_access_log_dropped_total`).
+//!
+//! ```toml
+//! [access_log]
+//! enabled = true
+//! path = "-"          # stdout; or a file, appended to
+//! sample = 1.0        # the share of requests logged
+//! ```
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use prometheus_client::metrics::counter::Counter;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::proxy::body::ProxyBody;
+
+/// Lines queued for the writer at most.
+const QUEUE: usize = 8192;
+
+/// `[access_log]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// Whether to log at all.
+    pub enabled: bool,
+    /// `-` for stdout, else a file appended to.
+    pub path: PathBuf,
+    /// The share of requests logged, 0 to 1.
+    pub sample: f64,
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            path: PathBuf::from("-"),
+            sample: 1.0,
+        }
+    }
+}
+
+impl AccessLogConfig {
+    /// Checks values; returns `access_log.key: problem`.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.sample) {
+            return Err("access_log.sample: a share from 0 to 1".into());
+        }
+        if self.enabled && self.path.as_os_str() != "-" {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .map_err(|e| format!("access_log.path: {}: {e}", self.path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Where lines go; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AccessLog {
+    tx: mpsc::Sender<String>,
+    sample: f64,
+    dropped: Counter,
+}
+
+impl AccessLog {
+    /// Starts the writer; `None` when logging is off.
+    pub fn start(
+        config: &AccessLogConfig,
+        dropped: Counter,
+        tasks: &crate::tasks::Tasks,
+    ) -> Result<Option<Self>, String> {
+        if !config.enabled || config.sample == 0.0 {
+            return Ok(None);
+        }
+        let out: Box<dyn Write + Send> = if config.path.as_os_str() == "-" {
+            Box::new(std::io::stdout())
+        } else {
+            Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&config.path)
+                    .map_err(|e| format!("access_log.path: {}: {e}", config.path.display()))?,
+            )
+        };
+        let (tx, rx) = mpsc::channel(QUEUE);
+        // Blocking writes belong on a thread of their own.
+        tasks.spawn(async move {
+            let _ = tokio::task::spawn_blocking(move || write_lines(rx, out)).await;
+        });
+        Ok(Some(Self {
+            tx,
+            sample: config.sample,
+            dropped,
+        }))
+    }
+
+    /// Whether this request is one of the sampled ones.
+    pub fn sampled(&self) -> bool {
+        self.sample >= 1.0 || rand::random::<f64>() < self.sample
+    }
+
+    /// Queues one record.
+    pub fn emit(&self, record: &Record) {
+        let Ok(line) = serde_json::to_string(record) else {
+            return;
+        };
+        if self.tx.try_send(line).is_err() {
+            self.dropped.inc();
+        }
+    }
+}
+
+fn write_lines(mut rx: mpsc::Receiver<String>, out: Box<dyn Write + Send>) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    let mut warned = false;
+    while let Some(line) = rx.blocking_recv() {
+        let mut result = writeln!(out, "{line}");
+        // Write what is queued, then flush once the queue is empty.
+        while result.is_ok()
+            && let Ok(line) = rx.try_recv()
+        {
+            result = writeln!(out, "{line}");
+        }
+        if let Err(e) = result.and_then(|()| out.flush())
+            && !warned
+        {
+            warn!(error = %e, "access log write failed; lines are lost until it works again");
+            warned = true;
+        }
+    }
+}
+
+/// One access-log line. Absent values are `null`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Record {
+    /// When the request (or connection) began, RFC 3339 UTC.
+    pub start: String,
+    /// From its start until its response ended, ms.
+    pub duration_ms: f64,
+    /// `proxy`, `gateway` or `upstream`.
+    pub listener: &'static str,
+    /// `HTTP/1.1`, `HTTP/2` or `tcp`.
+    pub protocol: &'static str,
+    pub method: Option<String>,
+    /// The Host the client asked for.
+    pub authority: Option<String>,
+    pub path: Option<String>,
+    /// HTTP status (0 for a TCP connection).
+    pub status: u16,
+    /// Why the mesh answered or cut it itself (see [`flags_for`]).
+    pub flags: Vec<&'static str>,
+    /// Request body bytes (from Content-Length), or bytes client to instance.
+    pub bytes_in: Option<u64>,
+    /// Response body bytes sent, or bytes instance to client.
+    pub bytes_out: u64,
+    /// Time until the instance's answer began, ms.
+    pub upstream_ms: Option<f64>,
+    /// This agent.
+    pub source_node: String,
+    /// The client's address.
+    pub client: String,
+    pub service: Option<String>,
+    pub instance: Option<String>,
+    /// The node that owns the instance.
+    pub node: Option<String>,
+    pub retries: u32,
+    /// Route document rule (`0`, `1`, `default`) and arm, when one applied.
+    pub route_rule: Option<String>,
+    pub route_arm: Option<String>,
+    /// Set when authorization refused the request.
+    pub authz: Option<String>,
+    /// The gateway route that matched.
+    pub ingress_route: Option<String>,
+    pub request_id: Option<String>,
+    /// From `traceparent`.
+    pub trace_id: Option<String>,
+}
+
+/// What the request path learned about where a request went; put on the
+/// response as an extension by the dispatcher.
+#[derive(Debug, Clone, Default)]
+pub struct Served {
+    /// `node/id` of the instance that answered.
+    pub instance: String,
+    /// Its node.
+    pub node: String,
+    /// Attempts after the first.
+    pub retries: u32,
+    /// Until the answer began.
+    pub upstream: Duration,
+}
+
+/// The route document's choice, as a response extension.
+#[derive(Debug, Clone)]
+pub struct RouteChoice {
+    /// Rule index or `default`.
+    pub rule: String,
+    /// Arm label.
+    pub arm: String,
+}
+
+/// A record with what the request itself tells.
+pub fn begin<B>(
+    req: &http::Request<B>,
+    client: std::net::SocketAddr,
+    listener: &'static str,
+    source_node: &str,
+) -> Record {
+    let headers = req.headers();
+    let text = |name: http::header::HeaderName| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    Record {
+        start: rfc3339(SystemTime::now()),
+        listener,
+        protocol: match req.version() {
+            http::Version::HTTP_2 => "HTTP/2",
+            http::Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        },
+        method: Some(req.method().as_str().to_owned()),
+        authority: req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| text(http::header::HOST)),
+        path: Some(req.uri().path().to_owned()),
+        bytes_in: headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok()),
+        source_node: source_node.to_owned(),
+        client: client.to_string(),
+        request_id: text(http::header::HeaderName::from_static("x-request-id")),
+        trace_id: trace_id(headers),
+        ..Record::default()
+    }
+}
+
+/// Fills in what the answer tells and logs it when its body ends.
+pub fn finish(
+    mut record: Record,
+    response: http::Response<ProxyBody>,
+    started: Instant,
+    log: &AccessLog,
+) -> http::Response<ProxyBody> {
+    record.status = response.status().as_u16();
+    let ext = response.extensions();
+    let local = ext
+        .get::<crate::proxy::error::LocalError>()
+        .map(|e| e.0.as_str());
+    record.flags = flags_for(record.status, local);
+    if record.flags.contains(&"UAEX") {
+        record.authz = local.map(str::to_owned);
+    }
+    if let Some(served) = ext.get::<Served>() {
+        record.instance = Some(served.instance.clone());
+        record.node = Some(served.node.clone());
+        record.retries = served.retries;
+        record.upstream_ms = Some(served.upstream.as_secs_f64() * 1000.0);
+    }
+    if let Some(choice) = ext.get::<RouteChoice>() {
+        record.route_rule = Some(choice.rule.clone());
+        record.route_arm = Some(choice.arm.clone());
+    }
+    let length = response
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    response.map(|body| Logged::wrap(body, record, started, log.clone(), length))
+}
+
+/// The flags of an answer: `NR` no route or unknown service, `UH` no
+/// healthy instance, `UF` upstream connect failure, `UT` timeout, `UO`
+/// overflow (circuit breaker), `RL` rate limited, `FI` fault injected,
+/// `UAEX` denied by authz, `BL` body too large, `HL` headers too large,
+/// `BP` bad path or request, `DC` downstream disconnect (added when the
+/// client went away before the answer ended).
+pub fn flags_for(status: u16, local: Option<&str>) -> Vec<&'static str> {
+    let Some(message) = local else {
+        return Vec::new();
+    };
+    let flag = match status {
+        404 | 503 if message.starts_with("no route") || message.starts_with("unknown service") => {
+            "NR"
+        }
+        503 if message.starts_with("no healthy instance") => "UH",
+        503 if message.starts_with("overloaded") => "UO",
+        429 => "RL",
+        403 if message.starts_with("denied by authz") => "UAEX",
+        413 => "BL",
+        431 => "HL",
+        504 | 408 => "UT",
+        _ if message.starts_with("fault injected") => "FI",
+        502 if message.contains("cannot connect") || message.contains("cannot reach") => "UF",
+        400 => "BP",
+        _ => "LR", // another answer the mesh made itself
+    };
+    vec![flag]
+}
+
+/// `traceparent`'s trace id, if the header is well formed.
+pub fn trace_id(headers: &http::HeaderMap) -> Option<String> {
+    let v = headers.get("traceparent")?.to_str().ok()?;
+    let mut parts = v.split('-');
+    let (_version, id) = (parts.next()?, parts.next()?);
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) && id != "0".repeat(32))
+        .then(|| id.to_ascii_lowercase())
+}
+
+/// `SystemTime` as RFC 3339 UTC with milliseconds.
+pub fn rfc3339(t: SystemTime) -> String {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_millis()
+    )
+}
+
+/// A response body that writes its request's line when it ends, or when
+/// it is dropped first (then with the `DC` flag).
+pub struct Logged {
+    inner: ProxyBody,
+    pending: Option<(Record, Instant, AccessLog)>,
+    bytes: u64,
+    /// The body's length when known: a client may stop reading once it
+    /// has that much, which is no disconnect.
+    expected: Option<u64>,
+}
+
+impl std::fmt::Debug for Logged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Logged")
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl Logged {
+    /// Wraps `inner`; `started` is when the request began, `length` the
+    /// answer's Content-Length.
+    pub fn wrap(
+        inner: ProxyBody,
+        record: Record,
+        started: Instant,
+        log: AccessLog,
+        length: Option<u64>,
+    ) -> ProxyBody {
+        use http_body_util::BodyExt;
+        if inner.is_end_stream() {
+            let mut record = record;
+            record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+            log.emit(&record);
+            return inner;
+        }
+        let expected = length.or(inner.size_hint().exact());
+        Self {
+            inner,
+            pending: Some((record, started, log)),
+            bytes: 0,
+            expected,
+        }
+        .boxed_unsync()
+    }
+
+    fn finish(&mut self, cut: bool) {
+        if let Some((mut record, started, log)) = self.pending.take() {
+            record.bytes_out = self.bytes;
+            record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+            if cut {
+                record.flags.push("DC");
+            }
+            log.emit(&record);
+        }
+    }
+}
+
+impl Body for Logged {
+    type Data = Bytes;
+    type Error = crate::proxy::body::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.finish(false);
+                }
+            }
+            Poll::Ready(None) => self.finish(false),
+            Poll::Ready(Some(Err(_))) => self.finish(true),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let whole = self.expected.is_some_and(|n| self.bytes >= n);
+        self.finish(!whole);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_796_164_387_164);
+        assert_eq!(rfc3339(t), "2026-12-01T22:33:07.164Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn flags_name_the_cause() {
+        assert_eq!(flags_for(200, None), Vec::<&str>::new());
+        assert_eq!(flags_for(503, Some("unknown service \"x\"")), ["NR"]);
+        assert_eq!(flags_for(404, Some("no route for host a path /")), ["NR"]);
+        assert_eq!(
+            flags_for(503, Some("no healthy instance of \"web\"")),
+            ["UH"]
+        );
+        assert_eq!(flags_for(503, Some("overloaded web: 5 requests")), ["UO"]);
+        assert_eq!(flags_for(429, Some("rate limit")), ["RL"]);
+        assert_eq!(flags_for(403, Some("denied by authz db rule 1")), ["UAEX"]);
+        assert_eq!(
+            flags_for(500, Some("fault injected by route web rule 0")),
+            ["FI"]
+        );
+        assert_eq!(flags_for(504, Some("web: timed out")), ["UT"]);
+        assert_eq!(
+            flags_for(502, Some("web: cannot connect to n1/web")),
+            ["UF"]
+        );
+    }
+
+    #[test]
+    fn trace_ids_come_from_traceparent() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(trace_id(&h), None);
+        h.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            trace_id(&h).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        h.insert("traceparent", "00-xyz-00f067aa0ba902b7-01".parse().unwrap());
+        assert_eq!(trace_id(&h), None);
+    }
+}
