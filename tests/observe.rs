@@ -170,3 +170,117 @@ fn access_log_lines_carry_status_flags_retries_and_ids() -> Result<()> {
     ensure!(v["status"] == 200 && v["instance"] == "n2/live", "{v}");
     Ok(())
 }
+
+#[test]
+fn tap_shows_requests_at_once_and_keeps_to_its_rate() -> Result<()> {
+    use std::io::BufRead;
+    let pki = Pki::new()?;
+    let dir = pki.dir.path().to_owned();
+    let web = DemoService::start("web-1", None)?;
+    let config = dir.join("n1.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[service]]\nid = \"web-1\"\nname = \"web\"\nport = {}\n",
+            web.addr.port()
+        ),
+    )?;
+    let n1 = Agent::start(
+        &pki,
+        "n1",
+        AgentOptions {
+            config: Some(config),
+            ..Default::default()
+        },
+    )?;
+    wait_health(
+        &[&n1],
+        "web",
+        "web-1",
+        Some("passing"),
+        Duration::from_secs(30),
+    )?;
+
+    // A watcher, at 5 requests a second, showing one header's value.
+    let mut watch = TcpStream::connect(n1.admin)?;
+    watch.write_all(
+        b"GET /v1/tap?service=web&max_rate=5&headers=x-user HTTP/1.1\r\nHost: admin\r\n\r\n",
+    )?;
+    let (tx, rx) = std::sync::mpsc::channel::<(std::time::Instant, Value)>();
+    let reader = watch.try_clone()?;
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(reader).lines() {
+            let Ok(line) = line else { return };
+            // Chunk sizes are numbers too: only objects are events.
+            if let Ok(v @ Value::Object(_)) = serde_json::from_str::<Value>(line.trim())
+                && tx.send((std::time::Instant::now(), v)).is_err()
+            {
+                return;
+            }
+        }
+    });
+    let (_, hello) = rx.recv_timeout(Duration::from_secs(10))?;
+    ensure!(hello["tap"] == "started", "{hello}");
+
+    // One request: it shows within a second, its secret header redacted.
+    let sent = std::time::Instant::now();
+    call(
+        n1.proxy,
+        "GET /one HTTP/1.1\r\nHost: web\r\nx-request-id: tap-1\r\nx-user: alice\r\n\
+         authorization: Bearer secret\r\nConnection: close\r\n\r\n",
+    )?;
+    let (at, v) = rx.recv_timeout(Duration::from_secs(5))?;
+    let delay = at.duration_since(sent);
+    println!("tap: the request showed {delay:?} after it was sent");
+    ensure!(
+        v["request_id"] == "tap-1" && v["path"] == "/one" && v["status"] == 200,
+        "{v}"
+    );
+    ensure!(delay < Duration::from_secs(1), "{delay:?}");
+    ensure!(v["headers"]["x-user"] == "alice", "{v}");
+    ensure!(v["headers"]["authorization"] == "[redacted]", "{v}");
+    // Another service's requests are filtered out.
+    call(
+        n1.proxy,
+        "GET / HTTP/1.1\r\nHost: nosuch\r\nConnection: close\r\n\r\n",
+    )?;
+
+    // 60 requests at once: at most the rate (with a second's burst) show.
+    let burst = std::time::Instant::now();
+    for i in 0..60 {
+        call(
+            n1.proxy,
+            &format!(
+                "GET /burst HTTP/1.1\r\nHost: web\r\nx-request-id: b-{i}\r\nConnection: close\r\n\r\n"
+            ),
+        )?;
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let window = burst.elapsed().as_secs_f64();
+    let mut shown = 0;
+    let mut dropped = 0;
+    while let Ok((_, v)) = rx.try_recv() {
+        if v["service"] == "nosuch" {
+            anyhow::bail!("the filter let another service through: {v}");
+        }
+        if let Some(n) = v["dropped"].as_u64() {
+            dropped += n;
+        } else if v["path"] == "/burst" {
+            shown += 1;
+        }
+    }
+    println!(
+        "tap: of 60 requests in {window:.1} s at max_rate 5, {shown} shown, {dropped} counted as dropped"
+    );
+    // The bucket held at most 5 (less the one shown above) plus 5 a second.
+    ensure!(
+        shown as f64 <= 5.0 + 5.0 * window,
+        "{shown} shown in {window:.1} s"
+    );
+    ensure!(
+        shown >= 4 && dropped > 0,
+        "{shown} shown, {dropped} dropped"
+    );
+    drop(watch);
+    Ok(())
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -87,14 +87,54 @@ pub async fn serve(
     metrics: ListenerMetrics,
     tasks: crate::tasks::Tasks,
 ) {
-    let handler = move |req, _peer| {
+    let handler = move |req: Request<Incoming>, _peer| {
         let state = state.clone();
-        async move { route(&state, req, limits.header_read_timeout).await }
+        async move {
+            if req.method() == Method::GET && req.uri().path() == "/v1/tap" {
+                return tap(&state, &req);
+            }
+            route(&state, req, limits.header_read_timeout)
+                .await
+                .map(Either::Left)
+        }
     };
     listener::serve(listener, "admin", limits, metrics, tasks, handler).await;
 }
 
 type Body = Full<Bytes>;
+
+/// `GET /v1/tap?service=&path=&method=&status=&max_rate=&headers=`: the
+/// requests this agent carries, as NDJSON while they happen. With an admin
+/// token configured, it is required here too (the stream shows traffic).
+fn tap(
+    state: &AdminState,
+    req: &Request<Incoming>,
+) -> Response<Either<Body, crate::observe::tap::Stream>> {
+    if let Some(token) = &state.token
+        && !token.accepts(
+            req.headers()
+                .get(header::AUTHORIZATION)
+                .map(|v| v.as_bytes()),
+        )
+    {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "the tap needs the admin token: send Authorization: Bearer TOKEN",
+        )
+        .map(Either::Left);
+    }
+    match crate::observe::tap::Filter::parse(req.uri().query().unwrap_or("")) {
+        Err(e) => error(StatusCode::BAD_REQUEST, e).map(Either::Left),
+        Ok(filter) => Response::builder()
+            .header(header::CONTENT_TYPE, "application/x-ndjson")
+            .header(header::CACHE_CONTROL, "no-cache")
+            .body(Either::Right(crate::observe::tap::watch(
+                state.proxy.tap(),
+                filter,
+            )))
+            .expect("valid response"),
+    }
+}
 
 /// A JSON response.
 pub fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {

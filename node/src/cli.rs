@@ -34,6 +34,8 @@ pub enum Command {
     Config(ConfigCommand),
     /// Show the members a running agent knows.
     Members(MembersArgs),
+    /// Watch the requests an agent carries, live (GET /v1/tap).
+    Tap(TapArgs),
     /// List the mesh's services with their passing/total instances.
     Services(ListArgs),
     /// Show the instances of one service.
@@ -272,6 +274,35 @@ pub struct AdminArgs {
     /// File holding the agent's admin token (sent on writes).
     #[arg(long, env = "GOSSAMER_ADMIN_TOKEN_FILE", value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
+}
+
+/// `gossamer tap`.
+#[derive(Debug, Args)]
+pub struct TapArgs {
+    /// Only requests to this service.
+    pub service: Option<String>,
+    #[command(flatten)]
+    /// Which agent.
+    pub admin: AdminArgs,
+    /// Only paths starting with this.
+    #[arg(long)]
+    pub path: Option<String>,
+    /// Only this method.
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Only this status (503) or class (5xx).
+    #[arg(long)]
+    pub status: Option<String>,
+    /// At most this many requests a second are shown (the rest are counted).
+    #[arg(long, default_value_t = 100.0)]
+    pub max_rate: f64,
+    /// Show these request headers' values (comma-separated); the others are
+    /// redacted.
+    #[arg(long, value_delimiter = ',')]
+    pub headers: Vec<String>,
+    /// Print the JSON lines as they come.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `gossamer members`.

@@ -79,3 +79,54 @@ pub async fn call(
     }
     Ok(bytes)
 }
+
+/// `GET path` on the admin API, handing each line of the streamed answer
+/// to `line` as it arrives, until the agent ends the stream.
+pub async fn stream_lines(
+    admin: SocketAddr,
+    token: Option<&AdminToken>,
+    path: &str,
+    mut line: impl FnMut(&str),
+) -> Result<(), ClientError> {
+    let unreachable = |reason: String| ClientError::Unreachable {
+        addr: admin,
+        reason,
+    };
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut req = Request::builder().uri(format!("http://{admin}{path}"));
+    if let Some(token) = token {
+        req = req.header(http::header::AUTHORIZATION, token.header());
+    }
+    let req = req
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| unreachable(e.to_string()))?;
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .map_err(|_| unreachable("no answer within 10 s".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let status = response.status();
+    let mut body = response.into_body();
+    if !status.is_success() {
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?
+            .to_bytes();
+        return Err(ClientError::Status {
+            status,
+            body: String::from_utf8_lossy(&bytes).trim().to_owned(),
+        });
+    }
+    let mut pending = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| unreachable(e.to_string()))?;
+        if let Some(data) = frame.data_ref() {
+            pending.extend_from_slice(data);
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let text: Vec<u8> = pending.drain(..=end).collect();
+                line(String::from_utf8_lossy(&text).trim_end());
+            }
+        }
+    }
+    Ok(())
+}

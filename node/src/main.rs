@@ -63,6 +63,7 @@ fn main() -> ExitCode {
             runtime().and_then(|rt| rt.block_on(gossamer_node::documents::cli::run(command))),
         ),
         Command::Members(args) => report(runtime().and_then(|rt| rt.block_on(members(args)))),
+        Command::Tap(args) => report(runtime().and_then(|rt| rt.block_on(tap(args)))),
         Command::Services(args) => report(runtime().and_then(|rt| rt.block_on(services(args)))),
         Command::Service(args) => report(runtime().and_then(|rt| rt.block_on(service(args)))),
         Command::Demo(args) => {
@@ -134,6 +135,84 @@ fn main() -> ExitCode {
             .map_err(Into::into)
         })),
     }
+}
+
+/// `gossamer tap`: the requests an agent carries, one line each.
+async fn tap(args: gossamer_node::cli::TapArgs) -> anyhow::Result<()> {
+    let mut query = vec![format!("max_rate={}", args.max_rate)];
+    let mut add = |k: &str, v: &Option<String>| {
+        if let Some(v) = v {
+            let escaped: String = v
+                .bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect();
+            query.push(format!("{k}={escaped}"));
+        }
+    };
+    add("service", &args.service);
+    add("path", &args.path);
+    add("method", &args.method);
+    add("status", &args.status);
+    if !args.headers.is_empty() {
+        add("headers", &Some(args.headers.join(",")));
+    }
+    let token = admin_token(&args.admin)?;
+    let path = format!("/v1/tap?{}", query.join("&"));
+    client::stream_lines(args.admin.admin, token.as_ref(), &path, |line| {
+        if args.json {
+            println!("{line}");
+            return;
+        }
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            return;
+        };
+        if v.get("tap").is_some() {
+            eprintln!(
+                "watching (at most {} requests a second; Ctrl-C to stop)",
+                v["max_rate"]
+            );
+            return;
+        }
+        if let Some(n) = v.get("dropped") {
+            eprintln!("({n} requests not shown: over the rate)");
+            return;
+        }
+        let text = |k: &str| v[k].as_str().unwrap_or("-").to_owned();
+        let flags: Vec<&str> = v["flags"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|f| f.as_str()).collect())
+            .unwrap_or_default();
+        println!(
+            "{} {:<8} {} {} {}{} -> {} {} {:.1}ms{}{}",
+            text("start").get(11..23).unwrap_or(""),
+            text("listener"),
+            text("client"),
+            text("method"),
+            text("authority"),
+            text("path"),
+            text("instance"),
+            v["status"],
+            v["duration_ms"].as_f64().unwrap_or(0.0),
+            if flags.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", flags.join(","))
+            },
+            v["retries"]
+                .as_u64()
+                .filter(|r| *r > 0)
+                .map(|r| format!(" retries={r}"))
+                .unwrap_or_default(),
+        );
+    })
+    .await?;
+    Ok(())
 }
 
 /// The token named by `--admin-token-file`, if any.

@@ -325,15 +325,14 @@ async fn handle(
     side: Side,
 ) -> Response<ProxyBody> {
     let id = request_id(req.headers());
-    let logged = gateway
-        .proxy
-        .access_log()
-        .filter(|log| log.sampled())
-        .map(|log| {
-            let mut record = access::begin(&req, peer, "gateway", gateway.proxy.node_name());
-            record.request_id = id.to_str().ok().map(str::to_owned);
-            (record, Instant::now(), log.clone())
-        });
+    let logged = access::Sinks::for_request(&gateway.proxy).map(|sinks| {
+        let mut record = access::begin(&req, peer, "gateway", gateway.proxy.node_name());
+        record.request_id = id.to_str().ok().map(str::to_owned);
+        if sinks.tap.is_some() {
+            record.headers = Some(req.headers().clone());
+        }
+        (record, Instant::now(), sinks)
+    });
     let (matched, mut response) = route(&gateway, req, peer, side, &id).await;
     gateway.count(matched.as_deref(), response.status());
     response.headers_mut().insert("x-request-id", id);

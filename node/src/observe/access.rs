@@ -188,6 +188,9 @@ pub struct Record {
     pub request_id: Option<String>,
     /// From `traceparent`.
     pub trace_id: Option<String>,
+    /// The request's headers, kept only for the tap (never logged).
+    #[serde(skip)]
+    pub headers: Option<http::HeaderMap>,
 }
 
 /// What the request path learned about where a request went; put on the
@@ -211,6 +214,35 @@ pub struct RouteChoice {
     pub rule: String,
     /// Arm label.
     pub arm: String,
+}
+
+/// Where one request's record goes: the access log (if it was sampled)
+/// and the tap (if anyone watches).
+#[derive(Debug, Clone, Default)]
+pub struct Sinks {
+    /// The access log.
+    pub log: Option<AccessLog>,
+    /// The live tap.
+    pub tap: Option<super::tap::Tap>,
+}
+
+impl Sinks {
+    /// The sinks for one new request; `None` when nothing wants it.
+    pub fn for_request(proxy: &crate::proxy::Proxy) -> Option<Self> {
+        let log = proxy.access_log().filter(|l| l.sampled()).cloned();
+        let tap = proxy.tap().watching().then(|| proxy.tap().clone());
+        (log.is_some() || tap.is_some()).then_some(Self { log, tap })
+    }
+
+    /// Writes the record out.
+    pub fn emit(&self, record: Record) {
+        if let Some(log) = &self.log {
+            log.emit(&record);
+        }
+        if let Some(tap) = &self.tap {
+            tap.send(record);
+        }
+    }
 }
 
 /// A record with what the request itself tells.
@@ -258,7 +290,7 @@ pub fn finish(
     mut record: Record,
     response: http::Response<ProxyBody>,
     started: Instant,
-    log: &AccessLog,
+    log: &Sinks,
 ) -> http::Response<ProxyBody> {
     record.status = response.status().as_u16();
     let ext = response.extensions();
@@ -352,7 +384,7 @@ pub fn rfc3339(t: SystemTime) -> String {
 /// it is dropped first (then with the `DC` flag).
 pub struct Logged {
     inner: ProxyBody,
-    pending: Option<(Record, Instant, AccessLog)>,
+    pending: Option<(Record, Instant, Sinks)>,
     bytes: u64,
     /// The body's length when known: a client may stop reading once it
     /// has that much, which is no disconnect.
@@ -374,14 +406,14 @@ impl Logged {
         inner: ProxyBody,
         record: Record,
         started: Instant,
-        log: AccessLog,
+        log: Sinks,
         length: Option<u64>,
     ) -> ProxyBody {
         use http_body_util::BodyExt;
         if inner.is_end_stream() {
             let mut record = record;
             record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-            log.emit(&record);
+            log.emit(record);
             return inner;
         }
         let expected = length.or(inner.size_hint().exact());
@@ -401,7 +433,7 @@ impl Logged {
             if cut {
                 record.flags.push("DC");
             }
-            log.emit(&record);
+            log.emit(record);
         }
     }
 }

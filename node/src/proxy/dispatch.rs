@@ -73,6 +73,8 @@ pub struct Proxy {
     pub metrics: ProxyMetrics,
     /// Where access-log lines go, when they are on.
     access: std::sync::OnceLock<crate::observe::access::AccessLog>,
+    /// The live tap.
+    tap: crate::observe::tap::Tap,
 }
 
 impl Proxy {
@@ -109,6 +111,7 @@ impl Proxy {
             breakers: Mutex::new(HashMap::new()),
             slots: Mutex::new(HashMap::new()),
             access: std::sync::OnceLock::new(),
+            tap: crate::observe::tap::Tap::default(),
             mirrors: Arc::default(),
             metrics,
         })
@@ -122,6 +125,11 @@ impl Proxy {
     /// The access log, when it is on.
     pub fn access_log(&self) -> Option<&crate::observe::access::AccessLog> {
         self.access.get()
+    }
+
+    /// The live tap.
+    pub fn tap(&self) -> &crate::observe::tap::Tap {
+        &self.tap
     }
 
     /// This node's name.

@@ -181,14 +181,15 @@ pub async fn handle_entry(
     peer: SocketAddr,
     entry: &Entry,
 ) -> Response<ProxyBody> {
-    let logged = match (entry.listener, proxy.access_log()) {
-        (Some(listener), Some(log)) if log.sampled() => {
-            let mut record = access::begin(&req, peer, listener, proxy.node_name());
-            record.service = target_service(&req).ok();
-            Some((record, Instant::now(), log.clone()))
+    let logged = entry.listener.and_then(|listener| {
+        let sinks = access::Sinks::for_request(&proxy)?;
+        let mut record = access::begin(&req, peer, listener, proxy.node_name());
+        record.service = target_service(&req).ok();
+        if sinks.tap.is_some() {
+            record.headers = Some(req.headers().clone());
         }
-        _ => None,
-    };
+        Some((record, Instant::now(), sinks))
+    });
     let response = if is_grpc(req.headers()) {
         grpc_error(route_request(proxy, req, peer, entry).await)
     } else {
@@ -382,7 +383,7 @@ async fn route_request(
     if let Some(edits) = response_edits {
         edits.apply(response.headers_mut());
     }
-    if proxy.access_log().is_some() {
+    if proxy.access_log().is_some() || proxy.tap().watching() {
         response.extensions_mut().insert(access::RouteChoice {
             rule: rule_label,
             arm: arm_label,

@@ -168,8 +168,8 @@ pub async fn serve_client(
                 if let Err(e) = &outcome {
                     debug!(%service, instance = %backend.key, %peer, error = %e, "tcp connection ended by an error");
                 }
-                if let Some(log) = proxy.access_log().filter(|l| l.sampled()) {
-                    log.emit(&access::Record {
+                if let Some(sinks) = access::Sinks::for_request(&proxy) {
+                    sinks.emit(access::Record {
                         duration_ms: started.elapsed().as_secs_f64() * 1000.0,
                         bytes_in: Some(mine.0.get()),
                         bytes_out: mine.1.get(),
@@ -201,8 +201,8 @@ pub async fn serve_client(
     }
     count(&proxy, &service, "none", "failed");
     debug!(%service, %peer, errors = ?errors, "tcp connection refused: no instance reached");
-    if let Some(log) = proxy.access_log().filter(|l| l.sampled()) {
-        log.emit(&access::Record {
+    if let Some(sinks) = access::Sinks::for_request(&proxy) {
+        sinks.emit(access::Record {
             duration_ms: started.elapsed().as_secs_f64() * 1000.0,
             flags: vec![if tried.is_empty() { "UH" } else { "UF" }],
             retries: tried.len().saturating_sub(1) as u32,
