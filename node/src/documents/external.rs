@@ -16,19 +16,14 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
+
+use super::route::duration;
 
 /// Endpoints per document.
 pub const MAX_ENDPOINTS: usize = 16;
 /// Largest CA bundle.
 pub const MAX_CA_BYTES: usize = 64 * 1024;
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let text = String::deserialize(d)?;
-    gossamer_membership::duration::parse(&text)
-        .map(Some)
-        .map_err(serde::de::Error::custom)
-}
 
 /// An `external` document's body.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

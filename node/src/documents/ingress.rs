@@ -23,7 +23,9 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
+
+use super::route::duration;
 
 use gossamer_membership::catalog::validate_service_name;
 
@@ -37,13 +39,6 @@ pub const MAX_NAMES: usize = 64;
 const MAX_TEXT: usize = 512;
 /// Most retries a route may ask for.
 pub const MAX_RETRIES: u32 = 10;
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let text = String::deserialize(d)?;
-    gossamer_membership::duration::parse(&text)
-        .map(Some)
-        .map_err(serde::de::Error::custom)
-}
 
 /// An `ingress` document's body.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

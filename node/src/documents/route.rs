@@ -35,7 +35,8 @@ pub const MAX_BACKENDS: usize = 64;
 /// Header edits per block.
 pub const MAX_HEADER_OPS: usize = 64;
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+/// A `"5s"`-style duration field of a document body.
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let text = String::deserialize(d)?;
     gossamer_membership::duration::parse(&text)
         .map(Some)
