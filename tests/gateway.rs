@@ -651,9 +651,12 @@ fn routing_precedence_path_tricks_limits_and_errors() -> Result<()> {
     let took = started.elapsed();
     println!("rate limit: {passed} answered, {limited} limited in {took:?}");
     ensure!(other.is_empty(), "{other:?}");
+    // On a slow machine the loop takes longer and more tokens refill:
+    // judge by the time it took.
+    let expected = 50.0 + 50.0 * took.as_secs_f64();
     ensure!(
-        (450..=700).contains(&passed),
-        "{passed} answered in {took:?}"
+        (passed as f64) > expected * 0.8 && (passed as f64) < expected * 1.2,
+        "{passed} answered in {took:?}, expected about {expected:.0}"
     );
     let out = run(Command::new("curl")
         .args([
