@@ -505,14 +505,7 @@ fn forward(
         *req.uri_mut() = uri;
     }
     let headers = req.headers_mut();
-    let internal: Vec<_> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-gossamer-"))
-        .cloned()
-        .collect();
-    for k in internal {
-        headers.remove(k);
-    }
+    crate::proxy::hop::strip_internal(headers);
     if let Ok(v) = HeaderValue::from_str(&route.service) {
         headers.insert(header::HOST, v);
     }

@@ -200,14 +200,7 @@ impl ExternalTarget {
             .body(body)
             .map_err(|e| AttemptError::Connect(format!("{}: bad request: {e}", self.url())))?;
         let mut headers = hop::clean(&parts.headers, false);
-        let internal: Vec<_> = headers
-            .keys()
-            .filter(|k| k.as_str().starts_with("x-gossamer-"))
-            .cloned()
-            .collect();
-        for k in internal {
-            headers.remove(k);
-        }
+        hop::strip_internal(&mut headers);
         headers.insert(http::header::HOST, self.host_header.clone());
         *req.headers_mut() = headers;
         self.client.request(req).await.map_err(|e| {

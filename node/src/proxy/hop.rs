@@ -88,6 +88,19 @@ pub fn version_from_wire(byte: u8) -> Version {
     version(byte == 2)
 }
 
+/// Removes the mesh's own `x-gossamer-*` headers: from a request that
+/// comes from outside the mesh, or one that leaves it.
+pub fn strip_internal(map: &mut HeaderMap) {
+    let internal: Vec<_> = map
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-gossamer-"))
+        .cloned()
+        .collect();
+    for k in internal {
+        map.remove(k);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
