@@ -284,3 +284,437 @@ fn tap_shows_requests_at_once_and_keeps_to_its_rate() -> Result<()> {
     drop(watch);
     Ok(())
 }
+
+/// The body of one request through `proxy` with extra header lines.
+fn call_body(proxy: SocketAddr, path: &str, extra: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&proxy, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: web\r\n{extra}Connection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text.split(' ').nth(1).context("no status")?.parse()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    // Chunked or not, the demo service's JSON is one line.
+    let json = body
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("")
+        .to_owned();
+    Ok((status, json))
+}
+
+/// The OTLP receiver of tests/otlp/receiver.py: spans it decoded, one JSON
+/// value each, gathered by a thread.
+struct Receiver {
+    child: std::process::Child,
+    port: u16,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl Receiver {
+    fn start(python: &str) -> Result<Self> {
+        use std::io::BufRead;
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/otlp/receiver.py");
+        let mut child = std::process::Command::new(python)
+            .arg(script)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("start the OTLP receiver")?;
+        let mut lines = std::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let first = lines.next().context("receiver said nothing")??;
+        let port = first
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("unexpected receiver output {first:?}"))?;
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = spans.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    sink.lock().unwrap().push(v);
+                }
+            }
+        });
+        Ok(Self { child, port, spans })
+    }
+
+    fn of_trace(&self, trace: &str) -> Vec<Value> {
+        self.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s["trace_id"] == trace)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits for a client and a server span of `trace`.
+    fn pair(&self, trace: &str) -> Result<(Value, Value)> {
+        let (pair, _) = poll(
+            &format!("a client and a server span of trace {trace}"),
+            Duration::from_secs(20),
+            || {
+                let spans = self.of_trace(trace);
+                let kind = |k: i64| spans.iter().find(|s| s["kind"] == k).cloned();
+                match (kind(3), kind(2)) {
+                    (Some(c), Some(s)) => Ok((c, s)),
+                    _ => Err(format!("{} spans so far", spans.len())),
+                }
+            },
+        )?;
+        Ok(pair)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn traces_have_a_client_and_a_server_span_exported_by_otlp() -> Result<()> {
+    let python = match std::process::Command::new("bash")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/grpc/python.sh"))
+        .arg("opentelemetry.proto.collector.trace.v1.trace_service_pb2=opentelemetry-proto")
+        .output()
+    {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        Ok(out) => {
+            eprintln!(
+                "SKIP: no OTLP decoder (Python package opentelemetry-proto): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return Ok(());
+        }
+        Err(e) => {
+            eprintln!("SKIP: bash: {e}");
+            return Ok(());
+        }
+    };
+    let receiver = Receiver::start(&python)?;
+    let pki = Pki::new()?;
+    let dir = pki.dir.path().to_owned();
+    let web = DemoService::start("web-traced", None)?;
+    let tracing = format!(
+        "[tracing]\nendpoint = \"http://127.0.0.1:{}/v1/traces\"\nsample = 1.0\n",
+        receiver.port
+    );
+    let n2_config = dir.join("n2.toml");
+    std::fs::write(
+        &n2_config,
+        format!(
+            "{tracing}\n[[service]]\nid = \"w1\"\nname = \"web\"\nport = {}\n",
+            web.addr.port()
+        ),
+    )?;
+    let n2 = Agent::start(
+        &pki,
+        "n2",
+        AgentOptions {
+            config: Some(n2_config),
+            ..Default::default()
+        },
+    )?;
+    let n1_config = dir.join("n1.toml");
+    std::fs::write(&n1_config, &tracing)?;
+    let n1 = Agent::start(
+        &pki,
+        "n1",
+        AgentOptions {
+            seeds: vec![n2.seed()],
+            config: Some(n1_config),
+            ..Default::default()
+        },
+    )?;
+    wait_health(
+        &[&n1],
+        "web",
+        "w1",
+        Some("passing"),
+        Duration::from_secs(30),
+    )?;
+
+    // 1. A traceparent from the client is continued: same trace, the
+    //    client span under the caller's span, the server span under the
+    //    client span, and the instance sees the server span as its parent.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = "00f067aa0ba902b7";
+    let (status, body) = call_body(
+        n1.proxy,
+        "/traced",
+        &format!(
+            "traceparent: 00-{trace}-{caller}-01\r\ntracestate: congo=t61rcWkgMzE\r\nx-request-id: traced-1\r\n"
+        ),
+    )?;
+    ensure!(status == 200, "status {status}: {body}");
+    let (client, server) = receiver.pair(trace)?;
+    ensure!(client["parent_span_id"] == caller, "client span: {client}");
+    ensure!(
+        server["parent_span_id"] == client["span_id"],
+        "server span's parent is not the client span:\n{client}\n{server}"
+    );
+    ensure!(client["span_id"] != server["span_id"], "{client}\n{server}");
+    ensure!(client["trace_state"] == "congo=t61rcWkgMzE", "{client}");
+    ensure!(
+        client["resource"]["service.instance.id"] == "n1"
+            && server["resource"]["service.instance.id"] == "n2",
+        "{client}\n{server}"
+    );
+    for span in [&client, &server] {
+        let a = &span["attributes"];
+        ensure!(
+            a["http.request.method"] == "GET"
+                && a["url.path"] == "/traced"
+                && a["http.response.status_code"] == 200
+                && a["gossamer.destination.service"] == "web"
+                && a["gossamer.destination.instance"] == "n2/w1"
+                && a["gossamer.destination.node"] == "n2"
+                && a["gossamer.request_id"] == "traced-1",
+            "span attributes: {span}"
+        );
+        let (start, end) = (
+            span["start"].as_u64().unwrap_or(0),
+            span["end"].as_u64().unwrap_or(0),
+        );
+        ensure!(start > 0 && end >= start, "times: {span}");
+    }
+    ensure!(
+        client["attributes"]["gossamer.source_node"] == "n1",
+        "{client}"
+    );
+    ensure!(server["attributes"]["client.address"] == "n1", "{server}");
+    // The server span brackets inside the client span.
+    ensure!(
+        server["start"].as_u64() >= client["start"].as_u64()
+            && server["end"].as_u64() <= client["end"].as_u64(),
+        "server span outside the client span:\n{client}\n{server}"
+    );
+    let seen: Value = serde_json::from_str(&body).context("demo service answer")?;
+    let passed = seen["headers"]["traceparent"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    ensure!(
+        passed
+            == format!(
+                "00-{trace}-{}-01",
+                server["span_id"].as_str().unwrap_or("?")
+            ),
+        "the instance got traceparent {passed:?}, not the server span's"
+    );
+    ensure!(
+        seen["headers"]["tracestate"] == "congo=t61rcWkgMzE",
+        "{seen}"
+    );
+
+    // 2. No traceparent: a new trace starts at n1, its client span a root.
+    let (status, body) = call_body(n1.proxy, "/fresh", "x-request-id: fresh-1\r\n")?;
+    ensure!(status == 200, "{body}");
+    let seen: Value = serde_json::from_str(&body)?;
+    let started = seen["headers"]["traceparent"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    let new_trace = started
+        .split('-')
+        .nth(1)
+        .context("no traceparent reached the instance")?;
+    let (client, server) = receiver.pair(new_trace)?;
+    ensure!(
+        client["parent_span_id"] == "",
+        "a new trace's client span has a parent: {client}"
+    );
+    ensure!(
+        server["parent_span_id"] == client["span_id"],
+        "{client}\n{server}"
+    );
+
+    // 3. A caller that did not sample: propagated, not recorded.
+    let quiet = "0af7651916cd43dd8448eb211c80319c";
+    let (status, body) = call_body(
+        n1.proxy,
+        "/quiet",
+        &format!("traceparent: 00-{quiet}-b7ad6b7169203331-00\r\n"),
+    )?;
+    ensure!(status == 200, "{body}");
+    let seen: Value = serde_json::from_str(&body)?;
+    let passed = seen["headers"]["traceparent"].as_str().unwrap_or("");
+    ensure!(
+        passed.starts_with(&format!("00-{quiet}-")) && passed.ends_with("-00"),
+        "unsampled trace not propagated: {passed:?}"
+    );
+    // Another sampled request flushes after it; nothing of `quiet` came.
+    call_body(
+        n1.proxy,
+        "/after",
+        &format!("traceparent: 00-{}-{caller}-01\r\n", "1".repeat(32)),
+    )?;
+    receiver.pair(&"1".repeat(32))?;
+    ensure!(
+        receiver.of_trace(quiet).is_empty(),
+        "unsampled spans exported"
+    );
+    let exported = n1
+        .metric("gossamer_trace_spans_exported_total")
+        .unwrap_or(0.0);
+    ensure!(exported >= 3.0, "n1 counted {exported} exported spans");
+    Ok(())
+}
+
+#[test]
+fn stat_agrees_with_a_known_load() -> Result<()> {
+    let pki = Pki::new()?;
+    let dir = pki.dir.path().to_owned();
+    let web = DemoService::start("web-stat", None)?;
+    let n2_config = dir.join("n2.toml");
+    std::fs::write(
+        &n2_config,
+        format!(
+            "[[service]]\nid = \"w1\"\nname = \"web\"\nport = {}\n",
+            web.addr.port()
+        ),
+    )?;
+    let n2 = Agent::start(
+        &pki,
+        "n2",
+        AgentOptions {
+            config: Some(n2_config),
+            ..Default::default()
+        },
+    )?;
+    let n1 = Agent::start(
+        &pki,
+        "n1",
+        AgentOptions {
+            seeds: vec![n2.seed()],
+            ..Default::default()
+        },
+    )?;
+    wait_health(
+        &[&n1],
+        "web",
+        "w1",
+        Some("passing"),
+        Duration::from_secs(30),
+    )?;
+    // Every request waits 40 ms at the instance; one in ten fails.
+    let mut fault = TcpStream::connect(web.addr)?;
+    write!(
+        fault,
+        "POST /admin/fault?delay_ms=40 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    fault.read_to_string(&mut answer)?;
+    ensure!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    let proxy = n1.proxy;
+    let workers: Vec<_> = (0..10)
+        .map(|w| {
+            std::thread::spawn(move || -> Result<(usize, usize)> {
+                let (mut ok, mut failed) = (0, 0);
+                for i in 0..100 {
+                    let path = if i % 10 == w % 10 { "/fail" } else { "/ok" };
+                    match call(
+                        proxy,
+                        &format!("GET {path} HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"),
+                    )? {
+                        200 => ok += 1,
+                        500 => failed += 1,
+                        other => anyhow::bail!("status {other}"),
+                    }
+                }
+                Ok((ok, failed))
+            })
+        })
+        .collect();
+    let mut totals = (0, 0);
+    for w in workers {
+        let (ok, failed) = w.join().expect("worker")?;
+        totals = (totals.0 + ok, totals.1 + failed);
+    }
+    ensure!(totals == (900, 100), "the load was {totals:?}");
+
+    let stat = |agent: &Agent, extra: &[&str]| -> Result<Value> {
+        let admin = agent.admin.to_string();
+        let mut args = vec![
+            "stat",
+            "--admin",
+            &admin,
+            "--window",
+            "60s",
+            "--service",
+            "web",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = support::gossamer(&args);
+        ensure!(
+            out.status.success(),
+            "stat: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let row = |answer: &Value, direction: &str| -> Result<Value> {
+        answer["rows"]
+            .as_array()
+            .and_then(|rows| {
+                rows.iter()
+                    .find(|r| r["direction"] == direction && r["route"].is_null())
+                    .cloned()
+            })
+            .with_context(|| format!("no {direction} row in {answer}"))
+    };
+    let check = |r: &Value| -> Result<()> {
+        ensure!(r["requests"] == 1000, "requests: {r}");
+        let success = r["success_rate"].as_f64().unwrap_or(0.0);
+        ensure!((success - 0.9).abs() < 1e-9, "success rate: {r}");
+        let p50 = r["p50_ms"].as_f64().unwrap_or(0.0);
+        let p99 = r["p99_ms"].as_f64().unwrap_or(0.0);
+        // 40 ms at the instance, a few ms of mesh; bins are within 3 %.
+        ensure!((38.5..60.0).contains(&p50), "p50: {r}");
+        ensure!((38.5..100.0).contains(&p99) && p99 >= p50, "p99: {r}");
+        ensure!(r["rps"].as_f64().unwrap_or(0.0) > 0.0, "rps: {r}");
+        Ok(())
+    };
+    // The caller's agent saw the load go out; the owner's saw it come in.
+    check(&row(&stat(&n1, &[])?, "outbound")?)?;
+    check(&row(&stat(&n2, &[])?, "inbound")?)?;
+    // The mesh-wide view from n1 includes what n2 served.
+    let mesh = stat(&n1, &["--mesh"])?;
+    ensure!(mesh["nodes"] == serde_json::json!(["n1", "n2"]), "{mesh}");
+    check(&row(&mesh, "inbound")?)?;
+    check(&row(&mesh, "outbound")?)?;
+
+    // The table and the live view.
+    let admin = n1.admin.to_string();
+    let out = support::gossamer(&["stat", "--admin", &admin, "--window", "60s"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && table.contains("SUCCESS") && table.contains("90.00%"),
+        "stat table:\n{table}"
+    );
+    let out = support::gossamer(&[
+        "top",
+        "--admin",
+        &admin,
+        "--count",
+        "2",
+        "--interval",
+        "200ms",
+    ]);
+    let view = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && view.matches("gossamer top").count() == 2 && view.contains("web"),
+        "top:\n{view}"
+    );
+    let out = support::gossamer(&["stat", "--admin", &admin, "--window", "5m"]);
+    ensure!(!out.status.success(), "a 5 minute window was accepted");
+    Ok(())
+}

@@ -231,6 +231,7 @@ async fn route(
         (&Method::GET, ["v1", "config"]) => config_list(state, &query),
         (&Method::GET, ["v1", "config", kind, name]) => config_get(state, kind, name),
         (&Method::GET, ["v1", "route"]) => route_of(state, &query),
+        (&Method::GET, ["v1", "stats"]) => stats(state, &query).await,
         (&Method::GET, ["v1", "authz", "check"]) => authz_check(state, &query),
         (&Method::GET, ["v1", "services", name]) => service(state, name),
         (&Method::GET, ["v1", "agent", "services"]) => local_services(state),
@@ -506,6 +507,111 @@ fn described_request(query: &str) -> Option<http::request::Parts> {
         }
     }
     Some(req.body(()).ok()?.into_parts().0)
+}
+
+/// Peers asked at most for a mesh-wide view, unless `peers=` says fewer.
+const MAX_STATS_PEERS: usize = 64;
+/// Peers asked at once.
+const STATS_FAN_OUT: usize = 16;
+
+/// `GET /v1/stats?window=10s&mesh=true&peers=N&service=NAME`: requests,
+/// req/s, success rate and p50/p90/p99 per service (each way through this
+/// agent) and per route arm, over the window (up to 60 s). With
+/// `mesh=true` the active peers (at most `peers`, default and cap 64,
+/// chosen at random) are asked too and their histograms merged; peers that
+/// do not answer within 2 s are listed under `unanswered`.
+async fn stats(state: &AdminState, query: &str) -> Response<Body> {
+    use crate::observe::stats;
+    let window = match query_param(query, "window") {
+        None => Duration::from_secs(10),
+        Some(text) => match gossamer_membership::duration::parse(&text) {
+            Ok(d) if d >= stats::SLOT && d <= stats::MAX_WINDOW => d,
+            Ok(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("window: from {:?} to {:?}", stats::SLOT, stats::MAX_WINDOW),
+                );
+            }
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("window: {e}")),
+        },
+    };
+    let mesh = match query_param(query, "mesh").as_deref() {
+        None | Some("false" | "0") => false,
+        Some("true" | "1" | "") => true,
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("mesh: true or false, not {other:?}"),
+            );
+        }
+    };
+    let max_peers = match query_param(query, "peers").map(|p| p.parse::<usize>()) {
+        None => MAX_STATS_PEERS,
+        Some(Ok(n)) => n.min(MAX_STATS_PEERS),
+        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "peers: a whole number"),
+    };
+    let service = query_param(query, "service");
+    let local = state.snapshot.borrow().local.name.clone();
+    let (mut rows, mut seconds) = state.proxy.stats().window(window);
+    let mut answered = vec![local];
+    let mut unanswered = Vec::new();
+    if mesh {
+        let mut peers: Vec<_> = state
+            .snapshot
+            .borrow()
+            .members
+            .iter()
+            .filter(|m| m.state.is_active())
+            .map(|m| (m.id.name.clone(), m.id.addr))
+            .collect();
+        if peers.len() > max_peers {
+            use rand::seq::SliceRandom;
+            peers.shuffle(&mut rand::rng());
+            peers.truncate(max_peers);
+        }
+        let transport = state.transport.clone();
+        let mut asks = tokio::task::JoinSet::new();
+        let mut pending = peers.into_iter();
+        let mut start = |asks: &mut tokio::task::JoinSet<_>| {
+            if let Some((name, addr)) = pending.next() {
+                let transport = transport.clone();
+                asks.spawn(async move {
+                    let got = stats::ask(&transport, &name, addr, window).await;
+                    (name, got)
+                });
+            }
+        };
+        for _ in 0..STATS_FAN_OUT {
+            start(&mut asks);
+        }
+        while let Some(joined) = asks.join_next().await {
+            start(&mut asks);
+            let Ok((name, got)) = joined else { continue };
+            match got {
+                Ok((theirs, secs)) => {
+                    stats::merge(&mut rows, theirs);
+                    seconds = seconds.max(secs);
+                    answered.push(name);
+                }
+                Err(e) => unanswered.push(serde_json::json!({"node": name, "error": e})),
+            }
+        }
+    }
+    let summaries: Vec<_> = rows
+        .iter()
+        .filter(|r| service.as_ref().is_none_or(|s| *s == r.service))
+        .map(|r| stats::Summary::of(r, seconds))
+        .collect();
+    answered.sort();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "window_seconds": seconds,
+            "nodes": answered,
+            "unanswered": unanswered,
+            "rows": summaries,
+        }),
+    )
 }
 
 /// `GET /v1/authz/check?from=NODE&to=SERVICE&path=&method=&services=a,b`:

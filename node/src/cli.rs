@@ -36,6 +36,10 @@ pub enum Command {
     Members(MembersArgs),
     /// Watch the requests an agent carries, live (GET /v1/tap).
     Tap(TapArgs),
+    /// Golden signals per service and route: req/s, success rate, p50/p90/p99.
+    Stat(StatArgs),
+    /// The golden signals as a live-updating view.
+    Top(TopArgs),
     /// List the mesh's services with their passing/total instances.
     Services(ListArgs),
     /// Show the instances of one service.
@@ -303,6 +307,52 @@ pub struct TapArgs {
     /// Print the JSON lines as they come.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `gossamer stat`.
+#[derive(Debug, Args)]
+pub struct StatArgs {
+    #[command(flatten)]
+    /// Which agent.
+    pub admin: AdminArgs,
+    /// The window the figures cover (2s to 60s).
+    #[arg(long, default_value = "10s")]
+    pub window: String,
+    /// Ask the agent's peers too and merge what they saw (a mesh-wide view).
+    #[arg(long)]
+    pub mesh: bool,
+    /// With --mesh, ask at most this many peers (at most 64).
+    #[arg(long)]
+    pub peers: Option<usize>,
+    /// Only this service.
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Print the JSON answer.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `gossamer top`.
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    /// Which agent.
+    pub admin: AdminArgs,
+    /// The window the figures cover (2s to 60s).
+    #[arg(long, default_value = "10s")]
+    pub window: String,
+    /// Ask the agent's peers too (a mesh-wide view).
+    #[arg(long)]
+    pub mesh: bool,
+    /// Time between refreshes.
+    #[arg(long, default_value = "2s")]
+    pub interval: String,
+    /// Stop after this many refreshes (default: until interrupted).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Only this service.
+    #[arg(long)]
+    pub service: Option<String>,
 }
 
 /// `gossamer members`.

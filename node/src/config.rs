@@ -54,6 +54,8 @@ pub struct AgentConfig {
     pub ingress: crate::gateway::IngressConfig,
     /// Access logs.
     pub access_log: crate::observe::access::AccessLogConfig,
+    /// Distributed traces.
+    pub tracing: crate::observe::trace::TraceConfig,
     /// How many connections to peers are kept open, and for how long.
     pub peer_links: LinkPolicy,
     /// The admin API's bearer token for writes, read from
@@ -167,6 +169,7 @@ pub struct FileConfig {
     limits: Option<LimitsConfig>,
     ingress: Option<crate::gateway::IngressConfig>,
     access_log: Option<crate::observe::access::AccessLogConfig>,
+    tracing: Option<crate::observe::trace::TraceConfig>,
     peer_links: Option<LinkPolicy>,
     admin_token_file: Option<PathBuf>,
     service: Option<Vec<toml::Value>>,
@@ -353,6 +356,8 @@ impl AgentConfig {
         ingress.validate().or_else(err)?;
         let access_log = file.access_log.unwrap_or_default();
         access_log.validate().or_else(err)?;
+        let tracing = file.tracing.unwrap_or_default();
+        tracing.validate().or_else(err)?;
         let peer_links = file.peer_links.unwrap_or_default();
         peer_links.validate().or_else(err)?;
         let admin_token = match args
@@ -394,6 +399,7 @@ impl AgentConfig {
             limits,
             ingress,
             access_log,
+            tracing,
             peer_links,
             admin_token,
         })

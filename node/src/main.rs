@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use gossamer_node::cli::{
-    AgentArgs, CaCommand, CertCommand, Cli, Command, ListArgs, MembersArgs, ServiceArgs,
+    AgentArgs, CaCommand, CertCommand, Cli, Command, ListArgs, MembersArgs, ServiceArgs, StatArgs,
+    TopArgs,
 };
 use gossamer_node::config::{AdminToken, AgentConfig};
 use gossamer_node::{agent, ca, client, identity, logging};
@@ -64,6 +65,8 @@ fn main() -> ExitCode {
         ),
         Command::Members(args) => report(runtime().and_then(|rt| rt.block_on(members(args)))),
         Command::Tap(args) => report(runtime().and_then(|rt| rt.block_on(tap(args)))),
+        Command::Stat(args) => report(runtime().and_then(|rt| rt.block_on(stat(args)))),
+        Command::Top(args) => report(runtime().and_then(|rt| rt.block_on(top(args)))),
         Command::Services(args) => report(runtime().and_then(|rt| rt.block_on(services(args)))),
         Command::Service(args) => report(runtime().and_then(|rt| rt.block_on(service(args)))),
         Command::Demo(args) => {
@@ -325,6 +328,139 @@ async fn members(args: MembersArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn stats_path(
+    window: &str,
+    mesh: bool,
+    peers: Option<usize>,
+    service: Option<&str>,
+) -> anyhow::Result<String> {
+    let d = gossamer_membership::duration::parse(window)
+        .map_err(|e| anyhow::anyhow!("--window: {e}"))?;
+    let mut path = format!(
+        "/v1/stats?window={}&mesh={mesh}",
+        gossamer_membership::duration::format(d)
+    );
+    if let Some(n) = peers {
+        path.push_str(&format!("&peers={n}"));
+    }
+    if let Some(s) = service {
+        anyhow::ensure!(
+            s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
+            "--service: {s:?} is not a service name"
+        );
+        path.push_str(&format!("&service={s}"));
+    }
+    Ok(path)
+}
+
+/// The `/v1/stats` answer as a table.
+fn stats_table(answer: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let ms = |v: &serde_json::Value| {
+        v.as_f64().map_or_else(
+            || "-".to_owned(),
+            |ms| {
+                if ms < 10.0 {
+                    format!("{ms:.2}ms")
+                } else {
+                    format!("{ms:.0}ms")
+                }
+            },
+        )
+    };
+    let mut out = String::new();
+    let nodes = answer["nodes"].as_array().map_or(0, Vec::len);
+    let _ = write!(
+        out,
+        "window {:.1}s, {} node{}",
+        answer["window_seconds"].as_f64().unwrap_or(0.0),
+        nodes,
+        if nodes == 1 { "" } else { "s" }
+    );
+    if let Some(missing) = answer["unanswered"].as_array().filter(|m| !m.is_empty()) {
+        let names: Vec<_> = missing.iter().filter_map(|m| m["node"].as_str()).collect();
+        let _ = write!(
+            out,
+            " ({} did not answer: {})",
+            names.len(),
+            names.join(", ")
+        );
+    }
+    out.push('\n');
+    let rows = answer["rows"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if rows.is_empty() {
+        out.push_str("no requests in the window\n");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:<24} {:<16} {:<9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9}",
+        "SERVICE", "ROUTE", "DIRECTION", "REQUESTS", "RPS", "SUCCESS", "P50", "P90", "P99"
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{:<24} {:<16} {:<9} {:>9} {:>9.1} {:>7.2}% {:>9} {:>9} {:>9}",
+            r["service"].as_str().unwrap_or("?"),
+            r["route"].as_str().unwrap_or("-"),
+            r["direction"].as_str().unwrap_or("?"),
+            r["requests"],
+            r["rps"].as_f64().unwrap_or(0.0),
+            r["success_rate"].as_f64().unwrap_or(0.0) * 100.0,
+            ms(&r["p50_ms"]),
+            ms(&r["p90_ms"]),
+            ms(&r["p99_ms"]),
+        );
+    }
+    out
+}
+
+async fn stat(args: StatArgs) -> anyhow::Result<()> {
+    let path = stats_path(&args.window, args.mesh, args.peers, args.service.as_deref())?;
+    let body = client::call(args.admin.admin, None, Method::GET, &path, None).await?;
+    if args.json {
+        print!("{}", String::from_utf8_lossy(&body));
+        return Ok(());
+    }
+    let answer: serde_json::Value = serde_json::from_slice(&body).context("bad answer")?;
+    print!("{}", stats_table(&answer));
+    Ok(())
+}
+
+async fn top(args: TopArgs) -> anyhow::Result<()> {
+    let path = stats_path(&args.window, args.mesh, None, args.service.as_deref())?;
+    let every = gossamer_membership::duration::parse(&args.interval)
+        .map_err(|e| anyhow::anyhow!("--interval: {e}"))?
+        .max(std::time::Duration::from_millis(200));
+    let mut ticks = tokio::time::interval(every);
+    let mut shown = 0u64;
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+        let body = client::call(args.admin.admin, None, Method::GET, &path, None).await?;
+        let answer: serde_json::Value = serde_json::from_slice(&body).context("bad answer")?;
+        // Clear the screen and draw from the top left.
+        print!(
+            "\x1b[2J\x1b[Hgossamer top: {} every {} (Ctrl-C to quit)\n{}",
+            args.admin.admin,
+            gossamer_membership::duration::format(every),
+            stats_table(&answer)
+        );
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        shown += 1;
+        if args.count.is_some_and(|n| shown >= n) {
+            return Ok(());
+        }
+    }
 }
 
 async fn services(args: ListArgs) -> anyhow::Result<()> {

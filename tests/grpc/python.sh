@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# Print the path of a python3 interpreter that can `import grpc`.
+# Print the path of a python3 interpreter that can import what a test needs.
+#
+# Usage: python.sh [MODULE=PACKAGE]...   (default: grpc=grpcio)
+# e.g.   python.sh opentelemetry.proto.collector.trace.v1.trace_service_pb2=opentelemetry-proto
 #
 # Order:
-#   1. the python3 on PATH, when it already has grpcio;
+#   1. the python3 on PATH, when it already has the modules;
 #   2. else a virtualenv at "${GOSSAMER_PYENV:-<repo>/target/pyenv}", made with
 #      `python3 -m venv` (installing Debian's python3-venv when running as root
-#      and the venv module is missing) and given grpcio with pip.
+#      and the venv module is missing) and given the packages with pip.
 #
 # stdout gets exactly one line, the interpreter's path, and the exit code is 0.
-# When grpcio cannot be had, a message naming the missing package (grpcio or
-# python3-venv) goes to stderr and the exit code is 1. Installer noise goes to
-# stderr. Safe to run from several processes at once: the venv is made under
-# `flock` on "<venv>.lock". Quick once installed: one `import grpc`.
+# When a package cannot be had, a message naming it (or python3-venv) goes to
+# stderr and the exit code is 1. Installer noise goes to stderr. Safe to run
+# from several processes at once: the venv is made under `flock` on
+# "<venv>.lock". Quick once installed: one import.
 set -euo pipefail
 
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -24,9 +27,20 @@ die() {
     exit 1
 }
 
-# has_grpc PYTHON: PYTHON runs and can import grpc.
-has_grpc() {
-    "$1" -c 'import grpc' >/dev/null 2>&1
+pairs=("$@")
+[ ${#pairs[@]} -gt 0 ] || pairs=(grpc=grpcio)
+modules=() packages=()
+for pair in "${pairs[@]}"; do
+    modules+=("${pair%%=*}")
+    packages+=("${pair#*=}")
+done
+
+# has_modules PYTHON: PYTHON runs and can import every module.
+has_modules() {
+    local m
+    for m in "${modules[@]}"; do
+        "$1" -c "import $m" >/dev/null 2>&1 || return 1
+    done
 }
 
 # real_path PYTHON: the interpreter's own path (resolves pyenv-style shims).
@@ -68,7 +82,7 @@ pick_base() {
     die "python3 cannot make a virtualenv even after installing: missing package python3-venv"
 }
 
-# make_venv: create or repair the venv and install grpcio into it.
+# make_venv: create or repair the venv and install the packages into it.
 make_venv() {
     if [ -d "$venv" ] && [ ! -f "$venv/pyvenv.cfg" ] && [ -n "$(ls -A "$venv")" ]; then
         die "$venv is not a venv; remove it or set GOSSAMER_PYENV elsewhere"
@@ -82,11 +96,11 @@ make_venv() {
         base=$(pick_base)
         "$base" -m venv "$venv" >&2 || die "'$base -m venv $venv' failed: missing package python3-venv?"
     fi
-    pip_install grpcio || die "pip could not install the missing package grpcio"
+    pip_install "${packages[@]}" || die "pip could not install the missing package(s) ${packages[*]}"
     # pip skips a package it thinks is there, even when its files are broken.
-    has_grpc "$vpy" || pip_install --force-reinstall grpcio ||
-        die "pip could not reinstall the missing package grpcio"
-    has_grpc "$vpy" || die "grpcio installed but 'import grpc' still fails: missing package grpcio"
+    has_modules "$vpy" || pip_install --force-reinstall "${packages[@]}" ||
+        die "pip could not reinstall the missing package(s) ${packages[*]}"
+    has_modules "$vpy" || die "${packages[*]} installed but importing ${modules[*]} still fails: missing package(s) ${packages[*]}"
 }
 
 # pip_install ARGS...: pip install quietly into the venv, noise to stderr.
@@ -97,16 +111,16 @@ pip_install() {
 main() {
     local py
     py=$(command -v python3 || true)
-    if [ -n "$py" ] && has_grpc "$py"; then
+    if [ -n "$py" ] && has_modules "$py"; then
         real_path "$py"
         return 0
     fi
-    if ! has_grpc "$vpy"; then
+    if ! has_modules "$vpy"; then
         mkdir -p "$(dirname "$venv")"
         exec 9>"$venv.lock"
         flock 9
         # Another process may have finished the job while we waited.
-        has_grpc "$vpy" || make_venv
+        has_modules "$vpy" || make_venv
         exec 9>&-
     fi
     echo "$vpy"

@@ -327,6 +327,16 @@ pub async fn run(
     {
         proxy.set_access_log(log);
     }
+    if let Some(tracer) = crate::observe::trace::Tracer::start(
+        &config.tracing,
+        &name,
+        proxy.metrics.trace.clone(),
+        &tasks,
+    )
+    .map_err(StartError::Service)?
+    {
+        proxy.set_tracer(tracer);
+    }
     tasks.spawn(dispatch_streams(
         queues.streams,
         catalog.clone(),
@@ -545,6 +555,9 @@ async fn dispatch_streams(
                             inbox.digests,
                         )
                         .await;
+                    }
+                    (Ok(Ok(())), crate::observe::stats::STREAM_STATS) => {
+                        crate::observe::stats::serve(from, send, recv, proxy.stats().clone()).await;
                     }
                     (Ok(Ok(())), crate::documents::sync::STREAM_DOCS) => {
                         crate::documents::sync::serve(from, send, recv, documents, inbox.doc_lists)

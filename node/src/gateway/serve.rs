@@ -320,14 +320,19 @@ impl Gateway {
 
 async fn handle(
     gateway: Arc<Gateway>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     peer: SocketAddr,
     side: Side,
 ) -> Response<ProxyBody> {
     let id = request_id(req.headers());
-    let logged = access::Sinks::for_request(&gateway.proxy).map(|sinks| {
+    let span = gateway
+        .proxy
+        .tracer()
+        .and_then(|t| t.enter(req.headers_mut(), crate::observe::trace::Kind::Server));
+    let logged = access::Sinks::for_request(&gateway.proxy, span.is_some()).map(|sinks| {
         let mut record = access::begin(&req, peer, "gateway", gateway.proxy.node_name());
         record.request_id = id.to_str().ok().map(str::to_owned);
+        record.span = span;
         if sinks.tap.is_some() {
             record.headers = Some(req.headers().clone());
         }

@@ -191,6 +191,9 @@ pub struct Record {
     /// The request's headers, kept only for the tap (never logged).
     #[serde(skip)]
     pub headers: Option<http::HeaderMap>,
+    /// The span this request records, when it is traced and sampled.
+    #[serde(skip)]
+    pub span: Option<super::trace::SpanIds>,
 }
 
 /// What the request path learned about where a request went; put on the
@@ -216,26 +219,34 @@ pub struct RouteChoice {
     pub arm: String,
 }
 
-/// Where one request's record goes: the access log (if it was sampled)
-/// and the tap (if anyone watches).
+/// Where one request's record goes: the access log (if it was sampled),
+/// the tap (if anyone watches) and the tracer (if the request carries a
+/// sampled span).
 #[derive(Debug, Clone, Default)]
 pub struct Sinks {
     /// The access log.
     pub log: Option<AccessLog>,
     /// The live tap.
     pub tap: Option<super::tap::Tap>,
+    /// The span exporter.
+    pub trace: Option<super::trace::Tracer>,
 }
 
 impl Sinks {
     /// The sinks for one new request; `None` when nothing wants it.
-    pub fn for_request(proxy: &crate::proxy::Proxy) -> Option<Self> {
+    /// `traced`: the request has a sampled span to export.
+    pub fn for_request(proxy: &crate::proxy::Proxy, traced: bool) -> Option<Self> {
         let log = proxy.access_log().filter(|l| l.sampled()).cloned();
         let tap = proxy.tap().watching().then(|| proxy.tap().clone());
-        (log.is_some() || tap.is_some()).then_some(Self { log, tap })
+        let trace = proxy.tracer().filter(|_| traced).cloned();
+        (log.is_some() || tap.is_some() || trace.is_some()).then_some(Self { log, tap, trace })
     }
 
     /// Writes the record out.
-    pub fn emit(&self, record: Record) {
+    pub fn emit(&self, mut record: Record) {
+        if let (Some(tracer), Some(ids)) = (&self.trace, record.span.take()) {
+            tracer.finish(ids, &record);
+        }
         if let Some(log) = &self.log {
             log.emit(&record);
         }
@@ -262,11 +273,7 @@ pub fn begin<B>(
     Record {
         start: rfc3339(SystemTime::now()),
         listener,
-        protocol: match req.version() {
-            http::Version::HTTP_2 => "HTTP/2",
-            http::Version::HTTP_10 => "HTTP/1.0",
-            _ => "HTTP/1.1",
-        },
+        protocol: crate::proxy::hop::protocol_name(req.version()),
         method: Some(req.method().as_str().to_owned()),
         authority: req
             .uri()

@@ -75,6 +75,10 @@ pub struct Proxy {
     access: std::sync::OnceLock<crate::observe::access::AccessLog>,
     /// The live tap.
     tap: crate::observe::tap::Tap,
+    /// Where spans go, when tracing is on.
+    tracer: std::sync::OnceLock<crate::observe::trace::Tracer>,
+    /// Golden signals per service.
+    stats: Arc<crate::observe::stats::Stats>,
 }
 
 impl Proxy {
@@ -112,6 +116,8 @@ impl Proxy {
             slots: Mutex::new(HashMap::new()),
             access: std::sync::OnceLock::new(),
             tap: crate::observe::tap::Tap::default(),
+            tracer: std::sync::OnceLock::new(),
+            stats: Arc::default(),
             mirrors: Arc::default(),
             metrics,
         })
@@ -130,6 +136,27 @@ impl Proxy {
     /// The live tap.
     pub fn tap(&self) -> &crate::observe::tap::Tap {
         &self.tap
+    }
+
+    /// Whether anything reads what the request path learns about a
+    /// request (access log, tap or tracing).
+    pub fn observed(&self) -> bool {
+        self.access.get().is_some() || self.tap.watching() || self.tracer.get().is_some()
+    }
+
+    /// Turns tracing on (once, at start).
+    pub fn set_tracer(&self, tracer: crate::observe::trace::Tracer) {
+        let _ = self.tracer.set(tracer);
+    }
+
+    /// The tracer, when tracing is on.
+    pub fn tracer(&self) -> Option<&crate::observe::trace::Tracer> {
+        self.tracer.get()
+    }
+
+    /// Golden signals per service.
+    pub fn stats(&self) -> &Arc<crate::observe::stats::Stats> {
+        &self.stats
     }
 
     /// This node's name.
@@ -466,7 +493,7 @@ impl Proxy {
                         && budget.try_retry();
                     if !retried {
                         let mut response = response;
-                        if self.access.get().is_some() {
+                        if self.observed() {
                             response
                                 .extensions_mut()
                                 .insert(crate::observe::access::Served {

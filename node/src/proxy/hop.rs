@@ -83,6 +83,15 @@ pub fn version_to_wire(version: Version) -> u8 {
     if version == Version::HTTP_2 { 2 } else { 1 }
 }
 
+/// How access logs and spans name a version.
+pub fn protocol_name(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
+}
+
 /// The inverse of [`version_to_wire`].
 pub fn version_from_wire(byte: u8) -> Version {
     version(byte == 2)

@@ -70,6 +70,75 @@ impl Drop for Raised {
     }
 }
 
+/// Counts a request to a local instance in the golden signals once its
+/// answer's head is known, and ends its server span when dropped (after
+/// the body, or when the stream ends early).
+struct Signals {
+    proxy: Arc<Proxy>,
+    service: String,
+    started: std::time::Instant,
+    status: Option<u16>,
+    span: Option<(
+        crate::observe::trace::Tracer,
+        crate::observe::access::Record,
+    )>,
+}
+
+impl Signals {
+    fn new(proxy: &Arc<Proxy>, service: &str) -> Self {
+        Self {
+            proxy: proxy.clone(),
+            service: service.to_owned(),
+            started: std::time::Instant::now(),
+            status: None,
+            span: None,
+        }
+    }
+
+    /// The answer's head is going out with `status`.
+    fn answered(&mut self, status: u16) {
+        if self.status.is_none() {
+            self.status = Some(status);
+            self.proxy.stats().record(
+                crate::observe::stats::Direction::Inbound,
+                &self.service,
+                self.started.elapsed(),
+                status >= 500,
+            );
+        }
+    }
+
+    async fn reply(
+        &mut self,
+        send: &mut SendStream,
+        status: StatusCode,
+        reason: &str,
+        message: &str,
+    ) {
+        self.answered(status.as_u16());
+        if let Some((_, record)) = &mut self.span {
+            record.flags = vec!["LR"];
+        }
+        reply(send, status, reason, message).await;
+    }
+}
+
+impl Drop for Signals {
+    fn drop(&mut self) {
+        if let Some((tracer, mut record)) = self.span.take()
+            && let Some(ids) = record.span.take()
+        {
+            // No head sent: the caller went away or the stream broke.
+            record.status = self.status.unwrap_or(0);
+            if self.status.is_none() {
+                record.flags.push("DC");
+            }
+            record.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+            tracer.finish(ids, &record);
+        }
+    }
+}
+
 /// Serves one proxy stream (the kind byte already read).
 pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, proxy: Arc<Proxy>) {
     let head = match tokio::time::timeout(HEAD_TIMEOUT, read_frame(&mut recv, wire::MAX_HEAD)).await
@@ -86,6 +155,7 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
             return;
         }
     };
+    let mut signals = Signals::new(&proxy, &head.service);
     let local = proxy.catalog.local.borrow().clone();
     let Some(instance) = local
         .services
@@ -101,16 +171,19 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
             "no instance {:?} of {:?} on this node",
             head.instance, head.service
         );
-        return reply(
-            &mut send,
-            StatusCode::SERVICE_UNAVAILABLE,
-            UNREACHABLE,
-            &msg,
-        )
-        .await;
+        return signals
+            .reply(
+                &mut send,
+                StatusCode::SERVICE_UNAVAILABLE,
+                UNREACHABLE,
+                &msg,
+            )
+            .await;
     };
     let Ok(method) = Method::from_bytes(head.method.as_bytes()) else {
-        return reply(&mut send, StatusCode::BAD_REQUEST, OTHER, "bad method").await;
+        return signals
+            .reply(&mut send, StatusCode::BAD_REQUEST, OTHER, "bad method")
+            .await;
     };
     let counter = proxy.metrics.bytes(&head.service, "request");
     let mut parts = Request::builder()
@@ -120,13 +193,14 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
         .body(())
         .map(|r| r.into_parts().0);
     let Ok(parts) = parts.as_mut() else {
-        return reply(
-            &mut send,
-            StatusCode::BAD_REQUEST,
-            OTHER,
-            "bad request line",
-        )
-        .await;
+        return signals
+            .reply(
+                &mut send,
+                StatusCode::BAD_REQUEST,
+                OTHER,
+                "bad request line",
+            )
+            .await;
     };
     parts.headers = wire::headers_from_wire(&head.headers);
     // Authorization: the caller is the node the handshake proved, with the
@@ -143,7 +217,37 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
     if !verdict.allowed {
         let _ = recv.stop(0u32.into());
         let why = denial(&head.service, &verdict);
-        return reply(&mut send, StatusCode::FORBIDDEN, DENIED, &why).await;
+        return signals
+            .reply(&mut send, StatusCode::FORBIDDEN, DENIED, &why)
+            .await;
+    }
+    if let Some(tracer) = proxy.tracer()
+        && let Some(ids) = tracer.enter(&mut parts.headers, crate::observe::trace::Kind::Server)
+    {
+        let record = crate::observe::access::Record {
+            listener: "inbound",
+            protocol: hop::protocol_name(parts.version),
+            method: Some(parts.method.as_str().to_owned()),
+            authority: parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            path: Some(parts.uri.path().to_owned()),
+            source_node: local.node.clone(),
+            client: from.clone(),
+            service: Some(head.service.clone()),
+            instance: Some(format!("{}/{}", local.node, instance.id)),
+            node: Some(local.node.clone()),
+            request_id: parts
+                .headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            span: Some(ids),
+            ..Default::default()
+        };
+        signals.span = Some((tracer.clone(), record));
     }
     let timeouts = proxy.config.timeouts(&head.service, &parts.headers);
     let (request_timeout, connect_timeout) = (timeouts.request, timeouts.connect);
@@ -179,13 +283,18 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
                 AttemptError::Connect(m) => (UNREACHABLE, m),
                 AttemptError::NoResponse(m) => (NO_RESPONSE, m),
             };
-            return reply(&mut send, StatusCode::BAD_GATEWAY, reason, &msg).await;
+            return signals
+                .reply(&mut send, StatusCode::BAD_GATEWAY, reason, &msg)
+                .await;
         }
         Err(_) => {
             let msg = format!("{key} did not answer within {request_timeout:?}");
-            return reply(&mut send, StatusCode::GATEWAY_TIMEOUT, OTHER, &msg).await;
+            return signals
+                .reply(&mut send, StatusCode::GATEWAY_TIMEOUT, OTHER, &msg)
+                .await;
         }
     };
+    signals.answered(response.status().as_u16());
     let keep_upgrade = head.upgrade && response.status() == StatusCode::SWITCHING_PROTOCOLS;
     let end_stream = !keep_upgrade && response.body().is_end_stream();
     let out = ResponseHead {
@@ -194,13 +303,14 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
         end_stream,
     };
     let Ok(encoded) = wire::encode_head(&out) else {
-        return reply(
-            &mut send,
-            StatusCode::BAD_GATEWAY,
-            OTHER,
-            "response head too large",
-        )
-        .await;
+        return signals
+            .reply(
+                &mut send,
+                StatusCode::BAD_GATEWAY,
+                OTHER,
+                "response head too large",
+            )
+            .await;
     };
     if send.write_all(&encoded).await.is_err() {
         return;

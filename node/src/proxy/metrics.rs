@@ -136,6 +136,8 @@ pub struct ProxyMetrics {
     pub tcp_connect: Family<ServiceLabel, Histogram, fn() -> Histogram>,
     /// Access-log lines dropped because the writer fell behind.
     pub access_log_dropped: Counter,
+    /// Span export counters.
+    pub trace: crate::observe::trace::TraceMetrics,
 }
 
 impl ProxyMetrics {
@@ -156,6 +158,7 @@ impl ProxyMetrics {
             tcp_bytes: Family::default(),
             tcp_connect: Family::new_with_constructor(latency_histogram),
             access_log_dropped: Counter::default(),
+            trace: crate::observe::trace::TraceMetrics::register(registry),
         };
         registry.register(
             "gossamer_proxy_requests",

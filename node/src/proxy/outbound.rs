@@ -177,40 +177,73 @@ impl Default for Entry {
 /// The request path for a request whose Host names its service.
 pub async fn handle_entry(
     proxy: Arc<Proxy>,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-    entry: &Entry,
-) -> Response<ProxyBody> {
-    let logged = entry.listener.and_then(|listener| {
-        let sinks = access::Sinks::for_request(&proxy)?;
-        let mut record = access::begin(&req, peer, listener, proxy.node_name());
-        record.service = target_service(&req).ok();
-        if sinks.tap.is_some() {
-            record.headers = Some(req.headers().clone());
-        }
-        Some((record, Instant::now(), sinks))
-    });
-    let response = if is_grpc(req.headers()) {
-        grpc_error(route_request(proxy, req, peer, entry).await)
-    } else {
-        route_request(proxy, req, peer, entry).await
-    };
-    match logged {
-        Some((record, started, log)) => access::finish(record, response, started, &log),
-        None => response,
-    }
-}
-
-async fn route_request(
-    proxy: Arc<Proxy>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
     entry: &Entry,
 ) -> Response<ProxyBody> {
-    let service = match target_service(&req) {
-        Ok(s) => s,
-        Err(e) => return local_response(StatusCode::BAD_REQUEST, e.to_string()),
+    let started = Instant::now();
+    let service = target_service(&req);
+    // The gateway (no listener here) logs and traces its requests itself.
+    let span = entry.listener.and_then(|_| {
+        proxy
+            .tracer()?
+            .enter(req.headers_mut(), crate::observe::trace::Kind::Client)
+    });
+    let logged = entry.listener.and_then(|listener| {
+        let sinks = access::Sinks::for_request(&proxy, span.is_some())?;
+        let mut record = access::begin(&req, peer, listener, proxy.node_name());
+        record.service = service.as_ref().ok().cloned();
+        record.span = span;
+        if sinks.tap.is_some() {
+            record.headers = Some(req.headers().clone());
+        }
+        Some((record, sinks))
+    });
+    let response = match service {
+        Err(e) => local_response(StatusCode::BAD_REQUEST, e.to_string()),
+        Ok(service) => {
+            let response = if is_grpc(req.headers()) {
+                grpc_error(route_request(&proxy, req, peer, entry, &service).await)
+            } else {
+                route_request(&proxy, req, peer, entry, &service).await
+            };
+            count_signals(&proxy, &service, &response, started);
+            response
+        }
     };
+    match logged {
+        Some((record, log)) => access::finish(record, response, started, &log),
+        None => response,
+    }
+}
+
+/// Adds the request to the golden signals of its service (and route arm).
+fn count_signals(proxy: &Proxy, service: &str, response: &Response<ProxyBody>, started: Instant) {
+    use crate::observe::stats::Direction;
+    let unknown = response
+        .extensions()
+        .get::<super::error::LocalError>()
+        .is_some_and(|e| e.0.starts_with("unknown service"));
+    if unknown {
+        return;
+    }
+    let (latency, failed) = (started.elapsed(), response.status().is_server_error());
+    let stats = proxy.stats();
+    stats.record(Direction::Outbound, service, latency, failed);
+    if let Some(choice) = response.extensions().get::<access::RouteChoice>() {
+        stats.record_route(service, &choice.rule, &choice.arm, latency, failed);
+    }
+}
+
+async fn route_request(
+    proxy: &Arc<Proxy>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    entry: &Entry,
+    service: &str,
+) -> Response<ProxyBody> {
+    let proxy = proxy.clone();
+    let service = service.to_owned();
     let hops = req
         .headers()
         .get(HOPS_HEADER)
@@ -383,12 +416,10 @@ async fn route_request(
     if let Some(edits) = response_edits {
         edits.apply(response.headers_mut());
     }
-    if proxy.access_log().is_some() || proxy.tap().watching() {
-        response.extensions_mut().insert(access::RouteChoice {
-            rule: rule_label,
-            arm: arm_label,
-        });
-    }
+    response.extensions_mut().insert(access::RouteChoice {
+        rule: rule_label,
+        arm: arm_label,
+    });
     // The breaker's counts last until the response has streamed.
     if admitted.is_some() || slot.is_some() {
         response = response.map(|b| holding(b, (admitted, slot)));

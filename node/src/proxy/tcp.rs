@@ -168,7 +168,7 @@ pub async fn serve_client(
                 if let Err(e) = &outcome {
                     debug!(%service, instance = %backend.key, %peer, error = %e, "tcp connection ended by an error");
                 }
-                if let Some(sinks) = access::Sinks::for_request(&proxy) {
+                if let Some(sinks) = access::Sinks::for_request(&proxy, false) {
                     sinks.emit(access::Record {
                         duration_ms: started.elapsed().as_secs_f64() * 1000.0,
                         bytes_in: Some(mine.0.get()),
@@ -201,7 +201,7 @@ pub async fn serve_client(
     }
     count(&proxy, &service, "none", "failed");
     debug!(%service, %peer, errors = ?errors, "tcp connection refused: no instance reached");
-    if let Some(sinks) = access::Sinks::for_request(&proxy) {
+    if let Some(sinks) = access::Sinks::for_request(&proxy, false) {
         sinks.emit(access::Record {
             duration_ms: started.elapsed().as_secs_f64() * 1000.0,
             flags: vec![if tried.is_empty() { "UH" } else { "UF" }],
