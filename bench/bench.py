@@ -17,6 +17,9 @@ Paths, all to the same 1 kB response from one nginx upstream:
                 (TLS terminated, an ingress route) -> QUIC mTLS -> agent B -> upstream
   G2 haproxy gateway   (with --gateway) HTTPS client -> haproxy G (TLS terminated)
                 -> TLS 1.3 mTLS -> haproxy B -> upstream
+  P5 gossamer+observe  (with --observe) P1 on a second pair of agents with access
+                logs on for every request (to a file) and tracing at a 1 % sample
+                (spans posted to a sink in this script), measured alongside P1
 
 The load generator (oha) runs on core 0; proxies and the upstream on core 1,
 one worker/thread each. Each repetition runs the paths in a shuffled order.
@@ -193,13 +196,38 @@ http {{
         self.upstream_proc = self.start("upstream", argv, self.up_port)
         self.paths["P0 direct"] = {"port": self.up_port, "host": None, "procs": []}
 
-    def gossamer(self):
+    def span_sink(self):
+        """An OTLP/HTTP endpoint that takes span batches and counts them."""
+        import http.server
+
+        counts = self.sink_counts = {"posts": 0, "bytes": 0}
+
+        class Sink(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length", "0"))
+                counts["posts"] += 1
+                counts["bytes"] += len(self.rfile.read(n))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server.server_address[1]
+
+    def gossamer(self, label="P1 gossamer", extra="", sub=""):
         """A pair of agents (A: the client's sidecar, B: the server's) with
         a 1,000-service catalog. P4 is the same pair with --doc documents
-        in force while it is measured."""
+        in force while it is measured. With `sub`, a second pair (its own
+        ports and data dirs, `extra` added to both configs) serving only
+        `label`."""
         g = self.args.gossamer
         ports = {k: free_port() for k in ["qa", "qb", "aa", "ab", "xa", "xb", "ta", "ga"]}
-        tcp = self.args.tcp
+        tcp = self.args.tcp and not sub
+        gateway = self.args.gateway and not sub
         for node, other in [("ga", "a"), ("gb", "b")]:
             blocks = []
             for i in range(1000):
@@ -211,22 +239,25 @@ http {{
                                   'protocol = "tcp"\n')
             elif tcp:
                 blocks.append(f'[[upstream]]\nservice = "bench-tcp"\nlisten = "127.0.0.1:{ports["ta"]}"\n')
-            if node == "ga" and self.args.gateway:
+            if node == "ga" and gateway:
                 c = self.dir / "certs"
                 blocks.append(f'[[ingress.listener]]\nlisten = "127.0.0.1:{ports["ga"]}"\n'
                               f'tls = [{{ cert = "{c}/public.pem", key = "{c}/public.key" }}]\n')
-            (self.dir / f"{node}.toml").write_text("\n".join(blocks))
+            blocks.append(extra.replace("NODE", node))
+            (self.dir / f"{node}{sub}.toml").write_text("\n".join(blocks))
         common = ["--ca", str(self.dir / "ca/ca.pem"), "--log-level", "warn", "--threads", "1"]
-        b = self.start("agent-b", [g, "agent", "--name", "gb", "--bind", f"127.0.0.1:{ports['qb']}",
+        b = self.start(f"agent-b{sub}", [g, "agent", "--name", "gb", "--bind", f"127.0.0.1:{ports['qb']}",
                                    "--admin", f"127.0.0.1:{ports['ab']}", "--proxy", f"127.0.0.1:{ports['xb']}",
                                    "--cert", str(self.dir / "certs/gb.pem"), "--key", str(self.dir / "certs/gb.key"),
-                                   "--data-dir", str(self.dir / "data-b"), "--config", str(self.dir / "gb.toml")] + common,
+                                   "--data-dir", str(self.dir / f"data-b{sub}"),
+                                   "--config", str(self.dir / f"gb{sub}.toml")] + common,
                        ports["ab"])
-        a = self.start("agent-a", [g, "agent", "--name", "ga", "--bind", f"127.0.0.1:{ports['qa']}",
+        a = self.start(f"agent-a{sub}", [g, "agent", "--name", "ga", "--bind", f"127.0.0.1:{ports['qa']}",
                                    "--admin", f"127.0.0.1:{ports['aa']}", "--proxy", f"127.0.0.1:{ports['xa']}",
                                    "--seed", f"127.0.0.1:{ports['qb']}",
                                    "--cert", str(self.dir / "certs/ga.pem"), "--key", str(self.dir / "certs/ga.key"),
-                                   "--data-dir", str(self.dir / "data-a"), "--config", str(self.dir / "ga.toml")] + common,
+                                   "--data-dir", str(self.dir / f"data-a{sub}"),
+                                   "--config", str(self.dir / f"ga{sub}.toml")] + common,
                        ports["aa"])
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -244,8 +275,11 @@ http {{
         response = http_get(ports["xa"], "/1k", host="bench")
         if b"x" * 1024 not in response:
             sys.exit(f"gossamer path does not serve the 1 kB response: {response[:300]!r}")
+        if sub:
+            self.paths[label] = {"port": ports["xa"], "host": "bench", "procs": [a, b]}
+            return
         self.admin_ports = [ports["aa"], ports["ab"]]
-        if self.args.gateway:
+        if gateway:
             doc = self.dir / "ingress.toml"
             doc.write_text('[[ingress]]\nname = "bench"\n[[ingress.route]]\nhosts = ["*"]\nservice = "bench"\n')
             run([g, "config", "apply", str(doc), *self.operator(), "--admin", f"127.0.0.1:{ports['aa']}"])
@@ -534,6 +568,8 @@ backend b
             names += ["T1 gossamer tcp", "T2 haproxy tcp"]
         if self.args.gateway:
             names += ["G1 gossamer gateway", "G2 haproxy gateway"]
+        if self.args.observe:
+            names.append("P5 gossamer+observe")
         results = {name: [] for name in names}
         transfers = {}
         try:
@@ -542,6 +578,11 @@ backend b
             self.gossamer()
             if self.args.doc or self.args.crl:
                 self.paths["P4 gossamer+docs"] = dict(self.paths["P1 gossamer"], docs=True)
+            if self.args.observe:
+                sink = self.span_sink()
+                extra = (f'[access_log]\nenabled = true\npath = "{self.dir}/access-NODE.log"\nsample = 1.0\n\n'
+                         f'[tracing]\nendpoint = "http://127.0.0.1:{sink}/v1/traces"\nsample = 0.01\n')
+                self.gossamer("P5 gossamer+observe", extra, sub="-observe")
             self.haproxy()
             if self.args.tcp:
                 self.haproxy_tcp()
@@ -553,6 +594,10 @@ backend b
                 for name in order:
                     print(f"[rep {rep + 1}/{self.args.repetitions}] {name}", file=sys.stderr, flush=True)
                     results[name].append(self.measure(name))
+            if self.args.observe:
+                logged = sum(1 for _ in open(self.dir / "access-ga.log", "rb"))
+                print(f"P5: {logged} access-log lines at agent A; span sink got {self.sink_counts['posts']} "
+                      f"batches, {self.sink_counts['bytes']} bytes", file=sys.stderr)
             self.transfer("P0 direct", runs=1)  # warms the page cache
             for name in ["P0 direct", "P1 gossamer"] + (["T1 gossamer tcp", "T2 haproxy tcp"] if self.args.tcp else []):
                 transfers[name] = self.transfer(name)
@@ -673,6 +718,9 @@ def main():
     ap.add_argument("--gateway", action="store_true",
                     help="also measure G1 (HTTPS into a Gossamer gateway, then the mesh) and G2 (HTTPS into "
                     "HAProxy terminating TLS, then its mTLS pair)")
+    ap.add_argument("--observe", action="store_true",
+                    help="also measure P5: a second Gossamer pair with access logs on for every request "
+                    "and tracing at a 1 %% sample, alongside P1")
     ap.add_argument("--transfer-only", action="store_true",
                     help="only the 1 GiB transfers (no load phases)")
     args = ap.parse_args()

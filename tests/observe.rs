@@ -716,5 +716,100 @@ fn stat_agrees_with_a_known_load() -> Result<()> {
     );
     let out = support::gossamer(&["stat", "--admin", &admin, "--window", "5m"]);
     ensure!(!out.status.success(), "a 5 minute window was accepted");
+
+    // The example dashboard reads series the agent really exports.
+    let (_, metrics) = n1.get("/metrics")?;
+    dashboard_names_exist(&metrics)?;
     Ok(())
+}
+
+/// Every metric the example Grafana dashboard and Prometheus config name
+/// is registered in the agent's code, and those that need no feature the
+/// load above lacks are in `live` (a `/metrics` page after proxied
+/// requests), labels included.
+fn dashboard_names_exist(live: &str) -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dashboard =
+        std::fs::read_to_string(root.join("examples/observability/grafana-dashboard.json"))?;
+    let parsed: Value = serde_json::from_str(&dashboard).context("dashboard is not JSON")?;
+    let exprs: Vec<String> = parsed["panels"]
+        .as_array()
+        .context("no panels")?
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(
+        exprs.len() >= 10,
+        "only {} queries in the dashboard",
+        exprs.len()
+    );
+    let name = regex::Regex::new(r"gossamer_[a-z_]+")?;
+    let mut source = String::new();
+    for dir in ["node/src", "transport/src", "membership/src"] {
+        for entry in walk(&root.join(dir)) {
+            source.push_str(&std::fs::read_to_string(entry).unwrap_or_default());
+        }
+    }
+    // Families that need routes, authorization, gateways, TCP, outliers
+    // or retries to have a series; the code check still applies to them.
+    let needs_feature = [
+        "gossamer_route_requests",
+        "gossamer_authz_decisions",
+        "gossamer_gateway_requests",
+        "gossamer_tcp_active_connections",
+        "gossamer_proxy_ejections",
+        "gossamer_proxy_retries",
+    ];
+    let mut checked = 0;
+    for expr in &exprs {
+        for m in name.find_iter(expr) {
+            let series = m.as_str();
+            let family = ["_total", "_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| series.strip_suffix(suffix))
+                .unwrap_or(series);
+            ensure!(
+                source.contains(&format!("\"{family}\"")),
+                "the dashboard's {series} is not a metric the code registers"
+            );
+            if !needs_feature.contains(&family) {
+                ensure!(
+                    live.lines().any(|l| l.starts_with(series)),
+                    "the dashboard's {series} is not on the agent's /metrics page"
+                );
+            }
+            checked += 1;
+        }
+    }
+    ensure!(
+        checked >= 15,
+        "only {checked} metric names found in the dashboard"
+    );
+    ensure!(
+        live.lines()
+            .any(|l| l.starts_with("gossamer_proxy_requests_total{")
+                && l.contains("service=\"web\"")
+                && l.contains("class=\"5xx\"")),
+        "the labels the dashboard groups by are missing"
+    );
+    let scrape = std::fs::read_to_string(root.join("examples/observability/prometheus.yml"))?;
+    ensure!(
+        scrape.contains("metrics_path: /metrics"),
+        "prometheus.yml scrapes elsewhere"
+    );
+    Ok(())
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+    out
 }

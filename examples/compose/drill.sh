@@ -171,6 +171,18 @@ else
     fail "config apply of the ingress document on n1"
 fi
 
+info "golden signals: gossamer stat --mesh on n1 merges what all 5 agents saw"
+mesh_stats() {
+    g n1 stat --mesh --window 60s --service web --json 2>/dev/null | python3 -c '
+import sys, json
+a = json.load(sys.stdin)
+rows = [r for r in a["rows"] if r["direction"] == "inbound" and "route" not in r]
+print(len(a["nodes"]), rows[0]["requests"] if rows else 0)' 2>/dev/null || echo "0 0"
+}
+stats_from_all() { set -- $(mesh_stats); [ "$1" = 5 ] && [ "$2" -gt 0 ]; }
+wait_until 15 "gossamer stat --mesh answers for 5 nodes with web's inbound requests" stats_from_all
+echo "     nodes, inbound requests to web in the last minute: $(mesh_stats)"
+
 info "cutting n4 and n5 off the network"
 docker network disconnect "$network" "$(cid n4)"
 docker network disconnect "$network" "$(cid n5)"

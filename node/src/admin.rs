@@ -93,6 +93,9 @@ pub async fn serve(
             if req.method() == Method::GET && req.uri().path() == "/v1/tap" {
                 return tap(&state, &req);
             }
+            if req.method() == Method::GET && req.uri().path() == "/v1/events" {
+                return events(&state, &req);
+            }
             route(&state, req, limits.header_read_timeout)
                 .await
                 .map(Either::Left)
@@ -134,6 +137,81 @@ fn tap(
             )))
             .expect("valid response"),
     }
+}
+
+/// `GET /v1/events?after=ID&type=member,service&service=NAME&format=sse`:
+/// the agent's events as they happen, after those still kept past `after`
+/// (or SSE's `Last-Event-ID`). NDJSON, or server-sent events when asked
+/// for by `format=sse` or `Accept: text/event-stream`.
+fn events(
+    state: &AdminState,
+    req: &Request<Incoming>,
+) -> Response<Either<Body, crate::observe::tap::Stream>> {
+    use crate::events::{Filter, Format, Kind};
+    let query = req.uri().query().unwrap_or("");
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let after = match query_param(query, "after").or_else(|| header("last-event-id")) {
+        None => None,
+        Some(text) => match text.trim().parse::<u64>() {
+            Ok(id) => Some(id),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "after: an event id (a whole number)",
+                )
+                .map(Either::Left);
+            }
+        },
+    };
+    let kinds = match query_param(query, "type") {
+        None => Ok(Vec::new()),
+        Some(list) => list
+            .split(',')
+            .filter(|t| !t.is_empty())
+            .map(Kind::parse)
+            .collect::<Result<Vec<_>, _>>(),
+    };
+    let kinds = match kinds {
+        Ok(k) => k,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("type: {e}")).map(Either::Left),
+    };
+    let sse = match query_param(query, "format").as_deref() {
+        Some("sse") => true,
+        Some("ndjson") => false,
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("format: sse or ndjson, not {other:?}"),
+            )
+            .map(Either::Left);
+        }
+        None => header("accept").is_some_and(|a| a.contains("text/event-stream")),
+    };
+    let filter = Filter {
+        kinds,
+        service: query_param(query, "service"),
+    };
+    let (format, content_type) = if sse {
+        (Format::Sse, "text/event-stream")
+    } else {
+        (Format::Ndjson, "application/x-ndjson")
+    };
+    Response::builder()
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-gossamer-latest-event", state.proxy.events.latest())
+        .body(Either::Right(crate::events::stream(
+            state.proxy.events.clone(),
+            after,
+            filter,
+            format,
+        )))
+        .expect("valid response")
 }
 
 /// A JSON response.

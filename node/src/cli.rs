@@ -40,6 +40,8 @@ pub enum Command {
     Stat(StatArgs),
     /// The golden signals as a live-updating view.
     Top(TopArgs),
+    /// Run a command for each event: members, services, health, config.
+    Watch(WatchArgs),
     /// List the mesh's services with their passing/total instances.
     Services(ListArgs),
     /// Show the instances of one service.
@@ -353,6 +355,37 @@ pub struct TopArgs {
     /// Only this service.
     #[arg(long)]
     pub service: Option<String>,
+}
+
+/// `gossamer watch`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "The command gets the event as JSON on stdin, and GOSSAMER_EVENT_ID, _TYPE, _ACTION, \
+_NODE, _SERVICE, _INSTANCE and _COALESCED in its environment. Example:\n  \
+gossamer watch --type service --service web -- ./render-upstreams.sh"
+)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    /// Which agent.
+    pub admin: AdminArgs,
+    /// Only these event types (member, service, health, config, outlier); repeatable or comma-separated.
+    #[arg(long = "type", value_delimiter = ',')]
+    pub types: Vec<String>,
+    /// Only events about this service.
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Kill a run of the command after this long.
+    #[arg(long, default_value = "30s")]
+    pub timeout: String,
+    /// Quiet time that ends a burst of events (events about the same thing in a burst are handled once).
+    #[arg(long, default_value = "500ms")]
+    pub coalesce: String,
+    /// Start after this event id (replays the kept events after it); default: from now on.
+    #[arg(long)]
+    pub after: Option<u64>,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
 }
 
 /// `gossamer members`.

@@ -86,6 +86,17 @@ pub async fn stream_lines(
     admin: SocketAddr,
     token: Option<&AdminToken>,
     path: &str,
+    line: impl FnMut(&str),
+) -> Result<(), ClientError> {
+    stream_lines_after_head(admin, token, path, |_| {}, line).await
+}
+
+/// [`stream_lines`], telling `head` the answer's headers first.
+pub async fn stream_lines_after_head(
+    admin: SocketAddr,
+    token: Option<&AdminToken>,
+    path: &str,
+    head: impl FnOnce(&http::HeaderMap),
     mut line: impl FnMut(&str),
 ) -> Result<(), ClientError> {
     let unreachable = |reason: String| ClientError::Unreachable {
@@ -105,6 +116,9 @@ pub async fn stream_lines(
         .map_err(|_| unreachable("no answer within 10 s".into()))?
         .map_err(|e| unreachable(e.to_string()))?;
     let status = response.status();
+    if status.is_success() {
+        head(response.headers());
+    }
     let mut body = response.into_body();
     if !status.is_success() {
         let bytes = body

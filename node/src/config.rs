@@ -56,6 +56,8 @@ pub struct AgentConfig {
     pub access_log: crate::observe::access::AccessLogConfig,
     /// Distributed traces.
     pub tracing: crate::observe::trace::TraceConfig,
+    /// Watch handlers run for the agent's lifetime.
+    pub watches: Vec<crate::events::watch::Handler>,
     /// How many connections to peers are kept open, and for how long.
     pub peer_links: LinkPolicy,
     /// The admin API's bearer token for writes, read from
@@ -170,6 +172,7 @@ pub struct FileConfig {
     ingress: Option<crate::gateway::IngressConfig>,
     access_log: Option<crate::observe::access::AccessLogConfig>,
     tracing: Option<crate::observe::trace::TraceConfig>,
+    watch: Option<Vec<crate::events::watch::WatchConfig>>,
     peer_links: Option<LinkPolicy>,
     admin_token_file: Option<PathBuf>,
     service: Option<Vec<toml::Value>>,
@@ -358,6 +361,14 @@ impl AgentConfig {
         access_log.validate().or_else(err)?;
         let tracing = file.tracing.unwrap_or_default();
         tracing.validate().or_else(err)?;
+        let watches = file
+            .watch
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(i, w)| w.handler(i))
+            .collect::<Result<Vec<_>, _>>()
+            .or_else(err)?;
         let peer_links = file.peer_links.unwrap_or_default();
         peer_links.validate().or_else(err)?;
         let admin_token = match args
@@ -400,6 +411,7 @@ impl AgentConfig {
             ingress,
             access_log,
             tracing,
+            watches,
             peer_links,
             admin_token,
         })

@@ -37,6 +37,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod documents;
+pub mod events;
 pub mod gateway;
 pub mod identity;
 pub mod listener;

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use gossamer_node::cli::{
     AgentArgs, CaCommand, CertCommand, Cli, Command, ListArgs, MembersArgs, ServiceArgs, StatArgs,
-    TopArgs,
+    TopArgs, WatchArgs,
 };
 use gossamer_node::config::{AdminToken, AgentConfig};
 use gossamer_node::{agent, ca, client, identity, logging};
@@ -67,6 +67,7 @@ fn main() -> ExitCode {
         Command::Tap(args) => report(runtime().and_then(|rt| rt.block_on(tap(args)))),
         Command::Stat(args) => report(runtime().and_then(|rt| rt.block_on(stat(args)))),
         Command::Top(args) => report(runtime().and_then(|rt| rt.block_on(top(args)))),
+        Command::Watch(args) => report(runtime().and_then(|rt| rt.block_on(watch(args)))),
         Command::Services(args) => report(runtime().and_then(|rt| rt.block_on(services(args)))),
         Command::Service(args) => report(runtime().and_then(|rt| rt.block_on(service(args)))),
         Command::Demo(args) => {
@@ -460,6 +461,127 @@ async fn top(args: TopArgs) -> anyhow::Result<()> {
         if args.count.is_some_and(|n| shown >= n) {
             return Ok(());
         }
+    }
+}
+
+async fn watch(args: WatchArgs) -> anyhow::Result<()> {
+    use gossamer_node::events::watch::{Outcome, WatchConfig};
+    let parse = |flag: &str, text: &str| {
+        gossamer_membership::duration::parse(text).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
+    };
+    let config = WatchConfig {
+        types: args.types.clone(),
+        service: args.service.clone(),
+        command: args.command.clone(),
+        timeout: parse("timeout", &args.timeout)?,
+        coalesce: parse("coalesce", &args.coalesce)?,
+    };
+    let mut handler = config
+        .handler(0)
+        .map_err(|e| anyhow::anyhow!(e.replace("watch[0].", "--").replace("--types", "--type")))?;
+    handler.name = args.command.join(" ");
+    handler.inherit_output = true;
+    let mut query = String::new();
+    if !args.types.is_empty() {
+        query.push_str(&format!("&type={}", args.types.join(",")));
+    }
+    if let Some(s) = &args.service {
+        anyhow::ensure!(
+            s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
+            "--service: {s:?} is not a service name"
+        );
+        query.push_str(&format!("&service={s}"));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(65_536);
+    let runner = handler.clone();
+    tokio::spawn(async move {
+        runner
+            .run(rx, |event, folded, outcome| {
+                let what = format!(
+                    "event {} ({} {}{})",
+                    event.id,
+                    event.kind.as_str(),
+                    event.action,
+                    if folded > 1 {
+                        format!(", {folded} coalesced")
+                    } else {
+                        String::new()
+                    }
+                );
+                match outcome {
+                    Outcome::Ok => {}
+                    Outcome::Failed(why) => {
+                        eprintln!("gossamer watch: {what}: the command failed: {why}")
+                    }
+                    Outcome::TimedOut => eprintln!(
+                        "gossamer watch: {what}: the command ran past {} and was killed",
+                        gossamer_membership::duration::format(runner.timeout)
+                    ),
+                    Outcome::NotStarted(why) => {
+                        eprintln!("gossamer watch: {what}: the command could not start: {why}")
+                    }
+                }
+            })
+            .await;
+    });
+    eprintln!("watching {} (Ctrl-C to stop)", args.admin.admin);
+    let mut cursor = args.after;
+    let mut backoff = std::time::Duration::from_millis(500);
+    loop {
+        let path = match cursor {
+            Some(id) => format!("/v1/events?after={id}{query}"),
+            None => format!("/v1/events?format=ndjson{query}"),
+        };
+        let mut started_at = None;
+        let stream = client::stream_lines_after_head(
+            args.admin.admin,
+            None,
+            &path,
+            |head| {
+                started_at = head
+                    .get("x-gossamer-latest-event")
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            },
+            |line| {
+                if line.is_empty() {
+                    return; // keep-alive
+                }
+                match serde_json::from_str::<gossamer_node::events::Event>(line) {
+                    Ok(event) => {
+                        if event.kind == gossamer_node::events::Kind::Gap {
+                            eprintln!(
+                                "gossamer watch: {}",
+                                event.reason.as_deref().unwrap_or("some events were missed")
+                            );
+                        } else {
+                            cursor = Some(event.id);
+                            if tx.try_send(std::sync::Arc::new(event)).is_err() {
+                                eprintln!(
+                                    "gossamer watch: the command falls behind; an event was dropped"
+                                );
+                            }
+                        }
+                    }
+                    Err(e) => eprintln!("gossamer watch: unreadable event ({e}): {line}"),
+                }
+            },
+        );
+        let ended = tokio::select! {
+            ended = stream => ended,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        // Resume after the last event seen, or from when this stream began.
+        cursor = cursor.or(started_at);
+        match ended {
+            Ok(()) => eprintln!("gossamer watch: the event stream ended; reconnecting"),
+            Err(e) => eprintln!("gossamer watch: {e}; reconnecting in {backoff:?}"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
     }
 }
 

@@ -337,6 +337,43 @@ pub async fn run(
     {
         proxy.set_tracer(tracer);
     }
+    tasks.spawn(crate::events::source::run(
+        proxy.events.clone(),
+        snapshot.clone(),
+        catalog.shared.catalog.clone(),
+        documents.clone(),
+        tasks.clone(),
+    ));
+    for handler in config.watches.clone() {
+        let (tx, rx) = mpsc::channel(1024);
+        let mut followed =
+            crate::events::follow(proxy.events.clone(), None, handler.filter.clone());
+        let stop = tasks.clone();
+        tasks.spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = followed.recv() => next,
+                    () = stop.stopped() => return,
+                };
+                match next {
+                    None => return,
+                    Some(None) => {}
+                    Some(Some(event)) => {
+                        if tx.send(event).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        tasks.spawn(async move {
+            handler
+                .run(rx, |event, folded, outcome| {
+                    crate::events::watch::log_outcome(&handler, event, folded, outcome);
+                })
+                .await;
+        });
+    }
     tasks.spawn(dispatch_streams(
         queues.streams,
         catalog.clone(),

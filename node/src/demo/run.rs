@@ -460,6 +460,33 @@ pub async fn run(
         ),
     );
 
+    // Golden signals of everything above, merged from all 3 agents.
+    let signals = crate::client::call(
+        nodes[0].admin,
+        None,
+        http::Method::GET,
+        "/v1/stats?window=60s&service=web&mesh=true",
+        None,
+    )
+    .await
+    .ok()
+    .and_then(|body| serde_json::from_slice::<serde_json::Value>(&body).ok())
+    .and_then(|answer| {
+        let rows = answer["rows"].as_array()?;
+        let row = rows
+            .iter()
+            .find(|r| r["direction"] == "outbound" && r["route"].is_null())?;
+        Some(format!(
+            "{} requests to web through the 3 agents in the last minute, {:.2} % answered without a 5xx, p50 {:.2} ms, p99 {:.2} ms ({} nodes answered)",
+            row["requests"],
+            row["success_rate"].as_f64()? * 100.0,
+            row["p50_ms"].as_f64()?,
+            row["p99_ms"].as_f64()?,
+            answer["nodes"].as_array()?.len()
+        ))
+    })
+    .unwrap_or_else(|| "not available".into());
+
     eprintln!("[10/{STEPS}] report");
     println!();
     println!(
@@ -492,6 +519,7 @@ pub async fn run(
         "  gateway             n3 serves shop.local/api from a signed ingress document; a burst of 60: {} answered, {} rate-limited",
         ingress.answered, ingress.limited
     );
+    println!("  golden signals      {signals}");
     println!();
 
     if options.keep_running {
@@ -516,6 +544,11 @@ pub async fn run(
             revoked.crl.display()
         );
         println!("  gossamer services --admin {}", nodes[0].admin);
+        println!(
+            "  gossamer stat --mesh --admin {}          # req/s, success, p50/p90/p99 mesh-wide",
+            nodes[0].admin
+        );
+        println!("  gossamer tap web --admin {}", nodes[0].admin);
         println!("  gossamer config get route web --admin {}", nodes[0].admin);
         println!(
             "  gossamer config apply {} --operator-cert {} --operator-key {} --admin {}   # after editing the weights",

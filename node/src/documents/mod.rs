@@ -134,6 +134,7 @@ pub struct Documents {
     trust_domain: String,
     store: Store,
     changed: watch::Sender<u64>,
+    refused: watch::Sender<u64>,
     /// Counters for metrics.
     pub counters: DocCounters,
 }
@@ -199,6 +200,7 @@ impl Documents {
             trust_domain,
             store,
             changed: watch::Sender::new(0),
+            refused: watch::Sender::new(0),
             counters: DocCounters::default(),
         })
     }
@@ -216,6 +218,11 @@ impl Documents {
     /// Notified (the value counts changes) whenever a document changes.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    /// Notified (the value counts refusals) whenever a document is refused.
+    pub fn subscribe_refusals(&self) -> watch::Receiver<u64> {
+        self.refused.subscribe()
     }
 
     /// Checks `env` and, if it beats what is held, stores and applies it.
@@ -331,6 +338,8 @@ impl Documents {
             source,
             error: error.to_string(),
         });
+        drop(inner);
+        self.refused.send_modify(|n| *n += 1);
     }
 
     /// One document.

@@ -214,6 +214,13 @@ pub struct Stream {
     rx: mpsc::Receiver<Bytes>,
 }
 
+impl Stream {
+    /// A body of the chunks sent on the other end of `rx`.
+    pub fn new(rx: mpsc::Receiver<Bytes>) -> Self {
+        Self { rx }
+    }
+}
+
 impl Body for Stream {
     type Data = Bytes;
     type Error = std::convert::Infallible;

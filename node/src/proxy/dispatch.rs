@@ -79,6 +79,8 @@ pub struct Proxy {
     tracer: std::sync::OnceLock<crate::observe::trace::Tracer>,
     /// Golden signals per service.
     stats: Arc<crate::observe::stats::Stats>,
+    /// The agent's event stream (ejections and restorations go there).
+    pub events: Arc<crate::events::Events>,
 }
 
 impl Proxy {
@@ -118,6 +120,7 @@ impl Proxy {
             tap: crate::observe::tap::Tap::default(),
             tracer: std::sync::OnceLock::new(),
             stats: Arc::default(),
+            events: Arc::default(),
             mirrors: Arc::default(),
             metrics,
         })
@@ -485,7 +488,14 @@ impl Proxy {
                     if status.is_server_error() {
                         self.failed(route, backend);
                     } else {
-                        self.outliers.success(&backend.key);
+                        if self.outliers.success(&backend.key) {
+                            let mut event =
+                                crate::events::Event::new(crate::events::Kind::Outlier, "restored");
+                            event.service = Some(route.name.clone());
+                            event.node = Some(backend.node.clone());
+                            event.instance = Some(backend.key.clone());
+                            self.events.publish(event);
+                        }
                     }
                     self.count(service, &backend.key, class(status));
                     let retried = retry.is_some_and(|r| r.retries_status(status))
@@ -595,6 +605,14 @@ impl Proxy {
                 .failure(&backend.key, &route.keys, &self.policy(), Instant::now())
         {
             warn!(instance = %backend.key, ejected_for = ?time, "instance ejected after consecutive failures");
+            let mut event = crate::events::Event::new(crate::events::Kind::Outlier, "ejected");
+            event.service = Some(route.name.clone());
+            event.node = Some(backend.node.clone());
+            event.instance = Some(backend.key.clone());
+            event.reason = Some(format!(
+                "consecutive failures; out of rotation for {time:?}"
+            ));
+            self.events.publish(event);
             self.metrics
                 .ejections
                 .get_or_create(&InstanceLabels {

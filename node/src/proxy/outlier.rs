@@ -51,16 +51,19 @@ impl Outliers {
     }
 
     /// Records a success: resets the failure streak and, once an ejection
-    /// has run out without new failures, the backoff.
-    pub fn success(&self, key: &str) {
+    /// has run out without new failures, the backoff. Returns whether this
+    /// ended an ejection (the instance is back in rotation).
+    pub fn success(&self, key: &str) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = state.get_mut(key) {
             s.failures = 0;
             if s.ejected_until.is_some_and(|u| u <= Instant::now()) {
                 s.ejected_until = None;
                 s.ejections = 0;
+                return true;
             }
         }
+        false
     }
 
     /// Records a failure; ejects when the streak reaches the threshold and
