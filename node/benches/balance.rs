@@ -93,6 +93,30 @@ fn bench(c: &mut Criterion) {
         });
     }
     build.finish();
+    // An instance change at n instances: the table updated from the
+    // previous one (what agents do), against building it whole (above).
+    let mut update = c.benchmark_group("update");
+    update.sample_size(20);
+    for n in [100usize, 1000] {
+        let before = names(n);
+        let table = Table::build(&before);
+        let old = rendezvous::Scorer::new(&before);
+        let mut fewer = before.clone();
+        fewer.remove(n / 2);
+        let mut more = before.clone();
+        more.push((format!("node{n}/web-new"), 1));
+        for (what, after) in [("remove1", fewer), ("add1", more)] {
+            let new = rendezvous::Scorer::new(&after);
+            assert_eq!(
+                table.updated(&old, &new).as_ref(),
+                Some(&Table::build(&after))
+            );
+            update.bench_with_input(BenchmarkId::new(what, n), &n, |b, _| {
+                b.iter(|| table.updated(black_box(&old), black_box(&new)))
+            });
+        }
+    }
+    update.finish();
 }
 
 criterion_group!(benches, bench);

@@ -296,6 +296,27 @@ async fn route(
             )
             .body(Full::new(state.metrics.render().into()))
             .expect("valid response"),
+        (&Method::GET, ["ui"]) => Response::builder()
+            .status(StatusCode::PERMANENT_REDIRECT)
+            .header(header::LOCATION, "/ui/")
+            .body(Full::new(Bytes::new()))
+            .expect("valid response"),
+        (&Method::GET, ["ui", name]) => match crate::console::asset(name) {
+            Some((content_type, body)) => Response::builder()
+                .header(header::CONTENT_TYPE, content_type)
+                .header(header::CACHE_CONTROL, "no-cache")
+                .header(
+                    "content-security-policy",
+                    crate::console::CONTENT_SECURITY_POLICY,
+                )
+                .header("x-content-type-options", "nosniff")
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .expect("valid response"),
+            None => error(
+                StatusCode::NOT_FOUND,
+                format!("no such console file: {name}"),
+            ),
+        },
         (&Method::GET, ["v1", "members"]) => {
             json(StatusCode::OK, &members(&state.snapshot.borrow()))
         }
@@ -592,12 +613,13 @@ const MAX_STATS_PEERS: usize = 64;
 /// Peers asked at once.
 const STATS_FAN_OUT: usize = 16;
 
-/// `GET /v1/stats?window=10s&mesh=true&peers=N&service=NAME`: requests,
+/// `GET /v1/stats?window=10s&mesh=true&peers=N&service=NAME&by_node=true`: requests,
 /// req/s, success rate and p50/p90/p99 per service (each way through this
 /// agent) and per route arm, over the window (up to 60 s). With
 /// `mesh=true` the active peers (at most `peers`, default and cap 64,
 /// chosen at random) are asked too and their histograms merged; peers that
-/// do not answer within 2 s are listed under `unanswered`.
+/// do not answer within 2 s are listed under `unanswered`. With `by_node`
+/// the rows are each agent's, with its name, instead of merged.
 async fn stats(state: &AdminState, query: &str) -> Response<Body> {
     use crate::observe::stats;
     let window = match query_param(query, "window") {
@@ -628,9 +650,14 @@ async fn stats(state: &AdminState, query: &str) -> Response<Body> {
         Some(Ok(n)) => n.min(MAX_STATS_PEERS),
         Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "peers: a whole number"),
     };
+    let by_node = matches!(
+        query_param(query, "by_node").as_deref(),
+        Some("true" | "1" | "")
+    );
     let service = query_param(query, "service");
     let local = state.snapshot.borrow().local.name.clone();
     let (mut rows, mut seconds) = state.proxy.stats().window(window);
+    let mut per_node = vec![(local.clone(), rows.clone())];
     let mut answered = vec![local];
     let mut unanswered = Vec::new();
     if mesh {
@@ -667,6 +694,9 @@ async fn stats(state: &AdminState, query: &str) -> Response<Body> {
             let Ok((name, got)) = joined else { continue };
             match got {
                 Ok((theirs, secs)) => {
+                    if by_node {
+                        per_node.push((name.clone(), theirs.clone()));
+                    }
                     stats::merge(&mut rows, theirs);
                     seconds = seconds.max(secs);
                     answered.push(name);
@@ -675,11 +705,23 @@ async fn stats(state: &AdminState, query: &str) -> Response<Body> {
             }
         }
     }
-    let summaries: Vec<_> = rows
-        .iter()
-        .filter(|r| service.as_ref().is_none_or(|s| *s == r.service))
-        .map(|r| stats::Summary::of(r, seconds))
-        .collect();
+    let wanted = |r: &&stats::Row| service.as_ref().is_none_or(|s| *s == r.service);
+    let summaries: Vec<_> = if by_node {
+        per_node
+            .iter()
+            .flat_map(|(node, rows)| {
+                rows.iter().filter(wanted).map(move |r| stats::Summary {
+                    node: Some(node.clone()),
+                    ..stats::Summary::of(r, seconds)
+                })
+            })
+            .collect()
+    } else {
+        rows.iter()
+            .filter(wanted)
+            .map(|r| stats::Summary::of(r, seconds))
+            .collect()
+    };
     answered.sort();
     json(
         StatusCode::OK,

@@ -35,6 +35,7 @@ pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod demo;
 pub mod documents;
 pub mod events;

@@ -549,6 +549,14 @@ pub async fn run(
             nodes[0].admin
         );
         println!("  gossamer tap web --admin {}", nodes[0].admin);
+        println!(
+            "  gossamer watch --admin {} -- sh -c 'cat; echo'          # every event, as it happens",
+            nodes[0].admin
+        );
+        println!(
+            "  open http://{}/ui/          # the web console",
+            nodes[0].admin
+        );
         println!("  gossamer config get route web --admin {}", nodes[0].admin);
         println!(
             "  gossamer config apply {} --operator-cert {} --operator-key {} --admin {}   # after editing the weights",

@@ -377,6 +377,9 @@ pub struct Summary {
     /// `rule/arm`, for a route arm.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub route: Option<String>,
+    /// The agent that saw them (with `by_node`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub node: Option<String>,
     /// Requests in the window.
     pub requests: u64,
     /// Requests per second over the window.
@@ -399,6 +402,7 @@ impl Summary {
             direction: row.direction,
             service: row.service.clone(),
             route: row.route.clone(),
+            node: None,
             requests: c.requests,
             rps: c.requests as f64 / seconds.max(0.001),
             success_rate: if c.requests == 0 {

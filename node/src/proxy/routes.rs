@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use gossamer_membership::MemberState;
@@ -11,7 +12,7 @@ use gossamer_membership::catalog::{Catalog, InvalidService, Protocol, validate_h
 use http::HeaderName;
 
 use super::policy::Policies;
-use crate::balance::rendezvous::Table;
+use crate::balance::rendezvous::{Scorer, Table};
 use crate::catalog::view;
 use crate::members::Snapshot;
 
@@ -108,21 +109,103 @@ pub struct ServiceRoute {
     /// is reached through upstream listeners, not the HTTP proxy.
     pub tcp: bool,
     signature: Vec<(String, u32)>,
+    hashed: Arc<Hashed>,
+}
+
+/// A route's consistent hashing: its scorer, and the table once built.
+/// Tables are built (or updated from the previous one) on a blocking
+/// thread, never on a request's path; until one is ready, lookups score
+/// the key's slot directly, which gives the same answer in O(n).
+#[derive(Debug)]
+struct Hashed {
+    scorer: Scorer,
     table: OnceLock<Arc<Table>>,
+    building: AtomicBool,
+}
+
+impl Hashed {
+    fn new(signature: &[(String, u32)]) -> Self {
+        Self {
+            scorer: Scorer::new(signature),
+            table: OnceLock::new(),
+            building: AtomicBool::new(false),
+        }
+    }
+
+    /// Builds the table in the background (once), from `from` (the
+    /// previous table and its scorer) when it can be updated in place.
+    fn build(self: &Arc<Self>, from: Option<(Arc<Table>, Arc<Hashed>)>) {
+        if self.table.get().is_some() || self.building.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        let work = move || {
+            let table = from
+                .and_then(|(table, old)| table.updated(&old.scorer, &this.scorer))
+                .unwrap_or_else(|| Table::from_scorer(&this.scorer));
+            let _ = this.table.set(Arc::new(table));
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(work);
+            }
+            Err(_) => work(),
+        }
+    }
+}
+
+/// How a route answers lookups now: its table, or direct scoring while the
+/// table is being built.
+#[derive(Debug, Clone, Copy)]
+pub enum Hashing<'a> {
+    /// The built table: one array read.
+    Table(&'a Table),
+    /// The key's slot scored over every backend.
+    Direct(&'a Scorer),
+}
+
+impl Hashing<'_> {
+    /// The backend a key hash maps to.
+    pub fn lookup(&self, hash: u64) -> Option<usize> {
+        match self {
+            Self::Table(t) => t.lookup(hash),
+            Self::Direct(s) => s.lookup(hash),
+        }
+    }
+
+    /// The first backend in hash order from the key's slot that `usable`
+    /// accepts.
+    pub fn lookup_usable(&self, hash: u64, usable: impl FnMut(usize) -> bool) -> Option<usize> {
+        match self {
+            Self::Table(t) => t.lookup_usable(hash, usable),
+            Self::Direct(s) => s.lookup_usable(hash, usable),
+        }
+    }
 }
 
 impl ServiceRoute {
-    /// The hash table, built on first use (tables take memory; services
-    /// this node never calls never get one).
-    pub fn table(&self) -> &Arc<Table> {
-        self.table
-            .get_or_init(|| Arc::new(Table::build(&self.signature)))
+    /// How to look keys up: the table when built, else direct scoring (and
+    /// the table starts building in the background: services this node
+    /// never calls never get one).
+    pub fn table(&self) -> Hashing<'_> {
+        match self.hashed.table.get() {
+            Some(t) => Hashing::Table(t),
+            None => {
+                self.hashed.build(None);
+                Hashing::Direct(&self.hashed.scorer)
+            }
+        }
+    }
+
+    /// Whether the table is built (tests and benchmarks).
+    pub fn table_ready(&self) -> bool {
+        self.hashed.table.get().is_some()
     }
 }
 
 impl ServiceRoute {
     /// A route over `backends`, reusing `previous`'s table if the instance
-    /// set is the same.
+    /// set is the same, or updating it in the background when it changed.
     fn new(
         name: String,
         policy: HashPolicy,
@@ -131,13 +214,17 @@ impl ServiceRoute {
     ) -> Self {
         let signature: Vec<(String, u32)> =
             backends.iter().map(|b| (b.key.clone(), b.weight)).collect();
-        let table = OnceLock::new();
-        if let Some(old) = previous
-            && old.signature == signature
-            && let Some(t) = old.table.get()
-        {
-            let _ = table.set(t.clone());
-        }
+        let hashed = match previous {
+            Some(old) if old.signature == signature => old.hashed.clone(),
+            Some(old) => {
+                let hashed = Arc::new(Hashed::new(&signature));
+                if let Some(t) = old.hashed.table.get() {
+                    hashed.build(Some((t.clone(), old.hashed.clone())));
+                }
+                hashed
+            }
+            None => Arc::new(Hashed::new(&signature)),
+        };
         let keys = backends.iter().map(|b| b.key.clone()).collect();
         let tcp = backends.iter().any(|b| b.protocol == Protocol::Tcp);
         Self {
@@ -147,7 +234,7 @@ impl ServiceRoute {
             keys,
             tcp,
             signature,
-            table,
+            hashed,
         }
     }
 }
