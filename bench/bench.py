@@ -570,6 +570,8 @@ backend b
             names += ["G1 gossamer gateway", "G2 haproxy gateway"]
         if self.args.observe:
             names.append("P5 gossamer+observe")
+        if self.args.only:
+            names = [n for n in names if n == "P0 direct" or any(n.startswith(o) for o in self.args.only)]
         results = {name: [] for name in names}
         transfers = {}
         try:
@@ -721,6 +723,8 @@ def main():
     ap.add_argument("--observe", action="store_true",
                     help="also measure P5: a second Gossamer pair with access logs on for every request "
                     "and tracing at a 1 %% sample, alongside P1")
+    ap.add_argument("--only", nargs="+", metavar="PREFIX",
+                    help="measure only the paths whose names start with these (P0 always), e.g. --only P1 P5")
     ap.add_argument("--transfer-only", action="store_true",
                     help="only the 1 GiB transfers (no load phases)")
     args = ap.parse_args()

@@ -20,13 +20,18 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+
 use tracing::warn;
 
 use crate::proxy::body::ProxyBody;
 
-/// Lines queued for the writer at most.
-const QUEUE: usize = 8192;
+/// Bytes of lines waiting for the writer at most; past it lines are
+/// dropped (and counted) rather than held.
+const PENDING: usize = 8 << 20;
+/// How long the writer lets lines gather before writing them: one write
+/// and one wake-up per batch, not per request.
+const BATCH: Duration = Duration::from_millis(50);
 
 /// `[access_log]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,11 +72,21 @@ impl AccessLogConfig {
     }
 }
 
-/// Where lines go; cheap to clone.
+/// Where lines go; cheap to clone. Requests serialize their line straight
+/// into a shared buffer; a thread of its own takes the whole buffer every
+/// [`BATCH`] and writes it, so a slow disk never holds a request, and a
+/// busy proxy pays one write and one wake-up per batch.
 #[derive(Debug, Clone)]
 pub struct AccessLog {
-    tx: mpsc::Sender<String>,
+    shared: Arc<Shared>,
     sample: f64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    pending: Mutex<Vec<u8>>,
+    /// Signalled when lines arrive in an empty buffer.
+    arrived: Condvar,
     dropped: Counter,
 }
 
@@ -96,15 +111,26 @@ impl AccessLog {
                     .map_err(|e| format!("access_log.path: {}: {e}", config.path.display()))?,
             )
         };
-        let (tx, rx) = mpsc::channel(QUEUE);
-        // Blocking writes belong on a thread of their own.
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Vec::with_capacity(64 * 1024)),
+            arrived: Condvar::new(),
+            dropped,
+        });
+        let writer = shared.clone();
+        let stop = tasks.clone();
         tasks.spawn(async move {
-            let _ = tokio::task::spawn_blocking(move || write_lines(rx, out)).await;
+            let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = stopped.clone();
+            let wake = writer.clone();
+            let thread = tokio::task::spawn_blocking(move || write_lines(&writer, out, &flag));
+            stop.stopped().await;
+            stopped.store(true, std::sync::atomic::Ordering::Release);
+            wake.arrived.notify_one();
+            let _ = thread.await;
         });
         Ok(Some(Self {
-            tx,
+            shared,
             sample: config.sample,
-            dropped,
         }))
     }
 
@@ -113,33 +139,75 @@ impl AccessLog {
         self.sample >= 1.0 || rand::random::<f64>() < self.sample
     }
 
-    /// Queues one record.
+    /// Adds one record's line.
     pub fn emit(&self, record: &Record) {
-        let Ok(line) = serde_json::to_string(record) else {
+        let mut pending = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if pending.len() >= PENDING {
+            drop(pending);
+            self.shared.dropped.inc();
             return;
-        };
-        if self.tx.try_send(line).is_err() {
-            self.dropped.inc();
+        }
+        let was_empty = pending.is_empty();
+        let mark = pending.len();
+        if serde_json::to_writer(&mut *pending, record).is_err() {
+            pending.truncate(mark);
+            return;
+        }
+        pending.push(b'\n');
+        drop(pending);
+        if was_empty {
+            self.shared.arrived.notify_one();
         }
     }
 }
 
-fn write_lines(mut rx: mpsc::Receiver<String>, out: Box<dyn Write + Send>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+/// The writer: waits for lines, lets a batch gather, writes it; writes
+/// what is left when the agent stops.
+fn write_lines(
+    shared: &Shared,
+    out: Box<dyn Write + Send>,
+    stopped: &std::sync::atomic::AtomicBool,
+) {
+    let mut out = out;
+    let mut batch = Vec::with_capacity(64 * 1024);
     let mut warned = false;
-    while let Some(line) = rx.blocking_recv() {
-        let mut result = writeln!(out, "{line}");
-        // Write what is queued, then flush once the queue is empty.
-        while result.is_ok()
-            && let Ok(line) = rx.try_recv()
-        {
-            result = writeln!(out, "{line}");
+    loop {
+        let stopping = {
+            let mut pending = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+            while pending.is_empty() && !stopped.load(std::sync::atomic::Ordering::Acquire) {
+                pending = shared
+                    .arrived
+                    .wait(pending)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            stopped.load(std::sync::atomic::Ordering::Acquire)
+        };
+        if !stopping {
+            std::thread::sleep(BATCH);
         }
-        if let Err(e) = result.and_then(|()| out.flush())
-            && !warned
-        {
-            warn!(error = %e, "access log write failed; lines are lost until it works again");
-            warned = true;
+        std::mem::swap(
+            &mut batch,
+            &mut *shared.pending.lock().unwrap_or_else(|e| e.into_inner()),
+        );
+        if !batch.is_empty() {
+            match out.write_all(&batch).and_then(|()| out.flush()) {
+                Ok(()) => warned = false,
+                Err(e) if !warned => {
+                    warn!(error = %e, "access log write failed; lines are lost until it works again");
+                    warned = true;
+                }
+                Err(_) => {}
+            }
+            batch.clear();
+            // A burst's big buffer is not kept for good.
+            batch.shrink_to(1 << 20);
+        }
+        if stopping {
+            return;
         }
     }
 }
@@ -148,7 +216,7 @@ fn write_lines(mut rx: mpsc::Receiver<String>, out: Box<dyn Write + Send>) {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Record {
     /// When the request (or connection) began, RFC 3339 UTC.
-    pub start: String,
+    pub start: Timestamp,
     /// From its start until its response ended, ms.
     pub duration_ms: f64,
     /// `proxy`, `gateway` or `upstream`.
@@ -271,7 +339,7 @@ pub fn begin<B>(
             .map(str::to_owned)
     };
     Record {
-        start: rfc3339(SystemTime::now()),
+        start: Timestamp(SystemTime::now()),
         listener,
         protocol: crate::proxy::hop::protocol_name(req.version()),
         method: Some(req.method().as_str().to_owned()),
@@ -359,12 +427,47 @@ pub fn trace_id(headers: &http::HeaderMap) -> Option<String> {
     let v = headers.get("traceparent")?.to_str().ok()?;
     let mut parts = v.split('-');
     let (_version, id) = (parts.next()?, parts.next()?);
-    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) && id != "0".repeat(32))
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) && id.bytes().any(|b| b != b'0'))
         .then(|| id.to_ascii_lowercase())
+}
+
+/// A time that serializes as RFC 3339 UTC with milliseconds, formatted
+/// only when written out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timestamp(pub SystemTime);
+
+impl Default for Timestamp {
+    fn default() -> Self {
+        Self(UNIX_EPOCH)
+    }
+}
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (year, month, day, secs, millis) = civil(self.0);
+        write!(
+            f,
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+            secs / 3600,
+            secs % 3600 / 60,
+            secs % 60
+        )
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 /// `SystemTime` as RFC 3339 UTC with milliseconds.
 pub fn rfc3339(t: SystemTime) -> String {
+    Timestamp(t).to_string()
+}
+
+/// Year, month, day, seconds into the day and milliseconds of `t` (UTC).
+fn civil(t: SystemTime) -> (i64, i64, i64, u64, u32) {
     let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
@@ -378,13 +481,7 @@ pub fn rfc3339(t: SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since.subsec_millis()
-    )
+    (year, month, day, rem, since.subsec_millis())
 }
 
 /// A response body that writes its request's line when it ends, or when

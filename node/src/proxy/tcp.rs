@@ -220,7 +220,7 @@ fn tcp_record(
     start: std::time::SystemTime,
 ) -> access::Record {
     access::Record {
-        start: access::rfc3339(start),
+        start: access::Timestamp(start),
         listener: "upstream",
         protocol: "tcp",
         source_node: proxy.node_name().to_owned(),
