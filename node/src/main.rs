@@ -411,7 +411,7 @@ fn stats_table(answer: &serde_json::Value) -> String {
             r["service"].as_str().unwrap_or("?"),
             r["route"].as_str().unwrap_or("-"),
             r["direction"].as_str().unwrap_or("?"),
-            r["requests"],
+            r["requests"].as_u64().unwrap_or(0),
             r["rps"].as_f64().unwrap_or(0.0),
             r["success_rate"].as_f64().unwrap_or(0.0) * 100.0,
             ms(&r["p50_ms"]),
