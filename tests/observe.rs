@@ -45,6 +45,28 @@ fn line_for(path: &std::path::Path, id: &str) -> Result<Value> {
     Ok(line)
 }
 
+/// n2 with `n2_config` (its services), then n1 seeded by n2 with
+/// `n1_config`: the caller's agent and the owner's.
+fn pair(pki: &Pki, n2_config: &str, n1_config: &str) -> Result<(Agent, Agent)> {
+    let dir = pki.dir.path();
+    let start = |name: &str, config: &str, seeds: Vec<String>| -> Result<Agent> {
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, config)?;
+        Agent::start(
+            pki,
+            name,
+            AgentOptions {
+                seeds,
+                config: Some(path),
+                ..Default::default()
+            },
+        )
+    };
+    let n2 = start("n2", n2_config, Vec::new())?;
+    let n1 = start("n1", n1_config, vec![n2.seed()])?;
+    Ok((n1, n2))
+}
+
 #[test]
 fn access_log_lines_carry_status_flags_retries_and_ids() -> Result<()> {
     let pki = Pki::new()?;
@@ -55,39 +77,14 @@ fn access_log_lines_carry_status_flags_retries_and_ids() -> Result<()> {
     let dead = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let n2_config = dir.join("n2.toml");
-    std::fs::write(
-        &n2_config,
-        format!(
+    let log = dir.join("access.log");
+    let (n1, _n2) = pair(
+        &pki,
+        &format!(
             "[[service]]\nid = \"live\"\nname = \"web\"\nport = {}\n\n[[service]]\nid = \"dead\"\nname = \"web\"\nport = {dead}\n",
             web.addr.port()
         ),
-    )?;
-    let n2 = Agent::start(
-        &pki,
-        "n2",
-        AgentOptions {
-            config: Some(n2_config),
-            ..Default::default()
-        },
-    )?;
-    let log = dir.join("access.log");
-    let n1_config = dir.join("n1.toml");
-    std::fs::write(
-        &n1_config,
-        format!(
-            "[access_log]\nenabled = true\npath = {:?}\nsample = 1.0\n",
-            log
-        ),
-    )?;
-    let n1 = Agent::start(
-        &pki,
-        "n1",
-        AgentOptions {
-            seeds: vec![n2.seed()],
-            config: Some(n1_config),
-            ..Default::default()
-        },
+        &format!("[access_log]\nenabled = true\npath = {log:?}\nsample = 1.0\n"),
     )?;
     wait_health(
         &[&n1],
@@ -399,38 +396,18 @@ fn traces_have_a_client_and_a_server_span_exported_by_otlp() -> Result<()> {
     };
     let receiver = Receiver::start(&python)?;
     let pki = Pki::new()?;
-    let dir = pki.dir.path().to_owned();
     let web = DemoService::start("web-traced", None)?;
     let tracing = format!(
         "[tracing]\nendpoint = \"http://127.0.0.1:{}/v1/traces\"\nsample = 1.0\n",
         receiver.port
     );
-    let n2_config = dir.join("n2.toml");
-    std::fs::write(
-        &n2_config,
-        format!(
+    let (n1, _n2) = pair(
+        &pki,
+        &format!(
             "{tracing}\n[[service]]\nid = \"w1\"\nname = \"web\"\nport = {}\n",
             web.addr.port()
         ),
-    )?;
-    let n2 = Agent::start(
-        &pki,
-        "n2",
-        AgentOptions {
-            config: Some(n2_config),
-            ..Default::default()
-        },
-    )?;
-    let n1_config = dir.join("n1.toml");
-    std::fs::write(&n1_config, &tracing)?;
-    let n1 = Agent::start(
-        &pki,
-        "n1",
-        AgentOptions {
-            seeds: vec![n2.seed()],
-            config: Some(n1_config),
-            ..Default::default()
-        },
+        &tracing,
     )?;
     wait_health(
         &[&n1],
@@ -560,41 +537,33 @@ fn traces_have_a_client_and_a_server_span_exported_by_otlp() -> Result<()> {
         receiver.of_trace(quiet).is_empty(),
         "unsampled spans exported"
     );
-    let exported = n1
-        .metric("gossamer_trace_spans_exported_total")
-        .unwrap_or(0.0);
-    ensure!(exported >= 3.0, "n1 counted {exported} exported spans");
+    // The receiver prints spans before it answers, so the count may lag.
+    poll(
+        "n1 to count its exported spans",
+        Duration::from_secs(10),
+        || {
+            let exported = n1
+                .metric("gossamer_trace_spans_exported_total")
+                .unwrap_or(0.0);
+            (exported >= 3.0)
+                .then_some(())
+                .ok_or(format!("{exported} counted"))
+        },
+    )?;
     Ok(())
 }
 
 #[test]
 fn stat_agrees_with_a_known_load() -> Result<()> {
     let pki = Pki::new()?;
-    let dir = pki.dir.path().to_owned();
     let web = DemoService::start("web-stat", None)?;
-    let n2_config = dir.join("n2.toml");
-    std::fs::write(
-        &n2_config,
-        format!(
+    let (n1, n2) = pair(
+        &pki,
+        &format!(
             "[[service]]\nid = \"w1\"\nname = \"web\"\nport = {}\n",
             web.addr.port()
         ),
-    )?;
-    let n2 = Agent::start(
-        &pki,
-        "n2",
-        AgentOptions {
-            config: Some(n2_config),
-            ..Default::default()
-        },
-    )?;
-    let n1 = Agent::start(
-        &pki,
-        "n1",
-        AgentOptions {
-            seeds: vec![n2.seed()],
-            ..Default::default()
-        },
+        "",
     )?;
     wait_health(
         &[&n1],
@@ -677,9 +646,10 @@ fn stat_agrees_with_a_known_load() -> Result<()> {
         ensure!((success - 0.9).abs() < 1e-9, "success rate: {r}");
         let p50 = r["p50_ms"].as_f64().unwrap_or(0.0);
         let p99 = r["p99_ms"].as_f64().unwrap_or(0.0);
-        // 40 ms at the instance, a few ms of mesh; bins are within 3 %.
-        ensure!((38.5..60.0).contains(&p50), "p50: {r}");
-        ensure!((38.5..100.0).contains(&p99) && p99 >= p50, "p99: {r}");
+        // 40 ms at the instance plus the mesh (generous on a loaded machine);
+        // bins are within 3 %, so nothing under 40 ms can show below 38.5.
+        ensure!((38.5..80.0).contains(&p50), "p50: {r}");
+        ensure!((38.5..150.0).contains(&p99) && p99 >= p50, "p99: {r}");
         ensure!(r["rps"].as_f64().unwrap_or(0.0) > 0.0, "rps: {r}");
         Ok(())
     };
