@@ -17,6 +17,10 @@ Paths, all to the same 1 kB response from one nginx upstream:
                 (TLS terminated, an ingress route) -> QUIC mTLS -> agent B -> upstream
   G2 haproxy gateway   (with --gateway) HTTPS client -> haproxy G (TLS terminated)
                 -> TLS 1.3 mTLS -> haproxy B -> upstream
+  H1 gossamer h2c     (with --h2c) h2load, HTTP/2 without TLS (prior knowledge),
+                -> agent A's outbound listener -> QUIC mTLS -> agent B -> upstream
+  H2 haproxy h2       (with --h2c) h2load, h2c -> haproxy A -> TLS 1.3 mTLS with
+                ALPN h2 -> haproxy B -> upstream
   P5 gossamer+observe  (with --observe) P1 on a second pair of agents with access
                 logs on for every request (to a file) and tracing at a 1 % sample
                 (spans posted to a sink in this script), measured alongside P1
@@ -29,6 +33,7 @@ import argparse
 import json
 import os
 import random
+import re
 import socket
 import statistics
 import subprocess
@@ -396,6 +401,78 @@ backend b
                 sys.exit("the haproxy gateway does not serve the 1 kB response")
             self.paths["G2 haproxy gateway"] = {"port": pg, "host": None, "procs": [gw, b], "https": True}
 
+    def haproxy_h2(self):
+        """The HAProxy pair speaking HTTP/2 on both hops: h2c from the
+        client, TLS 1.3 with client certificates and ALPN h2 between A and
+        B; B calls the upstream with HTTP/1.1 like every other path."""
+        pa, pb = free_port(), free_port()
+        c = self.dir / "certs"
+        common = """
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    option http-keep-alive
+    http-reuse always
+"""
+        (self.dir / "haproxy-h2-b.cfg").write_text(f"""
+global
+    nbthread 1
+    maxconn 8000
+    ssl-default-bind-options ssl-min-ver TLSv1.3
+{common}
+frontend fb
+    bind 127.0.0.1:{pb} ssl crt {c}/proxy-b.bundle ca-file {self.dir}/ca/ca.pem verify required alpn h2
+    default_backend up
+backend up
+    server u 127.0.0.1:{self.up_port}
+""")
+        (self.dir / "haproxy-h2-a.cfg").write_text(f"""
+global
+    nbthread 1
+    maxconn 8000
+    ssl-default-server-options ssl-min-ver TLSv1.3
+{common}
+frontend fa
+    bind 127.0.0.1:{pa} proto h2
+    default_backend b
+backend b
+    server b 127.0.0.1:{pb} ssl crt {c}/proxy-a.bundle ca-file {self.dir}/ca/ca.pem verify required verifyhost proxy-b sni str(proxy-b) alpn h2
+""")
+        b = self.start("haproxy-h2-b", ["haproxy", "-db", "-f", str(self.dir / "haproxy-h2-b.cfg")], pb)
+        a = self.start("haproxy-h2-a", ["haproxy", "-db", "-f", str(self.dir / "haproxy-h2-a.cfg")], pa)
+        self.paths["H2 haproxy h2"] = {"port": pa, "host": None, "procs": [a, b], "h2": True}
+        self.h2load_check("H2 haproxy h2")
+
+    def h2load(self, path, seconds):
+        """h2load against a path for `seconds`: (requests done, succeeded, failed, req/s)."""
+        argv = ["taskset", "-c", LOAD_CORE, "h2load", "-D", str(seconds), "-c", str(self.args.connections),
+                "-m", "10", "-t", "1", f"http://127.0.0.1:{path['port']}/1k"]
+        if path["host"]:
+            argv[-1:-1] = ["-H", f":authority: {path['host']}"]
+        out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+        rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+        m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", out)
+        status = re.search(r"status codes: (\d+) 2xx", out)
+        ok = int(status.group(1)) if status else int(m.group(3))
+        return int(m.group(2)), ok, int(m.group(4)), rps
+
+    def h2load_check(self, name):
+        done, ok, failed, _ = self.h2load(self.paths[name], 1)
+        if ok == 0 or ok < done:
+            sys.exit(f"{name}: h2load got {ok} 2xx of {done} requests ({failed} failed)")
+
+    def measure_h2(self, path):
+        """Saturation with h2load (64 connections, 10 streams each): req/s
+        and CPU per 1,000 requests of each proxy."""
+        procs = path["procs"]
+        cpu0 = [sum(cpu_seconds(pid) for pid in p.pids()) for p in procs]
+        done, ok, failed, rps = self.h2load(path, self.args.saturation_seconds)
+        cpu1 = [sum(cpu_seconds(pid) for pid in p.pids()) for p in procs]
+        return {"saturation_rps": rps, "saturation_errors": failed + (done - ok), "h2": True,
+                "cpu_s_per_1000_req": [(b - a) / (ok / 1000) if ok else None for a, b in zip(cpu0, cpu1)]}
+
     def haproxy_tcp(self):
         """The HAProxy pair in TCP mode: TLS 1.3 with client certificates
         between A and B, bytes on both sides (one TLS connection per client
@@ -493,6 +570,8 @@ backend b
 
     def measure(self, name):
         path = self.paths[name]
+        if path.get("h2"):
+            return self.measure_h2(path)
         if path.get("docs"):
             self.docs_in_force(True)
             try:
@@ -570,6 +649,8 @@ backend b
             names += ["G1 gossamer gateway", "G2 haproxy gateway"]
         if self.args.observe:
             names.append("P5 gossamer+observe")
+        if self.args.h2c:
+            names += ["H1 gossamer h2c", "H2 haproxy h2"]
         if self.args.only:
             names = [n for n in names if n == "P0 direct" or any(n.startswith(o) for o in self.args.only)]
         results = {name: [] for name in names}
@@ -586,6 +667,10 @@ backend b
                          f'[tracing]\nendpoint = "http://127.0.0.1:{sink}/v1/traces"\nsample = 0.01\n')
                 self.gossamer("P5 gossamer+observe", extra, sub="-observe")
             self.haproxy()
+            if self.args.h2c:
+                self.paths["H1 gossamer h2c"] = dict(self.paths["P1 gossamer"], h2=True)
+                self.h2load_check("H1 gossamer h2c")
+                self.haproxy_h2()
             if self.args.tcp:
                 self.haproxy_tcp()
             self.nginx()
@@ -638,6 +723,8 @@ def summarize(data, out):
         lines, runs = [], {}
     else:
         d_rps = med([r["saturation_rps"] for r in direct])
+    h2 = {name: rs for name, rs in runs.items() if rs and rs[0].get("h2")}
+    runs = {name: rs for name, rs in runs.items() if name not in h2}
     for name, rs in runs.items():
         rps = med([r["saturation_rps"] for r in rs])
         cells = [name, f"{rps:,.0f}", f"{rps / d_rps:.2f}"]
@@ -661,6 +748,16 @@ def summarize(data, out):
         else:
             cells += ["-", "-", "-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
+    if h2:
+        base = med([r["saturation_rps"] for r in h2.get("H2 haproxy h2", [])] or [0])
+        lines += ["", "| h2c path (h2load, 64 connections × 10 streams) | saturation req/s | vs HAProxy h2 | "
+                  "CPU s per 1,000 req (A, B) | failed |", "|---|---|---|---|---|"]
+        for name, rs in h2.items():
+            rps = med([r["saturation_rps"] for r in rs])
+            cpu = [med([r["cpu_s_per_1000_req"][i] for r in rs]) for i in range(len(rs[0]["cpu_s_per_1000_req"]))]
+            ratio = f"{rps / base:.2f}" if base else "-"
+            lines.append(f"| {name} | {rps:,.0f} | {ratio} | {', '.join(f'{c:.3f}' for c in cpu)} | "
+                         f"{sum(r['saturation_errors'] for r in rs)} |")
     for name, t in data["transfer_1gib"].items():
         ratio = ""
         direct = data["transfer_1gib"].get("P0 direct")
@@ -720,6 +817,9 @@ def main():
     ap.add_argument("--gateway", action="store_true",
                     help="also measure G1 (HTTPS into a Gossamer gateway, then the mesh) and G2 (HTTPS into "
                     "HAProxy terminating TLS, then its mTLS pair)")
+    ap.add_argument("--h2c", action="store_true",
+                    help="also measure HTTP/2: h2load through Gossamer (h2c to agent A) and through HAProxy "
+                    "speaking h2 on both hops (needs h2load, Debian's nghttp2-client)")
     ap.add_argument("--observe", action="store_true",
                     help="also measure P5: a second Gossamer pair with access logs on for every request "
                     "and tracing at a 1 %% sample, alongside P1")

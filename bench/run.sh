@@ -15,6 +15,7 @@ need_apt=()
 command -v haproxy >/dev/null || need_apt+=(haproxy)
 command -v nginx >/dev/null || need_apt+=(nginx)
 command -v taskset >/dev/null || need_apt+=(util-linux)
+command -v h2load >/dev/null || need_apt+=(nghttp2-client)
 if ((${#need_apt[@]})); then
     echo "installing ${need_apt[*]} from Debian"
     apt-get update -qq
@@ -31,4 +32,4 @@ fi
 echo "building gossamer (release)"
 (cd "$root" && cargo build --release --locked -p gossamer-node)
 exec python3 "$here/bench.py" --gossamer "$root/target/release/gossamer" --oha "$tools/bin/oha" \
-    --out "$root/docs/bench" --tcp --gateway "$@"
+    --out "$root/docs/bench" --tcp --gateway --h2c "$@"
