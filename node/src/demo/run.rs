@@ -477,7 +477,7 @@ pub async fn run(
             .iter()
             .find(|r| r["direction"] == "outbound" && r["route"].is_null())?;
         Some(format!(
-            "{} requests to web in the last minute as counted by {} of the 3 agents (a revoked agent is no longer asked), {:.2} % answered without a 5xx, p50 {:.2} ms, p99 {:.2} ms",
+            "{} requests to web in the last minute as counted by {} of the 3 agents (the revoked one cannot answer), {:.2} % answered without a 5xx, p50 {:.2} ms, p99 {:.2} ms",
             row["requests"],
             answer["nodes"].as_array()?.len(),
             row["success_rate"].as_f64()? * 100.0,
