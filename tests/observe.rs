@@ -303,49 +303,47 @@ fn call_body(proxy: SocketAddr, path: &str, extra: &str) -> Result<(u16, String)
     Ok((status, json))
 }
 
-/// The OTLP receiver of tests/otlp/receiver.py: spans it decoded, one JSON
-/// value each, gathered by a thread.
+/// The OTLP receiver of tests/otlp/receiver.py: it appends the spans it
+/// decoded, one JSON value a line, to a file.
 struct Receiver {
     child: std::process::Child,
     port: u16,
-    spans: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    out: std::path::PathBuf,
 }
 
 impl Receiver {
-    fn start(python: &str) -> Result<Self> {
+    fn start(python: &str, out: std::path::PathBuf) -> Result<Self> {
         use std::io::BufRead;
         let script =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/otlp/receiver.py");
         let mut child = std::process::Command::new(python)
             .arg(script)
+            .arg(&out)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .context("start the OTLP receiver")?;
-        let mut lines = std::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
-        let first = lines.next().context("receiver said nothing")??;
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut first)?;
         let port = first
+            .trim()
             .strip_prefix("listening ")
             .and_then(|p| p.parse().ok())
             .with_context(|| format!("unexpected receiver output {first:?}"))?;
-        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = spans.clone();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    sink.lock().unwrap().push(v);
-                }
-            }
-        });
-        Ok(Self { child, port, spans })
+        Ok(Self { child, port, out })
+    }
+
+    fn spans(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     fn of_trace(&self, trace: &str) -> Vec<Value> {
-        self.spans
-            .lock()
-            .unwrap()
-            .iter()
+        self.spans()
+            .into_iter()
             .filter(|s| s["trace_id"] == trace)
-            .cloned()
             .collect()
     }
 
@@ -353,7 +351,7 @@ impl Receiver {
     fn pair(&self, trace: &str) -> Result<(Value, Value)> {
         let (pair, _) = poll(
             &format!("a client and a server span of trace {trace}"),
-            Duration::from_secs(20),
+            Duration::from_secs(40),
             || {
                 let spans = self.of_trace(trace);
                 let kind = |k: i64| spans.iter().find(|s| s["kind"] == k).cloned();
@@ -394,14 +392,14 @@ fn traces_have_a_client_and_a_server_span_exported_by_otlp() -> Result<()> {
             return Ok(());
         }
     };
-    let receiver = Receiver::start(&python)?;
     let pki = Pki::new()?;
+    let receiver = Receiver::start(&python, pki.dir.path().join("spans.ndjson"))?;
     let web = DemoService::start("web-traced", None)?;
     let tracing = format!(
         "[tracing]\nendpoint = \"http://127.0.0.1:{}/v1/traces\"\nsample = 1.0\n",
         receiver.port
     );
-    let (n1, _n2) = pair(
+    let (n1, n2) = pair(
         &pki,
         &format!(
             "{tracing}\n[[service]]\nid = \"w1\"\nname = \"web\"\nport = {}\n",
@@ -430,7 +428,18 @@ fn traces_have_a_client_and_a_server_span_exported_by_otlp() -> Result<()> {
         ),
     )?;
     ensure!(status == 200, "status {status}: {body}");
-    let (client, server) = receiver.pair(trace)?;
+    let tail = |agent: &Agent| {
+        let log = agent.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    };
+    let (client, server) = receiver.pair(trace).with_context(|| {
+        format!(
+            "n1's log ends:\n{}\nn2's log ends:\n{}",
+            tail(&n1),
+            tail(&n2)
+        )
+    })?;
     ensure!(client["parent_span_id"] == caller, "client span: {client}");
     ensure!(
         server["parent_span_id"] == client["span_id"],
@@ -532,7 +541,15 @@ fn traces_have_a_client_and_a_server_span_exported_by_otlp() -> Result<()> {
         "/after",
         &format!("traceparent: 00-{}-{caller}-01\r\n", "1".repeat(32)),
     )?;
-    receiver.pair(&"1".repeat(32))?;
+    receiver.pair(&"1".repeat(32)).with_context(|| {
+        format!(
+            "n1 exported {:?} dropped {:?} failures {:?}; n1's log ends:\n{}",
+            n1.metric("gossamer_trace_spans_exported_total"),
+            n1.metric("gossamer_trace_spans_dropped_total"),
+            n1.metric("gossamer_trace_export_failures_total"),
+            tail(&n1)
+        )
+    })?;
     ensure!(
         receiver.of_trace(quiet).is_empty(),
         "unsampled spans exported"

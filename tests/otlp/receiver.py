@@ -1,15 +1,21 @@
 """A small OTLP/HTTP trace receiver for tests.
 
 It decodes each POST to /v1/traces with the official OpenTelemetry protobuf
-definitions (the `opentelemetry-proto` package) and prints one JSON line per
-span on stdout. The first line is `listening PORT`.
+definitions (the `opentelemetry-proto` package) and appends one JSON line
+per span to the file named by its argument (written before the answer, so
+a span the agent counts as exported is already there). The first line on
+stdout is `listening PORT`.
 """
 
 import http.server
 import json
 import sys
+import threading
 
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+OUT = sys.argv[1]
+OUT_LOCK = threading.Lock()
 
 
 def value_of(any_value):
@@ -33,6 +39,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except Exception as e:  # a malformed message fails the export
             self.send_error(400, str(e))
             return
+        lines = []
         for rs in request.resource_spans:
             resource = {kv.key: value_of(kv.value) for kv in rs.resource.attributes}
             for ss in rs.scope_spans:
@@ -51,7 +58,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         "status": span.status.code,
                         "attributes": {kv.key: value_of(kv.value) for kv in span.attributes},
                     }
-                    print(json.dumps(line), flush=True)
+                    lines.append(json.dumps(line))
+        with OUT_LOCK, open(OUT, "a") as out:
+            out.write("".join(line + "\n" for line in lines))
         reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")

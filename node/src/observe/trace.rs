@@ -40,6 +40,10 @@ const BATCH: usize = 512;
 const FLUSH: Duration = Duration::from_secs(1);
 /// How long one export may take.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Tries per batch before its spans are dropped.
+const EXPORT_ATTEMPTS: u32 = 3;
+/// Wait before the second try (twice that before the third).
+const RETRY_AFTER: Duration = Duration::from_millis(500);
 
 /// `[tracing]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -447,34 +451,52 @@ async fn export(
                 Ok(None) | Err(_) => break,
             }
         }
-        let body = encode(&resource, &batch);
-        let request = http::Request::post(uri.clone())
-            .header(http::header::CONTENT_TYPE, "application/x-protobuf")
-            .body(Full::new(Bytes::from(body)))
-            .expect("valid request");
-        let sent = tokio::time::timeout(EXPORT_TIMEOUT, client.request(request)).await;
+        let body = Bytes::from(encode(&resource, &batch));
         let n = batch.len() as u64;
         batch.clear();
-        match sent {
-            Ok(Ok(response)) if response.status().is_success() => {
-                metrics.exported.inc_by(n);
-                if warned {
-                    debug!("trace export works again");
-                    warned = false;
+        // A collector that hiccups (a closed connection, a restart) gets
+        // the batch again, twice, before its spans are dropped; spans that
+        // arrive meanwhile wait in the queue.
+        let mut why = String::new();
+        let mut exported = false;
+        for attempt in 0..EXPORT_ATTEMPTS {
+            if attempt > 0 {
+                tokio::select! {
+                    () = tokio::time::sleep(RETRY_AFTER * attempt) => {}
+                    () = tasks.stopped() => break,
                 }
             }
-            other => {
-                metrics.failures.inc();
-                metrics.dropped.inc_by(n);
-                let why = match other {
-                    Ok(Ok(r)) => format!("collector answered {}", r.status()),
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => format!("no answer within {EXPORT_TIMEOUT:?}"),
-                };
-                if !warned {
-                    warn!(endpoint = %uri, error = %why, spans = n, "trace export failed; spans are dropped until it works");
-                    warned = true;
+            let request = http::Request::post(uri.clone())
+                .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+                .body(Full::new(body.clone()))
+                .expect("valid request");
+            match tokio::time::timeout(EXPORT_TIMEOUT, client.request(request)).await {
+                Ok(Ok(response)) if response.status().is_success() => {
+                    exported = true;
+                    break;
                 }
+                // A collector that refuses the data will refuse it again.
+                Ok(Ok(r)) if r.status().is_client_error() => {
+                    why = format!("collector answered {}", r.status());
+                    break;
+                }
+                Ok(Ok(r)) => why = format!("collector answered {}", r.status()),
+                Ok(Err(e)) => why = e.to_string(),
+                Err(_) => why = format!("no answer within {EXPORT_TIMEOUT:?}"),
+            }
+        }
+        if exported {
+            metrics.exported.inc_by(n);
+            if warned {
+                debug!("trace export works again");
+                warned = false;
+            }
+        } else {
+            metrics.failures.inc();
+            metrics.dropped.inc_by(n);
+            if !warned {
+                warn!(endpoint = %uri, error = %why, spans = n, "trace export failed; spans are dropped until it works");
+                warned = true;
             }
         }
     }
