@@ -43,6 +43,17 @@ import threading
 import time
 from pathlib import Path
 
+# The `defaults` section of every HAProxy in HTTP mode.
+HTTP_DEFAULTS = """
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    option http-keep-alive
+    http-reuse always
+"""
+
 LOAD_CORE = "0"
 PROXY_CORE = "1"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -342,15 +353,7 @@ http {{
     def haproxy(self):
         pa, pb = free_port(), free_port()
         c = self.dir / "certs"
-        common = """
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    option http-keep-alive
-    http-reuse always
-"""
+        common = HTTP_DEFAULTS
         (self.dir / "haproxy-b.cfg").write_text(f"""
 global
     nbthread 1
@@ -407,15 +410,7 @@ backend b
         B; B calls the upstream with HTTP/1.1 like every other path."""
         pa, pb = free_port(), free_port()
         c = self.dir / "certs"
-        common = """
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    option http-keep-alive
-    http-reuse always
-"""
+        common = HTTP_DEFAULTS
         (self.dir / "haproxy-h2-b.cfg").write_text(f"""
 global
     nbthread 1
