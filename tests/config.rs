@@ -5,7 +5,7 @@
 mod support;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use serde_json::Value;
@@ -251,13 +251,15 @@ fn signed_documents_spread_survive_restarts_and_agree_after_a_partition() -> Res
     }
     drop(n6);
 
-    // 4. Partition {n1, n2} | {n3, n4, n5}; both sides write version 3.
+    // 4. A 30 s partition {n1, n2} | {n3, n4, n5} (long enough for each
+    // side to declare the other down); both sides write version 3.
     let names = ["n1", "n2", "n3", "n4", "n5"];
     let (left, right) = names.split_at(2);
     for (i, a) in agents.iter().enumerate() {
         let other = if i < 2 { right } else { left };
         assert_eq!(a.partition(Some(other))?, 200);
     }
+    let cut_at = Instant::now();
     let a_file = route_file(dir, "web", "cookie:user")?;
     let b_file = route_file(dir, "web", "query:user")?;
     let out = config_apply(&agents[0], &a_file, &alice);
@@ -279,14 +281,35 @@ fn signed_documents_spread_survive_restarts_and_agree_after_a_partition() -> Res
         &side_b,
         Duration::from_secs(10),
     )?;
-    std::thread::sleep(Duration::from_secs(5));
+    poll(
+        "each side to see the other down",
+        Duration::from_secs(30),
+        || {
+            let down = |a: &Agent, of: &[&str]| {
+                let members = a.members().map_err(|e| e.to_string())?;
+                let all = of
+                    .iter()
+                    .all(|n| members.iter().any(|(m, s)| m == n && s == "down"));
+                if all {
+                    Ok(())
+                } else {
+                    Err(format!("{}: {members:?}", a.name))
+                }
+            };
+            down(&agents[0], right).and(down(&agents[4], left))
+        },
+    )?;
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(cut_at.elapsed()));
     for a in &agents {
         assert_eq!(a.partition(None)?, 200);
     }
     let winner = if side_a.1 > side_b.1 { side_a } else { side_b };
     let all: Vec<&Agent> = agents.iter().collect();
-    let took = wait_all(&all, "web", &winner, Duration::from_secs(30))?;
-    eprintln!("after the heal all 5 hold the higher digest within {took:?}");
+    let took = wait_all(&all, "web", &winner, Duration::from_secs(10))?;
+    eprintln!(
+        "after a {:?} partition all 5 hold the higher digest {took:?} after the heal",
+        cut_at.elapsed() - took
+    );
     let conflicts: f64 = agents
         .iter()
         .map(|a| metric(a, "gossamer_config_conflicts_total"))

@@ -15,7 +15,7 @@
 //! and views), and call [`Driver::handle_timeout`] at
 //! [`Driver::poll_timeout`]. Randomness comes from the seed.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -34,6 +34,9 @@ use crate::sync::{SYNC_AFTER_RENEWAL, SyncPayload, interval_for};
 pub const JOIN_FIRST_RETRY: Duration = Duration::from_millis(500);
 /// Join retries back off up to this.
 pub const JOIN_MAX_RETRY: Duration = Duration::from_secs(10);
+/// A name a repair swap did not teach is not the reason for another one
+/// before this (see [`Driver::handle_digest`]).
+pub const REPAIR_RETRY: Duration = Duration::from_secs(60);
 
 /// What the driver wants done.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +154,9 @@ pub struct DriverStats {
     pub sync_too_large: u64,
     /// Anti-entropy rounds.
     pub anti_entropy_rounds: u64,
+    /// Member-list swaps started because a peer's digest named a node this
+    /// one had never heard of (see [`Driver::handle_digest`]).
+    pub repair_syncs: u64,
 }
 
 /// The membership core plus the agent's policy around it.
@@ -170,6 +176,10 @@ pub struct Driver {
     next_sync: Duration,
     extra_sync: Option<OneOffSync>,
     next_anti_entropy: Duration,
+    /// Names a repair swap was started for, and when (see
+    /// [`Driver::handle_digest`]).
+    repairs: HashMap<String, Duration>,
+    last_repair: Option<Duration>,
     actions: VecDeque<Action>,
     events: VecDeque<Event>,
     scratch: Vec<ReplicaAction>,
@@ -217,6 +227,8 @@ impl Driver {
             next_sync,
             extra_sync: None,
             next_anti_entropy,
+            repairs: HashMap::new(),
+            last_repair: None,
             actions: VecDeque::new(),
             events: VecDeque::new(),
             scratch: Vec::new(),
@@ -438,13 +450,65 @@ impl Driver {
         self.pump(now);
     }
 
-    /// A peer's catalog digest, from a swap either side started.
-    pub fn handle_digest(&mut self, now: Duration, digest: &[(String, u64)]) {
+    /// A catalog digest from peer `from`, from a swap either side started.
+    ///
+    /// The digest also repairs membership. SWIM piggybacks each update a
+    /// bounded number of times, so in a large or busy mesh a node can miss
+    /// a join and not hear of the member until the periodic swap, whose
+    /// interval grows with the mesh (three minutes at 1,000 nodes). A
+    /// digest names every node its sender holds an entry for; a name this
+    /// node has never heard of is such a miss, and swapping member lists
+    /// with the sender (or, if it is not known either, a random member)
+    /// repairs it at once. At most one such swap per anti-entropy
+    /// interval, and one per name a minute, so a name nobody lists as a
+    /// member cannot make a node swap again and again.
+    pub fn handle_digest(&mut self, now: Duration, from: &str, digest: &[(String, u64)]) {
         let mut out = std::mem::take(&mut self.scratch);
         self.replica.digest_from(digest, &mut out);
         self.take_replica(&mut out);
         self.scratch = out;
+        self.repair_membership(now, from, digest);
         self.pump(now);
+    }
+
+    fn repair_membership(&mut self, now: Duration, from: &str, digest: &[(String, u64)]) {
+        let gap = self.replica.config().anti_entropy_interval;
+        if self.core.has_left() || self.last_repair.is_some_and(|at| now < at + gap) {
+            return;
+        }
+        let local = self.core.identity().name.as_str();
+        let mut unheard: Vec<&str> = digest
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| *n != local && !self.replica.knows(n))
+            .filter(|n| {
+                self.repairs
+                    .get(*n)
+                    .is_none_or(|at| now >= *at + REPAIR_RETRY)
+            })
+            .collect();
+        if unheard.is_empty() {
+            return;
+        }
+        let members = self.core.members();
+        let known: HashSet<&str> = members.iter().map(|m| m.id.name.as_str()).collect();
+        unheard.retain(|n| !known.contains(n));
+        if unheard.is_empty() {
+            return;
+        }
+        let unheard: Vec<String> = unheard.into_iter().map(str::to_owned).collect();
+        self.repairs.retain(|_, at| now < *at + REPAIR_RETRY);
+        for n in unheard {
+            self.repairs.insert(n, now);
+        }
+        self.last_repair = Some(now);
+        self.stats.repair_syncs += 1;
+        let peer = members
+            .into_iter()
+            .find(|m| m.id.name == from && m.state.is_active())
+            .map(|m| m.id);
+        // What the swap teaches this node is news to nobody else.
+        self.start_sync_with(peer, false);
     }
 
     /// Leaves the mesh: peers hear it at once; the driver goes quiet.
@@ -532,20 +596,30 @@ impl Driver {
 
     /// Swaps member lists with one random active member.
     fn start_sync(&mut self, gossip: bool) {
+        self.start_sync_with(None, gossip);
+    }
+
+    /// Swaps member lists with `peer`, or one random active member.
+    fn start_sync_with(&mut self, peer: Option<NodeId>, gossip: bool) {
         if self.core.has_left() {
             return;
         }
-        let active: Vec<NodeId> = self
-            .core
-            .members()
-            .into_iter()
-            .filter(|m| m.state.is_active())
-            .map(|m| m.id)
-            .collect();
-        if active.is_empty() {
-            return;
-        }
-        let peer = active[self.rng.random_range(0..active.len())].clone();
+        let peer = match peer {
+            Some(peer) => peer,
+            None => {
+                let active: Vec<NodeId> = self
+                    .core
+                    .members()
+                    .into_iter()
+                    .filter(|m| m.state.is_active())
+                    .map(|m| m.id)
+                    .collect();
+                if active.is_empty() {
+                    return;
+                }
+                active[self.rng.random_range(0..active.len())].clone()
+            }
+        };
         match self.core.sync_payload().encode() {
             Ok(payload) => {
                 self.stats.member_syncs += 1;
@@ -862,8 +936,11 @@ mod tests {
                         if self.reachable(i, j) {
                             let peer_node = self.nodes[j].as_mut().unwrap();
                             let theirs = peer_node.replica().digest();
-                            peer_node.handle_digest(now, &digest);
-                            self.nodes[i].as_mut().unwrap().handle_digest(now, &theirs);
+                            peer_node.handle_digest(now, &me, &digest);
+                            self.nodes[i]
+                                .as_mut()
+                                .unwrap()
+                                .handle_digest(now, &peer, &theirs);
                         }
                     }
                     Action::Purge { node } => self.purged.push((i, node)),
@@ -1003,6 +1080,52 @@ mod tests {
         mesh.cut.clear();
         mesh.run_for(Duration::from_secs(10));
         assert_eq!(mesh.alive(1), 1, "joined on the attempt at 15.5 s");
+    }
+
+    #[test]
+    fn a_digest_naming_an_unheard_node_starts_a_swap_with_its_sender() {
+        use crate::sync::{SyncMember, SyncState};
+        let swaps = |d: &mut Driver| -> Vec<(String, bool)> {
+            std::iter::from_fn(|| d.poll_action())
+                .filter_map(|a| match a {
+                    Action::SyncMembers { peer, gossip, .. } => Some((peer.name, gossip)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let secs = Duration::from_secs;
+        let plan = JoinPlan::default();
+        let swim = SwimConfig::default();
+        let mut d =
+            Driver::new(id(0, 1), &swim, ReplicaConfig::default(), plan, 7, secs(0)).unwrap();
+        let n1 = SyncMember {
+            id: id(1, 1),
+            incarnation: 0,
+            state: SyncState::Alive,
+        };
+        d.handle_sync_answer(secs(0), SyncPayload { members: vec![n1] }, false);
+        swaps(&mut d);
+        // Names n0 has heard of: nothing to repair.
+        d.handle_digest(secs(1), "n1", &[("n0".into(), 0), ("n1".into(), 3)]);
+        assert!(swaps(&mut d).is_empty());
+        // n1 holds an entry of n2, whose join n0 missed: swap with n1,
+        // without gossiping what n0 learns.
+        d.handle_digest(secs(1), "n1", &[("n1".into(), 3), ("n2".into(), 1)]);
+        assert_eq!(swaps(&mut d), vec![("n1".to_owned(), false)]);
+        assert_eq!(d.stats().repair_syncs, 1);
+        // At most one repair per anti-entropy interval...
+        d.handle_digest(secs(2), "n1", &[("n3".into(), 1)]);
+        assert!(swaps(&mut d).is_empty());
+        // ... and a name the swap did not teach waits a minute; a new one
+        // does not.
+        d.handle_digest(secs(10), "n1", &[("n2".into(), 1)]);
+        assert!(swaps(&mut d).is_empty());
+        d.handle_digest(secs(10), "n1", &[("n3".into(), 1)]);
+        assert_eq!(swaps(&mut d), vec![("n1".to_owned(), false)]);
+        // From a sender n0 does not know either: a random member (n1).
+        d.handle_digest(secs(62), "n9", &[("n2".into(), 1)]);
+        assert_eq!(swaps(&mut d), vec![("n1".to_owned(), false)]);
+        assert_eq!(d.stats().repair_syncs, 3);
     }
 
     #[test]

@@ -144,6 +144,14 @@ impl Replica {
         self.active.iter().map(|(n, (_, a))| (n, a))
     }
 
+    /// Whether this node has heard of `node`: active, down, or its entry
+    /// held.
+    pub fn knows(&self, node: &str) -> bool {
+        self.active.contains_key(node)
+            || self.held.contains_key(node)
+            || self.down_since.contains_key(node)
+    }
+
     /// The address of active member `node`.
     pub fn addr(&self, node: &str) -> Option<SocketAddr> {
         self.active.get(node).map(|(_, a)| *a)

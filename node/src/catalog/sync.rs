@@ -179,7 +179,7 @@ pub async fn serve(
     mut tx: SendStream,
     mut rx: RecvStream,
     shared: Arc<Shared>,
-    digests: mpsc::Sender<Vec<(String, u64)>>,
+    digests: mpsc::Sender<(String, Vec<(String, u64)>)>,
 ) {
     let counters = shared.counters.clone();
     let result: Result<(), SyncFailure> = tokio::time::timeout(SYNC_TIMEOUT, async {
@@ -200,7 +200,7 @@ pub async fn serve(
                     encode_sync(&SyncResponse::Digest(ours.to_vec())).map_err(SyncError::from)?;
                 send(&mut tx, &reply, &counters).await?;
                 // The mesh task's driver decides what to fetch.
-                let _ = digests.send(theirs).await;
+                let _ = digests.send((from.clone(), theirs)).await;
             }
         }
         let _ = tx.finish();

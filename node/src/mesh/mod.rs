@@ -73,8 +73,8 @@ pub enum Input {
         /// The version fetched.
         version: Option<u64>,
     },
-    /// A peer's catalog digest.
-    PeerDigest(Vec<(String, u64)>),
+    /// A peer's catalog digest: the peer, its digest.
+    PeerDigest(String, Vec<(String, u64)>),
     /// A document fetch ended: the stamp now held, or `None`.
     DocFetched {
         /// Kind and name.
@@ -135,7 +135,7 @@ pub struct MeshTask {
     epoch: Instant,
     io_tx: mpsc::Sender<Input>,
     io_rx: mpsc::Receiver<Input>,
-    digests_rx: mpsc::Receiver<Vec<(String, u64)>>,
+    digests_rx: mpsc::Receiver<(String, Vec<(String, u64)>)>,
     doc_lists_rx: mpsc::Receiver<(String, Vec<DocRef>)>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     /// The core's members fingerprint when the member list was last built.
@@ -161,7 +161,7 @@ pub struct MeshInbox {
     /// Member-list swaps.
     pub sync: mpsc::Sender<Input>,
     /// Catalog digests a peer sent us.
-    pub digests: mpsc::Sender<Vec<(String, u64)>>,
+    pub digests: mpsc::Sender<(String, Vec<(String, u64)>)>,
     /// Document lists a peer sent us.
     pub doc_lists: mpsc::Sender<(String, Vec<DocRef>)>,
 }
@@ -228,9 +228,9 @@ impl MeshTask {
                 },
                 Some(item) = self.wiring.datagrams.recv() => self.on_datagram(item),
                 Some(input) = self.io_rx.recv() => self.on_input(input),
-                Some(digest) = self.digests_rx.recv() => {
+                Some((peer, digest)) = self.digests_rx.recv() => {
                     let now = self.now();
-                    self.driver.handle_digest(now, &digest);
+                    self.driver.handle_digest(now, &peer, &digest);
                 }
                 Some((peer, list)) = self.doc_lists_rx.recv() => {
                     let now = self.now();
@@ -328,7 +328,7 @@ impl MeshTask {
                 debug!(members = taken, "member sync done");
             }
             Input::Fetched { node, version } => self.driver.handle_fetched(now, &node, version),
-            Input::PeerDigest(digest) => self.driver.handle_digest(now, &digest),
+            Input::PeerDigest(peer, digest) => self.driver.handle_digest(now, &peer, &digest),
             Input::DocFetched { key, from, got } => {
                 self.driver.handle_doc_fetched(now, &key, &from, got);
             }
@@ -420,7 +420,7 @@ impl MeshTask {
                         .await
                     {
                         Ok(theirs) => {
-                            let _ = tx.send(Input::PeerDigest(theirs)).await;
+                            let _ = tx.send(Input::PeerDigest(peer, theirs)).await;
                         }
                         Err(e) => debug!(%peer, error = %e, "digest exchange failed"),
                     }

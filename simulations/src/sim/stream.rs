@@ -166,11 +166,12 @@ impl Sim {
                 digest,
                 answer,
             } => {
+                let name = self.names[from].clone();
                 let Some(d) = self.nodes[to].driver.as_mut() else {
                     return;
                 };
                 let ours = (!answer).then(|| d.replica().digest());
-                d.handle_digest(now, &digest);
+                d.handle_digest(now, &name, &digest);
                 self.flush(to);
                 if let Some(ours) = ours {
                     let reply = StreamMsg::Digest {
