@@ -176,9 +176,9 @@ pub struct Driver {
     next_sync: Duration,
     extra_sync: Option<OneOffSync>,
     next_anti_entropy: Duration,
-    /// Names a repair swap was started for, and when (see
-    /// [`Driver::handle_digest`]).
-    repairs: HashMap<String, Duration>,
+    /// Names digests gave that this node has not heard of, and since when
+    /// (see [`Driver::handle_digest`]).
+    unheard: HashMap<String, Duration>,
     last_repair: Option<Duration>,
     actions: VecDeque<Action>,
     events: VecDeque<Event>,
@@ -227,7 +227,7 @@ impl Driver {
             next_sync,
             extra_sync: None,
             next_anti_entropy,
-            repairs: HashMap::new(),
+            unheard: HashMap::new(),
             last_repair: None,
             actions: VecDeque::new(),
             events: VecDeque::new(),
@@ -457,11 +457,12 @@ impl Driver {
     /// a join and not hear of the member until the periodic swap, whose
     /// interval grows with the mesh (three minutes at 1,000 nodes). A
     /// digest names every node its sender holds an entry for; a name this
-    /// node has never heard of is such a miss, and swapping member lists
-    /// with the sender (or, if it is not known either, a random member)
-    /// repairs it at once. At most one such swap per anti-entropy
-    /// interval, and one per name a minute, so a name nobody lists as a
-    /// member cannot make a node swap again and again.
+    /// node has still not heard of an anti-entropy interval after a digest
+    /// first named it is such a miss, and swapping member lists with the
+    /// sender (or, if it is not known either, a random member) repairs
+    /// it. At most one such swap per anti-entropy interval, and one per
+    /// name a minute, so a name nobody lists as a member cannot make a
+    /// node swap again and again.
     pub fn handle_digest(&mut self, now: Duration, from: &str, digest: &[(String, u64)]) {
         let mut out = std::mem::take(&mut self.scratch);
         self.replica.digest_from(digest, &mut out);
@@ -473,33 +474,41 @@ impl Driver {
 
     fn repair_membership(&mut self, now: Duration, from: &str, digest: &[(String, u64)]) {
         let gap = self.replica.config().anti_entropy_interval;
-        if self.core.has_left() || self.last_repair.is_some_and(|at| now < at + gap) {
-            return;
-        }
         let local = self.core.identity().name.as_str();
-        let mut unheard: Vec<&str> = digest
+        let mut names: Vec<&str> = digest
             .iter()
             .map(|(n, _)| n.as_str())
             .filter(|n| *n != local && !self.replica.knows(n))
-            .filter(|n| {
-                self.repairs
-                    .get(*n)
-                    .is_none_or(|at| now >= *at + REPAIR_RETRY)
-            })
             .collect();
-        if unheard.is_empty() {
+        if names.is_empty() || self.core.has_left() {
             return;
         }
         let members = self.core.members();
         let known: HashSet<&str> = members.iter().map(|m| m.id.name.as_str()).collect();
-        unheard.retain(|n| !known.contains(n));
-        if unheard.is_empty() {
+        names.retain(|n| !known.contains(n));
+        // A join in progress is named by some digests before its gossip
+        // arrives; only a name still unheard an interval after it was
+        // first named is a miss.
+        let mut due = Vec::new();
+        for n in names {
+            match self.unheard.get(n) {
+                Some(since) if now >= *since + gap => due.push(n.to_owned()),
+                Some(_) => {}
+                None => {
+                    self.unheard.insert(n.to_owned(), now);
+                }
+            }
+        }
+        let replica = &self.replica;
+        self.unheard.retain(|n, since| {
+            !known.contains(n.as_str()) && !replica.knows(n) && now < *since + 2 * REPAIR_RETRY
+        });
+        if due.is_empty() || self.last_repair.is_some_and(|at| now < at + gap) {
             return;
         }
-        let unheard: Vec<String> = unheard.into_iter().map(str::to_owned).collect();
-        self.repairs.retain(|_, at| now < *at + REPAIR_RETRY);
-        for n in unheard {
-            self.repairs.insert(n, now);
+        for n in due {
+            // Not the reason for another swap before REPAIR_RETRY.
+            self.unheard.insert(n, now + REPAIR_RETRY - gap);
         }
         self.last_repair = Some(now);
         self.stats.repair_syncs += 1;
@@ -1108,22 +1117,26 @@ mod tests {
         // Names n0 has heard of: nothing to repair.
         d.handle_digest(secs(1), "n1", &[("n0".into(), 0), ("n1".into(), 3)]);
         assert!(swaps(&mut d).is_empty());
-        // n1 holds an entry of n2, whose join n0 missed: swap with n1,
-        // without gossiping what n0 learns.
-        d.handle_digest(secs(1), "n1", &[("n1".into(), 3), ("n2".into(), 1)]);
+        // n1 holds entries of n2 and n3, whose joins n0 has not heard of
+        // yet: not a miss until an anti-entropy interval (5 s) later.
+        let n1_holds = [("n1".into(), 3), ("n2".into(), 1), ("n3".into(), 1)];
+        d.handle_digest(secs(1), "n1", &n1_holds);
+        d.handle_digest(secs(4), "n1", &n1_holds);
+        assert!(swaps(&mut d).is_empty());
+        // Still unheard: swap with n1, without gossiping what n0 learns.
+        d.handle_digest(secs(6), "n1", &[("n2".into(), 1)]);
         assert_eq!(swaps(&mut d), vec![("n1".to_owned(), false)]);
         assert_eq!(d.stats().repair_syncs, 1);
-        // At most one repair per anti-entropy interval...
-        d.handle_digest(secs(2), "n1", &[("n3".into(), 1)]);
+        // At most one repair per interval: n3 is due, but waits.
+        d.handle_digest(secs(8), "n1", &[("n3".into(), 1)]);
         assert!(swaps(&mut d).is_empty());
-        // ... and a name the swap did not teach waits a minute; a new one
-        // does not.
-        d.handle_digest(secs(10), "n1", &[("n2".into(), 1)]);
-        assert!(swaps(&mut d).is_empty());
-        d.handle_digest(secs(10), "n1", &[("n3".into(), 1)]);
+        d.handle_digest(secs(11), "n1", &[("n3".into(), 1)]);
         assert_eq!(swaps(&mut d), vec![("n1".to_owned(), false)]);
+        // A name a swap did not teach waits a minute.
+        d.handle_digest(secs(20), "n1", &[("n2".into(), 1)]);
+        assert!(swaps(&mut d).is_empty());
         // From a sender n0 does not know either: a random member (n1).
-        d.handle_digest(secs(62), "n9", &[("n2".into(), 1)]);
+        d.handle_digest(secs(70), "n9", &[("n2".into(), 1)]);
         assert_eq!(swaps(&mut d), vec![("n1".to_owned(), false)]);
         assert_eq!(d.stats().repair_syncs, 3);
     }
