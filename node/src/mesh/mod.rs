@@ -230,7 +230,7 @@ impl MeshTask {
                 Some(input) = self.io_rx.recv() => self.on_input(input),
                 Some((peer, digest)) = self.digests_rx.recv() => {
                     let now = self.now();
-                    self.driver.handle_digest(now, &peer, &digest);
+                    self.on_digest(now, &peer, &digest);
                 }
                 Some((peer, list)) = self.doc_lists_rx.recv() => {
                     let now = self.now();
@@ -307,6 +307,15 @@ impl MeshTask {
         }
     }
 
+    /// A peer's catalog digest (see [`Driver::handle_digest`]).
+    fn on_digest(&mut self, now: Duration, peer: &str, digest: &[(String, u64)]) {
+        let repairs = self.driver.stats().repair_syncs;
+        self.driver.handle_digest(now, peer, digest);
+        if self.driver.stats().repair_syncs > repairs {
+            info!(%peer, "a peer's catalog digest names members this node never heard of; swapping member lists");
+        }
+    }
+
     fn on_input(&mut self, input: Input) {
         let now = self.now();
         match input {
@@ -328,7 +337,7 @@ impl MeshTask {
                 debug!(members = taken, "member sync done");
             }
             Input::Fetched { node, version } => self.driver.handle_fetched(now, &node, version),
-            Input::PeerDigest(peer, digest) => self.driver.handle_digest(now, &peer, &digest),
+            Input::PeerDigest(peer, digest) => self.on_digest(now, &peer, &digest),
             Input::DocFetched { key, from, got } => {
                 self.driver.handle_doc_fetched(now, &key, &from, got);
             }
