@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -269,8 +269,12 @@ fn head_bytes<B>(req: &Request<B>) -> usize {
             .sum::<usize>()
 }
 
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get("x-request-id")
+    if let Some(v) = headers.get(REQUEST_ID)
         && !v.is_empty()
         && v.len() <= MAX_REQUEST_ID
         && v.as_bytes().iter().all(u8::is_ascii_graphic)
@@ -340,7 +344,7 @@ async fn handle(
     });
     let (matched, mut response) = route(&gateway, req, peer, side, &id).await;
     gateway.count(matched.as_deref(), response.status());
-    response.headers_mut().insert("x-request-id", id);
+    response.headers_mut().insert(REQUEST_ID, id);
     match logged {
         Some((mut record, started, log)) => {
             if let Some(route) = &matched {
@@ -515,13 +519,13 @@ fn forward(
         headers.insert(header::HOST, v);
     }
     headers.insert(
-        "x-forwarded-proto",
+        X_FORWARDED_PROTO,
         HeaderValue::from_static(if side.https { "https" } else { "http" }),
     );
     if let Ok(v) = HeaderValue::from_str(host) {
-        headers.insert("x-forwarded-host", v);
+        headers.insert(X_FORWARDED_HOST, v);
     }
-    headers.insert("x-request-id", id.clone());
+    headers.insert(REQUEST_ID, id.clone());
     if let Some(edits) = &route.request_headers {
         edits.apply(headers);
     }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body_util::Full;
 use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,10 @@ use tracing::{debug, warn};
 use super::access::Record;
 
 /// Spans waiting for the exporter at most.
+/// W3C Trace Context headers.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
 const QUEUE: usize = 4096;
 /// Spans per export request at most.
 const BATCH: usize = 512;
@@ -321,15 +325,15 @@ impl Tracer {
     /// agent's span, and returns the span to record when it is sampled.
     pub fn enter(&self, headers: &mut HeaderMap, kind: Kind) -> Option<SpanIds> {
         let incoming = headers
-            .get("traceparent")
+            .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(Context::parse);
         let (trace_id, parent, flags) = self.decide(incoming);
         let span_id = new_span_id();
-        headers.insert("traceparent", traceparent(&trace_id, &span_id, flags));
+        headers.insert(TRACEPARENT, traceparent(&trace_id, &span_id, flags));
         if incoming.is_none() {
             // A tracestate without a valid traceparent belongs to no trace.
-            headers.remove("tracestate");
+            headers.remove(TRACESTATE);
         }
         (flags & 1 == 1).then(|| SpanIds {
             trace_id,
@@ -338,7 +342,7 @@ impl Tracer {
             kind,
             start: SystemTime::now(),
             state: headers
-                .get("tracestate")
+                .get(TRACESTATE)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
         })

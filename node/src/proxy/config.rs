@@ -11,6 +11,8 @@ use gossamer_membership::duration;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 
+const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
 /// `[proxy]` in the config file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -208,7 +210,7 @@ pub(super) struct Timeouts {
 /// The caller's deadline from a `grpc-timeout` header: 1 to 8 digits and a
 /// unit (`H`, `M`, `S`, `m`, `u`, `n`).
 pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
-    let v = headers.get("grpc-timeout")?.as_bytes();
+    let v = headers.get(GRPC_TIMEOUT)?.as_bytes();
     let (&unit, digits) = v.split_last()?;
     if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;

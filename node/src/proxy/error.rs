@@ -3,14 +3,14 @@
 //! can tell them from a service's own answers.
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
 use super::body::{self, ProxyBody};
 
 /// Marks answers the mesh made itself. To clients its value is `1`; on the
 /// owner-to-caller hop it is one of [`UNREACHABLE`], [`NO_RESPONSE`] or
 /// [`OTHER`], which tells the caller whether it may try elsewhere.
-pub const ERROR_HEADER: &str = "x-gossamer-error";
+pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-gossamer-error");
 /// The owner could not reach the instance; nothing was sent to it.
 pub const UNREACHABLE: &str = "unreachable";
 /// The owner sent the request to the instance; no response came back.
@@ -22,7 +22,7 @@ pub const OTHER: &str = "other";
 pub const DENIED: &str = "denied";
 /// Carries the owner's one-line explanation to the caller, which puts it
 /// in its own error answer (removed before any client sees a response).
-pub const MESSAGE_HEADER: &str = "x-gossamer-message";
+pub const MESSAGE_HEADER: HeaderName = HeaderName::from_static("x-gossamer-message");
 
 /// Why one attempt to reach an instance failed.
 #[derive(Debug, thiserror::Error)]

@@ -6,7 +6,7 @@
 use http::{HeaderMap, HeaderName, HeaderValue, Version};
 
 /// How many outbound listeners a request has passed; see [`MAX_HOPS`].
-pub const HOPS_HEADER: &str = "x-gossamer-hops";
+pub const HOPS_HEADER: HeaderName = HeaderName::from_static("x-gossamer-hops");
 /// A request that passed this many outbound listeners is looping.
 pub const MAX_HOPS: u32 = 8;
 

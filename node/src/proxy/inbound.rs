@@ -33,11 +33,11 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// caller whether it may try elsewhere.
 async fn reply(send: &mut SendStream, status: StatusCode, reason: &str, message: &str) {
     let mut headers = vec![
-        (ERROR_HEADER.into(), reason.as_bytes().to_vec()),
+        (ERROR_HEADER.as_str().into(), reason.as_bytes().to_vec()),
         ("content-type".into(), b"text/plain; charset=utf-8".to_vec()),
     ];
     if HeaderValue::from_str(message).is_ok() {
-        headers.push((MESSAGE_HEADER.into(), message.as_bytes().to_vec()));
+        headers.push((MESSAGE_HEADER.as_str().into(), message.as_bytes().to_vec()));
     }
     let head = ResponseHead {
         status: status.as_u16(),

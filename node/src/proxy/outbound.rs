@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use http::request::Parts;
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
@@ -30,8 +30,10 @@ use crate::observe::access;
 use gossamer_membership::catalog::validate_service_name;
 use std::time::Instant;
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
 /// Set on a mirror's copy of a request: the service it was copied from.
-pub const MIRROR_HEADER: &str = "x-gossamer-mirrored-from";
+pub const MIRROR_HEADER: HeaderName = HeaderName::from_static("x-gossamer-mirrored-from");
 
 /// Serves local applications until `tasks` drain.
 pub async fn serve(
@@ -288,7 +290,7 @@ async fn route_request(
         .headers
         .insert(HOPS_HEADER, HeaderValue::from(hops + 1));
     if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
-        parts.headers.append("x-forwarded-for", v);
+        parts.headers.append(X_FORWARDED_FOR, v);
     }
     let Some(policy) = routes.policies.get(&service).cloned() else {
         let hash = hash_key(&hash_input(&parts, &route.policy, peer));

@@ -224,7 +224,7 @@ fn tcp_record(
         listener: "upstream",
         protocol: "tcp",
         source_node: proxy.node_name().to_owned(),
-        client: peer.to_string(),
+        client: access::addr_text(peer),
         service: Some(service.to_owned()),
         ..access::Record::default()
     }
