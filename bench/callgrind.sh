@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Instructions per request on the calling agent, counted by callgrind: a
+# figure that does not move with the machine's load, for comparing what a
+# feature adds to the request path on a shared, noisy machine.
+#
+#   bash bench/callgrind.sh BIN MODE [REQUESTS]
+#
+# MODE: plain (no access log, no tracing), log (access log of every
+# request to a file), trace (tracing at 1 %, to an endpoint that refuses),
+# both. Agent B and an nginx upstream run normally; agent A (one worker
+# thread) runs under valgrind. After a warm-up of 500 requests, h2load
+# sends REQUESTS (2,000) HTTP/1.1 requests over 8 connections through A,
+# and the script prints A's instructions per request over that window
+# (background work included: compare runs, not single figures; two runs of
+# the same binary differ by about 2 %).
+set -euo pipefail
+
+BIN=$(realpath "${1:?usage: callgrind.sh BIN MODE [REQUESTS]}")
+MODE=${2:?plain, log, trace or both}
+N=${3:-2000}
+for tool in valgrind:valgrind h2load:nghttp2-client nginx:nginx-light; do
+    command -v "${tool%%:*}" >/dev/null || apt-get install -y -q "${tool#*:}" >/dev/null ||
+        { echo "callgrind.sh: needs ${tool#*:} (apt-get install ${tool#*:})" >&2; exit 1; }
+done
+
+D=$(mktemp -d /tmp/gossamer-callgrind.XXXX)
+chmod 755 "$D"
+pids=()
+A=
+# Agent A's profile is written by then: it is killed rather than left to
+# drain under valgrind.
+cleanup() {
+    [ -n "$A" ] && kill -9 "$A" 2>/dev/null
+    kill "${pids[@]}" 2>/dev/null || true
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+read -r UP PB AB XB PA AA XA < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(7)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in socks])')
+
+"$BIN" ca init --dir "$D/ca" >/dev/null
+for n in ga gb; do
+    "$BIN" cert issue --ca-dir "$D/ca" --name $n --service '*' --out "$D/certs" >/dev/null
+done
+mkdir -p "$D/www"
+head -c 1024 /dev/zero | tr '\0' x >"$D/www/1k"
+cat >"$D/nginx.conf" <<EOF
+worker_processes 1; daemon off; pid $D/nginx.pid; error_log $D/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $D/b; proxy_temp_path $D/p; fastcgi_temp_path $D/f;
+    uwsgi_temp_path $D/u; scgi_temp_path $D/s;
+    server { listen 127.0.0.1:$UP; root $D/www; }
+}
+EOF
+nginx -p "$D" -c "$D/nginx.conf" &
+pids+=($!)
+
+printf '[[service]]\nid = "bench-b"\nname = "bench"\nport = %s\n' "$UP" >"$D/gb.toml"
+: >"$D/ga.toml"
+case $MODE in
+plain | trace) ;;
+log | both) printf '[access_log]\nenabled = true\npath = "%s/access.log"\n\n' "$D" >>"$D/ga.toml" ;;
+*) echo "callgrind.sh: MODE is plain, log, trace or both" >&2; exit 2 ;;
+esac
+case $MODE in
+trace | both) printf '[tracing]\nendpoint = "http://127.0.0.1:9/v1/traces"\nsample = 0.01\n' >>"$D/ga.toml" ;;
+esac
+
+common=(--ca "$D/ca/ca.pem" --log-level warn --threads 1)
+"$BIN" agent --name gb --bind "127.0.0.1:$PB" --admin "127.0.0.1:$AB" --proxy "127.0.0.1:$XB" \
+    --cert "$D/certs/gb.pem" --key "$D/certs/gb.key" --data-dir "$D/data-b" --config "$D/gb.toml" \
+    "${common[@]}" >"$D/b.log" 2>&1 &
+pids+=($!)
+valgrind --tool=callgrind --callgrind-out-file="$D/callgrind.out" --instr-atstart=no \
+    "$BIN" agent --name ga --bind "127.0.0.1:$PA" --admin "127.0.0.1:$AA" --proxy "127.0.0.1:$XA" \
+    --seed "127.0.0.1:$PB" --cert "$D/certs/ga.pem" --key "$D/certs/ga.key" --data-dir "$D/data-a" \
+    --config "$D/ga.toml" "${common[@]}" >"$D/a.log" 2>&1 &
+A=$!
+pids+=("$A")
+
+url="http://127.0.0.1:$XA/1k"
+for _ in $(seq 1 120); do
+    if curl -s -H 'Host: bench' "$url" 2>/dev/null | grep -q xxxx; then break; fi
+    sleep 1
+done
+curl -s -H 'Host: bench' "$url" | grep -q xxxx || { echo "callgrind.sh: no answer through agent A" >&2; exit 1; }
+h2load --h1 -n 500 -c 8 -t 1 -H ':authority: bench' "$url" >/dev/null
+callgrind_control -i on "$A" >/dev/null 2>&1
+h2load --h1 -n "$N" -c 8 -t 1 -H ':authority: bench' "$url" >"$D/h2load.txt"
+callgrind_control -i off "$A" >/dev/null 2>&1
+callgrind_control -d "$A" >/dev/null 2>&1
+sleep 1
+ok=$(sed -n 's/.* \([0-9]*\) succeeded.*/\1/p' "$D/h2load.txt")
+[ "$ok" = "$N" ] || { echo "callgrind.sh: $ok of $N requests succeeded" >&2; exit 1; }
+total=0
+for f in "$D"/callgrind.out*; do
+    t=$(sed -n 's/^totals: //p' "$f")
+    total=$((total + ${t:-0}))
+done
+echo "$MODE: $((total / N)) instructions per request on agent A ($N requests; profile in $D)"
