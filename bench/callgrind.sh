@@ -6,7 +6,8 @@
 #   bash bench/callgrind.sh BIN MODE [REQUESTS]
 #
 # MODE: plain (no access log, no tracing), log (access log of every
-# request to a file), trace (tracing at 1 %, to an endpoint that refuses),
+# request to a file), trace (tracing at 1 %, spans posted to a sink in the
+# script),
 # both. Agent B and an nginx upstream run normally; agent A (one worker
 # thread) runs under valgrind. After a warm-up of 500 requests, h2load
 # sends REQUESTS (2,000) HTTP/1.1 requests over 8 connections through A,
@@ -35,9 +36,9 @@ cleanup() {
     wait 2>/dev/null || true
 }
 trap cleanup EXIT
-read -r UP PB AB XB PA AA XA < <(python3 -c '
+read -r UP PB AB XB PA AA XA SINK < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(7)]
+socks = [socket.socket() for _ in range(8)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])')
 
@@ -68,7 +69,22 @@ log | both) printf '[access_log]\nenabled = true\npath = "%s/access.log"\n\n' "$
 *) echo "callgrind.sh: MODE is plain, log, trace or both" >&2; exit 2 ;;
 esac
 case $MODE in
-trace | both) printf '[tracing]\nendpoint = "http://127.0.0.1:9/v1/traces"\nsample = 0.01\n' >>"$D/ga.toml" ;;
+trace | both)
+    # An OTLP/HTTP endpoint that takes every batch.
+    python3 -c '
+import http.server, sys
+class Sink(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()' "$SINK" &
+    pids+=($!)
+    printf '[tracing]\nendpoint = "http://127.0.0.1:%s/v1/traces"\nsample = 0.01\n' "$SINK" >>"$D/ga.toml"
+    ;;
 esac
 
 common=(--ca "$D/ca/ca.pem" --log-level warn --threads 1)
