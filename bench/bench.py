@@ -350,36 +350,45 @@ http {{
             time.sleep(0.2)
         sys.exit(f"documents not {'in force' if want else 'deleted'} on both agents: {active}")
 
-    def haproxy(self):
+    def haproxy_pair(self, name, alpn, front=""):
+        """An HAProxy pair: A (client side, plain on `front`'s bind) calls B
+        over TLS 1.3 with client certificates and ALPN `alpn`; B calls the
+        upstream with HTTP/1.1. Returns (A, B, A's port, B's port)."""
         pa, pb = free_port(), free_port()
         c = self.dir / "certs"
         common = HTTP_DEFAULTS
-        (self.dir / "haproxy-b.cfg").write_text(f"""
+        (self.dir / f"{name}-b.cfg").write_text(f"""
 global
     nbthread 1
     maxconn 8000
     ssl-default-bind-options ssl-min-ver TLSv1.3
 {common}
 frontend fb
-    bind 127.0.0.1:{pb} ssl crt {c}/proxy-b.bundle ca-file {self.dir}/ca/ca.pem verify required alpn http/1.1
+    bind 127.0.0.1:{pb} ssl crt {c}/proxy-b.bundle ca-file {self.dir}/ca/ca.pem verify required alpn {alpn}
     default_backend up
 backend up
     server u 127.0.0.1:{self.up_port}
 """)
-        (self.dir / "haproxy-a.cfg").write_text(f"""
+        (self.dir / f"{name}-a.cfg").write_text(f"""
 global
     nbthread 1
     maxconn 8000
     ssl-default-server-options ssl-min-ver TLSv1.3
 {common}
 frontend fa
-    bind 127.0.0.1:{pa}
+    bind 127.0.0.1:{pa}{front}
     default_backend b
 backend b
-    server b 127.0.0.1:{pb} ssl crt {c}/proxy-a.bundle ca-file {self.dir}/ca/ca.pem verify required verifyhost proxy-b sni str(proxy-b) alpn http/1.1
+    server b 127.0.0.1:{pb} ssl crt {c}/proxy-a.bundle ca-file {self.dir}/ca/ca.pem verify required verifyhost proxy-b sni str(proxy-b) alpn {alpn}
 """)
-        b = self.start("haproxy-b", ["haproxy", "-db", "-f", str(self.dir / "haproxy-b.cfg")], pb)
-        a = self.start("haproxy-a", ["haproxy", "-db", "-f", str(self.dir / "haproxy-a.cfg")], pa)
+        b = self.start(f"{name}-b", ["haproxy", "-db", "-f", str(self.dir / f"{name}-b.cfg")], pb)
+        a = self.start(f"{name}-a", ["haproxy", "-db", "-f", str(self.dir / f"{name}-a.cfg")], pa)
+        return a, b, pa, pb
+
+    def haproxy(self):
+        a, b, pa, pb = self.haproxy_pair("haproxy", "http/1.1")
+        c = self.dir / "certs"
+        common = HTTP_DEFAULTS
         if b"x" * 1024 not in http_get(pa, "/1k"):
             sys.exit("haproxy path does not serve the 1 kB response")
         self.paths["P2 haproxy"] = {"port": pa, "host": None, "procs": [a, b]}
@@ -408,35 +417,7 @@ backend b
         """The HAProxy pair speaking HTTP/2 on both hops: h2c from the
         client, TLS 1.3 with client certificates and ALPN h2 between A and
         B; B calls the upstream with HTTP/1.1 like every other path."""
-        pa, pb = free_port(), free_port()
-        c = self.dir / "certs"
-        common = HTTP_DEFAULTS
-        (self.dir / "haproxy-h2-b.cfg").write_text(f"""
-global
-    nbthread 1
-    maxconn 8000
-    ssl-default-bind-options ssl-min-ver TLSv1.3
-{common}
-frontend fb
-    bind 127.0.0.1:{pb} ssl crt {c}/proxy-b.bundle ca-file {self.dir}/ca/ca.pem verify required alpn h2
-    default_backend up
-backend up
-    server u 127.0.0.1:{self.up_port}
-""")
-        (self.dir / "haproxy-h2-a.cfg").write_text(f"""
-global
-    nbthread 1
-    maxconn 8000
-    ssl-default-server-options ssl-min-ver TLSv1.3
-{common}
-frontend fa
-    bind 127.0.0.1:{pa} proto h2
-    default_backend b
-backend b
-    server b 127.0.0.1:{pb} ssl crt {c}/proxy-a.bundle ca-file {self.dir}/ca/ca.pem verify required verifyhost proxy-b sni str(proxy-b) alpn h2
-""")
-        b = self.start("haproxy-h2-b", ["haproxy", "-db", "-f", str(self.dir / "haproxy-h2-b.cfg")], pb)
-        a = self.start("haproxy-h2-a", ["haproxy", "-db", "-f", str(self.dir / "haproxy-h2-a.cfg")], pa)
+        a, b, pa, _ = self.haproxy_pair("haproxy-h2", "h2", " proto h2")
         self.paths["H2 haproxy h2"] = {"port": pa, "host": None, "procs": [a, b], "h2": True}
         self.h2load_check("H2 haproxy h2")
 
