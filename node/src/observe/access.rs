@@ -235,7 +235,7 @@ pub struct Record {
     /// This agent.
     pub source_node: String,
     /// The client's address.
-    pub client: String,
+    pub client: Peer,
     pub service: Option<String>,
     pub instance: Option<String>,
     /// The node that owns the instance.
@@ -288,7 +288,7 @@ impl Record {
         w.uint("bytes_out", Some(self.bytes_out));
         w.millis("upstream_ms", self.upstream_ms);
         w.str("source_node", Some(&self.source_node));
-        w.str("client", Some(&self.client));
+        w.raw("client", |o| self.client.write(o));
         w.str("service", self.service.as_deref());
         w.str("instance", self.instance.as_deref());
         w.str("node", self.node.as_deref());
@@ -372,12 +372,25 @@ impl<'a> JsonLine<'a> {
     }
 }
 
+/// The bytes a JSON string cannot hold as they are.
+const ESCAPED: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
+
 /// Appends `s` as a JSON string. Text that needs no escaping (nearly all
 /// of it) is copied whole.
 fn json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
-    if !bytes.iter().any(|b| *b < 0x20 || *b == b'"' || *b == b'\\') {
+    if !bytes.iter().any(|b| ESCAPED[usize::from(*b)]) {
         out.extend_from_slice(bytes);
         out.push(b'"');
         return;
@@ -497,7 +510,7 @@ pub fn begin<B>(
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse().ok()),
         source_node: source_node.to_owned(),
-        client: addr_text(client),
+        client: Peer::Addr(client),
         request_id: text(REQUEST_ID),
         trace_id: trace_id(headers),
         ..Record::default()
@@ -506,23 +519,85 @@ pub fn begin<B>(
 
 const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
-/// `addr` as text; IPv4 without the formatting machinery (every logged
-/// request pays for this).
-pub fn addr_text(addr: std::net::SocketAddr) -> String {
-    let std::net::SocketAddr::V4(v4) = addr else {
-        return addr.to_string();
-    };
-    let mut text = String::with_capacity(21);
-    let mut digits = itoa::Buffer::new();
-    for (i, octet) in v4.ip().octets().into_iter().enumerate() {
-        if i > 0 {
-            text.push('.');
-        }
-        text.push_str(digits.format(octet));
+/// Who called: the client's address (formatted only when a line is
+/// written), or for a request from another agent, that node's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// A client connection's address.
+    Addr(std::net::SocketAddr),
+    /// The calling agent.
+    Node(String),
+}
+
+impl Default for Peer {
+    fn default() -> Self {
+        Self::Addr(std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
     }
-    text.push(':');
-    text.push_str(digits.format(v4.port()));
-    text
+}
+
+impl Peer {
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            // An address needs no escaping.
+            Self::Addr(addr) => {
+                out.push(b'"');
+                write_addr(out, *addr);
+                out.push(b'"');
+            }
+            Self::Node(name) => json_str(out, name),
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Addr(addr) => addr.fmt(f),
+            Self::Node(name) => f.write_str(name),
+        }
+    }
+}
+
+impl Serialize for Peer {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// `addr` as text; see [`write_addr`].
+pub fn addr_text(addr: std::net::SocketAddr) -> String {
+    let mut out = Vec::with_capacity(21);
+    write_addr(&mut out, addr);
+    String::from_utf8(out).expect("an address is ASCII")
+}
+
+/// Appends `addr` as `ip:port`; IPv4 without the formatting machinery
+/// (every logged request pays for this).
+pub fn write_addr(out: &mut Vec<u8>, addr: std::net::SocketAddr) {
+    if addr.is_ipv6() {
+        use std::io::Write;
+        let _ = write!(out, "{addr}");
+        return;
+    }
+    write_ip(out, addr.ip());
+    out.push(b':');
+    out.extend_from_slice(itoa::Buffer::new().format(addr.port()).as_bytes());
+}
+
+/// Appends `ip` as text, the same text as its `Display`.
+pub fn write_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    let std::net::IpAddr::V4(v4) = ip else {
+        use std::io::Write;
+        let _ = write!(out, "{ip}");
+        return;
+    };
+    let mut digits = itoa::Buffer::new();
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push(b'.');
+        }
+        out.extend_from_slice(digits.format(octet).as_bytes());
+    }
 }
 
 /// Fills in what the answer tells and logs it when its body ends.
@@ -596,7 +671,12 @@ pub fn trace_id(headers: &http::HeaderMap) -> Option<String> {
         && v.get(35) == Some(&b'-')
         && id.iter().all(u8::is_ascii_hexdigit)
         && id.iter().any(|b| *b != b'0');
-    valid.then(|| String::from_utf8(id.to_ascii_lowercase()).unwrap_or_default())
+    if !valid {
+        return None;
+    }
+    let mut text = std::str::from_utf8(id).ok()?.to_owned();
+    text.make_ascii_lowercase();
+    Some(text)
 }
 
 /// A time that serializes as RFC 3339 UTC with milliseconds, formatted
@@ -818,7 +898,7 @@ mod tests {
             bytes_out: 1 << 40,
             upstream_ms: Some(0.0004),
             source_node: "n1".into(),
-            client: "127.0.0.1:5000".into(),
+            client: Peer::Addr("127.0.0.1:5000".parse().unwrap()),
             service: Some("web".into()),
             instance: Some("n2/web-1".into()),
             node: Some("n2".into()),
@@ -861,6 +941,9 @@ mod tests {
         ] {
             let addr: std::net::SocketAddr = addr.parse().unwrap();
             assert_eq!(addr_text(addr), addr.to_string());
+            let mut ip = Vec::new();
+            write_ip(&mut ip, addr.ip());
+            assert_eq!(ip, addr.ip().to_string().into_bytes());
         }
     }
 

@@ -183,11 +183,34 @@ pub fn traceparent(trace_id: &[u8; 16], span: &[u8; 8], flags: u8) -> HeaderValu
 
 fn new_span_id() -> [u8; 8] {
     loop {
-        let id: u64 = rand::random();
+        let id = fast_random();
         if id != 0 {
             return id.to_be_bytes();
         }
     }
+}
+
+thread_local! {
+    /// wyrand's state, seeded once per thread from the OS-seeded generator.
+    static WYRAND: std::cell::Cell<u64> = std::cell::Cell::new(rand::random());
+}
+
+/// 64 random bits for ids and sampling, from a per-thread wyrand: ids must
+/// be unique and unpredictable enough to spread, not secret, and the
+/// cryptographic generator cost more than the rest of starting a trace.
+fn fast_random() -> u64 {
+    WYRAND.with(|state| {
+        let s = state.get().wrapping_add(0xa076_1d64_78bd_642f);
+        state.set(s);
+        let t = u128::from(s) * u128::from(s ^ 0xe703_7ed1_a0b4_28db);
+        ((t >> 64) ^ t) as u64
+    })
+}
+
+/// Whether a new trace is sampled at `share` (0 to 1).
+fn sample(share: f64) -> bool {
+    // 53 random bits as a float in [0, 1).
+    share >= 1.0 || ((fast_random() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)) < share
 }
 
 /// Which side of a call a span records.
@@ -310,11 +333,13 @@ impl Tracer {
         match incoming {
             Some(c) => (c.trace_id, Some(c.parent), c.flags),
             None => {
-                let mut trace: [u8; 16] = rand::random::<u128>().to_be_bytes();
+                let mut trace = [0u8; 16];
+                trace[..8].copy_from_slice(&fast_random().to_be_bytes());
+                trace[8..].copy_from_slice(&fast_random().to_be_bytes());
                 if trace == [0; 16] {
                     trace[15] = 1;
                 }
-                let sampled = self.sample >= 1.0 || rand::random::<f64>() < self.sample;
+                let sampled = sample(self.sample);
                 (trace, None, u8::from(sampled))
             }
         }
@@ -372,7 +397,7 @@ impl Tracer {
             ("http.request.method", &record.method),
             ("server.address", &record.authority),
             ("url.path", &record.path),
-            ("client.address", &Some(record.client.clone())),
+            ("client.address", &Some(record.client.to_string())),
             ("gossamer.destination.instance", &record.instance),
             ("gossamer.destination.node", &record.node),
             ("gossamer.route.rule", &record.route_rule),
@@ -708,6 +733,15 @@ mod tests {
         );
         assert!(t.enter(&mut h, Kind::Client).is_none());
         assert!(h["traceparent"].to_str().unwrap().ends_with("-00"));
+    }
+
+    #[test]
+    fn fast_ids_do_not_repeat() {
+        let ids: std::collections::HashSet<[u8; 8]> = (0..100_000).map(|_| new_span_id()).collect();
+        assert_eq!(ids.len(), 100_000);
+        // Both halves of a trace id vary.
+        let a = (fast_random(), fast_random());
+        assert_ne!(a.0, a.1);
     }
 
     #[test]

@@ -38,7 +38,7 @@ use super::outlier::{EjectionPolicy, Outliers, RetryBudget, Verdict};
 use super::policy::{Policies, Policy, RetryPolicy};
 use super::routes::{Backend, Routes, ServiceRoute};
 use super::upgrade::bridge;
-use super::wire::{self, RequestHead, ResponseHead, STREAM_PROXY};
+use super::wire::{self, ResponseHead};
 use crate::catalog::Shared;
 use crate::documents::Documents;
 use crate::documents::route::RouteSpec;
@@ -733,26 +733,21 @@ impl Proxy {
                 })?
                 .map_err(|e| AttemptError::Connect(format!("node {}: {e}", backend.node)))?;
         let upgrade = on_upgrade.is_some();
-        let head = RequestHead {
-            service: route.name.clone(),
-            instance: backend.id.clone(),
-            method: parts.method.as_str().to_owned(),
-            path: parts
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_owned(),
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let opening = wire::OutgoingRequest {
+            service: &route.name,
+            instance: &backend.id,
+            method: parts.method.as_str(),
+            path,
             version: hop::version_to_wire(parts.version),
-            headers: wire::headers_to_wire(&parts.headers, upgrade),
+            headers: &parts.headers,
             upgrade,
             end_stream: body.is_empty(),
-        };
-        let encoded = wire::encode_head(&head).map_err(|e| AttemptError::Connect(e.to_string()))?;
-        let sent = async {
-            send.write_all(&[STREAM_PROXY]).await?;
-            send.write_all(&encoded).await
-        };
-        sent.await
+        }
+        .encode_opening()
+        .map_err(|e| AttemptError::Connect(e.to_string()))?;
+        send.write_all(&opening)
+            .await
             .map_err(|e| AttemptError::NoResponse(format!("node {}: {e}", backend.node)))?;
         let mut send = Some(send);
         if !upgrade {
@@ -772,10 +767,9 @@ impl Proxy {
             .await
             .map_err(|e| no_response(e.to_string()))?
             .ok_or_else(|| no_response("stream closed before the response".into()))?;
-        let head: ResponseHead =
-            wire::decode_head(&frame).map_err(|e| no_response(e.to_string()))?;
+        let head = ResponseHead::decode(frame).map_err(|e| no_response(e.to_string()))?;
         let status = StatusCode::from_u16(head.status).map_err(|e| no_response(e.to_string()))?;
-        let mut headers = wire::headers_from_wire(&head.headers);
+        let mut headers = head.headers;
         // The owner answered for its service: when nothing reached the
         // service (gone, refused) the request can go elsewhere. Its message
         // names the cause.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use gossamer_transport::frame::read_frame;
 use gossamer_transport::{RecvStream, SendStream};
-use http::{HeaderValue, Method, Request, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use hyper::body::Body;
 use prometheus_client::metrics::gauge::Gauge;
 use tracing::{Instrument, debug, debug_span};
@@ -32,19 +32,23 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// the reason ([`UNREACHABLE`], [`NO_RESPONSE`], [`OTHER`]) tells the
 /// caller whether it may try elsewhere.
 async fn reply(send: &mut SendStream, status: StatusCode, reason: &str, message: &str) {
-    let mut headers = vec![
-        (ERROR_HEADER.as_str().into(), reason.as_bytes().to_vec()),
-        ("content-type".into(), b"text/plain; charset=utf-8".to_vec()),
-    ];
-    if HeaderValue::from_str(message).is_ok() {
-        headers.push((MESSAGE_HEADER.as_str().into(), message.as_bytes().to_vec()));
+    let mut headers = HeaderMap::with_capacity(3);
+    if let Ok(reason) = HeaderValue::from_str(reason) {
+        headers.insert(ERROR_HEADER, reason);
+    }
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Ok(message) = HeaderValue::from_str(message) {
+        headers.insert(MESSAGE_HEADER, message);
     }
     let head = ResponseHead {
         status: status.as_u16(),
         headers,
         end_stream: false,
     };
-    if let Ok(encoded) = wire::encode_head(&head) {
+    if let Ok(encoded) = head.encode(false) {
         let _ = send.write_all(&encoded).await;
         let body = format!("gossamer: {message}\n");
         if let Ok(f) = wire::encode_frame(&wire::Frame::Data(body.into())) {
@@ -141,20 +145,20 @@ impl Drop for Signals {
 
 /// Serves one proxy stream (the kind byte already read).
 pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, proxy: Arc<Proxy>) {
-    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_frame(&mut recv, wire::MAX_HEAD)).await
-    {
-        Ok(Ok(Some(frame))) => match wire::decode_head::<RequestHead>(&frame) {
-            Ok(h) => h,
-            Err(e) => {
-                let msg = format!("bad request head: {e}");
-                return reply(&mut send, StatusCode::BAD_REQUEST, OTHER, &msg).await;
+    let mut head =
+        match tokio::time::timeout(HEAD_TIMEOUT, read_frame(&mut recv, wire::MAX_HEAD)).await {
+            Ok(Ok(Some(frame))) => match RequestHead::decode(frame) {
+                Ok(h) => h,
+                Err(e) => {
+                    let msg = format!("bad request head: {e}");
+                    return reply(&mut send, StatusCode::BAD_REQUEST, OTHER, &msg).await;
+                }
+            },
+            _ => {
+                let _ = send.reset(1u32.into());
+                return;
             }
-        },
-        _ => {
-            let _ = send.reset(1u32.into());
-            return;
-        }
-    };
+        };
     let mut signals = Signals::new(&proxy, &head.service);
     let local = proxy.catalog.local.borrow().clone();
     let Some(instance) = local
@@ -202,7 +206,7 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
             )
             .await;
     };
-    parts.headers = wire::headers_from_wire(&head.headers);
+    parts.headers = std::mem::take(&mut head.headers);
     // Authorization: the caller is the node the handshake proved, with the
     // services its certificate names.
     let hosts = proxy
@@ -235,7 +239,7 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
                 .map(str::to_owned),
             path: Some(parts.uri.path().to_owned()),
             source_node: local.node.clone(),
-            client: from.clone(),
+            client: crate::observe::access::Peer::Node(from.clone()),
             service: Some(head.service.clone()),
             instance: Some(format!("{}/{}", local.node, instance.id)),
             node: Some(local.node.clone()),
@@ -297,12 +301,12 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
     signals.answered(response.status().as_u16());
     let keep_upgrade = head.upgrade && response.status() == StatusCode::SWITCHING_PROTOCOLS;
     let end_stream = !keep_upgrade && response.body().is_end_stream();
-    let out = ResponseHead {
-        status: response.status().as_u16(),
-        headers: wire::headers_to_wire(response.headers(), keep_upgrade),
+    let Ok(encoded) = wire::encode_response(
+        response.status().as_u16(),
+        response.headers(),
+        keep_upgrade,
         end_stream,
-    };
-    let Ok(encoded) = wire::encode_head(&out) else {
+    ) else {
         return signals
             .reply(
                 &mut send,

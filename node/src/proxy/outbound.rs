@@ -121,7 +121,13 @@ pub fn hash_input(parts: &Parts, policy: &HashPolicy, peer: SocketAddr) -> Vec<u
         HashPolicy::Path => Some(parts.uri.path().as_bytes().to_vec()),
         HashPolicy::SourceIp => None,
     };
-    found.unwrap_or_else(|| peer.ip().to_string().into_bytes())
+    found.unwrap_or_else(|| {
+        // The text of the address (as before), without `fmt`: this runs
+        // for every request under the default policy.
+        let mut ip = Vec::with_capacity(15);
+        crate::observe::access::write_ip(&mut ip, peer.ip());
+        ip
+    })
 }
 
 /// A request to an upstream listener of `service`: whatever its Host

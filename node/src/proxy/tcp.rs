@@ -224,7 +224,7 @@ fn tcp_record(
         listener: "upstream",
         protocol: "tcp",
         source_node: proxy.node_name().to_owned(),
-        client: access::addr_text(peer),
+        client: access::Peer::Addr(peer),
         service: Some(service.to_owned()),
         ..access::Record::default()
     }

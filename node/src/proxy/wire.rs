@@ -13,7 +13,6 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use gossamer_membership::codec::{self, CodecError};
 use http::{HeaderMap, HeaderName, HeaderValue};
-use serde::{Deserialize, Serialize};
 
 use super::hop;
 
@@ -26,8 +25,8 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// Size of data frames we send.
 pub const CHUNK: usize = 64 * 1024;
 
-/// What the caller asks the owner to do.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What the caller asks the owner to do, as the owner decodes it.
+#[derive(Debug, Clone, PartialEq)]
 pub struct RequestHead {
     /// Target service name.
     pub service: String,
@@ -39,25 +38,312 @@ pub struct RequestHead {
     pub path: String,
     /// 1 for HTTP/1.x, 2 for HTTP/2; see [`hop::version_to_wire`].
     pub version: u8,
-    /// End-to-end headers.
-    pub headers: Vec<(String, Vec<u8>)>,
+    /// End-to-end headers (pairs the owner cannot use are dropped).
+    pub headers: HeaderMap,
     /// Whether this is an upgrade request.
     pub upgrade: bool,
     /// The request has no body: the owner sends none either.
     pub end_stream: bool,
 }
 
+/// A request head as the caller sends it, borrowed from the request it
+/// forwards.
+#[derive(Debug, Clone, Copy)]
+pub struct OutgoingRequest<'a> {
+    /// Target service name.
+    pub service: &'a str,
+    /// Target instance id on the owner.
+    pub instance: &'a str,
+    /// HTTP method.
+    pub method: &'a str,
+    /// Path and query.
+    pub path: &'a str,
+    /// See [`RequestHead::version`].
+    pub version: u8,
+    /// The request's headers; only the end-to-end ones are sent.
+    pub headers: &'a HeaderMap,
+    /// Whether this is an upgrade request (its upgrade headers go too).
+    pub upgrade: bool,
+    /// The request has no body.
+    pub end_stream: bool,
+}
+
+impl OutgoingRequest<'_> {
+    /// What opens a proxy stream: [`STREAM_PROXY`], then the head frame.
+    pub fn encode_opening(&self) -> Result<Bytes, CodecError> {
+        let mut w = HeadWriter::new(Some(STREAM_PROXY));
+        w.bytes(self.service.as_bytes());
+        w.bytes(self.instance.as_bytes());
+        w.bytes(self.method.as_bytes());
+        w.bytes(self.path.as_bytes());
+        w.0.put_u8(self.version);
+        w.headers(self.headers, self.upgrade);
+        w.bool(self.upgrade);
+        w.bool(self.end_stream);
+        w.finish()
+    }
+}
+
 /// The owner's answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ResponseHead {
     /// HTTP status.
     pub status: u16,
     /// End-to-end headers.
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: HeaderMap,
     /// The response has no body at all: the caller must end the stream
     /// with the headers (a gRPC trailers-only answer is HEADERS with
     /// END_STREAM, and clients read an extra empty DATA frame as an error).
     pub end_stream: bool,
+}
+
+impl ResponseHead {
+    /// The head frame; only the end-to-end headers are sent (and the
+    /// upgrade headers when `keep_upgrade`).
+    pub fn encode(&self, keep_upgrade: bool) -> Result<Bytes, CodecError> {
+        encode_response(self.status, &self.headers, keep_upgrade, self.end_stream)
+    }
+}
+
+/// A response head frame from borrowed parts; see [`ResponseHead::encode`].
+pub fn encode_response(
+    status: u16,
+    headers: &HeaderMap,
+    keep_upgrade: bool,
+    end_stream: bool,
+) -> Result<Bytes, CodecError> {
+    let mut w = HeadWriter::new(None);
+    w.varint(u64::from(status));
+    w.headers(headers, keep_upgrade);
+    w.bool(end_stream);
+    w.finish()
+}
+
+// The heads are written and read by hand. The bytes are what bincode's
+// standard configuration makes of the same fields in the same order
+// (lengths and integers as varints, u8 and bool as one byte), the format
+// agents spoke when these were serde structs, so both kinds of agent
+// understand each other; the tests check it. Through serde, every header
+// byte was a call of its own.
+
+/// Builds one length-prefixed head frame.
+struct HeadWriter(BytesMut, usize);
+
+impl HeadWriter {
+    fn new(kind: Option<u8>) -> Self {
+        let mut out = BytesMut::with_capacity(512);
+        if let Some(kind) = kind {
+            out.put_u8(kind);
+        }
+        let at = out.len();
+        out.put_u32(0); // the length, once known
+        Self(out, at)
+    }
+
+    fn varint(&mut self, v: u64) {
+        match v {
+            0..=250 => self.0.put_u8(v as u8),
+            251..=0xffff => {
+                self.0.put_u8(VARINT_U16);
+                self.0.put_u16_le(v as u16);
+            }
+            0x1_0000..=0xffff_ffff => {
+                self.0.put_u8(VARINT_U32);
+                self.0.put_u32_le(v as u32);
+            }
+            _ => {
+                self.0.put_u8(VARINT_U64);
+                self.0.put_u64_le(v);
+            }
+        }
+    }
+
+    fn bytes(&mut self, b: &[u8]) {
+        self.varint(b.len() as u64);
+        self.0.put_slice(b);
+    }
+
+    fn bool(&mut self, b: bool) {
+        self.0.put_u8(u8::from(b));
+    }
+
+    fn headers(&mut self, map: &HeaderMap, keep_upgrade: bool) {
+        self.varint(hop::end_to_end(map, keep_upgrade).count() as u64);
+        for (name, value) in hop::end_to_end(map, keep_upgrade) {
+            self.bytes(name.as_str().as_bytes());
+            self.bytes(value.as_bytes());
+        }
+    }
+
+    fn finish(mut self) -> Result<Bytes, CodecError> {
+        let len = self.0.len() - self.1 - 4;
+        if len > MAX_HEAD {
+            return Err(CodecError::TooLarge { len, max: MAX_HEAD });
+        }
+        self.0[self.1..self.1 + 4].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(self.0.freeze())
+    }
+}
+
+const VARINT_U16: u8 = 251;
+const VARINT_U32: u8 = 252;
+const VARINT_U64: u8 = 253;
+
+/// Why a head frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HeadError {
+    /// Over [`MAX_HEAD`].
+    #[error("head of {0} bytes is over the limit")]
+    TooLarge(usize),
+    /// It ends inside a field.
+    #[error("head truncated")]
+    Truncated,
+    /// A field that cannot be what it claims.
+    #[error("malformed head: {0}")]
+    Malformed(&'static str),
+    /// Bytes after the last field.
+    #[error("{0} bytes after the head")]
+    Trailing(usize),
+}
+
+/// Reads one head frame's payload; every length is checked against what
+/// is left, so a forged length cannot make it allocate.
+struct HeadReader {
+    buf: Bytes,
+    at: usize,
+}
+
+impl HeadReader {
+    fn new(payload: Bytes) -> Result<Self, HeadError> {
+        if payload.len() > MAX_HEAD {
+            return Err(HeadError::TooLarge(payload.len()));
+        }
+        Ok(Self {
+            buf: payload,
+            at: 0,
+        })
+    }
+
+    fn take(&mut self, n: usize) -> Result<&[u8], HeadError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|end| *end <= self.buf.len())
+            .ok_or(HeadError::Truncated)?;
+        let out = &self.buf[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, HeadError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn varint(&mut self) -> Result<u64, HeadError> {
+        Ok(match self.u8()? {
+            b @ 0..=250 => u64::from(b),
+            VARINT_U16 => u64::from(u16::from_le_bytes(
+                self.take(2)?.try_into().expect("2 bytes"),
+            )),
+            VARINT_U32 => u64::from(u32::from_le_bytes(
+                self.take(4)?.try_into().expect("4 bytes"),
+            )),
+            VARINT_U64 => u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")),
+            _ => return Err(HeadError::Malformed("integer")),
+        })
+    }
+
+    /// A length, which cannot exceed the bytes left.
+    fn len(&mut self) -> Result<usize, HeadError> {
+        let len = self.varint()?;
+        usize::try_from(len)
+            .ok()
+            .filter(|l| *l <= self.buf.len() - self.at)
+            .ok_or(HeadError::Truncated)
+    }
+
+    /// A length-prefixed byte string, sharing the frame's buffer.
+    fn bytes(&mut self) -> Result<Bytes, HeadError> {
+        let len = self.len()?;
+        let out = self.buf.slice(self.at..self.at + len);
+        self.at += len;
+        Ok(out)
+    }
+
+    fn string(&mut self) -> Result<String, HeadError> {
+        let len = self.len()?;
+        let text =
+            std::str::from_utf8(self.take(len)?).map_err(|_| HeadError::Malformed("text"))?;
+        Ok(text.to_owned())
+    }
+
+    fn bool(&mut self) -> Result<bool, HeadError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(HeadError::Malformed("bool")),
+        }
+    }
+
+    /// Header pairs; pairs that are not a valid name and value are
+    /// skipped, as the owner's HTTP client would refuse them.
+    fn headers(&mut self) -> Result<HeaderMap, HeadError> {
+        let count = self.len()?; // each pair takes at least two bytes
+        let mut map = HeaderMap::with_capacity(count.min(64));
+        for _ in 0..count {
+            let name = self.bytes()?;
+            let value = self.bytes()?;
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(&name),
+                HeaderValue::from_maybe_shared(value),
+            ) {
+                map.try_append(n, v)
+                    .map_err(|_| HeadError::Malformed("too many headers"))?;
+            }
+        }
+        Ok(map)
+    }
+
+    fn end(self) -> Result<(), HeadError> {
+        match self.buf.len() - self.at {
+            0 => Ok(()),
+            n => Err(HeadError::Trailing(n)),
+        }
+    }
+}
+
+impl RequestHead {
+    /// Decodes a request head frame's payload.
+    pub fn decode(payload: Bytes) -> Result<Self, HeadError> {
+        let mut r = HeadReader::new(payload)?;
+        let head = Self {
+            service: r.string()?,
+            instance: r.string()?,
+            method: r.string()?,
+            path: r.string()?,
+            version: r.u8()?,
+            headers: r.headers()?,
+            upgrade: r.bool()?,
+            end_stream: r.bool()?,
+        };
+        r.end()?;
+        Ok(head)
+    }
+}
+
+impl ResponseHead {
+    /// Decodes a response head frame's payload.
+    pub fn decode(payload: Bytes) -> Result<Self, HeadError> {
+        let mut r = HeadReader::new(payload)?;
+        let status = u16::try_from(r.varint()?).map_err(|_| HeadError::Malformed("status"))?;
+        let head = Self {
+            status,
+            headers: r.headers()?,
+            end_stream: r.bool()?,
+        };
+        r.end()?;
+        Ok(head)
+    }
 }
 
 /// A body frame.
@@ -71,20 +357,6 @@ pub enum Frame {
 
 const TYPE_DATA: u8 = 0;
 const TYPE_TRAILERS: u8 = 1;
-
-/// Encodes a head (request or response) as a length-prefixed frame.
-pub fn encode_head<T: Serialize>(head: &T) -> Result<Bytes, CodecError> {
-    let body = codec::encode_large(head, MAX_HEAD)?;
-    let mut out = BytesMut::with_capacity(4 + body.len());
-    out.put_u32(body.len() as u32);
-    out.put_slice(&body);
-    Ok(out.freeze())
-}
-
-/// Decodes a head frame's payload.
-pub fn decode_head<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
-    codec::decode_large(payload, MAX_HEAD)
-}
 
 /// Encodes a body frame: type byte, 4-byte length, payload.
 pub fn encode_frame(frame: &Frame) -> Result<Bytes, CodecError> {
@@ -265,8 +537,133 @@ mod tests {
                     _ => break,
                 }
             }
-            let _ = decode_head::<RequestHead>(&bytes);
-            let _ = decode_head::<ResponseHead>(&bytes);
+            let _ = RequestHead::decode(Bytes::from(bytes.clone()));
+            let _ = ResponseHead::decode(Bytes::from(bytes));
         }
+
+        #[test]
+        fn request_heads_are_the_bytes_bincode_made(
+            service in "[a-z-]{0,12}",
+            path in "/[ -~]{0,300}",
+            version in 1u8..=2,
+            pairs in proptest::collection::vec(("[a-z][a-z0-9-]{0,20}", "[ -~]{0,400}"), 0..40),
+            upgrade in any::<bool>(),
+            end_stream in any::<bool>(),
+        ) {
+            let mut headers = HeaderMap::new();
+            for (name, value) in &pairs {
+                headers.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+            }
+            let out = OutgoingRequest {
+                service: &service, instance: "web-1", method: "PATCH", path: &path,
+                version, headers: &headers, upgrade, end_stream,
+            };
+            let opening = out.encode_opening().unwrap();
+            let old = SerdeRequestHead {
+                service: service.clone(), instance: "web-1".into(), method: "PATCH".into(), path: path.clone(),
+                version, headers: headers_to_wire(&headers, upgrade), upgrade, end_stream,
+            };
+            let bincode = codec::encode_large(&old, MAX_HEAD).unwrap();
+            prop_assert_eq!(opening[0], STREAM_PROXY);
+            prop_assert_eq!(&opening[1..5], &(bincode.len() as u32).to_be_bytes());
+            prop_assert_eq!(&opening[5..], &bincode[..]);
+            let back = RequestHead::decode(Bytes::from(bincode)).unwrap();
+            prop_assert_eq!(back.service, service);
+            prop_assert_eq!(back.path, path);
+            prop_assert_eq!((back.version, back.upgrade, back.end_stream), (version, upgrade, end_stream));
+            prop_assert_eq!(back.headers, hop::clean(&headers, upgrade));
+        }
+
+        #[test]
+        fn response_heads_are_the_bytes_bincode_made(
+            status in 100u16..=999,
+            pairs in proptest::collection::vec(("[a-z][a-z0-9-]{0,20}", "[ -~]{0,300}"), 0..40),
+            end_stream in any::<bool>(),
+        ) {
+            let mut headers = HeaderMap::new();
+            for (name, value) in &pairs {
+                headers.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+            }
+            let head = ResponseHead { status, headers, end_stream };
+            let frame = head.encode(false).unwrap();
+            let old = SerdeResponseHead { status, headers: headers_to_wire(&head.headers, false), end_stream };
+            let bincode = codec::encode_large(&old, MAX_HEAD).unwrap();
+            prop_assert_eq!(&frame[4..], &bincode[..]);
+            let back = ResponseHead::decode(Bytes::from(bincode)).unwrap();
+            prop_assert_eq!(back, ResponseHead { status, headers: hop::clean(&head.headers, false), end_stream });
+        }
+    }
+
+    /// The heads as serde structs, as agents encoded them with bincode
+    /// before the hand-written codec; the wire format must not change.
+    #[derive(serde::Serialize)]
+    struct SerdeRequestHead {
+        service: String,
+        instance: String,
+        method: String,
+        path: String,
+        version: u8,
+        headers: Vec<(String, Vec<u8>)>,
+        upgrade: bool,
+        end_stream: bool,
+    }
+
+    #[derive(serde::Serialize)]
+    struct SerdeResponseHead {
+        status: u16,
+        headers: Vec<(String, Vec<u8>)>,
+        end_stream: bool,
+    }
+
+    #[test]
+    fn forged_heads_are_refused_without_allocating() {
+        // A header count of 2^32 with nothing behind it.
+        let forged = Bytes::from_static(&[200, 252, 0, 0, 0, 1, 0]);
+        assert!(matches!(
+            ResponseHead::decode(forged),
+            Err(HeadError::Truncated)
+        ));
+        // A value length past the end.
+        let forged = Bytes::from_static(&[200, 1, 1, b'a', 253, 0, 0, 0, 0, 0, 0, 0, 128, 0]);
+        assert!(matches!(
+            ResponseHead::decode(forged),
+            Err(HeadError::Truncated)
+        ));
+        // Bytes after the last field.
+        let extra = Bytes::from_static(&[200, 0, 0, 9]);
+        assert!(matches!(
+            ResponseHead::decode(extra),
+            Err(HeadError::Trailing(1))
+        ));
+        // A bool that is neither 0 nor 1.
+        let bad = Bytes::from_static(&[200, 0, 2]);
+        assert!(matches!(
+            ResponseHead::decode(bad),
+            Err(HeadError::Malformed("bool"))
+        ));
+        let huge = Bytes::from(vec![0u8; MAX_HEAD + 1]);
+        assert!(matches!(
+            RequestHead::decode(huge),
+            Err(HeadError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn more_headers_than_a_map_holds_is_an_error_not_a_panic() {
+        // 33,000 distinct names with empty values (6 bytes a pair, under
+        // the cap): an http HeaderMap holds at most 32,768 names.
+        let mut payload = vec![200, VARINT_U16];
+        payload.extend_from_slice(&33_000u16.to_le_bytes());
+        for i in 0..33_000u32 {
+            let name = [0, 1, 2, 3].map(|d| b'a' + (i / 26u32.pow(d) % 26) as u8);
+            payload.push(4);
+            payload.extend_from_slice(&name);
+            payload.push(0);
+        }
+        payload.push(0);
+        assert!(matches!(
+            ResponseHead::decode(Bytes::from(payload)),
+            Err(HeadError::Malformed("too many headers"))
+        ));
     }
 }
