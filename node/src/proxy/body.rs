@@ -43,7 +43,7 @@ pub fn from_quic(mut recv: RecvStream, counter: Counter) -> ProxyBody {
         loop {
             match recv.read_chunk(CHUNK, true).await {
                 Ok(Some(chunk)) => {
-                    decoder.extend(&chunk.bytes);
+                    decoder.push(chunk.bytes);
                     loop {
                         match decoder.next_frame() {
                             Ok(Some(Frame::Data(data))) => {
@@ -120,8 +120,10 @@ where
             Ok(mut data) => {
                 counter.inc_by(data.len() as u64);
                 while !data.is_empty() {
+                    // The header, then the data as it is: quinn queues
+                    // both without copying.
                     let piece = data.split_to(data.len().min(CHUNK));
-                    send.write_all(&wire::encode_frame(&Frame::Data(piece))?)
+                    send.write_all_chunks(&mut [wire::data_header(piece.len()), piece])
                         .await?;
                 }
             }
