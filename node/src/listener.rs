@@ -511,7 +511,10 @@ impl Acceptor {
         let conn_state = state.clone();
         let service = service_fn(move |req| {
             let open = OpenRequest::new(conn_state.clone());
-            let response = handler(req, peer);
+            // Boxed: the request path's future is several kilobytes, and
+            // HTTP/2 spawns a task per stream that would copy it whole at
+            // every move.
+            let response = Box::pin(handler(req, peer));
             async move {
                 let response = response.await;
                 Ok::<_, Infallible>(response.map(|inner| Tracked { inner, _open: open }))
