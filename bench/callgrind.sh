@@ -15,7 +15,9 @@
 # (background work included: compare runs, not single figures; two runs of
 # the same binary differ by about 2 %). With H2C=1 in the environment the
 # requests are HTTP/2 without TLS (prior knowledge), 10 streams at once on
-# each connection, as bench.py's h2c path sends them.
+# each connection, as bench.py's h2c path sends them. With PROFILE=b, agent
+# B (the one that owns the instance) is counted instead of A; MODE still
+# sets A's access log and tracing.
 set -euo pipefail
 
 BIN=$(realpath "${1:?usage: callgrind.sh BIN MODE [REQUESTS]}")
@@ -30,8 +32,8 @@ D=$(mktemp -d /tmp/gossamer-callgrind.XXXX)
 chmod 755 "$D"
 pids=()
 A=
-# Agent A's profile is written by then: it is killed rather than left to
-# drain under valgrind.
+# The profiled agent's profile is written by then: it is killed rather
+# than left to drain under valgrind.
 cleanup() {
     [ -n "$A" ] && kill -9 "$A" 2>/dev/null
     kill "${pids[@]}" 2>/dev/null || true
@@ -90,16 +92,22 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_for
 esac
 
 common=(--ca "$D/ca/ca.pem" --log-level warn --threads 1)
-"$BIN" agent --name gb --bind "127.0.0.1:$PB" --admin "127.0.0.1:$AB" --proxy "127.0.0.1:$XB" \
+callgrind=(valgrind --tool=callgrind --callgrind-out-file="$D/callgrind.out" --instr-atstart=no)
+case ${PROFILE:-a} in
+a) on_a=("${callgrind[@]}") on_b=() ;;
+b) on_a=() on_b=("${callgrind[@]}") ;;
+*) echo "callgrind.sh: PROFILE is a or b" >&2; exit 2 ;;
+esac
+"${on_b[@]}" "$BIN" agent --name gb --bind "127.0.0.1:$PB" --admin "127.0.0.1:$AB" --proxy "127.0.0.1:$XB" \
     --cert "$D/certs/gb.pem" --key "$D/certs/gb.key" --data-dir "$D/data-b" --config "$D/gb.toml" \
     "${common[@]}" >"$D/b.log" 2>&1 &
 pids+=($!)
-valgrind --tool=callgrind --callgrind-out-file="$D/callgrind.out" --instr-atstart=no \
-    "$BIN" agent --name ga --bind "127.0.0.1:$PA" --admin "127.0.0.1:$AA" --proxy "127.0.0.1:$XA" \
+[ "${PROFILE:-a}" = b ] && A=$!
+"${on_a[@]}" "$BIN" agent --name ga --bind "127.0.0.1:$PA" --admin "127.0.0.1:$AA" --proxy "127.0.0.1:$XA" \
     --seed "127.0.0.1:$PB" --cert "$D/certs/ga.pem" --key "$D/certs/ga.key" --data-dir "$D/data-a" \
     --config "$D/ga.toml" "${common[@]}" >"$D/a.log" 2>&1 &
-A=$!
-pids+=("$A")
+pids+=($!)
+[ "${PROFILE:-a}" = a ] && A=$!
 
 url="http://127.0.0.1:$XA/1k"
 for _ in $(seq 1 120); do
@@ -121,4 +129,5 @@ for f in "$D"/callgrind.out*; do
     t=$(sed -n 's/^totals: //p' "$f")
     total=$((total + ${t:-0}))
 done
-echo "$MODE: $((total / N)) instructions per request on agent A ($N requests; profile in $D)"
+side=$(echo "${PROFILE:-a}" | tr ab AB)
+echo "$MODE: $((total / N)) instructions per request on agent $side ($N requests; profile in $D)"

@@ -569,35 +569,38 @@ async fn dispatch_streams(
         let proxy = proxy.clone();
         let inbox = inbox.clone();
         let documents = documents.clone();
+        // Each kind's future is boxed: the task is spawned per stream, and
+        // the largest of them (a proxied request) would otherwise be copied
+        // whole, for every kind, at every move.
         tasks.spawn(async move {
                 let mut kind = [0u8; 1];
                 let read =
                     tokio::time::timeout(STREAM_KIND_TIMEOUT, recv.read_exact(&mut kind)).await;
                 match (read, kind[0]) {
                     (Ok(Ok(())), crate::proxy::wire::STREAM_PROXY) => {
-                        crate::proxy::inbound::serve(from, send, recv, proxy).await;
+                        Box::pin(crate::proxy::inbound::serve(from, send, recv, proxy)).await;
                     }
                     (Ok(Ok(())), crate::proxy::tcp::STREAM_TCP) => {
-                        crate::proxy::tcp::serve_stream(from, send, recv, proxy).await;
+                        Box::pin(crate::proxy::tcp::serve_stream(from, send, recv, proxy)).await;
                     }
                     (Ok(Ok(())), mesh::sync::STREAM_MEMBERS) => {
-                        mesh::sync::serve(from, send, recv, inbox.sync).await;
+                        Box::pin(mesh::sync::serve(from, send, recv, inbox.sync)).await;
                     }
                     (Ok(Ok(())), crate::catalog::sync::STREAM_CATALOG) => {
-                        crate::catalog::sync::serve(
+                        Box::pin(crate::catalog::sync::serve(
                             from,
                             send,
                             recv,
                             catalog.shared.clone(),
                             inbox.digests,
-                        )
+                        ))
                         .await;
                     }
                     (Ok(Ok(())), crate::observe::stats::STREAM_STATS) => {
-                        crate::observe::stats::serve(from, send, recv, proxy.stats().clone()).await;
+                        Box::pin(crate::observe::stats::serve(from, send, recv, proxy.stats().clone())).await;
                     }
                     (Ok(Ok(())), crate::documents::sync::STREAM_DOCS) => {
-                        crate::documents::sync::serve(from, send, recv, documents, inbox.doc_lists)
+                        Box::pin(crate::documents::sync::serve(from, send, recv, documents, inbox.doc_lists))
                             .await;
                     }
                     _ => {

@@ -33,7 +33,7 @@ use super::error::{
 use super::external::Externals;
 use super::hop;
 use super::metrics::AuthzLabels;
-use super::metrics::{InstanceLabels, ProxyMetrics, RequestLabels, RouteLabels, ServiceLabel};
+use super::metrics::{InstanceLabels, ProxyMetrics, RouteLabels, ServiceLabel};
 use super::outlier::{EjectionPolicy, Outliers, RetryBudget, Verdict};
 use super::policy::{Policies, Policy, RetryPolicy};
 use super::routes::{Backend, Routes, ServiceRoute};
@@ -577,14 +577,7 @@ impl Proxy {
     /// Counts one request's outcome (`2xx`…`5xx`, or `error` for an
     /// attempt that got no answer).
     pub(super) fn count(&self, service: &str, instance: &str, class: &str) {
-        self.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                service: service.to_owned(),
-                instance: instance.to_owned(),
-                class: class.to_owned(),
-            })
-            .inc();
+        self.metrics.count_request(service, instance, class);
     }
 
     /// Counts one request under a route document.

@@ -138,6 +138,25 @@ pub struct ProxyMetrics {
     pub access_log_dropped: Counter,
     /// Span export counters.
     pub trace: crate::observe::trace::TraceMetrics,
+    /// Handles of the per-request series, found without building labels.
+    handles: std::sync::Arc<Handles>,
+}
+
+/// Request counters of one service: per instance, per class.
+type ByInstance = std::collections::HashMap<String, Vec<(String, Counter)>>;
+
+/// The counters every request touches, by service (and instance), kept
+/// so the request path finds them with one lookup by `&str` instead of
+/// allocating a label set and hashing it into a family for each. They are
+/// the families' own counters, so what they count is what is exported.
+/// Series are never removed from these families, so a kept handle never
+/// goes stale.
+#[derive(Debug, Default)]
+struct Handles {
+    /// `bytes`: `[request, response]` per service.
+    bytes: std::sync::RwLock<std::collections::HashMap<String, [Counter; 2]>>,
+    /// `requests`: per service, per instance, per class.
+    requests: std::sync::RwLock<std::collections::HashMap<String, ByInstance>>,
 }
 
 impl ProxyMetrics {
@@ -159,6 +178,7 @@ impl ProxyMetrics {
             tcp_connect: Family::new_with_constructor(latency_histogram),
             access_log_dropped: Counter::default(),
             trace: crate::observe::trace::TraceMetrics::register(registry),
+            handles: std::sync::Arc::default(),
         };
         registry.register(
             "gossamer_proxy_requests",
@@ -231,11 +251,103 @@ impl ProxyMetrics {
 
     /// The byte counter of one service and direction.
     pub fn bytes(&self, service: &str, direction: &str) -> Counter {
+        let at = match direction {
+            "request" => 0,
+            "response" => 1,
+            _ => return self.bytes_series(service, direction),
+        };
+        let cached = self
+            .handles
+            .bytes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(service)
+            .map(|pair| pair[at].clone());
+        cached.unwrap_or_else(|| {
+            let pair = [
+                self.bytes_series(service, "request"),
+                self.bytes_series(service, "response"),
+            ];
+            let counter = pair[at].clone();
+            self.handles
+                .bytes
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(service.to_owned(), pair);
+            counter
+        })
+    }
+
+    fn bytes_series(&self, service: &str, direction: &str) -> Counter {
         self.bytes
             .get_or_create(&BytesLabels {
                 service: service.to_owned(),
                 direction: direction.to_owned(),
             })
             .clone()
+    }
+
+    /// Counts one request of `service` to `instance` with outcome `class`.
+    pub fn count_request(&self, service: &str, instance: &str, class: &str) {
+        let found = self
+            .handles
+            .requests
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(service)
+            .and_then(|instances| instances.get(instance))
+            .and_then(|classes| classes.iter().find(|(c, _)| c == class))
+            .map(|(_, counter)| counter.clone());
+        let counter = found.unwrap_or_else(|| {
+            let counter = self
+                .requests
+                .get_or_create(&RequestLabels {
+                    service: service.to_owned(),
+                    instance: instance.to_owned(),
+                    class: class.to_owned(),
+                })
+                .clone();
+            self.handles
+                .requests
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(service.to_owned())
+                .or_default()
+                .entry(instance.to_owned())
+                .or_default()
+                .push((class.to_owned(), counter.clone()));
+            counter
+        });
+        counter.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_handles_count_into_the_exported_series() {
+        let mut registry = Registry::default();
+        let m = ProxyMetrics::register(&mut registry);
+        for _ in 0..3 {
+            m.count_request("web", "n1/web-1", "2xx");
+        }
+        m.count_request("web", "n1/web-1", "5xx");
+        m.count_request("web", "n2/web-2", "2xx");
+        m.bytes("web", "request").inc_by(10);
+        m.bytes("web", "request").inc_by(5);
+        m.bytes("web", "response").inc_by(7);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            r#"gossamer_proxy_requests_total{service="web",instance="n1/web-1",class="2xx"} 3"#,
+            r#"gossamer_proxy_requests_total{service="web",instance="n1/web-1",class="5xx"} 1"#,
+            r#"gossamer_proxy_requests_total{service="web",instance="n2/web-2",class="2xx"} 1"#,
+            r#"direction="request"} 15"#,
+            r#"direction="response"} 7"#,
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
     }
 }
