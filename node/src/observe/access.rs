@@ -564,13 +564,6 @@ impl Serialize for Peer {
     }
 }
 
-/// `addr` as text; see [`write_addr`].
-pub fn addr_text(addr: std::net::SocketAddr) -> String {
-    let mut out = Vec::with_capacity(21);
-    write_addr(&mut out, addr);
-    String::from_utf8(out).expect("an address is ASCII")
-}
-
 /// Appends `addr` as `ip:port`; IPv4 without the formatting machinery
 /// (every logged request pays for this).
 pub fn write_addr(out: &mut Vec<u8>, addr: std::net::SocketAddr) {
@@ -940,7 +933,9 @@ mod tests {
             "[fe80::1]:65535",
         ] {
             let addr: std::net::SocketAddr = addr.parse().unwrap();
-            assert_eq!(addr_text(addr), addr.to_string());
+            let mut text = Vec::new();
+            write_addr(&mut text, addr);
+            assert_eq!(text, addr.to_string().into_bytes());
             let mut ip = Vec::new();
             write_ip(&mut ip, addr.ip());
             assert_eq!(ip, addr.ip().to_string().into_bytes());

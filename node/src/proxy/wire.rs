@@ -415,14 +415,6 @@ impl FrameDecoder {
         self.input = chunk;
     }
 
-    /// Feeds bytes (copied); see [`Self::push`].
-    pub fn extend(&mut self, bytes: &[u8]) {
-        let mut joined = BytesMut::with_capacity(self.input.len() + bytes.len());
-        joined.extend_from_slice(&self.input);
-        joined.extend_from_slice(bytes);
-        self.input = joined.freeze();
-    }
-
     /// Bytes of an unfinished frame: if the stream ends now, it ended
     /// inside a frame.
     pub fn buffered(&self) -> usize {
@@ -576,10 +568,10 @@ mod tests {
     #[test]
     fn rejects_oversized_and_unknown() {
         let mut dec = FrameDecoder::default();
-        dec.extend(&[0, 0xff, 0xff, 0xff, 0xff]);
+        dec.push(Bytes::from_static(&[0, 0xff, 0xff, 0xff, 0xff]));
         assert!(dec.next_frame().is_err());
         let mut dec = FrameDecoder::default();
-        dec.extend(&[9, 0, 0, 0, 1, 0]);
+        dec.push(Bytes::from_static(&[9, 0, 0, 0, 1, 0]));
         assert!(dec.next_frame().is_err());
     }
 
@@ -614,7 +606,7 @@ mod tests {
         #[test]
         fn decoder_survives_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let mut dec = FrameDecoder::default();
-            dec.extend(&bytes);
+            dec.push(Bytes::copy_from_slice(&bytes));
             for _ in 0..64 {
                 match dec.next_frame() {
                     Ok(Some(_)) => continue,
