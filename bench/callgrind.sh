@@ -8,16 +8,16 @@
 # MODE: plain (no access log, no tracing), log (access log of every
 # request to a file), trace (tracing at 1 %, spans posted to a sink in the
 # script),
-# both. Agent B and an nginx upstream run normally; agent A (one worker
-# thread) runs under valgrind. After a warm-up of 500 requests, h2load
+# both. MODE applies to both agents, as bench.py's P5 sets them. Agent B
+# and an nginx upstream run normally; agent A (one worker thread) runs
+# under valgrind. After a warm-up of 500 requests, h2load
 # sends REQUESTS (2,000) HTTP/1.1 requests over 8 connections through A,
 # and the script prints A's instructions per request over that window
 # (background work included: compare runs, not single figures; two runs of
 # the same binary differ by about 2 %). With H2C=1 in the environment the
 # requests are HTTP/2 without TLS (prior knowledge), 10 streams at once on
 # each connection, as bench.py's h2c path sends them. With PROFILE=b, agent
-# B (the one that owns the instance) is counted instead of A; MODE still
-# sets A's access log and tracing.
+# B (the one that owns the instance) is counted instead of A.
 set -euo pipefail
 
 BIN=$(realpath "${1:?usage: callgrind.sh BIN MODE [REQUESTS]}")
@@ -69,7 +69,11 @@ printf '[[service]]\nid = "bench-b"\nname = "bench"\nport = %s\n' "$UP" >"$D/gb.
 : >"$D/ga.toml"
 case $MODE in
 plain | trace) ;;
-log | both) printf '[access_log]\nenabled = true\npath = "%s/access.log"\n\n' "$D" >>"$D/ga.toml" ;;
+log | both)
+    for n in a b; do
+        printf '[access_log]\nenabled = true\npath = "%s/access-%s.log"\n\n' "$D" $n >>"$D/g$n.toml"
+    done
+    ;;
 *) echo "callgrind.sh: MODE is plain, log, trace or both" >&2; exit 2 ;;
 esac
 case $MODE in
@@ -87,7 +91,9 @@ class Sink(http.server.BaseHTTPRequestHandler):
         pass
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()' "$SINK" &
     pids+=($!)
-    printf '[tracing]\nendpoint = "http://127.0.0.1:%s/v1/traces"\nsample = 0.01\n' "$SINK" >>"$D/ga.toml"
+    for n in a b; do
+        printf '[tracing]\nendpoint = "http://127.0.0.1:%s/v1/traces"\nsample = 0.01\n' "$SINK" >>"$D/g$n.toml"
+    done
     ;;
 esac
 

@@ -857,9 +857,9 @@ fn route_of(state: &AdminState, query: &str) -> Response<Body> {
         Some(i) => {
             let b = &route.backends[i];
             let mut answer = serde_json::json!({
-                "service": service, "key": key, "instance": b.id, "node": b.node,
+                "service": service, "key": key, "instance": b.id, "node": &*b.node,
                 "address": b.address, "port": b.port, "local": b.local,
-                "failover": first.as_deref() != Some(b.key.as_str()),
+                "failover": first.as_deref() != Some(&*b.key),
             });
             if let (Some(a), Some(e)) = (answer.as_object_mut(), explained.as_object()) {
                 a.extend(e.clone());

@@ -329,13 +329,16 @@ async fn handle(
     side: Side,
 ) -> Response<ProxyBody> {
     let id = request_id(req.headers());
-    let span = gateway
-        .proxy
-        .tracer()
-        .and_then(|t| t.enter(req.headers_mut(), crate::observe::trace::Kind::Server));
+    let (trace, span) = match gateway.proxy.tracer() {
+        Some(t) => {
+            let (id, span) = t.enter_trace(req.headers_mut(), crate::observe::trace::Kind::Server);
+            (Some(id), span)
+        }
+        None => (None, None),
+    };
     let logged = access::Sinks::for_request(&gateway.proxy, span.is_some()).map(|sinks| {
-        let mut record = access::begin(&req, peer, "gateway", gateway.proxy.node_name());
-        record.request_id = id.to_str().ok().map(str::to_owned);
+        let mut record = access::begin(&req, peer, "gateway", gateway.proxy.node_text(), trace);
+        record.request_id = access::Text::header(&id);
         record.span = span;
         if sinks.tap.is_some() {
             record.headers = Some(req.headers().clone());
@@ -348,8 +351,8 @@ async fn handle(
     match logged {
         Some((mut record, started, log)) => {
             if let Some(route) = &matched {
-                record.ingress_route = Some(route.label.clone());
-                record.service = Some(route.service.clone());
+                record.ingress_route = Some(route.label.as_str().into());
+                record.service = Some(route.service.as_str().into());
             }
             access::finish(record, response, started, &log)
         }
@@ -468,7 +471,9 @@ async fn route(
         // The gateway logs its requests itself, refusals included.
         listener: None,
     };
-    let mut response = handle_entry(gateway.proxy.clone(), req, peer, &entry).await;
+    let mut response = handle_entry(gateway.proxy.clone(), req, peer, &entry)
+        .await
+        .map(access::Logged::into_inner);
     if let Some(edits) = &route.response_headers {
         edits.apply(response.headers_mut());
     }

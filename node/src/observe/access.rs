@@ -218,10 +218,10 @@ pub struct Record {
     pub listener: &'static str,
     /// `HTTP/1.1`, `HTTP/2` or `tcp`.
     pub protocol: &'static str,
-    pub method: Option<String>,
+    pub method: Option<Text>,
     /// The Host the client asked for.
-    pub authority: Option<String>,
-    pub path: Option<String>,
+    pub authority: Option<Text>,
+    pub path: Option<Text>,
     /// HTTP status (0 for a TCP connection).
     pub status: u16,
     /// Why the mesh answered or cut it itself (see [`flags_for`]).
@@ -233,24 +233,24 @@ pub struct Record {
     /// Time until the instance's answer began, ms.
     pub upstream_ms: Option<f64>,
     /// This agent.
-    pub source_node: String,
+    pub source_node: Text,
     /// The client's address.
     pub client: Peer,
-    pub service: Option<String>,
-    pub instance: Option<String>,
+    pub service: Option<Text>,
+    pub instance: Option<Text>,
     /// The node that owns the instance.
-    pub node: Option<String>,
+    pub node: Option<Text>,
     pub retries: u32,
     /// Route document rule (`0`, `1`, `default`) and arm, when one applied.
-    pub route_rule: Option<String>,
-    pub route_arm: Option<String>,
+    pub route_rule: Option<Text>,
+    pub route_arm: Option<Text>,
     /// Set when authorization refused the request.
-    pub authz: Option<String>,
+    pub authz: Option<Text>,
     /// The gateway route that matched.
-    pub ingress_route: Option<String>,
-    pub request_id: Option<String>,
+    pub ingress_route: Option<Text>,
+    pub request_id: Option<Text>,
     /// From `traceparent`.
-    pub trace_id: Option<String>,
+    pub trace_id: Option<TraceId>,
     /// The request's headers, kept only for the tap (never logged).
     #[serde(skip)]
     pub headers: Option<http::HeaderMap>,
@@ -259,117 +259,269 @@ pub struct Record {
     pub span: Option<super::trace::SpanIds>,
 }
 
+/// Text a record holds, shared rather than copied where it can be: a
+/// static name, a shared or owned string, or a piece of the request
+/// itself (its method, a header value, the URI's path or authority).
+/// Every request that is logged makes a dozen of these, so none of them
+/// allocates for a request's own text.
+#[derive(Clone)]
+pub struct Text(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Static(&'static str),
+    Shared(Arc<str>),
+    Owned(String),
+    Method(http::Method),
+    /// Checked to be visible ASCII when made.
+    Header(http::HeaderValue),
+    Path(http::uri::PathAndQuery),
+    Authority(http::uri::Authority),
+}
+
+impl Text {
+    /// A name known at compile time.
+    pub const fn from_static(s: &'static str) -> Self {
+        Self(Repr::Static(s))
+    }
+
+    /// A request's method.
+    pub fn method(m: &http::Method) -> Self {
+        Self(Repr::Method(m.clone()))
+    }
+
+    /// A header's value, if it is text (visible ASCII).
+    pub fn header(v: &http::HeaderValue) -> Option<Self> {
+        v.to_str().ok()?;
+        Some(Self(Repr::Header(v.clone())))
+    }
+
+    /// The path of `uri` (without its query).
+    pub fn path(uri: &http::Uri) -> Self {
+        match uri.path_and_query() {
+            Some(pq) if !uri.path().is_empty() => Self(Repr::Path(pq.clone())),
+            _ => Self::from_static(""),
+        }
+    }
+
+    /// A URI's authority.
+    pub fn authority(a: &http::uri::Authority) -> Self {
+        Self(Repr::Authority(a.clone()))
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            Repr::Static(s) => s,
+            Repr::Shared(s) => s,
+            Repr::Owned(s) => s,
+            Repr::Method(m) => m.as_str(),
+            Repr::Header(v) => v.to_str().unwrap_or_default(),
+            Repr::Path(p) => p.path(),
+            Repr::Authority(a) => a.as_str(),
+        }
+    }
+
+    /// Its bytes: for a header, without checking them again.
+    fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            Repr::Header(v) => v.as_bytes(),
+            _ => self.as_str().as_bytes(),
+        }
+    }
+}
+
+impl Default for Text {
+    fn default() -> Self {
+        Self::from_static("")
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Text {}
+
+impl std::fmt::Debug for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
+
+impl std::fmt::Display for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&str> for Text {
+    fn from(s: &str) -> Self {
+        Self(Repr::Owned(s.to_owned()))
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Self {
+        Self(Repr::Owned(s))
+    }
+}
+
+impl From<Arc<str>> for Text {
+    fn from(s: Arc<str>) -> Self {
+        Self(Repr::Shared(s))
+    }
+}
+
+impl Serialize for Text {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// A W3C trace id, written as 32 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TraceId(pub [u8; 16]);
+
+impl TraceId {
+    fn hex(&self) -> [u8; 32] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 32];
+        for (i, b) in self.0.iter().enumerate() {
+            out[2 * i] = DIGITS[usize::from(b >> 4)];
+            out[2 * i + 1] = DIGITS[usize::from(b & 15)];
+        }
+        out
+    }
+}
+
+impl std::fmt::Debug for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::fmt::Display for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Hex digits are ASCII.
+        f.write_str(std::str::from_utf8(&self.hex()).unwrap_or_default())
+    }
+}
+
+impl Serialize for TraceId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl Record {
     /// Appends the record as one JSON line (the same object its
     /// `Serialize` gives, with times in ms to the microsecond), written by
     /// hand: on a busy proxy every request pays for this line, and a
     /// generic serializer spent more on it than the rest of the log.
     pub fn write_line(&self, out: &mut Vec<u8>) {
-        let mut w = JsonLine::open(out);
-        w.raw("start", |o| self.start.write_quoted(o));
-        w.millis("duration_ms", Some(self.duration_ms));
-        w.str("listener", Some(self.listener));
-        w.str("protocol", Some(self.protocol));
-        w.str("method", self.method.as_deref());
-        w.str("authority", self.authority.as_deref());
-        w.str("path", self.path.as_deref());
-        w.uint("status", Some(u64::from(self.status)));
-        w.raw("flags", |o| {
-            o.push(b'[');
-            for (i, flag) in self.flags.iter().enumerate() {
-                if i > 0 {
-                    o.push(b',');
-                }
-                json_str(o, flag);
+        /// A key after the first, with its comma and colon.
+        macro_rules! key {
+            ($k:literal) => {
+                concat!(",\"", $k, "\":").as_bytes()
+            };
+        }
+        out.reserve(512);
+        out.extend_from_slice(b"{\"start\":");
+        self.start.write_quoted(out);
+        millis(out, key!("duration_ms"), Some(self.duration_ms));
+        // Names the agent chose itself need no escaping.
+        plain(out, key!("listener"), self.listener.as_bytes());
+        plain(out, key!("protocol"), self.protocol.as_bytes());
+        text(out, key!("method"), self.method.as_ref());
+        text(out, key!("authority"), self.authority.as_ref());
+        text(out, key!("path"), self.path.as_ref());
+        uint(out, key!("status"), Some(u64::from(self.status)));
+        out.extend_from_slice(key!("flags"));
+        out.push(b'[');
+        for (i, flag) in self.flags.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
             }
-            o.push(b']');
-        });
-        w.uint("bytes_in", self.bytes_in);
-        w.uint("bytes_out", Some(self.bytes_out));
-        w.millis("upstream_ms", self.upstream_ms);
-        w.str("source_node", Some(&self.source_node));
-        w.raw("client", |o| self.client.write(o));
-        w.str("service", self.service.as_deref());
-        w.str("instance", self.instance.as_deref());
-        w.str("node", self.node.as_deref());
-        w.uint("retries", Some(u64::from(self.retries)));
-        w.str("route_rule", self.route_rule.as_deref());
-        w.str("route_arm", self.route_arm.as_deref());
-        w.str("authz", self.authz.as_deref());
-        w.str("ingress_route", self.ingress_route.as_deref());
-        w.str("request_id", self.request_id.as_deref());
-        w.str("trace_id", self.trace_id.as_deref());
-        w.close();
+            json_str(out, flag.as_bytes());
+        }
+        out.push(b']');
+        uint(out, key!("bytes_in"), self.bytes_in);
+        uint(out, key!("bytes_out"), Some(self.bytes_out));
+        millis(out, key!("upstream_ms"), self.upstream_ms);
+        text(out, key!("source_node"), Some(&self.source_node));
+        out.extend_from_slice(key!("client"));
+        self.client.write(out);
+        text(out, key!("service"), self.service.as_ref());
+        text(out, key!("instance"), self.instance.as_ref());
+        text(out, key!("node"), self.node.as_ref());
+        uint(out, key!("retries"), Some(u64::from(self.retries)));
+        text(out, key!("route_rule"), self.route_rule.as_ref());
+        text(out, key!("route_arm"), self.route_arm.as_ref());
+        text(out, key!("authz"), self.authz.as_ref());
+        text(out, key!("ingress_route"), self.ingress_route.as_ref());
+        text(out, key!("request_id"), self.request_id.as_ref());
+        match &self.trace_id {
+            Some(id) => plain(out, key!("trace_id"), &id.hex()),
+            None => out.extend_from_slice(b",\"trace_id\":null"),
+        }
+        out.extend_from_slice(b"}\n");
     }
 }
 
-/// Writes one JSON object's fields in order, then `}` and a newline.
-struct JsonLine<'a> {
-    out: &'a mut Vec<u8>,
-    first: bool,
+/// `key` and a string that needs no escaping.
+fn plain(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+    out.extend_from_slice(key);
+    out.push(b'"');
+    out.extend_from_slice(value);
+    out.push(b'"');
 }
 
-impl<'a> JsonLine<'a> {
-    fn open(out: &'a mut Vec<u8>) -> Self {
-        out.push(b'{');
-        Self { out, first: true }
+/// `key` and a string or `null`.
+fn text(out: &mut Vec<u8>, key: &[u8], value: Option<&Text>) {
+    out.extend_from_slice(key);
+    match value {
+        Some(v) => json_str(out, v.as_bytes()),
+        None => out.extend_from_slice(b"null"),
     }
+}
 
-    fn key(&mut self, key: &str) {
-        if !self.first {
-            self.out.push(b',');
-        }
-        self.first = false;
-        self.out.push(b'"');
-        self.out.extend_from_slice(key.as_bytes());
-        self.out.extend_from_slice(b"\":");
+/// `key` and a number or `null`.
+fn uint(out: &mut Vec<u8>, key: &[u8], value: Option<u64>) {
+    out.extend_from_slice(key);
+    match value {
+        Some(v) => out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes()),
+        None => out.extend_from_slice(b"null"),
     }
+}
 
-    fn raw(&mut self, key: &str, value: impl FnOnce(&mut Vec<u8>)) {
-        self.key(key);
-        value(self.out);
-    }
-
-    fn str(&mut self, key: &str, value: Option<&str>) {
-        self.key(key);
-        match value {
-            Some(v) => json_str(self.out, v),
-            None => self.out.extend_from_slice(b"null"),
-        }
-    }
-
-    fn uint(&mut self, key: &str, value: Option<u64>) {
-        self.key(key);
-        match value {
-            Some(v) => self
-                .out
-                .extend_from_slice(itoa::Buffer::new().format(v).as_bytes()),
-            None => self.out.extend_from_slice(b"null"),
-        }
-    }
-
-    /// Milliseconds with three decimals (microseconds).
-    fn millis(&mut self, key: &str, value: Option<f64>) {
-        self.key(key);
-        let Some(ms) = value.filter(|v| v.is_finite() && *v >= 0.0) else {
-            self.out.extend_from_slice(b"null");
-            return;
-        };
-        let micros = (ms * 1000.0).round() as u64;
-        self.out
-            .extend_from_slice(itoa::Buffer::new().format(micros / 1000).as_bytes());
-        let frac = (micros % 1000) as u16;
-        self.out.extend_from_slice(&[
-            b'.',
-            b'0' + (frac / 100) as u8,
-            b'0' + (frac / 10 % 10) as u8,
-            b'0' + (frac % 10) as u8,
-        ]);
-    }
-
-    fn close(self) {
-        self.out.extend_from_slice(b"}\n");
-    }
+/// `key` and milliseconds with three decimals (microseconds), or `null`.
+fn millis(out: &mut Vec<u8>, key: &[u8], value: Option<f64>) {
+    out.extend_from_slice(key);
+    let Some(ms) = value.filter(|v| v.is_finite() && *v >= 0.0) else {
+        out.extend_from_slice(b"null");
+        return;
+    };
+    // Rounded to the nearest microsecond (`ms` is not negative here).
+    let micros = (ms * 1000.0 + 0.5) as u64;
+    out.extend_from_slice(itoa::Buffer::new().format(micros / 1000).as_bytes());
+    let frac = (micros % 1000) as u16;
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (frac / 100) as u8,
+        b'0' + (frac / 10 % 10) as u8,
+        b'0' + (frac % 10) as u8,
+    ]);
 }
 
 /// The bytes a JSON string cannot hold as they are.
@@ -385,11 +537,10 @@ const ESCAPED: [bool; 256] = {
     table
 };
 
-/// Appends `s` as a JSON string. Text that needs no escaping (nearly all
-/// of it) is copied whole.
-fn json_str(out: &mut Vec<u8>, s: &str) {
+/// Appends `bytes` (UTF-8) as a JSON string. Text that needs no escaping
+/// (nearly all of it) is copied whole.
+fn json_str(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'"');
-    let bytes = s.as_bytes();
     if !bytes.iter().any(|b| ESCAPED[usize::from(*b)]) {
         out.extend_from_slice(bytes);
         out.push(b'"');
@@ -426,9 +577,9 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 #[derive(Debug, Clone, Default)]
 pub struct Served {
     /// `node/id` of the instance that answered.
-    pub instance: String,
+    pub instance: Arc<str>,
     /// Its node.
-    pub node: String,
+    pub node: Arc<str>,
     /// Attempts after the first.
     pub retries: u32,
     /// Until the answer began.
@@ -439,9 +590,9 @@ pub struct Served {
 #[derive(Debug, Clone)]
 pub struct RouteChoice {
     /// Rule index or `default`.
-    pub rule: String,
+    pub rule: Text,
     /// Arm label.
-    pub arm: String,
+    pub arm: Text,
 }
 
 /// Where one request's record goes: the access log (if it was sampled),
@@ -468,7 +619,7 @@ impl Sinks {
     }
 
     /// Writes the record out.
-    pub fn emit(&self, mut record: Record) {
+    pub fn emit(&self, mut record: Box<Record>) {
         if let (Some(tracer), Some(ids)) = (&self.trace, record.span.take()) {
             tracer.finish(ids, &record);
         }
@@ -476,45 +627,42 @@ impl Sinks {
             log.emit(&record);
         }
         if let Some(tap) = &self.tap {
-            tap.send(record);
+            tap.send(*record);
         }
     }
 }
 
-/// A record with what the request itself tells.
+/// A record with what the request itself tells; boxed, since it travels
+/// with the request and then its response body. `trace`: the trace id
+/// when the tracer already knows it, else it is read from `traceparent`.
 pub fn begin<B>(
     req: &http::Request<B>,
     client: std::net::SocketAddr,
     listener: &'static str,
-    source_node: &str,
-) -> Record {
+    source_node: Text,
+    trace: Option<[u8; 16]>,
+) -> Box<Record> {
     let headers = req.headers();
-    let text = |name: http::header::HeaderName| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    Record {
+    Box::new(Record {
         start: Timestamp(SystemTime::now()),
         listener,
         protocol: crate::proxy::hop::protocol_name(req.version()),
-        method: Some(req.method().as_str().to_owned()),
+        method: Some(Text::method(req.method())),
         authority: req
             .uri()
             .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| text(http::header::HOST)),
-        path: Some(req.uri().path().to_owned()),
+            .map(Text::authority)
+            .or_else(|| headers.get(http::header::HOST).and_then(Text::header)),
+        path: Some(Text::path(req.uri())),
         bytes_in: headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse().ok()),
-        source_node: source_node.to_owned(),
+        source_node,
         client: Peer::Addr(client),
-        request_id: text(REQUEST_ID),
-        trace_id: trace_id(headers),
+        request_id: headers.get(REQUEST_ID).and_then(Text::header),
+        trace_id: trace.map(TraceId).or_else(|| trace_id(headers)),
         ..Record::default()
-    }
+    })
 }
 
 const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
@@ -544,7 +692,7 @@ impl Peer {
                 write_addr(out, *addr);
                 out.push(b'"');
             }
-            Self::Node(name) => json_str(out, name),
+            Self::Node(name) => json_str(out, name.as_bytes()),
         }
     }
 }
@@ -584,46 +732,71 @@ pub fn write_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
         let _ = write!(out, "{ip}");
         return;
     };
-    let mut digits = itoa::Buffer::new();
+    let mut text = [0u8; 15];
+    let mut len = 0;
     for (i, octet) in v4.octets().into_iter().enumerate() {
         if i > 0 {
-            out.push(b'.');
+            text[len] = b'.';
+            len += 1;
         }
-        out.extend_from_slice(digits.format(octet).as_bytes());
+        if octet >= 100 {
+            text[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            text[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        text[len] = b'0' + octet % 10;
+        len += 1;
     }
+    out.extend_from_slice(&text[..len]);
 }
 
-/// Fills in what the answer tells and logs it when its body ends.
-pub fn finish(
-    mut record: Record,
-    response: http::Response<ProxyBody>,
+/// Fills in what the answer tells and logs it when its body ends; the
+/// body stays a [`Logged`], so a listener serving it pays no second box.
+pub fn finish_logged(
+    mut record: Box<Record>,
+    mut response: http::Response<ProxyBody>,
     started: Instant,
     log: &Sinks,
-) -> http::Response<ProxyBody> {
+) -> http::Response<Logged> {
     record.status = response.status().as_u16();
-    let ext = response.extensions();
+    let ext = response.extensions_mut();
     let local = ext
         .get::<crate::proxy::error::LocalError>()
         .map(|e| e.0.as_str());
     record.flags = flags_for(record.status, local);
     if record.flags.contains(&"UAEX") {
-        record.authz = local.map(str::to_owned);
+        record.authz = local.map(Text::from);
     }
-    if let Some(served) = ext.get::<Served>() {
-        record.instance = Some(served.instance.clone());
-        record.node = Some(served.node.clone());
+    if let Some(served) = ext.remove::<Served>() {
+        record.instance = Some(served.instance.into());
+        record.node = Some(served.node.into());
         record.retries = served.retries;
         record.upstream_ms = Some(served.upstream.as_secs_f64() * 1000.0);
     }
-    if let Some(choice) = ext.get::<RouteChoice>() {
-        record.route_rule = Some(choice.rule.clone());
-        record.route_arm = Some(choice.arm.clone());
+    if let Some(choice) = ext.remove::<RouteChoice>() {
+        record.route_rule = Some(choice.rule);
+        record.route_arm = Some(choice.arm);
     }
     let length = response
         .headers()
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse().ok());
     response.map(|body| Logged::wrap(body, record, started, log.clone(), length))
+}
+
+/// [`finish_logged`] with the body boxed again, for callers that answer
+/// with a [`ProxyBody`].
+pub fn finish(
+    record: Box<Record>,
+    response: http::Response<ProxyBody>,
+    started: Instant,
+    log: &Sinks,
+) -> http::Response<ProxyBody> {
+    use http_body_util::BodyExt;
+    finish_logged(record, response, started, log).map(|body| body.boxed_unsync())
 }
 
 /// The flags of an answer: `NR` no route or unknown service, `UH` no
@@ -655,21 +828,40 @@ pub fn flags_for(status: u16, local: Option<&str>) -> Vec<&'static str> {
     vec![flag]
 }
 
+/// Hex digits' values (either case); 0xff for other bytes.
+const NIBBLE: [u8; 256] = {
+    let mut table = [0xff; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        table[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
+
 /// `traceparent`'s trace id, if the header is well formed.
-pub fn trace_id(headers: &http::HeaderMap) -> Option<String> {
+pub fn trace_id(headers: &http::HeaderMap) -> Option<TraceId> {
     // `vv-<32 hex>-...`
     let v = headers.get(super::trace::TRACEPARENT)?.as_bytes();
-    let id = v.get(3..35)?;
-    let valid = v[2] == b'-'
-        && v.get(35) == Some(&b'-')
-        && id.iter().all(u8::is_ascii_hexdigit)
-        && id.iter().any(|b| *b != b'0');
-    if !valid {
+    let digits = v.get(3..35)?;
+    if v[2] != b'-' || v.get(35) != Some(&b'-') {
         return None;
     }
-    let mut text = std::str::from_utf8(id).ok()?.to_owned();
-    text.make_ascii_lowercase();
-    Some(text)
+    let mut id = [0u8; 16];
+    for (byte, pair) in id.iter_mut().zip(digits.chunks_exact(2)) {
+        let (hi, lo) = (NIBBLE[usize::from(pair[0])], NIBBLE[usize::from(pair[1])]);
+        if (hi | lo) > 15 {
+            return None;
+        }
+        *byte = hi << 4 | lo;
+    }
+    (id != [0; 16]).then_some(TraceId(id))
 }
 
 /// A time that serializes as RFC 3339 UTC with milliseconds, formatted
@@ -775,7 +967,7 @@ fn civil(t: SystemTime) -> (i64, i64, i64, u64, u32) {
 /// it is dropped first (then with the `DC` flag).
 pub struct Logged {
     inner: ProxyBody,
-    pending: Option<(Record, Instant, Sinks)>,
+    pending: Option<(Box<Record>, Instant, Sinks)>,
     bytes: u64,
     /// The body's length when known: a client may stop reading once it
     /// has that much, which is no disconnect.
@@ -791,21 +983,36 @@ impl std::fmt::Debug for Logged {
 }
 
 impl Logged {
+    /// A body that logs nothing.
+    pub fn plain(inner: ProxyBody) -> Self {
+        Self {
+            inner,
+            pending: None,
+            bytes: 0,
+            expected: None,
+        }
+    }
+
+    /// The body inside, for one that logs nothing.
+    pub fn into_inner(mut self) -> ProxyBody {
+        debug_assert!(self.pending.is_none(), "a logged body unwrapped");
+        std::mem::replace(&mut self.inner, crate::proxy::body::empty())
+    }
+
     /// Wraps `inner`; `started` is when the request began, `length` the
     /// answer's Content-Length.
     pub fn wrap(
         inner: ProxyBody,
-        record: Record,
+        record: Box<Record>,
         started: Instant,
         log: Sinks,
         length: Option<u64>,
-    ) -> ProxyBody {
-        use http_body_util::BodyExt;
+    ) -> Self {
         if inner.is_end_stream() {
             let mut record = record;
             record.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
             log.emit(record);
-            return inner;
+            return Self::plain(inner);
         }
         let expected = length.or(inner.size_hint().exact());
         Self {
@@ -814,7 +1021,6 @@ impl Logged {
             bytes: 0,
             expected,
         }
-        .boxed_unsync()
     }
 
     fn finish(&mut self, cut: bool) {
@@ -838,6 +1044,9 @@ impl Body for Logged {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if self.pending.is_none() {
+            return polled;
+        }
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
@@ -865,6 +1074,9 @@ impl Body for Logged {
 
 impl Drop for Logged {
     fn drop(&mut self) {
+        if self.pending.is_none() {
+            return;
+        }
         let whole = self.expected.is_some_and(|n| self.bytes >= n);
         self.finish(!whole);
     }
@@ -901,7 +1113,7 @@ mod tests {
             authz: Some("denied by authz: rule 3".into()),
             ingress_route: Some("shop".into()),
             request_id: Some("r-1".into()),
-            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+            trace_id: Some(TraceId(*b"\x4b\xf9\x2f\x35\x77\xb3\x4d\xa6\xa3\xce\x92\x9d\x0e\x0e\x47\x36")),
             headers: None,
             span: None,
         };
@@ -922,6 +1134,51 @@ mod tests {
             }
             assert_eq!(ours, theirs);
         }
+    }
+
+    #[test]
+    fn records_take_their_text_from_the_request() {
+        let req = http::Request::builder()
+            .method("PATCH")
+            .uri("/a/b?q=1")
+            .header("host", "web:80")
+            .header("x-request-id", "r\"1")
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .header("content-length", "5")
+            .body(())
+            .unwrap();
+        let client = "10.0.0.1:5".parse().unwrap();
+        let r = begin(&req, client, "proxy", Text::from_static("n1"), None);
+        assert_eq!(r.method.as_deref(), Some("PATCH"));
+        assert_eq!(r.path.as_deref(), Some("/a/b"));
+        assert_eq!(r.authority.as_deref(), Some("web:80"));
+        assert_eq!(r.request_id.as_deref(), Some("r\"1"));
+        assert_eq!(r.bytes_in, Some(5));
+        let mut line = Vec::new();
+        r.write_line(&mut line);
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["request_id"], "r\"1");
+        assert_eq!(v["path"], "/a/b");
+        assert_eq!(v["source_node"], "n1");
+        assert_eq!(v["client"], "10.0.0.1:5");
+        assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(v, serde_json::to_value(&r).unwrap());
+
+        // An absolute URI's authority wins over Host; a value that is not
+        // text is left out.
+        let req = http::Request::get("http://api:8080/x")
+            .header("host", "other")
+            .header("x-request-id", &b"\xff"[..])
+            .body(())
+            .unwrap();
+        let r = begin(&req, client, "proxy", Text::default(), None);
+        assert_eq!(r.authority.as_deref(), Some("api:8080"));
+        assert_eq!(r.path.as_deref(), Some("/x"));
+        assert_eq!(r.request_id, None);
+        assert_eq!(r.trace_id, None);
     }
 
     #[test]
@@ -985,9 +1242,27 @@ mod tests {
                 .unwrap(),
         );
         assert_eq!(
-            trace_id(&h).as_deref(),
+            trace_id(&h).map(|id| id.to_string()).as_deref(),
             Some("4bf92f3577b34da6a3ce929d0e0e4736")
         );
+        // Upper case is read, and written back in lower case.
+        h.insert(
+            "traceparent",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            trace_id(&h).map(|id| id.to_string()).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        h.insert(
+            "traceparent",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(trace_id(&h), None);
         h.insert("traceparent", "00-xyz-00f067aa0ba902b7-01".parse().unwrap());
         assert_eq!(trace_id(&h), None);
     }

@@ -141,7 +141,7 @@ impl Filter {
         let status = r.status.to_string();
         self.service
             .as_ref()
-            .is_none_or(|s| r.service.as_ref() == Some(s))
+            .is_none_or(|s| r.service.as_deref() == Some(s.as_str()))
             && self
                 .path
                 .as_ref()
@@ -149,7 +149,7 @@ impl Filter {
             && self
                 .method
                 .as_ref()
-                .is_none_or(|m| r.method.as_ref() == Some(m))
+                .is_none_or(|m| r.method.as_deref() == Some(m.as_str()))
             && self.status.as_ref().is_none_or(|s| {
                 if s.ends_with("xx") {
                     status.as_bytes().first() == s.as_bytes().first()

@@ -104,19 +104,18 @@ pub struct Context {
     pub flags: u8,
 }
 
-fn hex_into(out: &mut [u8], text: &str) -> Option<()> {
+fn hex_into(out: &mut [u8], text: &[u8]) -> Option<()> {
+    // Lower case only, as the spec writes them.
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
     if text.len() != out.len() * 2 {
         return None;
     }
-    for (i, byte) in out.iter_mut().enumerate() {
-        let pair = text.get(2 * i..2 * i + 2)?;
-        if !pair
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            return None;
-        }
-        *byte = u8::from_str_radix(pair, 16).ok()?;
+    for (byte, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
+        *byte = nibble(pair[0])? << 4 | nibble(pair[1])?;
     }
     Some(())
 }
@@ -136,6 +135,22 @@ impl Context {
     /// Parses a `traceparent` value; `None` when it is malformed (then a
     /// new trace starts, as the spec says).
     pub fn parse(value: &str) -> Option<Self> {
+        let b = value.as_bytes();
+        // Nearly every header is version 00 written exactly as the spec
+        // writes it: read that by position, without splitting.
+        if b.len() == 55 && b.starts_with(b"00-") && b[35] == b'-' && b[52] == b'-' {
+            let mut ctx = Self {
+                trace_id: [0; 16],
+                parent: [0; 8],
+                flags: 0,
+            };
+            hex_into(&mut ctx.trace_id, &b[3..35])?;
+            hex_into(&mut ctx.parent, &b[36..52])?;
+            let mut f = [0u8; 1];
+            hex_into(&mut f, &b[53..])?;
+            ctx.flags = f[0];
+            return (ctx.trace_id != [0; 16] && ctx.parent != [0; 8]).then_some(ctx);
+        }
         let mut parts = value.trim().split('-');
         let version = parts.next()?;
         let (trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?);
@@ -144,16 +159,16 @@ impl Context {
             return None;
         }
         let mut v = [0u8; 1];
-        hex_into(&mut v, version)?;
+        hex_into(&mut v, version.as_bytes())?;
         let mut ctx = Self {
             trace_id: [0; 16],
             parent: [0; 8],
             flags: 0,
         };
-        hex_into(&mut ctx.trace_id, trace)?;
-        hex_into(&mut ctx.parent, parent)?;
+        hex_into(&mut ctx.trace_id, trace.as_bytes())?;
+        hex_into(&mut ctx.parent, parent.as_bytes())?;
         let mut f = [0u8; 1];
-        hex_into(&mut f, flags)?;
+        hex_into(&mut f, flags.as_bytes())?;
         ctx.flags = f[0];
         (ctx.trace_id != [0; 16] && ctx.parent != [0; 8]).then_some(ctx)
     }
@@ -168,14 +183,16 @@ impl Context {
 /// it is made for every request).
 pub fn traceparent(trace_id: &[u8; 16], span: &[u8; 8], flags: u8) -> HeaderValue {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    fn hex_to(out: &mut [u8], bytes: &[u8]) {
+        for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 15)];
+        }
+    }
     let mut out = [b'-'; 55];
     out[..2].copy_from_slice(b"00");
-    for (i, b) in trace_id.iter().chain(span).enumerate() {
-        // The trace id at 3.., the span id after one more dash at 36..
-        let at = if i < 16 { 3 + 2 * i } else { 36 + 2 * (i - 16) };
-        out[at] = DIGITS[usize::from(b >> 4)];
-        out[at + 1] = DIGITS[usize::from(b & 15)];
-    }
+    hex_to(&mut out[3..35], trace_id);
+    hex_to(&mut out[36..52], span);
     out[53] = b'0';
     out[54] = if flags & 1 == 1 { b'1' } else { b'0' };
     HeaderValue::from_bytes(&out).expect("hex is a valid header")
@@ -349,10 +366,24 @@ impl Tracer {
     /// reaching (server) this agent: rewrites `traceparent` to name this
     /// agent's span, and returns the span to record when it is sampled.
     pub fn enter(&self, headers: &mut HeaderMap, kind: Kind) -> Option<SpanIds> {
+        self.enter_trace(headers, kind).1
+    }
+
+    /// [`Tracer::enter`], also giving the trace's id (sampled or not), so
+    /// that the access log need not read it back from the header.
+    pub fn enter_trace(&self, headers: &mut HeaderMap, kind: Kind) -> ([u8; 16], Option<SpanIds>) {
         let incoming = headers
             .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(Context::parse);
+        if let Some(c) = incoming
+            && !c.sampled()
+        {
+            // The caller records nothing of this trace, and neither does
+            // this agent: the header goes on as it came (the spec lets a
+            // hop that records nothing pass it unchanged), unrewritten.
+            return (c.trace_id, None);
+        }
         let (trace_id, parent, flags) = self.decide(incoming);
         let span_id = new_span_id();
         headers.insert(TRACEPARENT, traceparent(&trace_id, &span_id, flags));
@@ -360,7 +391,7 @@ impl Tracer {
             // A tracestate without a valid traceparent belongs to no trace.
             headers.remove(TRACESTATE);
         }
-        (flags & 1 == 1).then(|| SpanIds {
+        let span = (flags & 1 == 1).then(|| SpanIds {
             trace_id,
             span_id,
             parent,
@@ -370,7 +401,8 @@ impl Tracer {
                 .get(TRACESTATE)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
-        })
+        });
+        (trace_id, span)
     }
 
     /// Queues the span of a finished request; never waits.
@@ -380,7 +412,7 @@ impl Tracer {
         let mut attributes = vec![
             (
                 "gossamer.source_node",
-                Value::Str(record.source_node.clone()),
+                Value::Str(record.source_node.to_string()),
             ),
             ("gossamer.listener", Value::Str(record.listener.into())),
             ("network.protocol.name", Value::Str(record.protocol.into())),
@@ -397,7 +429,7 @@ impl Tracer {
             ("http.request.method", &record.method),
             ("server.address", &record.authority),
             ("url.path", &record.path),
-            ("client.address", &Some(record.client.to_string())),
+            ("client.address", &Some(record.client.to_string().into())),
             ("gossamer.destination.instance", &record.instance),
             ("gossamer.destination.node", &record.node),
             ("gossamer.route.rule", &record.route_rule),
@@ -408,7 +440,7 @@ impl Tracer {
         ];
         for (key, value) in text {
             if let Some(v) = value {
-                attributes.push((key, Value::Str(v.clone())));
+                attributes.push((key, Value::Str(v.to_string())));
             }
         }
         if !record.flags.is_empty() {
@@ -675,9 +707,16 @@ mod tests {
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
             "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-+1",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba90-b7-01",
         ] {
             assert_eq!(Context::parse(bad), None, "{bad}");
         }
+        // Around the fast path, the same reading.
+        assert!(
+            Context::parse(" 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 ").is_some()
+        );
         // A later version may carry more fields.
         assert!(
             Context::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x").is_some()
@@ -732,7 +771,11 @@ mod tests {
                 .unwrap(),
         );
         assert!(t.enter(&mut h, Kind::Client).is_none());
-        assert!(h["traceparent"].to_str().unwrap().ends_with("-00"));
+        assert_eq!(
+            h["traceparent"],
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+        );
+        assert_eq!(h["tracestate"], "vendor=x");
     }
 
     #[test]

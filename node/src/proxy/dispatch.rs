@@ -79,6 +79,8 @@ pub struct Proxy {
     tracer: std::sync::OnceLock<crate::observe::trace::Tracer>,
     /// Golden signals per service.
     stats: Arc<crate::observe::stats::Stats>,
+    /// This node's name, shared by the access-log records.
+    node_text: crate::observe::access::Text,
     /// The agent's event stream (ejections and restorations go there).
     pub events: Arc<crate::events::Events>,
 }
@@ -106,6 +108,7 @@ impl Proxy {
         Arc::new(Self {
             tasks,
             config,
+            node_text: Arc::<str>::from(transport.name()).into(),
             transport,
             routes: rx,
             authz,
@@ -165,6 +168,11 @@ impl Proxy {
     /// This node's name.
     pub fn node_name(&self) -> &str {
         self.transport.name()
+    }
+
+    /// This node's name, as access-log records hold it.
+    pub fn node_text(&self) -> crate::observe::access::Text {
+        self.node_text.clone()
     }
 
     /// The route of `service`, if the catalog has it.
@@ -358,7 +366,7 @@ impl Proxy {
         let cap = ((total + 1) as f64 / usable as f64 * (1.0 + epsilon)).ceil() as usize;
         table
             .lookup_usable(hash, |i| {
-                ok(i) && inflight.get(&route.backends[i].key).copied().unwrap_or(0) < cap
+                ok(i) && inflight.get(&*route.backends[i].key).copied().unwrap_or(0) < cap
             })
             .or_else(|| table.lookup_usable(hash, ok))
     }
@@ -492,8 +500,8 @@ impl Proxy {
                             let mut event =
                                 crate::events::Event::new(crate::events::Kind::Outlier, "restored");
                             event.service = Some(route.name.clone());
-                            event.node = Some(backend.node.clone());
-                            event.instance = Some(backend.key.clone());
+                            event.node = Some(backend.node.to_string());
+                            event.instance = Some(backend.key.to_string());
                             self.events.publish(event);
                         }
                     }
@@ -600,8 +608,8 @@ impl Proxy {
             warn!(instance = %backend.key, ejected_for = ?time, "instance ejected after consecutive failures");
             let mut event = crate::events::Event::new(crate::events::Kind::Outlier, "ejected");
             event.service = Some(route.name.clone());
-            event.node = Some(backend.node.clone());
-            event.instance = Some(backend.key.clone());
+            event.node = Some(backend.node.to_string());
+            event.instance = Some(backend.key.to_string());
             event.reason = Some(format!(
                 "consecutive failures; out of rotation for {time:?}"
             ));
@@ -610,7 +618,7 @@ impl Proxy {
                 .ejections
                 .get_or_create(&InstanceLabels {
                     service: route.name.clone(),
-                    instance: backend.key.clone(),
+                    instance: backend.key.to_string(),
                 })
                 .inc();
         }

@@ -84,7 +84,7 @@ struct Signals {
     status: Option<u16>,
     span: Option<(
         crate::observe::trace::Tracer,
-        crate::observe::access::Record,
+        Box<crate::observe::access::Record>,
     )>,
 }
 
@@ -225,33 +225,26 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
             .reply(&mut send, StatusCode::FORBIDDEN, DENIED, &why)
             .await;
     }
+    use crate::observe::access::Text;
     if let Some(tracer) = proxy.tracer()
         && let Some(ids) = tracer.enter(&mut parts.headers, crate::observe::trace::Kind::Server)
     {
         let record = crate::observe::access::Record {
             listener: "inbound",
             protocol: hop::protocol_name(parts.version),
-            method: Some(parts.method.as_str().to_owned()),
-            authority: parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
-            path: Some(parts.uri.path().to_owned()),
-            source_node: local.node.clone(),
+            method: Some(Text::method(&parts.method)),
+            authority: parts.headers.get(http::header::HOST).and_then(Text::header),
+            path: Some(Text::path(&parts.uri)),
+            source_node: proxy.node_text(),
             client: crate::observe::access::Peer::Node(from.clone()),
-            service: Some(head.service.clone()),
-            instance: Some(format!("{}/{}", local.node, instance.id)),
-            node: Some(local.node.clone()),
-            request_id: parts
-                .headers
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
+            service: Some(head.service.as_str().into()),
+            instance: Some(format!("{}/{}", local.node, instance.id).into()),
+            node: Some(proxy.node_text()),
+            request_id: parts.headers.get("x-request-id").and_then(Text::header),
             span: Some(ids),
             ..Default::default()
         };
-        signals.span = Some((tracer.clone(), record));
+        signals.span = Some((tracer.clone(), Box::new(record)));
     }
     let timeouts = proxy.config.timeouts(&head.service, &parts.headers);
     let (request_timeout, connect_timeout) = (timeouts.request, timeouts.connect);

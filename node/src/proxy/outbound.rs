@@ -26,7 +26,7 @@ use super::routes::HashPolicy;
 use super::upgrade::is_upgrade;
 use crate::balance::rendezvous::hash_key;
 use crate::listener::{self, Limits, ListenerMetrics};
-use crate::observe::access;
+use crate::observe::access::{self, Logged};
 use gossamer_membership::catalog::validate_service_name;
 use std::time::Instant;
 
@@ -137,7 +137,7 @@ pub async fn handle_for(
     mut req: Request<Incoming>,
     peer: SocketAddr,
     service: String,
-) -> Response<ProxyBody> {
+) -> Response<Logged> {
     if let Some(path) = req.uri().path_and_query().cloned() {
         *req.uri_mut() = path.into();
     }
@@ -156,7 +156,7 @@ async fn handle(
     proxy: Arc<Proxy>,
     req: Request<Incoming>,
     peer: SocketAddr,
-) -> Response<ProxyBody> {
+) -> Response<Logged> {
     handle_entry(proxy, req, peer, &Entry::default()).await
 }
 
@@ -182,33 +182,37 @@ impl Default for Entry {
     }
 }
 
-/// The request path for a request whose Host names its service.
+/// The request path for a request whose Host names its service. The body
+/// logs the request when it ends, if the entry has a listener and the
+/// access log, tap or tracer wants it.
 pub async fn handle_entry(
     proxy: Arc<Proxy>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
     entry: &Entry,
-) -> Response<ProxyBody> {
+) -> Response<Logged> {
     let started = Instant::now();
     let service = target_service(&req);
     // The gateway (no listener here) logs and traces its requests itself.
-    let span = entry.listener.and_then(|_| {
-        proxy
-            .tracer()?
-            .enter(req.headers_mut(), crate::observe::trace::Kind::Client)
-    });
+    let (trace, span) = match (entry.listener, proxy.tracer()) {
+        (Some(_), Some(tracer)) => {
+            let (id, span) =
+                tracer.enter_trace(req.headers_mut(), crate::observe::trace::Kind::Client);
+            (Some(id), span)
+        }
+        _ => (None, None),
+    };
     let logged = entry.listener.and_then(|listener| {
         let sinks = access::Sinks::for_request(&proxy, span.is_some())?;
-        let mut record = access::begin(&req, peer, listener, proxy.node_name());
-        record.service = service.as_ref().ok().cloned();
+        let mut record = access::begin(&req, peer, listener, proxy.node_text(), trace);
         record.span = span;
         if sinks.tap.is_some() {
             record.headers = Some(req.headers().clone());
         }
         Some((record, sinks))
     });
-    let response = match service {
-        Err(e) => local_response(StatusCode::BAD_REQUEST, e.to_string()),
+    let (response, service) = match service {
+        Err(e) => (local_response(StatusCode::BAD_REQUEST, e.to_string()), None),
         Ok(service) => {
             let response = if is_grpc(req.headers()) {
                 grpc_error(route_request(&proxy, req, peer, entry, &service).await)
@@ -216,12 +220,16 @@ pub async fn handle_entry(
                 route_request(&proxy, req, peer, entry, &service).await
             };
             count_signals(&proxy, &service, &response, started);
-            response
+            (response, Some(service))
         }
     };
     match logged {
-        Some((record, log)) => access::finish(record, response, started, &log),
-        None => response,
+        Some((mut record, log)) => {
+            // Moved in, not copied: the request path is done with it.
+            record.service = service.map(access::Text::from);
+            access::finish_logged(record, response, started, &log)
+        }
+        None => response.map(Logged::plain),
     }
 }
 
@@ -425,8 +433,8 @@ async fn route_request(
         edits.apply(response.headers_mut());
     }
     response.extensions_mut().insert(access::RouteChoice {
-        rule: rule_label,
-        arm: arm_label,
+        rule: rule_label.into(),
+        arm: arm_label.into(),
     });
     // The breaker's counts last until the response has streamed.
     if admitted.is_some() || slot.is_some() {

@@ -67,11 +67,11 @@ impl Default for HashPolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
     /// Owning node.
-    pub node: String,
+    pub node: Arc<str>,
     /// Instance id.
     pub id: String,
     /// `node/id`: the key for ejection state and metrics.
-    pub key: String,
+    pub key: Arc<str>,
     /// Address on the owning node.
     pub address: String,
     /// Port on the owning node.
@@ -213,7 +213,7 @@ impl ServiceRoute {
         previous: Option<&ServiceRoute>,
     ) -> Self {
         let signature: Vec<(String, u32)> =
-            backends.iter().map(|b| (b.key.clone(), b.weight)).collect();
+            backends.iter().map(|b| (b.key.to_string(), b.weight)).collect();
         let hashed = match previous {
             Some(old) if old.signature == signature => old.hashed.clone(),
             Some(old) => {
@@ -225,7 +225,7 @@ impl ServiceRoute {
             }
             None => Arc::new(Hashed::new(&signature)),
         };
-        let keys = backends.iter().map(|b| b.key.clone()).collect();
+        let keys = backends.iter().map(|b| b.key.to_string()).collect();
         let tcp = backends.iter().any(|b| b.protocol == Protocol::Tcp);
         Self {
             name,
@@ -280,8 +280,8 @@ impl Routes {
             let backends: Vec<Backend> = instances
                 .iter()
                 .map(|i| Backend {
-                    key: format!("{}/{}", i.node, i.id),
-                    node: i.node.clone(),
+                    key: format!("{}/{}", i.node, i.id).into(),
+                    node: i.node.as_str().into(),
                     id: i.id.clone(),
                     address: i.address.clone(),
                     port: i.port,
@@ -319,7 +319,7 @@ impl Routes {
                 .iter()
                 .enumerate()
                 .map(|(i, t)| Backend {
-                    key: format!("external/{name}/{i}"),
+                    key: format!("external/{name}/{i}").into(),
                     node: "external".into(),
                     id: i.to_string(),
                     address: t.endpoint.host.clone(),

@@ -136,7 +136,7 @@ pub async fn serve_client(
                 count(&proxy, &service, &backend.key, "opened");
                 let labels = InstanceLabels {
                     service: service.clone(),
-                    instance: backend.key.clone(),
+                    instance: backend.key.to_string(),
                 };
                 let active = proxy.metrics.tcp_active.get_or_create(&labels).clone();
                 active.inc();
@@ -146,7 +146,7 @@ pub async fn serve_client(
                         .tcp_bytes
                         .get_or_create(&TcpBytesLabels {
                             service: service.clone(),
-                            instance: backend.key.clone(),
+                            instance: backend.key.to_string(),
                             direction: direction.to_owned(),
                         })
                         .clone()
@@ -169,12 +169,12 @@ pub async fn serve_client(
                     debug!(%service, instance = %backend.key, %peer, error = %e, "tcp connection ended by an error");
                 }
                 if let Some(sinks) = access::Sinks::for_request(&proxy, false) {
-                    sinks.emit(access::Record {
+                    sinks.emit(Box::new(access::Record {
                         duration_ms: started.elapsed().as_secs_f64() * 1000.0,
                         bytes_in: Some(mine.0.get()),
                         bytes_out: mine.1.get(),
-                        instance: Some(backend.key.clone()),
-                        node: Some(backend.node.clone()),
+                        instance: Some(backend.key.clone().into()),
+                        node: Some(backend.node.clone().into()),
                         retries: (tried.len() - 1) as u32,
                         flags: if outcome.is_err() {
                             vec!["DC"]
@@ -182,7 +182,7 @@ pub async fn serve_client(
                             Vec::new()
                         },
                         ..tcp_record(&proxy, &service, peer, wall)
-                    });
+                    }));
                 }
                 return;
             }
@@ -202,12 +202,12 @@ pub async fn serve_client(
     count(&proxy, &service, "none", "failed");
     debug!(%service, %peer, errors = ?errors, "tcp connection refused: no instance reached");
     if let Some(sinks) = access::Sinks::for_request(&proxy, false) {
-        sinks.emit(access::Record {
+        sinks.emit(Box::new(access::Record {
             duration_ms: started.elapsed().as_secs_f64() * 1000.0,
             flags: vec![if tried.is_empty() { "UH" } else { "UF" }],
             retries: tried.len().saturating_sub(1) as u32,
             ..tcp_record(&proxy, &service, peer, wall)
-        });
+        }));
     }
     let _ = client.set_zero_linger();
 }
@@ -223,9 +223,9 @@ fn tcp_record(
         start: access::Timestamp(start),
         listener: "upstream",
         protocol: "tcp",
-        source_node: proxy.node_name().to_owned(),
+        source_node: proxy.node_text(),
         client: access::Peer::Addr(peer),
-        service: Some(service.to_owned()),
+        service: Some(service.into()),
         ..access::Record::default()
     }
 }
@@ -259,7 +259,7 @@ fn least_loaded(proxy: &Proxy, route: &ServiceRoute, exclude: &[usize]) -> Optio
                 .tcp_active
                 .get_or_create(&InstanceLabels {
                     service: route.name.clone(),
-                    instance: b.key.clone(),
+                    instance: b.key.to_string(),
                 })
                 .get()
         })

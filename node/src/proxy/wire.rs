@@ -293,10 +293,7 @@ impl HeadReader {
         for _ in 0..count {
             let name = self.bytes()?;
             let value = self.bytes()?;
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::from_bytes(&name),
-                HeaderValue::from_maybe_shared(value),
-            ) {
+            if let (Ok(n), Ok(v)) = (header_name(&name), HeaderValue::from_maybe_shared(value)) {
                 map.try_append(n, v)
                     .map_err(|_| HeadError::Malformed("too many headers"))?;
             }
@@ -310,6 +307,42 @@ impl HeadReader {
             n => Err(HeadError::Trailing(n)),
         }
     }
+}
+
+/// Header names that no standard lists but that cross nearly every hop
+/// (trace context, request ids, forwarding, gRPC's): taken from here, not
+/// copied out of every head that carries them.
+mod common {
+    use http::HeaderName;
+    pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+    pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+    pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    pub const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    pub const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+    pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+    pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+    pub const GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
+    pub const GRPC_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("grpc-accept-encoding");
+}
+
+/// A header name read off the wire.
+fn header_name(bytes: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    use common::*;
+    // A match on the bytes: a length test and one comparison at most.
+    Ok(match bytes {
+        b"traceparent" => TRACEPARENT,
+        b"tracestate" => TRACESTATE,
+        b"x-request-id" => REQUEST_ID,
+        b"x-forwarded-for" => FORWARDED_FOR,
+        b"x-forwarded-proto" => FORWARDED_PROTO,
+        b"grpc-status" => GRPC_STATUS,
+        b"grpc-message" => GRPC_MESSAGE,
+        b"grpc-timeout" => GRPC_TIMEOUT,
+        b"grpc-encoding" => GRPC_ENCODING,
+        b"grpc-accept-encoding" => GRPC_ACCEPT_ENCODING,
+        _ => return HeaderName::from_bytes(bytes),
+    })
 }
 
 impl RequestHead {
@@ -600,6 +633,29 @@ mod tests {
             wire.contains(&("te".to_string(), b"trailers".to_vec())),
             "{wire:?}"
         );
+    }
+
+    #[test]
+    fn common_names_read_as_any_other() {
+        let common = [
+            "traceparent",
+            "tracestate",
+            "x-request-id",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "grpc-status",
+            "grpc-message",
+            "grpc-timeout",
+            "grpc-encoding",
+            "grpc-accept-encoding",
+        ];
+        for name in common.into_iter().chain(["x-other", "host", "te"]) {
+            let ours = header_name(name.as_bytes()).unwrap();
+            assert_eq!(ours, HeaderName::from_bytes(name.as_bytes()).unwrap());
+            assert_eq!(ours.as_str(), name);
+        }
+        assert!(header_name(b"bad name").is_err());
+        assert!(header_name(b"").is_err());
     }
 
     proptest! {
