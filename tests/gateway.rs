@@ -548,6 +548,28 @@ fn routing_precedence_path_tricks_limits_and_errors() -> Result<()> {
             && line["flags"] == serde_json::json!(["NR"]),
         "{line}"
     );
+    // A routed request's line names the route, the service and the
+    // instance that answered.
+    let (line, _) = poll(
+        "the routed request's line in the access log",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(s.dir.join("access.log"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|v| v["path"] == "/any" && v["authority"] == "nowhere.example.")
+                .ok_or_else(|| "not yet".to_string())
+        },
+    )?;
+    ensure!(
+        line["status"] == 200
+            && line["service"] == "web"
+            && line["ingress_route"].is_string()
+            && line["instance"].as_str().is_some_and(|i| i.ends_with("/web-c"))
+            && line["node"].is_string(),
+        "{line}"
+    );
     let (status, _, body) = get(s.plain, "ghost.test", "/")?;
     ensure!(
         status == 503 && body.contains("\"ghost\""),

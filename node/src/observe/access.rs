@@ -760,6 +760,7 @@ pub fn finish_logged(
     mut response: http::Response<ProxyBody>,
     started: Instant,
     log: &Sinks,
+    served: Option<Served>,
 ) -> http::Response<Logged> {
     record.status = response.status().as_u16();
     let ext = response.extensions_mut();
@@ -770,7 +771,7 @@ pub fn finish_logged(
     if record.flags.contains(&"UAEX") {
         record.authz = local.map(Text::from);
     }
-    if let Some(served) = ext.remove::<Served>() {
+    if let Some(served) = served.or_else(|| ext.remove::<Served>()) {
         record.instance = Some(served.instance.into());
         record.node = Some(served.node.into());
         record.retries = served.retries;
@@ -796,7 +797,7 @@ pub fn finish(
     log: &Sinks,
 ) -> http::Response<ProxyBody> {
     use http_body_util::BodyExt;
-    finish_logged(record, response, started, log).map(|body| body.boxed_unsync())
+    finish_logged(record, response, started, log, None).map(|body| body.boxed_unsync())
 }
 
 /// The flags of an answer: `NR` no route or unknown service, `UH` no

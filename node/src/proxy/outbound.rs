@@ -211,13 +211,16 @@ pub async fn handle_entry(
         }
         Some((record, sinks))
     });
+    // Where the request went, filled in by the dispatcher for the record.
+    let mut answered = None;
+    let served = logged.is_some().then_some(&mut answered);
     let (response, service) = match service {
         Err(e) => (local_response(StatusCode::BAD_REQUEST, e.to_string()), None),
         Ok(service) => {
             let response = if is_grpc(req.headers()) {
-                grpc_error(route_request(&proxy, req, peer, entry, &service).await)
+                grpc_error(route_request(&proxy, req, peer, entry, &service, served).await)
             } else {
-                route_request(&proxy, req, peer, entry, &service).await
+                route_request(&proxy, req, peer, entry, &service, served).await
             };
             count_signals(&proxy, &service, &response, started);
             (response, Some(service))
@@ -227,7 +230,7 @@ pub async fn handle_entry(
         Some((mut record, log)) => {
             // Moved in, not copied: the request path is done with it.
             record.service = service.map(access::Text::from);
-            access::finish_logged(record, response, started, &log)
+            access::finish_logged(record, response, started, &log, answered)
         }
         None => response.map(Logged::plain),
     }
@@ -257,6 +260,7 @@ async fn route_request(
     peer: SocketAddr,
     entry: &Entry,
     service: &str,
+    served: Option<&mut Option<access::Served>>,
 ) -> Response<ProxyBody> {
     let proxy = proxy.clone();
     let service = service.to_owned();
@@ -303,7 +307,9 @@ async fn route_request(
     parts
         .headers
         .insert(HOPS_HEADER, HeaderValue::from(hops + 1));
-    if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+    let mut ip = Vec::with_capacity(15);
+    access::write_ip(&mut ip, peer.ip());
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(ip)) {
         parts.headers.append(X_FORWARDED_FOR, v);
     }
     let Some(policy) = routes.policies.get(&service).cloned() else {
@@ -316,6 +322,7 @@ async fn route_request(
                 Replayable::new(body).limited(entry.body_limit),
                 on_upgrade,
                 entry.overrides,
+                served,
             )
             .await;
     };
@@ -424,7 +431,7 @@ async fn route_request(
         send_mirror(&proxy, &service, m, copy, body.copy(), key);
     }
     let mut response = proxy
-        .dispatch(&target, key, parts, body.clone(), on_upgrade, overrides)
+        .dispatch(&target, key, parts, body.clone(), on_upgrade, overrides, served)
         .await;
     if let Some((m, copy)) = mirror {
         send_mirror(&proxy, &service, m, copy, body.copy(), key);
@@ -501,7 +508,7 @@ fn send_mirror(
     let proxy = proxy.clone();
     tokio::spawn(async move {
         let response = proxy
-            .dispatch(&route, key, parts, body, None, Overrides::default())
+            .dispatch(&route, key, parts, body, None, Overrides::default(), None)
             .await;
         // Read the answer to its end so the connection can be reused.
         let _ = response.into_body().collect().await;
