@@ -125,9 +125,15 @@ if [ "${H2C:-0}" = 1 ]; then proto=(-m 10); else proto=(--h1); fi
 h2load "${proto[@]}" -n 500 -c 8 -t 1 -H ':authority: bench' "$url" >/dev/null
 callgrind_control -i on "$A" >/dev/null 2>&1
 h2load "${proto[@]}" -n "$N" -c 8 -t 1 -H ':authority: bench' "$url" >"$D/h2load.txt"
-callgrind_control -i off "$A" >/dev/null 2>&1
-callgrind_control -d "$A" >/dev/null 2>&1
-sleep 1
+# The controls can fail when valgrind is busy; the dump is waited for
+# below, so neither may end the script silently.
+callgrind_control -i off "$A" >/dev/null 2>&1 || true
+for _ in $(seq 1 30); do
+    callgrind_control -d "$A" >/dev/null 2>&1 || true
+    sleep 1
+    grep -qs '^totals: ' "$D"/callgrind.out.* && break
+done
+grep -qs '^totals: ' "$D"/callgrind.out.* || { echo "callgrind.sh: no profile dumped" >&2; exit 1; }
 ok=$(sed -n 's/.* \([0-9]*\) succeeded.*/\1/p' "$D/h2load.txt")
 [ "$ok" = "$N" ] || { echo "callgrind.sh: $ok of $N requests succeeded" >&2; exit 1; }
 total=0

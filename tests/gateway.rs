@@ -566,7 +566,9 @@ fn routing_precedence_path_tricks_limits_and_errors() -> Result<()> {
         line["status"] == 200
             && line["service"] == "web"
             && line["ingress_route"].is_string()
-            && line["instance"].as_str().is_some_and(|i| i.ends_with("/web-c"))
+            && line["instance"]
+                .as_str()
+                .is_some_and(|i| i.ends_with("/web-c"))
             && line["node"].is_string(),
         "{line}"
     );

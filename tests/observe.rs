@@ -165,6 +165,12 @@ fn access_log_lines_carry_status_flags_retries_and_ids() -> Result<()> {
     }
     let v = retried.context("no request was retried")?;
     ensure!(v["status"] == 200 && v["instance"] == "n2/live", "{v}");
+
+    // An agent that logs stops on SIGTERM like any other: its writer
+    // thread is told to finish, not left waiting.
+    let mut n1 = n1;
+    let status = n1.terminate(Duration::from_secs(20))?;
+    ensure!(status.success(), "the logging agent exited with {status}");
     Ok(())
 }
 

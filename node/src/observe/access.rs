@@ -85,9 +85,28 @@ pub struct AccessLog {
 #[derive(Debug)]
 struct Shared {
     pending: Mutex<Vec<u8>>,
-    /// Signalled when lines arrive in an empty buffer.
+    /// Signalled when lines arrive in an empty buffer, and at the stop.
     arrived: Condvar,
+    /// Set (under `pending`'s lock) when the agent stops.
+    stopped: std::sync::atomic::AtomicBool,
     dropped: Counter,
+}
+
+/// Tells the writer to write what is left and end, when dropped.
+#[derive(Debug)]
+struct StopWriter(Arc<Shared>);
+
+impl Drop for StopWriter {
+    fn drop(&mut self) {
+        let pending = self.0.pending.lock().unwrap_or_else(|e| e.into_inner());
+        // Under the lock, so the writer cannot miss it between its check
+        // and its wait.
+        self.0
+            .stopped
+            .store(true, std::sync::atomic::Ordering::Release);
+        drop(pending);
+        self.0.arrived.notify_one();
+    }
 }
 
 impl AccessLog {
@@ -114,20 +133,35 @@ impl AccessLog {
         let shared = Arc::new(Shared {
             pending: Mutex::new(Vec::with_capacity(64 * 1024)),
             arrived: Condvar::new(),
+            stopped: std::sync::atomic::AtomicBool::new(false),
             dropped,
         });
         let writer = shared.clone();
+        let (done, ended) = tokio::sync::oneshot::channel::<()>();
+        // A thread of its own rather than the runtime's blocking pool: the
+        // pool drops work it has not started when the runtime ends, and
+        // lines would go with it.
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || {
+                write_lines(&writer, out);
+                let _ = done.send(());
+            })
+            .map_err(|e| format!("access_log: cannot start its writer: {e}"))?;
+        // The guard tells the writer to finish when the agent stops, or if
+        // this task is dropped before that (as the runtime ends).
+        let guard = StopWriter(shared.clone());
         let stop = tasks.clone();
-        tasks.spawn(async move {
-            let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let flag = stopped.clone();
-            let wake = writer.clone();
-            let thread = tokio::task::spawn_blocking(move || write_lines(&writer, out, &flag));
-            stop.stopped().await;
-            stopped.store(true, std::sync::atomic::Ordering::Release);
-            wake.arrived.notify_one();
-            let _ = thread.await;
-        });
+        // Not cut short by the stop: the agent waits for the last lines.
+        tasks.spawn_until(
+            async move {
+                let guard = guard;
+                stop.stopped().await;
+                drop(guard);
+                let _ = ended.await;
+            },
+            tokio_util::sync::CancellationToken::new(),
+        );
         Ok(Some(Self {
             shared,
             sample: config.sample,
@@ -162,24 +196,21 @@ impl AccessLog {
 
 /// The writer: waits for lines, lets a batch gather, writes it; writes
 /// what is left when the agent stops.
-fn write_lines(
-    shared: &Shared,
-    out: Box<dyn Write + Send>,
-    stopped: &std::sync::atomic::AtomicBool,
-) {
+fn write_lines(shared: &Shared, out: Box<dyn Write + Send>) {
+    use std::sync::atomic::Ordering;
     let mut out = out;
     let mut batch = Vec::with_capacity(64 * 1024);
     let mut warned = false;
     loop {
         let stopping = {
             let mut pending = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
-            while pending.is_empty() && !stopped.load(std::sync::atomic::Ordering::Acquire) {
+            while pending.is_empty() && !shared.stopped.load(Ordering::Acquire) {
                 pending = shared
                     .arrived
                     .wait(pending)
                     .unwrap_or_else(|e| e.into_inner());
             }
-            stopped.load(std::sync::atomic::Ordering::Acquire)
+            shared.stopped.load(Ordering::Acquire)
         };
         if !stopping {
             std::thread::sleep(BATCH);
@@ -760,7 +791,6 @@ pub fn finish_logged(
     mut response: http::Response<ProxyBody>,
     started: Instant,
     log: &Sinks,
-    served: Option<Served>,
 ) -> http::Response<Logged> {
     record.status = response.status().as_u16();
     let ext = response.extensions_mut();
@@ -771,7 +801,7 @@ pub fn finish_logged(
     if record.flags.contains(&"UAEX") {
         record.authz = local.map(Text::from);
     }
-    if let Some(served) = served.or_else(|| ext.remove::<Served>()) {
+    if let Some(served) = ext.remove::<Served>() {
         record.instance = Some(served.instance.into());
         record.node = Some(served.node.into());
         record.retries = served.retries;
@@ -797,7 +827,7 @@ pub fn finish(
     log: &Sinks,
 ) -> http::Response<ProxyBody> {
     use http_body_util::BodyExt;
-    finish_logged(record, response, started, log, None).map(|body| body.boxed_unsync())
+    finish_logged(record, response, started, log).map(|body| body.boxed_unsync())
 }
 
 /// The flags of an answer: `NR` no route or unknown service, `UH` no
@@ -1114,7 +1144,9 @@ mod tests {
             authz: Some("denied by authz: rule 3".into()),
             ingress_route: Some("shop".into()),
             request_id: Some("r-1".into()),
-            trace_id: Some(TraceId(*b"\x4b\xf9\x2f\x35\x77\xb3\x4d\xa6\xa3\xce\x92\x9d\x0e\x0e\x47\x36")),
+            trace_id: Some(TraceId(
+                *b"\x4b\xf9\x2f\x35\x77\xb3\x4d\xa6\xa3\xce\x92\x9d\x0e\x0e\x47\x36",
+            )),
             headers: None,
             span: None,
         };
@@ -1180,6 +1212,48 @@ mod tests {
         assert_eq!(r.path.as_deref(), Some("/x"));
         assert_eq!(r.request_id, None);
         assert_eq!(r.trace_id, None);
+    }
+
+    #[test]
+    fn the_writer_ends_when_the_agent_stops() {
+        // The agent's task set may drop the log's task as it stops (either
+        // branch of its select can win), so this runs many times: a writer
+        // left waiting keeps the runtime, and the process, from ending.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        for round in 0..24 {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let tasks = crate::tasks::Tasks::new();
+            let config = AccessLogConfig {
+                enabled: true,
+                path: path.clone(),
+                sample: 1.0,
+            };
+            let log = runtime
+                .block_on(async { AccessLog::start(&config, Counter::default(), &tasks) })
+                .unwrap()
+                .unwrap();
+            log.emit(&Record {
+                retries: round,
+                ..Record::default()
+            });
+            runtime.block_on(tasks.stop_and_wait(Duration::from_secs(5)));
+            let (done, ended) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                drop(runtime);
+                let _ = done.send(());
+            });
+            ended
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("round {round}: the runtime did not end"));
+        }
+        // Every round's line was written before its writer ended.
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 24);
     }
 
     #[test]

@@ -403,7 +403,6 @@ impl Proxy {
         body: Replayable,
         mut on_upgrade: Option<OnUpgrade>,
         overrides: Overrides,
-        mut served: Option<&mut Option<crate::observe::access::Served>>,
     ) -> Response<ProxyBody> {
         let service = &route.name;
         let mut timeouts = self.config.timeouts(service, &parts.headers);
@@ -512,21 +511,15 @@ impl Proxy {
                         && budget.try_retry();
                     if !retried {
                         let mut response = response;
-                        let answered = || crate::observe::access::Served {
-                            instance: backend.key.clone(),
-                            node: backend.node.clone(),
-                            retries: made.saturating_sub(1) as u32,
-                            upstream: started.elapsed(),
-                        };
-                        // Straight to the caller's record when it has
-                        // one; else on the response, for a caller that
-                        // logs it itself (the gateway).
-                        match served.as_deref_mut() {
-                            Some(slot) => *slot = Some(answered()),
-                            None if self.observed() => {
-                                response.extensions_mut().insert(answered());
-                            }
-                            None => {}
+                        if self.observed() {
+                            response
+                                .extensions_mut()
+                                .insert(crate::observe::access::Served {
+                                    instance: backend.key.clone(),
+                                    node: backend.node.clone(),
+                                    retries: made.saturating_sub(1) as u32,
+                                    upstream: started.elapsed(),
+                                });
                         }
                         return response;
                     }

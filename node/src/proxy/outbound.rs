@@ -152,11 +152,7 @@ pub async fn handle_for(
     handle_entry(proxy, req, peer, &entry).await
 }
 
-async fn handle(
-    proxy: Arc<Proxy>,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-) -> Response<Logged> {
+async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>, peer: SocketAddr) -> Response<Logged> {
     handle_entry(proxy, req, peer, &Entry::default()).await
 }
 
@@ -211,16 +207,13 @@ pub async fn handle_entry(
         }
         Some((record, sinks))
     });
-    // Where the request went, filled in by the dispatcher for the record.
-    let mut answered = None;
-    let served = logged.is_some().then_some(&mut answered);
     let (response, service) = match service {
         Err(e) => (local_response(StatusCode::BAD_REQUEST, e.to_string()), None),
         Ok(service) => {
             let response = if is_grpc(req.headers()) {
-                grpc_error(route_request(&proxy, req, peer, entry, &service, served).await)
+                grpc_error(route_request(&proxy, req, peer, entry, &service).await)
             } else {
-                route_request(&proxy, req, peer, entry, &service, served).await
+                route_request(&proxy, req, peer, entry, &service).await
             };
             count_signals(&proxy, &service, &response, started);
             (response, Some(service))
@@ -230,7 +223,7 @@ pub async fn handle_entry(
         Some((mut record, log)) => {
             // Moved in, not copied: the request path is done with it.
             record.service = service.map(access::Text::from);
-            access::finish_logged(record, response, started, &log, answered)
+            access::finish_logged(record, response, started, &log)
         }
         None => response.map(Logged::plain),
     }
@@ -260,7 +253,6 @@ async fn route_request(
     peer: SocketAddr,
     entry: &Entry,
     service: &str,
-    served: Option<&mut Option<access::Served>>,
 ) -> Response<ProxyBody> {
     let proxy = proxy.clone();
     let service = service.to_owned();
@@ -322,7 +314,6 @@ async fn route_request(
                 Replayable::new(body).limited(entry.body_limit),
                 on_upgrade,
                 entry.overrides,
-                served,
             )
             .await;
     };
@@ -431,7 +422,7 @@ async fn route_request(
         send_mirror(&proxy, &service, m, copy, body.copy(), key);
     }
     let mut response = proxy
-        .dispatch(&target, key, parts, body.clone(), on_upgrade, overrides, served)
+        .dispatch(&target, key, parts, body.clone(), on_upgrade, overrides)
         .await;
     if let Some((m, copy)) = mirror {
         send_mirror(&proxy, &service, m, copy, body.copy(), key);
@@ -508,7 +499,7 @@ fn send_mirror(
     let proxy = proxy.clone();
     tokio::spawn(async move {
         let response = proxy
-            .dispatch(&route, key, parts, body, None, Overrides::default(), None)
+            .dispatch(&route, key, parts, body, None, Overrides::default())
             .await;
         // Read the answer to its end so the connection can be reused.
         let _ = response.into_body().collect().await;

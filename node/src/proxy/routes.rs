@@ -212,8 +212,10 @@ impl ServiceRoute {
         backends: Vec<Backend>,
         previous: Option<&ServiceRoute>,
     ) -> Self {
-        let signature: Vec<(String, u32)> =
-            backends.iter().map(|b| (b.key.to_string(), b.weight)).collect();
+        let signature: Vec<(String, u32)> = backends
+            .iter()
+            .map(|b| (b.key.to_string(), b.weight))
+            .collect();
         let hashed = match previous {
             Some(old) if old.signature == signature => old.hashed.clone(),
             Some(old) => {
