@@ -529,19 +529,24 @@ fn routing_precedence_path_tricks_limits_and_errors() -> Result<()> {
         status == 404 && body == "gossamer: no route for host locked.example path /other\n",
         "{status} {body:?}"
     );
-    // The gateway's access log has the refusal, with its flag.
-    let (line, _) = poll(
-        "the no-route line in the access log",
-        Duration::from_secs(10),
-        || {
-            std::fs::read_to_string(s.dir.join("access.log"))
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .find(|v| v["path"] == "/other" && v["authority"] == "locked.example")
-                .ok_or_else(|| "not yet".to_string())
-        },
-    )?;
+    // The gateway's access log line for a request, by path and host.
+    let logged = |path: &str, host: &str| {
+        poll(
+            &format!("the access-log line of {host}{path}"),
+            Duration::from_secs(10),
+            || {
+                std::fs::read_to_string(s.dir.join("access.log"))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .find(|v| v["path"] == path && v["authority"] == host)
+                    .ok_or_else(|| "not yet".to_string())
+            },
+        )
+        .map(|(line, _)| line)
+    };
+    // It has the refusal, with its flag.
+    let line = logged("/other", "locked.example")?;
     ensure!(
         line["listener"] == "gateway"
             && line["status"] == 404
@@ -550,18 +555,7 @@ fn routing_precedence_path_tricks_limits_and_errors() -> Result<()> {
     );
     // A routed request's line names the route, the service and the
     // instance that answered.
-    let (line, _) = poll(
-        "the routed request's line in the access log",
-        Duration::from_secs(10),
-        || {
-            std::fs::read_to_string(s.dir.join("access.log"))
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .find(|v| v["path"] == "/any" && v["authority"] == "nowhere.example.")
-                .ok_or_else(|| "not yet".to_string())
-        },
-    )?;
+    let line = logged("/any", "nowhere.example.")?;
     ensure!(
         line["status"] == 200
             && line["service"] == "web"
