@@ -165,11 +165,6 @@ impl Proxy {
         &self.stats
     }
 
-    /// This node's name.
-    pub fn node_name(&self) -> &str {
-        self.transport.name()
-    }
-
     /// This node's name, as access-log records hold it.
     pub fn node_text(&self) -> crate::observe::access::Text {
         self.node_text.clone()
