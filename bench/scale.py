@@ -158,10 +158,13 @@ class Agent:
                 found = True
         return total if found else None
 
-    def rss_kib(self):
+    def rss_kib(self, field="VmRSS"):
+        """Resident memory in KiB: `VmRSS` in all, or its parts `RssAnon`
+        (the agent's own memory) and `RssFile` (pages of the binary, shared
+        by every agent on the host but counted in each one's RSS)."""
         try:
             for line in open(f"/proc/{self.proc.pid}/status"):
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
         except OSError:
             pass
@@ -320,9 +323,13 @@ def phase_idle(args, agents):
         h1 = a.metric("gossamer_transport_handshakes_total")
         if h1 is not None and hs0.get(a.name) is not None:
             hs_rate.append(60.0 * (h1 - hs0[a.name]) / elapsed)
-    rss = [a.rss_kib() / 1024.0 for a in agents if a.rss_kib() is not None]
+    def rss(field):
+        return summary(r / 1024.0 for r in (a.rss_kib(field) for a in agents) if r is not None)
+
     out = {
-        "rss_mb": summary(rss),
+        "rss_mb": rss("VmRSS"),
+        "rss_anon_mb": rss("RssAnon"),
+        "rss_file_mb": rss("RssFile"),
         "cpu_percent": summary(cpu),
         "wakeups_per_s": summary(wakes),
         "quic_connections": summary(conns),
@@ -336,6 +343,12 @@ def phase_idle(args, agents):
             out["rss_mb"].get("median", 0), out["rss_mb"].get("max", 0),
             out["cpu_percent"].get("median", 0), out["cpu_percent"].get("max", 0),
             out["quic_connections"].get("median"), out["quic_connections"].get("max")),
+        flush=True,
+    )
+    print(
+        "idle: of the RSS, the agent's own (RssAnon) MB median {:.1f} max {:.1f}; the binary's pages (RssFile) median {:.1f} max {:.1f}".format(
+            out["rss_anon_mb"].get("median", 0), out["rss_anon_mb"].get("max", 0),
+            out["rss_file_mb"].get("median", 0), out["rss_file_mb"].get("max", 0)),
         flush=True,
     )
     print(
@@ -629,12 +642,24 @@ def main():
             (out / "result.json").write_text(json.dumps(result, indent=2))
     finally:
         if not args.keep:
+            # SIGTERM first, so that a profiler given by --wrap writes its
+            # data; whatever has not exited after 30 s is killed.
             for a in agents:
                 if a.alive():
                     a.proc.send_signal(signal.SIGCONT)
-                    a.proc.kill()
+                    a.proc.terminate()
+            if args.wrap:
+                # A wrapper such as heaptrack's script does not pass the
+                # signal on to the agent it started.
+                subprocess.run(["pkill", "-TERM", "-f", str(root / "certs" / "n0004.pem")], check=False)
+            deadline = time.monotonic() + 30
             for a in agents:
-                if a.proc is not None:
+                if a.proc is None:
+                    continue
+                try:
+                    a.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    a.proc.kill()
                     a.proc.wait()
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -419,3 +419,60 @@ async fn a_revoked_certificate_is_cut_off_and_refused() {
     assert!(a.revocations().peers().is_empty());
     assert_eq!(a.connect_seed(b_addr).await.unwrap(), "b");
 }
+
+/// Mesh connections settle on AES-128-GCM, the cheapest of the TLS 1.3
+/// suites per packet and per handshake (see `tls::provider`).
+#[test]
+fn mesh_handshakes_choose_aes_128_gcm() {
+    use std::io::Cursor;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+
+    use gossamer_transport::tls;
+    use rustls::pki_types::ServerName;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki::generate_ca("test.mesh").unwrap();
+    let a = identity(dir.path(), &ca, "a");
+    let b = identity(dir.path(), &ca, "b");
+    let revoked = Arc::new(revocation::Revocations::default());
+    let server = tls::server_config(&b, Arc::new(AtomicU64::new(0)), revoked.clone()).unwrap();
+    let client = tls::client_config(&a, 8, revoked).unwrap();
+    let name = ServerName::try_from(tls::SEED_SERVER_NAME).unwrap();
+    let mut c = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
+    let mut s = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+
+    for _ in 0..10 {
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        let mut r = Cursor::new(wire);
+        while (r.position() as usize) < r.get_ref().len() {
+            s.read_tls(&mut r).unwrap();
+            s.process_new_packets().unwrap();
+        }
+        let mut wire = Vec::new();
+        while s.wants_write() {
+            s.write_tls(&mut wire).unwrap();
+        }
+        let mut r = Cursor::new(wire);
+        while (r.position() as usize) < r.get_ref().len() {
+            c.read_tls(&mut r).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        if !c.is_handshaking() && !s.is_handshaking() {
+            break;
+        }
+    }
+    assert!(
+        !c.is_handshaking() && !s.is_handshaking(),
+        "handshake did not finish"
+    );
+    for suite in [c.negotiated_cipher_suite(), s.negotiated_cipher_suite()] {
+        assert_eq!(
+            suite.map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+    }
+}
