@@ -439,28 +439,26 @@ fn mesh_handshakes_choose_aes_128_gcm() {
     let server = tls::server_config(&b, Arc::new(AtomicU64::new(0)), revoked.clone()).unwrap();
     let client = tls::client_config(&a, 8, revoked).unwrap();
     let name = ServerName::try_from(tls::SEED_SERVER_NAME).unwrap();
-    let mut c = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
-    let mut s = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+    let mut c =
+        rustls::Connection::Client(rustls::ClientConnection::new(Arc::new(client), name).unwrap());
+    let mut s =
+        rustls::Connection::Server(rustls::ServerConnection::new(Arc::new(server)).unwrap());
 
+    // Everything `from` has to send, read and processed by `to`.
+    fn pass(from: &mut rustls::Connection, to: &mut rustls::Connection) {
+        let mut wire = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut wire).unwrap();
+        }
+        let mut r = Cursor::new(wire);
+        while (r.position() as usize) < r.get_ref().len() {
+            to.read_tls(&mut r).unwrap();
+            to.process_new_packets().unwrap();
+        }
+    }
     for _ in 0..10 {
-        let mut wire = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut wire).unwrap();
-        }
-        let mut r = Cursor::new(wire);
-        while (r.position() as usize) < r.get_ref().len() {
-            s.read_tls(&mut r).unwrap();
-            s.process_new_packets().unwrap();
-        }
-        let mut wire = Vec::new();
-        while s.wants_write() {
-            s.write_tls(&mut wire).unwrap();
-        }
-        let mut r = Cursor::new(wire);
-        while (r.position() as usize) < r.get_ref().len() {
-            c.read_tls(&mut r).unwrap();
-            c.process_new_packets().unwrap();
-        }
+        pass(&mut c, &mut s);
+        pass(&mut s, &mut c);
         if !c.is_handshaking() && !s.is_handshaking() {
             break;
         }
