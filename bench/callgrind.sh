@@ -18,6 +18,11 @@
 # requests are HTTP/2 without TLS (prior knowledge), 10 streams at once on
 # each connection, as bench.py's h2c path sends them. With PROFILE=b, agent
 # B (the one that owns the instance) is counted instead of A.
+#
+# With FLAME=FILE.svg the profiled agent runs natively instead, and `perf
+# record -e cpu-clock` (a software clock, so no hardware counters are
+# needed) samples it with DWARF call graphs while it serves REQUESTS;
+# inferno (cargo install inferno) folds the samples into a flamegraph.
 set -euo pipefail
 
 BIN=$(realpath "${1:?usage: callgrind.sh BIN MODE [REQUESTS]}")
@@ -99,6 +104,13 @@ esac
 
 common=(--ca "$D/ca/ca.pem" --log-level warn --threads 1)
 callgrind=(valgrind --tool=callgrind --callgrind-out-file="$D/callgrind.out" --instr-atstart=no)
+if [ -n "${FLAME:-}" ]; then
+    for tool in perf inferno-collapse-perf inferno-flamegraph; do
+        command -v $tool >/dev/null || { echo "callgrind.sh: FLAME needs $tool (linux-perf; cargo install inferno)" >&2; exit 1; }
+    done
+    FLAME=$(realpath -m "$FLAME")
+    callgrind=()
+fi
 case ${PROFILE:-a} in
 a) on_a=("${callgrind[@]}") on_b=() ;;
 b) on_a=() on_b=("${callgrind[@]}") ;;
@@ -123,6 +135,18 @@ done
 curl -s -H 'Host: bench' "$url" | grep -q xxxx || { echo "callgrind.sh: no answer through agent A" >&2; exit 1; }
 if [ "${H2C:-0}" = 1 ]; then proto=(-m 10); else proto=(--h1); fi
 h2load "${proto[@]}" -n 500 -c 8 -t 1 -H ':authority: bench' "$url" >/dev/null
+if [ -n "${FLAME:-}" ]; then
+    perf record -q -e cpu-clock -F 499 --call-graph dwarf,16384 -p "$A" -o "$D/perf.data" 2>"$D/perf.log" &
+    perf=$!
+    sleep 1
+    h2load "${proto[@]}" -n "$N" -c 8 -t 1 -H ':authority: bench' "$url" >"$D/h2load.txt"
+    kill -INT $perf
+    wait $perf || true
+    perf script -i "$D/perf.data" 2>/dev/null | inferno-collapse-perf >"$D/folded.txt"
+    inferno-flamegraph --title "agent ${PROFILE:-a}, $MODE, $N requests" <"$D/folded.txt" >"$FLAME"
+    echo "$MODE: flamegraph of agent $(echo "${PROFILE:-a}" | tr ab AB) in $FLAME ($(wc -l <"$D/folded.txt") stacks; samples in $D)"
+    exit 0
+fi
 callgrind_control -i on "$A" >/dev/null 2>&1
 h2load "${proto[@]}" -n "$N" -c 8 -t 1 -H ':authority: bench' "$url" >"$D/h2load.txt"
 # The controls can fail when valgrind is busy; the dump is waited for
