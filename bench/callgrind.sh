@@ -139,31 +139,36 @@ if [ -n "${FLAME:-}" ]; then
     perf record -q -e cpu-clock -F 499 --call-graph dwarf,16384 -p "$A" -o "$D/perf.data" 2>"$D/perf.log" &
     perf=$!
     sleep 1
-    h2load "${proto[@]}" -n "$N" -c 8 -t 1 -H ':authority: bench' "$url" >"$D/h2load.txt"
+else
+    callgrind_control -i on "$A" >/dev/null 2>&1
+fi
+h2load "${proto[@]}" -n "$N" -c 8 -t 1 -H ':authority: bench' "$url" >"$D/h2load.txt"
+if [ -n "${FLAME:-}" ]; then
     kill -INT $perf
     wait $perf || true
-    perf script -i "$D/perf.data" 2>/dev/null | inferno-collapse-perf >"$D/folded.txt"
-    inferno-flamegraph --title "agent ${PROFILE:-a}, $MODE, $N requests" <"$D/folded.txt" >"$FLAME"
-    echo "$MODE: flamegraph of agent $(echo "${PROFILE:-a}" | tr ab AB) in $FLAME ($(wc -l <"$D/folded.txt") stacks; samples in $D)"
-    exit 0
+else
+    # The controls can fail when valgrind is busy; the dump is waited for
+    # below, so neither may end the script silently.
+    callgrind_control -i off "$A" >/dev/null 2>&1 || true
+    for _ in $(seq 1 30); do
+        callgrind_control -d "$A" >/dev/null 2>&1 || true
+        sleep 1
+        grep -qs '^totals: ' "$D"/callgrind.out.* && break
+    done
+    grep -qs '^totals: ' "$D"/callgrind.out.* || { echo "callgrind.sh: no profile dumped" >&2; exit 1; }
 fi
-callgrind_control -i on "$A" >/dev/null 2>&1
-h2load "${proto[@]}" -n "$N" -c 8 -t 1 -H ':authority: bench' "$url" >"$D/h2load.txt"
-# The controls can fail when valgrind is busy; the dump is waited for
-# below, so neither may end the script silently.
-callgrind_control -i off "$A" >/dev/null 2>&1 || true
-for _ in $(seq 1 30); do
-    callgrind_control -d "$A" >/dev/null 2>&1 || true
-    sleep 1
-    grep -qs '^totals: ' "$D"/callgrind.out.* && break
-done
-grep -qs '^totals: ' "$D"/callgrind.out.* || { echo "callgrind.sh: no profile dumped" >&2; exit 1; }
 ok=$(sed -n 's/.* \([0-9]*\) succeeded.*/\1/p' "$D/h2load.txt")
 [ "$ok" = "$N" ] || { echo "callgrind.sh: $ok of $N requests succeeded" >&2; exit 1; }
+side=$(echo "${PROFILE:-a}" | tr ab AB)
+if [ -n "${FLAME:-}" ]; then
+    perf script -i "$D/perf.data" 2>/dev/null | inferno-collapse-perf >"$D/folded.txt"
+    inferno-flamegraph --title "agent $side, $MODE, $N requests" <"$D/folded.txt" >"$FLAME"
+    echo "$MODE: flamegraph of agent $side in $FLAME ($(wc -l <"$D/folded.txt") stacks; samples in $D)"
+    exit 0
+fi
 total=0
 for f in "$D"/callgrind.out*; do
     t=$(sed -n 's/^totals: //p' "$f")
     total=$((total + ${t:-0}))
 done
-side=$(echo "${PROFILE:-a}" | tr ab AB)
 echo "$MODE: $((total / N)) instructions per request on agent $side ($N requests; profile in $D)"

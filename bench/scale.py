@@ -44,6 +44,8 @@ from datetime import datetime
 from pathlib import Path
 
 TICK = os.sysconf("SC_CLK_TCK")
+# The agent that --wrap runs under a profiler (not a seed, so it joins as most do).
+WRAPPED = "n0004"
 
 
 def free_ports(n_udp, n_tcp):
@@ -92,7 +94,7 @@ class Agent:
         for s in seeds:
             cmd += ["--seed", s]
         cmd += self.args.agent_arg
-        if self.args.wrap and self.name == "n0004":
+        if self.args.wrap and self.name == WRAPPED:
             cmd = self.args.wrap.split() + cmd
         log = open(self.root / "logs" / f"{self.name}.log", "ab")
         env = dict(os.environ)
@@ -596,7 +598,7 @@ def main():
     p.add_argument("--log-level", default="info,gossamer_node::catalog=debug",
                    help="agent log filter (the catalog phase reads the catalog's debug lines)")
     p.add_argument("--agent-arg", action="append", default=[], help="extra agent argument (repeatable)")
-    p.add_argument("--wrap", help="run agent n0004 under this command (a profiler, e.g. 'heaptrack -o /tmp/h')")
+    p.add_argument("--wrap", help=f"run agent {WRAPPED} under this command (a profiler, e.g. 'heaptrack -o /tmp/h')")
     p.add_argument("--keep", action="store_true", help="leave the agents running at the end")
     args = p.parse_args()
 
@@ -651,7 +653,7 @@ def main():
             if args.wrap:
                 # A wrapper such as heaptrack's script does not pass the
                 # signal on to the agent it started.
-                subprocess.run(["pkill", "-TERM", "-f", str(root / "certs" / "n0004.pem")], check=False)
+                subprocess.run(["pkill", "-TERM", "-f", str(root / "certs" / f"{WRAPPED}.pem")], check=False)
             deadline = time.monotonic() + 30
             for a in agents:
                 if a.proc is None:

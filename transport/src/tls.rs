@@ -76,15 +76,18 @@ pub fn client_config(
     sessions: usize,
     revoked: Arc<Revocations>,
 ) -> Result<rustls::ClientConfig, rustls::Error> {
-    let inner = WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider())
+    let provider = provider();
+    let inner = WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider.clone())
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+    let algorithms = provider.signature_verification_algorithms;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(MeshServerVerifier {
             inner,
             roots: id.roots.clone(),
+            algorithms,
             revoked,
         }))
         .with_client_auth_cert(id.chain.clone(), id.key.clone_key())?;
@@ -128,6 +131,8 @@ impl ProducesTickets for CountingTicketer {
 struct MeshServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
     roots: Arc<rustls::RootCertStore>,
+    /// For a seed's chain: taken once from the provider, not per handshake.
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
     revoked: Arc<Revocations>,
 }
 
@@ -165,7 +170,7 @@ impl ServerCertVerifier for MeshServerVerifier {
             &self.roots,
             intermediates,
             now,
-            provider().signature_verification_algorithms.all,
+            self.algorithms.all,
         )?;
         Ok(ServerCertVerified::assertion())
     }
