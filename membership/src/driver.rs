@@ -27,7 +27,7 @@ use crate::config::SwimConfig;
 use crate::core::{Event, Membership, MembershipError, Transmit};
 use crate::docs::{DocAction, DocKey, DocRef, DocReplica, DocStamp};
 use crate::identity::NodeId;
-use crate::replica::{Digest, Replica, ReplicaAction, ReplicaConfig};
+use crate::replica::{Digest, NEWER_MEMBER_WAIT, Replica, ReplicaAction, ReplicaConfig};
 use crate::sync::{SYNC_AFTER_RENEWAL, SyncPayload, interval_for};
 
 /// The first retry of a join that found nobody.
@@ -339,6 +339,7 @@ impl Driver {
             Some(self.next_sync),
             self.extra_sync.map(|s| s.at),
             Some(self.next_anti_entropy),
+            self.replica.next_wait(),
         ]
         .into_iter()
         .flatten()
@@ -370,6 +371,12 @@ impl Driver {
             self.next_anti_entropy = now + self.replica.config().anti_entropy_interval;
             self.anti_entropy(now);
         }
+        if self.replica.next_wait().is_some_and(|at| at <= now) {
+            let mut out = std::mem::take(&mut self.scratch);
+            self.replica.release_waiting(now, &mut out);
+            self.take_replica(&mut out);
+            self.scratch = out;
+        }
         self.pump(now);
     }
 
@@ -382,7 +389,36 @@ impl Driver {
     ) -> Result<(), MembershipError> {
         let result = self.core.handle_datagram(now, certified, data);
         self.pump(now);
+        // After the pump: the datagram may be how this node heard of the
+        // sender, and it proves a connection from it.
+        if self.replica.is_waiting() {
+            self.contact(now, certified);
+        }
         result
+    }
+
+    /// The peer whose certificate names `certified` opened a stream to this
+    /// node (a catalog fetch, say): a connection from it is open.
+    pub fn handle_contact(&mut self, now: Duration, certified: &str) {
+        self.contact(now, certified);
+        self.pump(now);
+    }
+
+    fn contact(&mut self, now: Duration, peer: &str) {
+        let mut out = std::mem::take(&mut self.scratch);
+        self.replica.contact(now, peer, &mut out);
+        self.take_replica(&mut out);
+        self.scratch = out;
+    }
+
+    /// Until when to wait for `member` to make contact before fetching its
+    /// entry: only a member newer than this node is waited for (a later
+    /// start has a higher generation; ties go by name), so of each pair
+    /// exactly one side dials (see [`NEWER_MEMBER_WAIT`]).
+    fn wait_for(&mut self, now: Duration, member: &NodeId) -> Option<Duration> {
+        let local = self.core.identity();
+        ((member.generation, &member.name) > (local.generation, &local.name))
+            .then(|| now + NEWER_MEMBER_WAIT.mul_f64(0.5 + 0.5 * self.rng.random::<f64>()))
     }
 
     /// A seed answered: its certificate names `name`.
@@ -465,6 +501,7 @@ impl Driver {
     /// node swap again and again.
     pub fn handle_digest(&mut self, now: Duration, from: &str, digest: &[(String, u64)]) {
         let mut out = std::mem::take(&mut self.scratch);
+        self.replica.contact(now, from, &mut out);
         self.replica.digest_from(digest, &mut out);
         self.take_replica(&mut out);
         self.scratch = out;
@@ -716,8 +753,9 @@ impl Driver {
         while let Some(event) = self.core.poll_event() {
             match &event {
                 Event::MemberUp(id) => {
+                    let wait = self.wait_for(now, id);
                     self.replica
-                        .member_active(&id.name, id.generation, id.addr, &mut out);
+                        .member_active(&id.name, id.generation, id.addr, wait, &mut out);
                 }
                 Event::MemberDown(id) => {
                     self.replica.member_inactive(now, &id.name);
@@ -735,7 +773,7 @@ impl Driver {
                 }
                 Event::MemberRenamed { new, .. } => {
                     self.replica
-                        .member_active(&new.name, new.generation, new.addr, &mut out);
+                        .member_active(&new.name, new.generation, new.addr, None, &mut out);
                     self.actions
                         .push_back(Action::DisconnectStale { peer: new.clone() });
                 }
@@ -827,6 +865,16 @@ mod tests {
         versions: Vec<u64>,
         dials: usize,
         purged: Vec<(usize, String)>,
+        /// Catalog fetches in the order they were made: (fetcher, owner).
+        fetches: Vec<(usize, usize)>,
+        /// (receiver, sender) of every datagram, fetch and digest delivered.
+        heard: std::collections::BTreeSet<(usize, usize)>,
+        /// Fetches made before the owner had reached the fetcher.
+        uncontacted: Vec<(usize, usize)>,
+        /// `(from, to)`: datagrams and fetches from `from` to `to` are lost.
+        mute: Option<(usize, usize)>,
+        /// When each fetch was made: (time, fetcher, owner).
+        fetch_times: Vec<(Duration, usize, usize)>,
     }
 
     fn id(i: usize, generation: u64) -> NodeId {
@@ -870,6 +918,11 @@ mod tests {
                 versions: vec![0; n],
                 dials: 0,
                 purged: Vec::new(),
+                fetches: Vec::new(),
+                heard: std::collections::BTreeSet::new(),
+                uncontacted: Vec::new(),
+                mute: None,
+                fetch_times: Vec::new(),
             }
         }
 
@@ -895,7 +948,8 @@ mod tests {
                         let j = Self::index(&t.to.name);
                         if self.stalled == Some(j) {
                             self.backlog.push((me, j, t.data));
-                        } else if self.reachable(i, j) {
+                        } else if self.reachable(i, j) && self.mute != Some((i, j)) {
+                            self.heard.insert((j, i));
                             let _ = self.nodes[j]
                                 .as_mut()
                                 .unwrap()
@@ -934,15 +988,27 @@ mod tests {
                     }
                     Action::Fetch { node, .. } => {
                         let j = Self::index(&node);
-                        let version = self.reachable(i, j).then(|| self.versions[j]);
+                        let version = (self.reachable(i, j) && self.mute != Some((i, j)))
+                            .then(|| self.versions[j]);
+                        self.fetches.push((i, j));
+                        self.fetch_times.push((now, i, j));
+                        if !self.heard.contains(&(i, j)) {
+                            self.uncontacted.push((i, j));
+                        }
                         self.nodes[i]
                             .as_mut()
                             .unwrap()
                             .handle_fetched(now, &node, version);
+                        if version.is_some() {
+                            self.heard.insert((j, i));
+                            // As the agent: the owner takes the fetch as a contact.
+                            self.nodes[j].as_mut().unwrap().handle_contact(now, &me);
+                        }
                     }
                     Action::ExchangeDigest { peer, digest, .. } => {
                         let j = Self::index(&peer);
                         if self.reachable(i, j) {
+                            self.heard.extend([(j, i), (i, j)]);
                             let peer_node = self.nodes[j].as_mut().unwrap();
                             let theirs = peer_node.replica().digest();
                             peer_node.handle_digest(now, &me, &digest);
@@ -1151,6 +1217,56 @@ mod tests {
         for i in (0..8).filter(|&i| i != 3) {
             assert_eq!(mesh.node(i).replica().held("n3"), 2, "node {i}");
         }
+    }
+
+    #[test]
+    fn of_each_pair_only_the_newer_member_fetches_before_hearing_from_the_other() {
+        // Equal generations: the later name counts as newer.
+        let n = 6;
+        let mut mesh = Mesh::new(n, ReplicaConfig::default());
+        mesh.versions = vec![1; n];
+        mesh.run_for(Duration::from_secs(3));
+        assert_eq!(
+            mesh.fetches.len(),
+            n * (n - 1),
+            "one fetch per ordered pair"
+        );
+        let older_first: Vec<_> = mesh.uncontacted.iter().filter(|(i, j)| i < j).collect();
+        assert!(
+            older_first.is_empty(),
+            "older members dialed newer ones they had not heard from: {older_first:?}"
+        );
+        assert!(
+            mesh.uncontacted.iter().any(|(i, j)| i > j),
+            "newer members do not wait: {:?}",
+            mesh.uncontacted
+        );
+        for i in 0..n {
+            assert_eq!(mesh.node(i).replica().wanted(), 0, "n{i}");
+            assert!(!mesh.node(i).replica().is_waiting(), "n{i}");
+        }
+    }
+
+    #[test]
+    fn an_older_member_waits_for_the_newer_one_then_dials_at_its_deadline() {
+        let mut mesh = Mesh::new(3, ReplicaConfig::default());
+        mesh.versions = vec![1; 3];
+        // n2 (newest) cannot reach n1: n1 hears of it only through n0.
+        mesh.mute = Some((2, 1));
+        mesh.run_for(Duration::from_secs(8));
+        let first = |a: usize, b: usize| {
+            mesh.fetch_times
+                .iter()
+                .find(|(_, i, j)| (*i, *j) == (a, b))
+                .map(|(t, _, _)| *t)
+        };
+        let n0_got_n2 = first(0, 2).expect("n0 fetched n2");
+        let n1_got_n2 = first(1, 2).expect("n1 fetched n2 at its deadline");
+        assert!(
+            n1_got_n2 >= n0_got_n2 + NEWER_MEMBER_WAIT / 2,
+            "n1 dialed n2 at {n1_got_n2:?}, n0 (contacted) at {n0_got_n2:?}"
+        );
+        assert_eq!(mesh.node(1).replica().held("n2"), 1);
     }
 
     #[test]

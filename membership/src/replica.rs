@@ -44,6 +44,24 @@ impl Default for ReplicaConfig {
 /// it always stays free for membership traffic.
 pub const FETCHES_AT_ONCE: usize = 4;
 
+/// How long a member waits, at most, for a newer member it has just heard
+/// of to make contact before it dials that member for its entry (it waits
+/// a random 1/2 to 1 of this).
+///
+/// When a node joins a mesh of n, every member hears of it within about a
+/// second and wants its entry, while the newcomer wants theirs. If every
+/// member dialed the newcomer at once, the newcomer would take n inbound
+/// handshakes in that second on top of its own n outbound ones, with its
+/// probe answers queued behind them: on a busy machine that is how a
+/// newcomer gets declared down. Instead the older side of each pair
+/// waits: the newcomer fetches from each member in turn (a few at a time),
+/// and the member it fetches from takes that contact as its cue and
+/// fetches back over the same connection. Only a member the newcomer has
+/// not reached by the deadline dials, and those dials are spread over the
+/// second half of the window. One handshake per pair instead of two, and
+/// no burst at the newcomer.
+pub const NEWER_MEMBER_WAIT: Duration = Duration::from_secs(4);
+
 /// `(owner, version)` for every entry a node holds, sorted by owner.
 pub type Digest = Vec<(String, u64)>;
 
@@ -82,6 +100,14 @@ pub struct Replica {
     held: HashMap<String, u64>,
     wanted: HashMap<String, u64>,
     fetching: HashSet<String>,
+    /// Wanted entries of newer members whose contact this node waits for
+    /// (see [`NEWER_MEMBER_WAIT`]), with the deadline after which it dials.
+    waiting: HashMap<String, Duration>,
+    /// Peers not known as members yet that opened a stream to this node,
+    /// and when: a newcomer's fetch can arrive before the gossip of its
+    /// join, and then there is no need to wait for it (see
+    /// [`Replica::contact`]). Forgotten after [`NEWER_MEMBER_WAIT`].
+    met: HashMap<String, Duration>,
     /// Active members: generation and address.
     active: BTreeMap<String, (u64, SocketAddr)>,
     down_since: HashMap<String, Duration>,
@@ -97,6 +123,8 @@ impl Replica {
             held: HashMap::new(),
             wanted: HashMap::new(),
             fetching: HashSet::new(),
+            waiting: HashMap::new(),
+            met: HashMap::new(),
             active: BTreeMap::new(),
             down_since: HashMap::new(),
         }
@@ -166,11 +194,16 @@ impl Replica {
     /// grow across restarts, so a restart with new services is still
     /// fetched; a false `down`, which changes nothing, costs no fetch at
     /// every peer at once.
+    ///
+    /// With `wait_until`, a first fetch is not started before then unless
+    /// `node` makes contact first ([`Replica::contact`]); the caller passes
+    /// it for members newer than this node (see [`NEWER_MEMBER_WAIT`]).
     pub fn member_active(
         &mut self,
         node: &str,
         generation: u64,
         addr: SocketAddr,
+        wait_until: Option<Duration>,
         out: &mut Vec<ReplicaAction>,
     ) {
         if node == self.local {
@@ -183,10 +216,54 @@ impl Replica {
             .is_none_or(|(g, _)| g != generation);
         if fresh && self.held(node) == 0 {
             self.wanted.entry(node.to_owned()).or_insert(0);
+            let met = self.met.remove(node).is_some();
+            if let Some(at) = wait_until.filter(|_| !met) {
+                self.waiting.entry(node.to_owned()).or_insert(at);
+            }
             self.fetch(node, out);
         } else if self.wanted.contains_key(node) {
             // Wanted while it was away: its address may be new.
             self.fetch(node, out);
+        }
+    }
+
+    /// `node` reached this node at `now` (a datagram or a stream of its
+    /// own): a connection to it is open, so a fetch that waited for that
+    /// starts. A peer not yet known as a member is remembered for a while,
+    /// so that its entry is fetched at once when its join arrives.
+    pub fn contact(&mut self, now: Duration, node: &str, out: &mut Vec<ReplicaAction>) {
+        if self.waiting.remove(node).is_some() {
+            self.fetch(node, out);
+        } else if node != self.local && !self.active.contains_key(node) {
+            self.met.insert(node.to_owned(), now);
+        }
+    }
+
+    /// Whether any fetch waits for a contact (a cheap check before
+    /// [`Replica::contact`] on every datagram: a datagram's sender is
+    /// always a member by then, so there is nothing to remember).
+    pub fn is_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    /// When the earliest waiting fetch is due.
+    pub fn next_wait(&self) -> Option<Duration> {
+        self.waiting.values().min().copied()
+    }
+
+    /// Starts the waiting fetches due at `now`.
+    pub fn release_waiting(&mut self, now: Duration, out: &mut Vec<ReplicaAction>) {
+        let mut due: Vec<String> = self
+            .waiting
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        // In owner order, as queued fetches start: runs repeat exactly.
+        due.sort_unstable();
+        for node in due {
+            self.waiting.remove(&node);
+            self.fetch(&node, out);
         }
     }
 
@@ -250,6 +327,8 @@ impl Replica {
         out: &mut Vec<ReplicaAction>,
     ) {
         self.fetch_queued(None, out);
+        self.met
+            .retain(|_, at| now.saturating_sub(*at) < NEWER_MEMBER_WAIT);
         let purge: Vec<String> = self
             .down_since
             .iter()
@@ -259,6 +338,7 @@ impl Replica {
         for node in purge {
             self.down_since.remove(&node);
             self.wanted.remove(&node);
+            self.waiting.remove(&node);
             self.held.remove(&node);
             out.push(ReplicaAction::Purge { node });
         }
@@ -284,6 +364,7 @@ impl Replica {
             .filter(|n| {
                 Some(n.as_str()) != except
                     && !self.fetching.contains(*n)
+                    && !self.waiting.contains_key(*n)
                     && self.active.contains_key(*n)
             })
             .collect();
@@ -298,6 +379,10 @@ impl Replica {
         let Some((_, addr)) = self.active.get(node).copied() else {
             return;
         };
+        if self.waiting.contains_key(node) {
+            // Stays wanted: it starts on contact or at the deadline.
+            return;
+        }
         if self.fetching.len() >= FETCHES_AT_ONCE {
             // Queued: it starts when a running fetch ends.
             return;
@@ -327,7 +412,7 @@ mod tests {
     fn new_member_is_fetched_once_until_the_fetch_ends() {
         let mut r = replica();
         let mut out = Vec::new();
-        r.member_active("b", 1, addr(2), &mut out);
+        r.member_active("b", 1, addr(2), None, &mut out);
         r.notice("b", 5, &mut out);
         assert_eq!(
             out,
@@ -354,7 +439,7 @@ mod tests {
         let mut out = Vec::new();
         r.notice("b", 2, &mut out);
         assert!(out.is_empty(), "b is not active");
-        r.member_active("b", 1, addr(2), &mut out);
+        r.member_active("b", 1, addr(2), None, &mut out);
         r.fetched("b", Some(4), &mut out);
         out.clear();
         r.notice("b", 3, &mut out);
@@ -366,12 +451,12 @@ mod tests {
     fn restart_refetches_and_down_nodes_are_purged_after_the_window() {
         let mut r = replica();
         let mut out = Vec::new();
-        r.member_active("b", 1, addr(2), &mut out);
+        r.member_active("b", 1, addr(2), None, &mut out);
         r.fetched("b", Some(1), &mut out);
         out.clear();
-        r.member_active("b", 1, addr(2), &mut out);
+        r.member_active("b", 1, addr(2), None, &mut out);
         assert!(out.is_empty(), "same generation: nothing new");
-        r.member_active("b", 2, addr(2), &mut out);
+        r.member_active("b", 2, addr(2), None, &mut out);
         assert!(out.is_empty(), "renewed: waits for a newer version");
         r.notice("b", 2, &mut out);
         assert_eq!(out.len(), 1, "restarted with a newer entry");
@@ -398,7 +483,7 @@ mod tests {
         let mut r = replica();
         r.set_local_version(7);
         let mut out = Vec::new();
-        r.member_active("c", 1, addr(3), &mut out);
+        r.member_active("c", 1, addr(3), None, &mut out);
         r.fetched("c", Some(1), &mut out);
         assert_eq!(r.digest(), vec![("a".into(), 7), ("c".into(), 1)]);
         out.clear();
@@ -413,11 +498,75 @@ mod tests {
     }
 
     #[test]
+    fn a_newer_member_is_fetched_on_its_contact_or_at_the_deadline() {
+        let mut r = replica();
+        let mut out = Vec::new();
+        let t = Duration::from_secs;
+        r.member_active("b", 1, addr(2), Some(t(4)), &mut out);
+        r.member_active("c", 1, addr(3), Some(t(3)), &mut out);
+        r.notice("b", 2, &mut out);
+        r.digest_from(&[("c".into(), 5)], &mut out);
+        assert!(out.is_empty(), "both wait: {out:?}");
+        assert_eq!(r.next_wait(), Some(t(3)));
+        r.round(t(1), None, &mut out);
+        assert!(out.is_empty(), "a round does not start them: {out:?}");
+        r.contact(t(1), "b", &mut out);
+        assert_eq!(
+            out,
+            vec![ReplicaAction::Fetch {
+                node: "b".into(),
+                addr: addr(2)
+            }],
+            "b made contact"
+        );
+        out.clear();
+        r.contact(t(1), "b", &mut out);
+        assert!(out.is_empty(), "already under way: {out:?}");
+        r.release_waiting(t(2), &mut out);
+        assert!(out.is_empty(), "c is not due yet: {out:?}");
+        r.release_waiting(t(3), &mut out);
+        assert_eq!(
+            out,
+            vec![ReplicaAction::Fetch {
+                node: "c".into(),
+                addr: addr(3)
+            }],
+            "c's deadline passed"
+        );
+        assert!(!r.is_waiting());
+        assert_eq!(r.wanted(), 2, "both still wanted until fetched");
+    }
+
+    #[test]
+    fn a_newcomer_that_fetched_before_its_join_arrived_is_not_waited_for() {
+        let mut r = replica();
+        let mut out = Vec::new();
+        let t = Duration::from_secs;
+        r.contact(t(1), "d", &mut out);
+        r.contact(t(1), "e", &mut out);
+        assert!(out.is_empty());
+        r.member_active("d", 1, addr(4), Some(t(5)), &mut out);
+        assert_eq!(
+            out,
+            vec![ReplicaAction::Fetch {
+                node: "d".into(),
+                addr: addr(4)
+            }],
+            "d already reached us: no wait"
+        );
+        out.clear();
+        r.round(t(1) + NEWER_MEMBER_WAIT, None, &mut out);
+        r.member_active("e", 1, addr(5), Some(t(9)), &mut out);
+        assert!(out.is_empty(), "e's contact was too long ago: {out:?}");
+        assert!(r.is_waiting());
+    }
+
+    #[test]
     fn fetches_run_a_few_at_a_time_and_failures_wait_for_the_round() {
         let mut r = replica();
         let mut out = Vec::new();
         for i in 0..10u8 {
-            r.member_active(&format!("n{i}"), 1, addr(i + 10), &mut out);
+            r.member_active(&format!("n{i}"), 1, addr(i + 10), None, &mut out);
         }
         let started = |out: &[ReplicaAction]| -> Vec<String> {
             out.iter()

@@ -26,8 +26,9 @@ use serde::{Deserialize, Serialize};
 /// `transport/examples/handshake_cost.rs` (release build, this project's
 /// 2-core reference machine); recalibrate with it and `--costs`. The
 /// agent's own costs (`process_start_us`, `agent_input_us`,
-/// `background_us_per_s`) are derived from real agents' CPU figures
-/// (`bench/scale.py`, see docs/simulations.md).
+/// `agent_stream_us`, `background_us_per_s`) are fitted to real agents'
+/// formation times, CPU and idle CPU (`bench/scale.py`, see
+/// docs/simulations.md).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Costs {
@@ -72,16 +73,16 @@ pub struct Costs {
 impl Default for Costs {
     fn default() -> Self {
         Self {
-            handshake_full_us: 586.5,
-            handshake_resumed_us: 425.5,
-            datagram_send_us: 3.45,
-            datagram_recv_us: 3.45,
-            stream_message_us: 5.4,
+            handshake_full_us: 378.3,
+            handshake_resumed_us: 226.2,
+            datagram_send_us: 1.77,
+            datagram_recv_us: 1.77,
+            stream_message_us: 3.0,
             sync_member_us: 2.0,
             timer_us: 2.0,
-            process_start_us: 10_000.0,
+            process_start_us: 0.0,
             agent_input_us: 50.0,
-            agent_stream_us: 150.0,
+            agent_stream_us: 265.0,
             background_us_per_s: 1_200.0,
             member_us_per_s: 0.0,
         }

@@ -592,7 +592,7 @@ async fn dispatch_streams(
                             send,
                             recv,
                             catalog.shared.clone(),
-                            inbox.digests,
+                            inbox.catalog,
                         ))
                         .await;
                     }

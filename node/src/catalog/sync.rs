@@ -25,6 +25,7 @@ use gossamer_transport::pki::Hosts;
 use tracing::{debug, warn};
 
 use super::{CatalogCounters, Shared};
+use crate::mesh::CatalogNews;
 
 /// First byte of a catalog sync stream.
 pub const STREAM_CATALOG: u8 = 1;
@@ -179,7 +180,7 @@ pub async fn serve(
     mut tx: SendStream,
     mut rx: RecvStream,
     shared: Arc<Shared>,
-    digests: mpsc::Sender<(String, Vec<(String, u64)>)>,
+    mesh: mpsc::Sender<(String, CatalogNews)>,
 ) {
     let counters = shared.counters.clone();
     let result: Result<(), SyncFailure> = tokio::time::timeout(SYNC_TIMEOUT, async {
@@ -193,6 +194,11 @@ pub async fn serve(
                 for f in entry_frames(&local).map_err(SyncError::from)? {
                     send(&mut tx, &f, &counters).await?;
                 }
+                // A newer member fetching ours is the contact this node
+                // may be waiting for to fetch back over the same
+                // connection. Dropped if the mesh task is behind: the
+                // fetch then starts at its deadline.
+                let _ = mesh.try_send((from.clone(), CatalogNews::Fetched));
             }
             SyncRequest::Digest(theirs) => {
                 let ours = shared.digest.borrow().clone();
@@ -200,7 +206,7 @@ pub async fn serve(
                     encode_sync(&SyncResponse::Digest(ours.to_vec())).map_err(SyncError::from)?;
                 send(&mut tx, &reply, &counters).await?;
                 // The mesh task's driver decides what to fetch.
-                let _ = digests.send((from.clone(), theirs)).await;
+                let _ = mesh.send((from.clone(), CatalogNews::Digest(theirs))).await;
             }
         }
         let _ = tx.finish();

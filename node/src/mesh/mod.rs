@@ -135,7 +135,7 @@ pub struct MeshTask {
     epoch: Instant,
     io_tx: mpsc::Sender<Input>,
     io_rx: mpsc::Receiver<Input>,
-    digests_rx: mpsc::Receiver<(String, Vec<(String, u64)>)>,
+    catalog_rx: mpsc::Receiver<(String, CatalogNews)>,
     doc_lists_rx: mpsc::Receiver<(String, Vec<DocRef>)>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     /// The core's members fingerprint when the member list was last built.
@@ -155,13 +155,23 @@ impl std::fmt::Debug for MeshTask {
     }
 }
 
+/// What a peer's catalog stream tells the mesh task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatalogNews {
+    /// The peer sent its digest.
+    Digest(Vec<(String, u64)>),
+    /// The peer fetched this node's entry: a connection from it is open
+    /// (see [`Driver::handle_contact`]).
+    Fetched,
+}
+
 /// Where peers' requests reach the mesh task.
 #[derive(Debug, Clone)]
 pub struct MeshInbox {
     /// Member-list swaps.
     pub sync: mpsc::Sender<Input>,
-    /// Catalog digests a peer sent us.
-    pub digests: mpsc::Sender<(String, Vec<(String, u64)>)>,
+    /// Catalog digests and fetches from peers.
+    pub catalog: mpsc::Sender<(String, CatalogNews)>,
     /// Document lists a peer sent us.
     pub doc_lists: mpsc::Sender<(String, Vec<DocRef>)>,
 }
@@ -177,11 +187,11 @@ impl MeshTask {
         let (snapshot, rx) =
             watch::channel(Arc::new(Snapshot::empty(driver.core().identity().clone())));
         let (io_tx, io_rx) = mpsc::channel(1024);
-        let (digests_tx, digests_rx) = mpsc::channel(64);
+        let (catalog_tx, catalog_rx) = mpsc::channel(64);
         let (doc_lists_tx, doc_lists_rx) = mpsc::channel(16);
         let inbox = MeshInbox {
             sync: io_tx.clone(),
-            digests: digests_tx,
+            catalog: catalog_tx,
             doc_lists: doc_lists_tx,
         };
         let task = Self {
@@ -190,7 +200,7 @@ impl MeshTask {
             epoch,
             io_tx,
             io_rx,
-            digests_rx,
+            catalog_rx,
             doc_lists_rx,
             snapshot,
             members_fingerprint: 0,
@@ -228,9 +238,12 @@ impl MeshTask {
                 },
                 Some(item) = self.wiring.datagrams.recv() => self.on_datagram(item),
                 Some(input) = self.io_rx.recv() => self.on_input(input),
-                Some((peer, digest)) = self.digests_rx.recv() => {
+                Some((peer, news)) = self.catalog_rx.recv() => {
                     let now = self.now();
-                    self.on_digest(now, &peer, &digest);
+                    match news {
+                        CatalogNews::Digest(digest) => self.on_digest(now, &peer, &digest),
+                        CatalogNews::Fetched => self.driver.handle_contact(now, &peer),
+                    }
                 }
                 Some((peer, list)) = self.doc_lists_rx.recv() => {
                     let now = self.now();

@@ -77,7 +77,11 @@ impl Sim {
         if node.driver.is_some() {
             return;
         }
-        node.generation += 1;
+        // As the agent: a generation that beats every earlier run of this
+        // node and, between nodes, orders starts (milliseconds of the
+        // clock; the agent's are Unix milliseconds).
+        let millis = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
+        node.generation = (node.generation + 1).max(millis);
         node.life += 1;
         let id = NodeId::new(self.names[x].clone(), address(x), node.generation)
             .expect("simulator names are valid");

@@ -144,6 +144,12 @@ impl Sim {
                 if !self.stream_to_life(to, from, from_life, reply) {
                     self.fetch_failed(from, from_life, to);
                 }
+                // As the agent: a peer fetching our entry is a contact.
+                let name = self.names[from].clone();
+                if let Some(d) = self.nodes[to].driver.as_mut() {
+                    d.handle_contact(now, &name);
+                }
+                self.flush(to);
             }
             StreamMsg::Entry { owner, version } => {
                 self.catalogs.fetched_entry(to, owner, version, now);
