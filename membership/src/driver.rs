@@ -1220,7 +1220,7 @@ mod tests {
     }
 
     #[test]
-    fn of_each_pair_only_the_newer_member_fetches_before_hearing_from_the_other() {
+    fn joining_makes_one_fetch_per_ordered_pair_and_leaves_nothing_waiting() {
         // Equal generations: the later name counts as newer.
         let n = 6;
         let mut mesh = Mesh::new(n, ReplicaConfig::default());
