@@ -82,7 +82,7 @@ impl Default for Costs {
             timer_us: 2.0,
             process_start_us: 0.0,
             agent_input_us: 50.0,
-            agent_stream_us: 265.0,
+            agent_stream_us: 330.0,
             background_us_per_s: 1_200.0,
             member_us_per_s: 0.0,
         }
