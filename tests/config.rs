@@ -213,6 +213,15 @@ fn signed_documents_spread_survive_restarts_and_agree_after_a_partition() -> Res
         text(&out)
     );
     let v2 = stamp(&agents[0], "route", "web").unwrap();
+    // /ready promises what the peer answering the first sync holds, so the
+    // newcomers start once the running agents agree on version 2: n5 may
+    // sync from any saved member, and n6's seed is n2, not n1.
+    wait_all(
+        &[&agents[0], &agents[1], &agents[2], &agents[3]],
+        "web",
+        &v2,
+        Duration::from_secs(10),
+    )?;
     let restarted = Agent::start(
         &pki,
         "n5",
