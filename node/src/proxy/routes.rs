@@ -115,7 +115,8 @@ pub struct ServiceRoute {
 /// A route's consistent hashing: its scorer, and the table once built.
 /// Tables are built (or updated from the previous one) on a blocking
 /// thread, never on a request's path; until one is ready, lookups score
-/// the key's slot directly, which gives the same answer in O(n).
+/// the key's slot directly in O(n), which gives the slot's first choice:
+/// the table's answer except on the few slots balancing moved.
 #[derive(Debug)]
 struct Hashed {
     scorer: Scorer,
