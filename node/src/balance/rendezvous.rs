@@ -84,13 +84,9 @@ enum Slots {
 const SCORED_MAX: usize = 8;
 
 impl Slots {
-    /// Stores `owners`; `balanced` tells whether any slot left its first
-    /// choice (then the owners must be stored).
-    fn new(owners: Vec<u16>, scorer: &Scorer, balanced: bool) -> Self {
-        let backends = scorer.len();
-        if backends <= SCORED_MAX && !balanced && !owners.is_empty() {
-            Self::Scored(scorer.clone())
-        } else if backends <= 256 {
+    /// Stores `owners`, one byte each if `backends` allows.
+    fn new(owners: Vec<u16>, backends: usize) -> Self {
+        if backends <= 256 {
             Self::Narrow(owners.into_iter().map(|o| o as u8).collect())
         } else {
             Self::Wide(owners)
@@ -385,6 +381,27 @@ impl Table {
                 floor: 0,
             };
         }
+        if scorer.len() <= SCORED_MAX {
+            // Count first, without storing the owners: a table that is
+            // not balanced is not stored either.
+            let mut count = vec![0u32; scorer.len()];
+            let mut floor = u64::MAX;
+            for s in 0..1u64 << BITS {
+                let (score, o) = scorer.first_scored(s);
+                floor = floor.min(score);
+                count[o as usize] += 1;
+            }
+            let caps = scorer.capacities(1 << BITS);
+            if count.iter().zip(&caps).all(|(c, k)| c <= k) {
+                return Self {
+                    slots: Slots::Scored(scorer.clone()),
+                    moved: Vec::new(),
+                    shift: 64 - BITS,
+                    backends: scorer.len(),
+                    floor,
+                };
+            }
+        }
         let mut count = vec![0u32; scorer.len()];
         let mut floor = u64::MAX;
         let first = (0..1u64 << BITS)
@@ -423,7 +440,7 @@ impl Table {
         }
         if theirs.is_empty() {
             return Self {
-                slots: Slots::new(slots, scorer, false),
+                slots: Slots::new(slots, n),
                 moved: Vec::new(),
                 shift: 64 - BITS,
                 backends: n,
@@ -467,7 +484,7 @@ impl Table {
             slots[s as usize] = j;
         }
         Self {
-            slots: Slots::new(slots, scorer, true),
+            slots: Slots::new(slots, n),
             moved,
             shift: 64 - BITS,
             backends: n,
@@ -515,6 +532,10 @@ impl Table {
             .all(|(i, j)| j.is_none_or(|j| new.equal || old.weights[i] == new.weights[j as usize]));
         if !same_weights {
             return None;
+        }
+        if new.len() <= SCORED_MAX {
+            // Scoring the old table's slots would cost as much as this.
+            return Some(Self::from_scorer(new));
         }
         let before: std::collections::HashSet<u64> = old.ids.iter().copied().collect();
         let added: Vec<usize> = (0..new.len())
