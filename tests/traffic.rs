@@ -387,6 +387,7 @@ fn fault(svc: &DemoService, status: u16, delay_ms: u64) -> Result<()> {
 fn burst(
     proxy: SocketAddr,
     path: &str,
+    hash_key: &str,
     n: usize,
     at_once: usize,
 ) -> Result<Vec<(u16, String, Duration)>> {
@@ -399,8 +400,12 @@ fn burst(
                     s.spawn(move || {
                         let t = Instant::now();
                         let key = format!("k{k}");
-                        request(proxy, path, &[("x-user-id", &key)])
-                            .map(|(status, served, _)| (status, served, t.elapsed()))
+                        request(
+                            proxy,
+                            path,
+                            &[("x-user-id", &key), ("x-hash-key", hash_key)],
+                        )
+                        .map(|(status, served, _)| (status, served, t.elapsed()))
                     })
                 })
                 .collect();
@@ -416,12 +421,12 @@ fn burst(
 
 /// `POST /upload` of `n` bytes to web through `proxy`; checks that all
 /// arrived and returns the instance that took them.
-fn upload(proxy: SocketAddr, n: usize) -> Result<String> {
+fn upload(proxy: SocketAddr, hash_key: &str, n: usize) -> Result<String> {
     let mut stream = TcpStream::connect_timeout(&proxy, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         stream,
-        "POST /upload HTTP/1.1\r\nHost: web\r\nConnection: close\r\nContent-Length: {n}\r\n\r\n{}",
+        "POST /upload HTTP/1.1\r\nHost: web\r\nx-hash-key: {hash_key}\r\nConnection: close\r\nContent-Length: {n}\r\n\r\n{}",
         "x".repeat(n)
     )?;
     let mut response = String::new();
@@ -470,6 +475,15 @@ fn route_retries_mirrors_and_connection_limits() -> Result<()> {
     let (a, b, shadow) = (&services[0], &services[1], &services[2]);
     let dir = pki.dir.path();
     let proxy = agents[0].proxy;
+    // Requests carry a hash key that maps to a, so a is tried first.
+    let to_a = (0..1000)
+        .map(|i| format!("k{i}"))
+        .find(|k| {
+            agents[0]
+                .get(&format!("/v1/route?service=web&key={k}"))
+                .is_ok_and(|(_, body)| body.contains("\"instance\": \"a\""))
+        })
+        .context("no key maps to a")?;
     let retries = || agents[0].metric("gossamer_proxy_retries_total{service=\"web\"}");
 
     // Retries on 5xx: a answers 503 to everything, yet every request is
@@ -484,7 +498,7 @@ fn route_retries_mirrors_and_connection_limits() -> Result<()> {
     wait_version(&agents, v)?;
     fault(a, 503, 0)?;
     let before = retries().unwrap_or(0.0);
-    let results = burst(proxy, "/", 100, 10)?;
+    let results = burst(proxy, "/", &to_a, 100, 10)?;
     let failed: Vec<_> = results.iter().filter(|r| r.0 != 200).collect();
     let (hit_a, _, _) = stats(a, true)?;
     let retried = retries().unwrap_or(0.0) - before;
@@ -496,7 +510,7 @@ fn route_retries_mirrors_and_connection_limits() -> Result<()> {
     ensure!(hit_a >= 1 && retried >= 1.0, "a was never tried");
     // A body is sent again on the retry.
     for _ in 0..5 {
-        let served = upload(proxy, 20_000)?;
+        let served = upload(proxy, &to_a, 20_000)?;
         ensure!(served == "b", "upload served by {served}");
     }
     ensure!(stats(a, true)?.0 == 5, "the uploads did not try a first");
@@ -513,7 +527,7 @@ fn route_retries_mirrors_and_connection_limits() -> Result<()> {
     )?;
     wait_version(&agents, v)?;
     stats(a, true)?;
-    let results = burst(proxy, "/", 40, 10)?;
+    let results = burst(proxy, "/", &to_a, 40, 10)?;
     let (hit_a, _, _) = stats(a, true)?;
     let slowest = results.iter().map(|r| r.2).max().unwrap_or_default();
     eprintln!(
@@ -545,7 +559,7 @@ fn route_retries_mirrors_and_connection_limits() -> Result<()> {
     )?;
     wait_version(&agents, v)?;
     let plain = median(
-        burst(proxy, "/", 300, 1)?
+        burst(proxy, "/", &to_a, 300, 1)?
             .into_iter()
             .map(|r| r.2)
             .collect(),
@@ -560,7 +574,7 @@ fn route_retries_mirrors_and_connection_limits() -> Result<()> {
         "[[route]]\nname = \"web\"\n[[route.rule]]\nmirror = { service = \"shadow\", percent = 50 }\n",
     )?;
     wait_version(&agents, v)?;
-    let mirrored = burst(proxy, "/", 1000, 1)?;
+    let mirrored = burst(proxy, "/", &to_a, 1000, 1)?;
     ensure!(
         mirrored.iter().all(|r| r.0 == 200),
         "a mirrored request failed"
@@ -603,7 +617,7 @@ fn route_retries_mirrors_and_connection_limits() -> Result<()> {
     )?;
     wait_version(&agents, v)?;
     for _ in 0..5 {
-        upload(proxy, 3000)?;
+        upload(proxy, &to_a, 3000)?;
     }
     poll("5 uploads mirrored", Duration::from_secs(10), || {
         let (n, _, _) = stats(shadow, false).map_err(|e| e.to_string())?;
@@ -623,7 +637,7 @@ fn route_retries_mirrors_and_connection_limits() -> Result<()> {
         "[[route]]\nname = \"web\"\ncircuit_breaker = { max_connections = 10, max_pending = 20 }\n",
     )?;
     wait_version(&agents, v)?;
-    let results = burst(proxy, "/slow?ms=1000", 60, 60)?;
+    let results = burst(proxy, "/slow?ms=1000", &to_a, 60, 60)?;
     let refused: Vec<_> = results.iter().filter(|r| r.0 == 503).collect();
     let served = results.iter().filter(|r| r.0 == 200).count();
     let peaks = [stats(a, false)?.2, stats(b, false)?.2];
