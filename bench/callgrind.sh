@@ -17,7 +17,10 @@
 # the same binary differ by about 2 %). With H2C=1 in the environment the
 # requests are HTTP/2 without TLS (prior knowledge), 10 streams at once on
 # each connection, as bench.py's h2c path sends them. With PROFILE=b, agent
-# B (the one that owns the instance) is counted instead of A.
+# B (the one that owns the instance) is counted instead of A. With
+# GATEWAY=1 the requests are HTTPS (HTTP/1.1, keep-alive) into agent A's
+# gateway listener with one `ingress` route to the service, as bench.py's
+# G1 path sends them.
 #
 # With FLAME=FILE.svg the profiled agent runs natively instead, and `perf
 # record -e cpu-clock` (a software clock, so no hardware counters are
@@ -45,9 +48,9 @@ cleanup() {
     wait 2>/dev/null || true
 }
 trap cleanup EXIT
-read -r UP PB AB XB PA AA XA SINK < <(python3 -c '
+read -r UP PB AB XB PA AA XA SINK GW < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(8)]
+socks = [socket.socket() for _ in range(9)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])')
 
@@ -102,6 +105,13 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_for
     ;;
 esac
 
+if [ "${GATEWAY:-0}" = 1 ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench.test \
+        -addext subjectAltName=DNS:bench.test -keyout "$D/public.key" -out "$D/public.pem" 2>/dev/null
+    printf '[[ingress.listener]]\nlisten = "127.0.0.1:%s"\ntls = [{ cert = "%s/public.pem", key = "%s/public.key" }]\n' \
+        "$GW" "$D" "$D" >>"$D/ga.toml"
+fi
+
 common=(--ca "$D/ca/ca.pem" --log-level warn --threads 1)
 callgrind=(valgrind --tool=callgrind --callgrind-out-file="$D/callgrind.out" --instr-atstart=no)
 if [ -n "${FLAME:-}" ]; then
@@ -134,6 +144,18 @@ for _ in $(seq 1 120); do
 done
 curl -s -H 'Host: bench' "$url" | grep -q xxxx || { echo "callgrind.sh: no answer through agent A" >&2; exit 1; }
 if [ "${H2C:-0}" = 1 ]; then proto=(-m 10); else proto=(--h1); fi
+if [ "${GATEWAY:-0}" = 1 ]; then
+    "$BIN" cert issue --ca-dir "$D/ca" --operator bench --out "$D/operators" >/dev/null
+    printf '[[ingress]]\nname = "bench"\n[[ingress.route]]\nhosts = ["*"]\nservice = "bench"\n' >"$D/ingress.toml"
+    "$BIN" config apply "$D/ingress.toml" --operator-cert "$D/operators/bench.pem" \
+        --operator-key "$D/operators/bench.key" --admin "127.0.0.1:$AA" >/dev/null
+    url="https://127.0.0.1:$GW/1k"
+    for _ in $(seq 1 60); do
+        if curl -sk "$url" 2>/dev/null | grep -q xxxx; then break; fi
+        sleep 1
+    done
+    curl -sk "$url" | grep -q xxxx || { echo "callgrind.sh: no answer through agent A's gateway" >&2; exit 1; }
+fi
 h2load "${proto[@]}" -n 500 -c 8 -t 1 -H ':authority: bench' "$url" >/dev/null
 if [ -n "${FLAME:-}" ]; then
     perf record -q -e cpu-clock -F 499 --call-graph dwarf,16384 -p "$A" -o "$D/perf.data" 2>"$D/perf.log" &

@@ -282,7 +282,11 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         return v.clone();
     }
     let id: u128 = rand::random();
-    HeaderValue::from_str(&format!("{id:032x}")).expect("hex is a header value")
+    let mut hex = [0u8; 32];
+    for (i, b) in hex.iter_mut().enumerate() {
+        *b = b"0123456789abcdef"[(id >> (124 - 4 * i)) as usize & 15];
+    }
+    HeaderValue::from_bytes(&hex).expect("hex is a header value")
 }
 
 impl Gateway {
@@ -461,7 +465,8 @@ async fn route(
             gateway.refuse("body_too_large", StatusCode::PAYLOAD_TOO_LARGE, message),
         );
     }
-    forward(&mut req, &route, &host, &path, side, id);
+    let target = forward_target(req.uri(), route.forward_path(&path));
+    forward(&mut req, &route, &host, target, side, id);
     let entry = Entry {
         overrides: Overrides {
             timeout: route.timeout,
@@ -499,29 +504,38 @@ async fn route(
     (label, response)
 }
 
-/// Rewrites a request for its destination service: the normalised (and
-/// maybe stripped) path, the service as Host, the forwarding headers, the
-/// route's header edits; the mesh's own headers from outside are dropped.
+/// The forwarded request's URI, when it differs from the client's: the
+/// normalised (and maybe stripped) path, with the query, in origin form.
+fn forward_target(uri: &http::Uri, path: &str) -> Option<http::Uri> {
+    if uri.scheme().is_none() && uri.authority().is_none() && uri.path() == path {
+        return None;
+    }
+    let mut target = path.to_owned();
+    if let Some(q) = uri.query() {
+        target.push('?');
+        target.push_str(q);
+    }
+    target.parse().ok()
+}
+
+/// Rewrites a request for its destination service: the new URI (if
+/// any), the service as Host, the forwarding headers, the route's header
+/// edits; the mesh's own headers from outside are dropped.
 fn forward(
     req: &mut Request<Incoming>,
     route: &Route,
     host: &str,
-    path: &str,
+    target: Option<http::Uri>,
     side: Side,
     id: &HeaderValue,
 ) {
-    let mut target = route.forward_path(path);
-    if let Some(q) = req.uri().query() {
-        target.push('?');
-        target.push_str(q);
-    }
-    if let Ok(uri) = target.parse() {
+    if let Some(uri) = target {
         *req.uri_mut() = uri;
     }
     let headers = req.headers_mut();
     crate::proxy::hop::strip_internal(headers);
-    if let Ok(v) = HeaderValue::from_str(&route.service) {
-        headers.insert(header::HOST, v);
+    if let Some(v) = &route.service_host {
+        headers.insert(header::HOST, v.clone());
     }
     headers.insert(
         X_FORWARDED_PROTO,
@@ -587,4 +601,43 @@ fn preflight(
         h.insert(header::ACCESS_CONTROL_MAX_AGE, age.clone());
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_uri_is_rewritten_only_when_the_path_changes() {
+        let uri = |s: &str| s.parse::<http::Uri>().unwrap();
+        assert_eq!(forward_target(&uri("/a/b?x=1"), "/a/b"), None);
+        assert_eq!(
+            forward_target(&uri("/api/cart?x=1"), "/cart"),
+            Some(uri("/cart?x=1"))
+        );
+        assert_eq!(forward_target(&uri("/a//b"), "/a/b"), Some(uri("/a/b")));
+        // Absolute form (HTTP/2, or a proxy-style request line) becomes
+        // origin form even with the same path.
+        assert_eq!(
+            forward_target(&uri("https://shop.example/a?q"), "/a"),
+            Some(uri("/a?q"))
+        );
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sane_and_made_otherwise() {
+        let mut headers = HeaderMap::new();
+        let made = request_id(&headers);
+        assert_eq!(made.len(), 32);
+        assert!(
+            made.as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        assert_ne!(request_id(&headers), made);
+        headers.insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&headers), "abc-123");
+        headers.insert(REQUEST_ID, HeaderValue::from_static("has space"));
+        assert_eq!(request_id(&headers).len(), 32);
+    }
 }

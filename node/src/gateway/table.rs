@@ -4,6 +4,7 @@
 //! prefix. Paths are normalised before matching ([`normalize`]), so
 //! `/public/../admin` is matched as `/admin`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +28,9 @@ pub struct Route {
     pub strip_prefix: bool,
     /// Destination service.
     pub service: String,
+    /// The service as the forwarded request's Host (`None` if it cannot
+    /// be one).
+    pub service_host: Option<HeaderValue>,
     /// Request timeout.
     pub timeout: Option<Duration>,
     /// Retries.
@@ -239,6 +243,7 @@ impl Route {
             prefix,
             strip_prefix: r.strip_prefix,
             service: r.service.clone(),
+            service_host: HeaderValue::from_str(&r.service).ok(),
             timeout: r.timeout,
             retries: r.retries.map(|n| RetryPolicy {
                 attempts: n + 1,
@@ -266,16 +271,12 @@ impl Route {
 
     /// The path the service sees: without the prefix if it is stripped
     /// (never empty).
-    pub fn forward_path(&self, path: &str) -> String {
+    pub fn forward_path<'a>(&self, path: &'a str) -> &'a str {
         if !self.strip_prefix || self.prefix.is_empty() {
-            return path.to_owned();
+            return path;
         }
         let rest = &path[self.prefix.len().min(path.len())..];
-        if rest.is_empty() {
-            "/".to_owned()
-        } else {
-            rest.to_owned()
-        }
+        if rest.is_empty() { "/" } else { rest }
     }
 }
 
@@ -311,7 +312,7 @@ pub enum BadPath {
 /// `//` collapsed, `.` and `..` segments resolved; the result is
 /// re-escaped where a URI needs it. An escaped `/`, a backslash or a
 /// control character is refused rather than guessed at.
-pub fn normalize(path: &str) -> Result<String, BadPath> {
+pub fn normalize(path: &str) -> Result<Cow<'_, str>, BadPath> {
     let raw = path.as_bytes();
     // Most paths need nothing done: no escapes, no empty, `.` or `..`
     // segments, nothing to refuse.
@@ -319,7 +320,7 @@ pub fn normalize(path: &str) -> Result<String, BadPath> {
         && !raw.windows(2).any(|w| w == b"//" || w == b"/.")
         && raw.iter().all(|&b| b == b'/' || unescaped(b));
     if plain {
-        return Ok(path.to_owned());
+        return Ok(Cow::Borrowed(path));
     }
     let mut decoded = Vec::with_capacity(raw.len());
     let mut i = 0;
@@ -374,7 +375,7 @@ pub fn normalize(path: &str) -> Result<String, BadPath> {
     if out.is_empty() || trailing && !segments.is_empty() {
         out.push('/');
     }
-    Ok(out)
+    Ok(Cow::Owned(out))
 }
 
 #[cfg(test)]
@@ -383,7 +384,7 @@ mod tests {
 
     #[test]
     fn normalisation_resolves_tricks() {
-        let ok = |p: &str| normalize(p).unwrap();
+        let ok = |p: &str| normalize(p).unwrap().into_owned();
         assert_eq!(ok("/"), "/");
         assert_eq!(ok(""), "/");
         assert_eq!(ok("/a/b"), "/a/b");

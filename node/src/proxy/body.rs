@@ -34,53 +34,102 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
         .boxed_unsync()
 }
 
-/// Reads body frames from a QUIC stream as an HTTP body. A reader task
-/// decodes frames into a small channel, which gives backpressure.
-pub fn from_quic(mut recv: RecvStream, counter: Counter) -> ProxyBody {
-    let (tx, rx) = mpsc::channel::<Result<HttpFrame<Bytes>, BoxError>>(4);
-    tokio::spawn(async move {
-        let mut decoder = FrameDecoder::default();
+/// Reads body frames from a QUIC stream as an HTTP body, decoding them
+/// as hyper polls for the next one: no task or channel in between, so a
+/// frame already received goes out in the same write as the head, and
+/// quinn's flow control is the backpressure. Dropped before the end, it
+/// stops the stream.
+pub fn from_quic(recv: RecvStream, counter: Counter) -> ProxyBody {
+    QuicBody {
+        recv,
+        decoder: FrameDecoder::default(),
+        counter,
+        done: false,
+    }
+    .boxed_unsync()
+}
+
+struct QuicBody {
+    recv: RecvStream,
+    decoder: FrameDecoder,
+    counter: Counter,
+    /// The stream ended or failed: nothing more to read or stop.
+    done: bool,
+}
+
+impl QuicBody {
+    fn fail(&mut self, e: BoxError, code: u32) -> Poll<Option<Result<HttpFrame<Bytes>, BoxError>>> {
+        self.done = true;
+        let _ = self.recv.stop(code.into());
+        Poll::Ready(Some(Err(e)))
+    }
+}
+
+impl Body for QuicBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<HttpFrame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
         loop {
-            match recv.read_chunk(CHUNK, true).await {
-                Ok(Some(chunk)) => {
-                    decoder.push(chunk.bytes);
-                    loop {
-                        match decoder.next_frame() {
-                            Ok(Some(Frame::Data(data))) => {
-                                counter.inc_by(data.len() as u64);
-                                if tx.send(Ok(HttpFrame::data(data))).await.is_err() {
-                                    let _ = recv.stop(0u32.into());
-                                    return;
-                                }
-                            }
-                            Ok(Some(Frame::Trailers(t))) => {
-                                let _ = tx
-                                    .send(Ok(HttpFrame::trailers(wire::headers_from_wire(&t))))
-                                    .await;
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                let _ = tx.send(Err(e.into())).await;
-                                let _ = recv.stop(1u32.into());
-                                return;
-                            }
-                        }
-                    }
+            match this.decoder.next_frame() {
+                Ok(Some(Frame::Data(data))) => {
+                    this.counter.inc_by(data.len() as u64);
+                    return Poll::Ready(Some(Ok(HttpFrame::data(data))));
                 }
+                Ok(Some(Frame::Trailers(t))) => {
+                    return Poll::Ready(Some(Ok(HttpFrame::trailers(wire::headers_from_wire(&t)))));
+                }
+                Ok(None) => {}
+                Err(e) => return this.fail(e.into(), 1),
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            let read = std::pin::pin!(this.recv.read_chunk(CHUNK, true));
+            match std::task::ready!(read.poll(cx)) {
+                Ok(Some(chunk)) => this.decoder.push(chunk.bytes),
                 Ok(None) => {
-                    if decoder.buffered() > 0 {
-                        let _ = tx.send(Err("stream ended inside a frame".into())).await;
+                    this.done = true;
+                    if this.decoder.buffered() > 0 {
+                        return Poll::Ready(Some(Err("stream ended inside a frame".into())));
                     }
-                    return;
+                    return Poll::Ready(None);
                 }
                 Err(e) => {
-                    let _ = tx.send(Err(e.into())).await;
-                    return;
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e.into())));
                 }
             }
         }
-    });
-    ChannelBody { rx }.boxed_unsync()
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.decoder.buffered() == 0
+    }
+}
+
+impl Drop for QuicBody {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // hyper stops polling once a body's declared length is written,
+        // so the stream's end is usually received but not yet read: read
+        // it now rather than stop a finished stream, which would send the
+        // owner a STOP_SENDING and a flow-control update for nothing.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let ended = {
+            let read = std::pin::pin!(self.recv.read_chunk(CHUNK, true));
+            matches!(read.poll(&mut cx), Poll::Ready(Ok(None)))
+        };
+        if !ended {
+            let _ = self.recv.stop(0u32.into());
+        }
+    }
 }
 
 /// A body fed by a channel of frames.

@@ -689,7 +689,7 @@ impl Proxy {
                 }
             });
             let (mut head, _) = response.into_parts();
-            head.headers = hop::clean(&head.headers, true);
+            hop::strip(&mut head.headers, true);
             return Ok(Response::from_parts(head, body::empty()));
         }
         Ok(self.relay(route, response))
@@ -700,7 +700,7 @@ impl Proxy {
     fn relay(&self, route: &ServiceRoute, response: Response<Incoming>) -> Response<ProxyBody> {
         let counter = self.metrics.bytes(&route.name, "response");
         let (mut head, incoming) = response.into_parts();
-        head.headers = hop::clean(&head.headers, false);
+        hop::strip(&mut head.headers, false);
         Response::from_parts(head, Counting::boxed(incoming, counter))
     }
 
@@ -746,7 +746,10 @@ impl Proxy {
             .await
             .map_err(|e| AttemptError::NoResponse(format!("node {}: {e}", backend.node)))?;
         let mut send = Some(send);
-        if !upgrade {
+        if !upgrade && body.is_empty() {
+            // The opening said so: nothing to send, and no task to send it.
+            let _ = send.take().expect("present").finish();
+        } else if !upgrade {
             let mut send = send.take().expect("present");
             let counter = self.metrics.bytes(&route.name, "request");
             let body = body.attempt();
@@ -854,7 +857,8 @@ impl Proxy {
             .version(hop::version(h2))
             .body(body)
             .map_err(|e| AttemptError::Connect(format!("{instance}: bad request: {e}")))?;
-        *req.headers_mut() = hop::clean(&parts.headers, upgrade);
+        *req.headers_mut() = parts.headers.clone();
+        hop::strip(req.headers_mut(), upgrade);
         if h2 {
             req.headers_mut().remove(http::header::HOST);
         }

@@ -61,6 +61,50 @@ pub fn clean(map: &HeaderMap, keep_upgrade: bool) -> HeaderMap {
     out
 }
 
+/// Drops `map`'s hop-by-hop headers in place: what [`clean`] leaves,
+/// without copying the rest (the order of different names may change,
+/// which HTTP gives no meaning to).
+pub fn strip(map: &mut HeaderMap, keep_upgrade: bool) {
+    // As names, not text: removing by a name skips parsing it.
+    const NAMES: [HeaderName; 8] = [
+        http::header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        http::header::PROXY_AUTHENTICATE,
+        http::header::PROXY_AUTHORIZATION,
+        http::header::TE,
+        http::header::TRANSFER_ENCODING,
+        http::header::UPGRADE,
+    ];
+    let listed: Vec<String> = connection_tokens(map).collect();
+    for name in &NAMES {
+        if *name == http::header::TE
+            || keep_upgrade && (*name == http::header::UPGRADE || *name == http::header::CONNECTION)
+        {
+            continue;
+        }
+        map.remove(name);
+    }
+    for name in &listed {
+        if name == "te" || keep_upgrade && (name == "upgrade" || name == "connection") {
+            continue;
+        }
+        map.remove(name.as_str());
+    }
+    if !map.get_all(http::header::TE).iter().all(is_te_trailers) {
+        let kept: Vec<HeaderValue> = map
+            .get_all(http::header::TE)
+            .iter()
+            .filter(|v| is_te_trailers(v))
+            .cloned()
+            .collect();
+        map.remove(http::header::TE);
+        for v in kept {
+            map.append(http::header::TE, v);
+        }
+    }
+}
+
 fn is_te_trailers(value: &HeaderValue) -> bool {
     value
         .to_str()
@@ -142,6 +186,38 @@ mod tests {
         map.insert("keep-alive", "timeout=5".parse().unwrap());
         assert_eq!(names(&clean(&map, true)), ["connection", "upgrade"]);
         assert!(clean(&map, false).is_empty());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn stripping_in_place_leaves_what_cleaning_copies(
+            fields in proptest::collection::vec((0usize..9, 0usize..6), 0..12),
+            keep_upgrade: bool,
+        ) {
+            const NAMES: [&str; 9] = [
+                "connection", "keep-alive", "te", "upgrade", "x-private",
+                "accept", "transfer-encoding", "proxy-authorization", "traceparent",
+            ];
+            const VALUES: [&str; 6] =
+                ["keep-alive, X-Private", "Upgrade", "trailers", "gzip", " Trailers ", "a"];
+            let mut map = HeaderMap::new();
+            for (n, v) in fields {
+                map.append(NAMES[n], HeaderValue::from_static(VALUES[v]));
+            }
+            let mut stripped = map.clone();
+            strip(&mut stripped, keep_upgrade);
+            proptest::prop_assert_eq!(stripped, clean(&map, keep_upgrade));
+        }
+    }
+
+    #[test]
+    fn strip_names_the_same_headers_as_the_list() {
+        let mut map = HeaderMap::new();
+        for name in HOP_BY_HOP {
+            map.append(name, HeaderValue::from_static("x"));
+        }
+        strip(&mut map, false);
+        assert!(map.is_empty(), "left {:?}", names(&map));
     }
 
     #[test]

@@ -161,15 +161,15 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
         };
     let mut signals = Signals::new(&proxy, &head.service);
     let local = proxy.catalog.local.borrow().clone();
+    // The entry's instances are sorted by id (its validation checks it).
     let Some(instance) = local
         .services
-        .iter()
-        .find(|s| {
-            s.id == head.instance
-                && s.name == head.service
-                && s.protocol != gossamer_membership::catalog::Protocol::Tcp
+        .binary_search_by(|s| s.id.as_str().cmp(&head.instance))
+        .ok()
+        .map(|i| &local.services[i])
+        .filter(|s| {
+            s.name == head.service && s.protocol != gossamer_membership::catalog::Protocol::Tcp
         })
-        .cloned()
     else {
         let msg = format!(
             "no instance {:?} of {:?} on this node",
