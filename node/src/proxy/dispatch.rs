@@ -746,19 +746,21 @@ impl Proxy {
             .await
             .map_err(|e| AttemptError::NoResponse(format!("node {}: {e}", backend.node)))?;
         let mut send = Some(send);
-        if !upgrade && body.is_empty() {
-            // The opening said so: nothing to send, and no task to send it.
-            let _ = send.take().expect("present").finish();
-        } else if !upgrade {
+        if !upgrade {
             let mut send = send.take().expect("present");
-            let counter = self.metrics.bytes(&route.name, "request");
-            let body = body.attempt();
-            tokio::spawn(async move {
-                if let Err(e) = body::to_quic(body, &mut send, &counter).await {
-                    debug!(error = %e, "request body not fully sent");
-                    let _ = send.reset(1u32.into());
-                }
-            });
+            if body.is_empty() {
+                // The opening said so: nothing to send, and no task to send it.
+                let _ = send.finish();
+            } else {
+                let counter = self.metrics.bytes(&route.name, "request");
+                let body = body.attempt();
+                tokio::spawn(async move {
+                    if let Err(e) = body::to_quic(body, &mut send, &counter).await {
+                        debug!(error = %e, "request body not fully sent");
+                        let _ = send.reset(1u32.into());
+                    }
+                });
+            }
         }
         let no_response =
             |e: String| AttemptError::NoResponse(format!("node {}: {e}", backend.node));

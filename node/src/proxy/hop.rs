@@ -76,19 +76,14 @@ pub fn strip(map: &mut HeaderMap, keep_upgrade: bool) {
         http::header::TRANSFER_ENCODING,
         http::header::UPGRADE,
     ];
+    // `te` is filtered by value below; an upgrade keeps its own headers.
+    let spared =
+        |name: &str| name == "te" || keep_upgrade && (name == "upgrade" || name == "connection");
     let listed: Vec<String> = connection_tokens(map).collect();
-    for name in &NAMES {
-        if *name == http::header::TE
-            || keep_upgrade && (*name == http::header::UPGRADE || *name == http::header::CONNECTION)
-        {
-            continue;
-        }
+    for name in NAMES.iter().filter(|n| !spared(n.as_str())) {
         map.remove(name);
     }
-    for name in &listed {
-        if name == "te" || keep_upgrade && (name == "upgrade" || name == "connection") {
-            continue;
-        }
+    for name in listed.iter().filter(|n| !spared(n)) {
         map.remove(name.as_str());
     }
     if !map.get_all(http::header::TE).iter().all(is_te_trailers) {
