@@ -26,6 +26,9 @@
 # record -e cpu-clock` (a software clock, so no hardware counters are
 # needed) samples it with DWARF call graphs while it serves REQUESTS;
 # inferno (cargo install inferno) folds the samples into a flamegraph.
+# With SYSCALLS=1 the profiled agent runs natively under `strace -c -f`
+# for the REQUESTS, and the script prints its system calls per request by
+# call (strace slows the agent, but the counts are what it reports).
 set -euo pipefail
 
 BIN=$(realpath "${1:?usage: callgrind.sh BIN MODE [REQUESTS]}")
@@ -121,6 +124,11 @@ if [ -n "${FLAME:-}" ]; then
     FLAME=$(realpath -m "$FLAME")
     callgrind=()
 fi
+if [ "${SYSCALLS:-0}" = 1 ]; then
+    command -v strace >/dev/null || apt-get install -y -q strace >/dev/null ||
+        { echo "callgrind.sh: SYSCALLS needs strace (apt-get install strace)" >&2; exit 1; }
+    callgrind=()
+fi
 case ${PROFILE:-a} in
 a) on_a=("${callgrind[@]}") on_b=() ;;
 b) on_a=() on_b=("${callgrind[@]}") ;;
@@ -161,11 +169,15 @@ if [ -n "${FLAME:-}" ]; then
     perf record -q -e cpu-clock -F 499 --call-graph dwarf,16384 -p "$A" -o "$D/perf.data" 2>"$D/perf.log" &
     perf=$!
     sleep 1
+elif [ "${SYSCALLS:-0}" = 1 ]; then
+    strace -c -f -q -p "$A" -o "$D/strace.txt" &
+    perf=$!
+    sleep 1
 else
     callgrind_control -i on "$A" >/dev/null 2>&1
 fi
 h2load "${proto[@]}" -n "$N" -c 8 -t 1 -H ':authority: bench' "$url" >"$D/h2load.txt"
-if [ -n "${FLAME:-}" ]; then
+if [ -n "${FLAME:-}" ] || [ "${SYSCALLS:-0}" = 1 ]; then
     kill -INT $perf
     wait $perf || true
 else
@@ -186,6 +198,12 @@ if [ -n "${FLAME:-}" ]; then
     perf script -i "$D/perf.data" 2>/dev/null | inferno-collapse-perf >"$D/folded.txt"
     inferno-flamegraph --title "agent $side, $MODE, $N requests" <"$D/folded.txt" >"$FLAME"
     echo "$MODE: flamegraph of agent $side in $FLAME ($(wc -l <"$D/folded.txt") stacks; samples in $D)"
+    exit 0
+fi
+if [ "${SYSCALLS:-0}" = 1 ]; then
+    echo "$MODE: system calls per request on agent $side ($N requests; strace's table in $D/strace.txt)"
+    awk -v n="$N" '$1 ~ /^[0-9.]+$/ && NF >= 5 && $NF != "total" { printf "  %-16s %7.2f\n", $NF, $4 / n; t += $4 }
+        END { printf "  %-16s %7.2f\n", "all", t / n }' "$D/strace.txt"
     exit 0
 fi
 total=0

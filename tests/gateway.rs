@@ -269,7 +269,14 @@ impl Setup {
             AgentOptions {
                 seeds: vec![c.seed()],
                 config: Some(a_config),
-                extra: vec!["--ingress".into(), format!("127.0.0.1:{plain}")],
+                // The gateway runs on one thread (a current-thread
+                // runtime), as in the benchmark; c on the default pool.
+                extra: vec![
+                    "--ingress".into(),
+                    format!("127.0.0.1:{plain}"),
+                    "--threads".into(),
+                    "1".into(),
+                ],
                 ..Default::default()
             },
         )?;

@@ -39,6 +39,13 @@ fn mesh_with_web(config: Option<&str>) -> Result<Mesh> {
             AgentOptions {
                 seeds,
                 config: config_path.clone(),
+                // n1 runs on one thread (a current-thread runtime), the
+                // others on the default pool: both serve each other.
+                extra: if i == 1 {
+                    vec!["--threads".into(), "1".into()]
+                } else {
+                    Vec::new()
+                },
                 ..Default::default()
             },
         )?);

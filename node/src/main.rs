@@ -254,11 +254,21 @@ fn run_agent(args: &AgentArgs) -> ExitCode {
         }
     };
     logging::init(config.log_level.as_deref(), config.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.unwrap_or(2).clamp(1, 64))
-        .enable_all()
-        .build()
-    {
+    // One thread gets a current-thread runtime rather than a pool of one
+    // worker: a task that writes to a QUIC stream wakes the connection's
+    // driver, and a pool runs the woken task next (its LIFO slot), so the
+    // driver sent a packet per request. Here it runs after the tasks
+    // already queued, and the requests ready together share packets
+    // (docs/benchmarks.md, "One thread, one runtime").
+    let threads = args.threads.unwrap_or(2).clamp(1, 64);
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("gossamer: cannot start the async runtime: {e}");
