@@ -164,8 +164,8 @@ pub async fn run(
     let mut seen = Seen::default();
     let mut ignored = Vec::new();
     // The starting point: no events for what is already there.
+    let mut snapshot = members.borrow_and_update().clone();
     {
-        let snapshot = members.borrow_and_update().clone();
         let cat = catalog.borrow_and_update().clone();
         seen.members(&snapshot, &mut ignored);
         seen.instances(&cat, &snapshot, &mut ignored);
@@ -176,9 +176,8 @@ pub async fn run(
     loop {
         let mut out = Vec::new();
         tokio::select! {
-            changed = members.changed() => {
+            changed = crate::members::changed(&mut members, &mut snapshot) => {
                 if changed.is_err() { return; }
-                let snapshot = members.borrow_and_update().clone();
                 seen.members(&snapshot, &mut out);
                 // Availability decides effective health too.
                 seen.instances(&catalog.borrow().clone(), &snapshot, &mut out);
@@ -186,7 +185,7 @@ pub async fn run(
             changed = catalog.changed() => {
                 if changed.is_err() { return; }
                 let cat = catalog.borrow_and_update().clone();
-                seen.instances(&cat, &members.borrow().clone(), &mut out);
+                seen.instances(&cat, &snapshot, &mut out);
             }
             changed = doc_changes.changed() => {
                 if changed.is_err() { return; }

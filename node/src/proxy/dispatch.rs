@@ -1043,9 +1043,9 @@ async fn keep_routes(
     let mut changes = documents.subscribe();
     let mut policies = Arc::new(compile_policies(&documents));
     let mut externals = Externals::build(&documents);
+    let mut m = members.borrow_and_update().clone();
     loop {
         let c = catalog.borrow_and_update().clone();
-        let m = members.borrow_and_update().clone();
         let previous = tx.borrow().clone();
         tx.send_replace(Arc::new(Routes::build(
             &c,
@@ -1056,7 +1056,7 @@ async fn keep_routes(
         )));
         tokio::select! {
             r = catalog.changed() => if r.is_err() { return },
-            r = members.changed() => if r.is_err() { return },
+            r = crate::members::changed(&mut members, &mut m) => if r.is_err() { return },
             r = changes.changed() => {
                 if r.is_err() {
                     return;
