@@ -199,7 +199,8 @@ impl ExternalTarget {
             .uri(uri)
             .body(body)
             .map_err(|e| AttemptError::Connect(format!("{}: bad request: {e}", self.url())))?;
-        let mut headers = hop::clean(&parts.headers, false);
+        let mut headers = parts.headers.clone();
+        hop::strip(&mut headers, false);
         hop::strip_internal(&mut headers);
         headers.insert(http::header::HOST, self.host_header.clone());
         *req.headers_mut() = headers;
