@@ -224,13 +224,17 @@ def log_lines(agents, needle):
     return n
 
 
-def all_alive(agents, expect, deadline, what):
+def all_alive(agents, expect, deadline, what, bracket=None):
     """Polls rounds until every running agent lists every name in `expect`
-    (minus itself) alive. Returns seconds from the call to the start of the
-    first complete round, or None at the deadline."""
+    (minus itself) alive. Returns seconds from the call to the moment it
+    happened, or None at the deadline: the middle of the bracket between
+    the last poll that found a gap and the end of the first complete round
+    (figures before 2026-12-03 took the start of that round). `bracket`, if
+    given, receives the bracket's two ends."""
     t0 = time.monotonic()
     last = ""
     gap = None
+    last_gap_at = t0
     while time.monotonic() - t0 < deadline:
         round_start = time.monotonic()
         ok = True
@@ -239,6 +243,7 @@ def all_alive(agents, expect, deadline, what):
             if not a.alive():
                 continue
             st = a.states()
+            polled = time.monotonic()
             want = expect - {a.name}
             n_alive = 0 if st is None else sum(1 for n in want if st.get(n) == "alive")
             if n_alive != len(want):
@@ -247,13 +252,17 @@ def all_alive(agents, expect, deadline, what):
                     worst = (a.name, n_alive)
                 missing = sorted(n for n in want if st is None or st.get(n) != "alive")
                 gap = (a.name, [(n, (st or {}).get(n, "unknown")) for n in missing[:3]])
+                last_gap_at = polled
                 break
         if ok:
+            round_end = time.monotonic()
             if gap is not None:
                 # What held formation up last: which observer lacked whom.
                 print(f"  {what}: the last gap seen, {time.monotonic() - t0:.1f} s in: "
                       f"{gap[0]} listed " + ", ".join(f"{n} as {s}" for n, s in gap[1]), flush=True)
-            return round_start - t0
+            if bracket is not None:
+                bracket.extend([last_gap_at - t0, round_end - t0])
+            return (last_gap_at + round_end) / 2 - t0
         last = f"{worst[0]} lists {worst[1]} of {len(expect) - 1} alive" if worst else ""
         # At most half of one core for this poller: a full round over
         # hundreds of agents takes a while, and the agents need the CPU.
@@ -262,7 +271,29 @@ def all_alive(agents, expect, deadline, what):
     return None
 
 
+def udp_errors():
+    """The kernel's UDP counters that mean lost datagrams (all sockets)."""
+    try:
+        lines = [l.split() for l in Path("/proc/net/snmp").read_text().splitlines() if l.startswith("Udp:")]
+    except OSError:
+        return {}
+    head, values = lines[0][1:], [int(v) for v in lines[1][1:]]
+    return {k: v for k, v in zip(head, values) if k in ("RcvbufErrors", "SndbufErrors", "InErrors")}
+
+
+def drops(agents):
+    """Datagrams the agents' transports dropped, by reason (all agents)."""
+    out = {}
+    for reason in ("inbound_queue_full", "outbound_undeliverable"):
+        name = f'gossamer_transport_dropped_total{{reason="{reason}"}}'
+        out[reason] = sum(a.metric(name) or 0 for a in agents)
+    out["member_syncs_failed"] = sum(a.metric('gossamer_member_syncs_total{result="error"}') or 0 for a in agents)
+    out["repair_swaps"] = log_lines(agents, b"never heard of")
+    return out
+
+
 def phase_form(args, agents):
+    udp0 = udp_errors()
     seeds = [f"127.0.0.1:{a.quic}" for a in agents[:3]]
     gap = args.start_over / max(1, len(agents) - 1)
     t0 = time.monotonic()
@@ -276,21 +307,28 @@ def phase_form(args, agents):
     started = time.monotonic() - t0
     print(f"form: started {len(agents)} agents in {started:.1f} s", flush=True)
     names = {a.name for a in agents}
-    formed = all_alive(agents, names, args.form_deadline, "formation")
+    bracket = []
+    formed = all_alive(agents, names, args.form_deadline, "formation", bracket)
     cpu = [a.cpu_seconds() for a in agents]
     total = sum(c for c in cpu if c is not None)
     downs = log_lines(agents, b'"member down"')
     renewals = log_lines(agents, b'"member restarted"')
     refuted = sum(a.metric("gossamer_swim_refuted_suspicions_total") or 0 for a in agents)
-    print(f"form: every agent lists every other alive {formed if formed is None else round(formed, 1)} s after the last start; "
+    within = f" (±{(bracket[1] - bracket[0]) / 2:.2f})" if bracket else ""
+    print(f"form: every agent lists every other alive {formed if formed is None else round(formed, 2)}{within} s after the last start; "
           f"the agents used {total:.1f} CPU seconds so far (median {summary(cpu).get('median', 0):.2f} each)", flush=True)
     print(f"form: {downs} member-down and {renewals} member-restarted log lines (all agents); {refuted:.0f} suspicions refuted", flush=True)
+    udp1 = udp_errors()
+    lost = {k: udp1[k] - udp0.get(k, 0) for k in udp1}
+    dropped = drops(agents)
+    print(f"form: datagrams lost: kernel UDP {lost}; agents' transports {dropped}", flush=True)
     known = pairs_known(agents, last_start_wall)
     if known:
         print(f"form: from the agents' logs, 99 % of pairs known {known['p99']:.2f} s and every pair {known['all']:.2f} s "
               f"after the last start (suspects included; the poll above wants every pair alive)", flush=True)
-    return {"started_over_s": started, "formed_after_last_start_s": formed, "pairs_known_from_logs": known, "cpu_seconds_total": total, "cpu_seconds": summary(cpu),
-            "down_log_lines": downs, "restarted_log_lines": renewals, "refuted_suspicions": refuted}
+    return {"started_over_s": started, "formed_after_last_start_s": formed, "formed_bracket_s": bracket, "pairs_known_from_logs": known, "cpu_seconds_total": total, "cpu_seconds": summary(cpu),
+            "down_log_lines": downs, "restarted_log_lines": renewals, "refuted_suspicions": refuted,
+            "udp_errors": lost, "transport_drops": dropped}
 
 
 def phase_idle(args, agents):

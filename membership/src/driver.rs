@@ -34,6 +34,14 @@ use crate::sync::{SYNC_AFTER_RENEWAL, SyncPayload, interval_for};
 pub const JOIN_FIRST_RETRY: Duration = Duration::from_millis(500);
 /// Join retries back off up to this.
 pub const JOIN_MAX_RETRY: Duration = Duration::from_secs(10);
+/// A newcomer's first member-list swap goes to one of this many oldest
+/// active members (by generation). A random member is often another
+/// newcomer that does not know everyone yet: at 150 agents started over
+/// 10 s, a join swap that drew one returned 42 members of 150, and the
+/// newcomer missed 19 of them for 10 s, until a catalog digest named them.
+/// The oldest members have heard every join since theirs; more than one
+/// keeps a mass restart from landing every swap on one node.
+pub const JOIN_SYNC_OLDEST: usize = 3;
 /// A name a repair swap did not teach is not the reason for another one
 /// before this (see [`Driver::handle_digest`]).
 pub const REPAIR_RETRY: Duration = Duration::from_secs(60);
@@ -133,6 +141,17 @@ pub struct JoinPlan {
 struct OneOffSync {
     at: Duration,
     gossip: bool,
+    /// With one of the [`JOIN_SYNC_OLDEST`] oldest members rather than any.
+    oldest: bool,
+}
+
+/// A name a catalog digest gave that this node has not heard of.
+#[derive(Debug, Clone)]
+struct Unheard {
+    /// When it was first named (later, once a swap did not teach it).
+    since: Duration,
+    /// The peer whose digest named it first.
+    from: String,
 }
 
 /// The join loop's state while the node is alone.
@@ -176,9 +195,9 @@ pub struct Driver {
     next_sync: Duration,
     extra_sync: Option<OneOffSync>,
     next_anti_entropy: Duration,
-    /// Names digests gave that this node has not heard of, and since when
-    /// (see [`Driver::handle_digest`]).
-    unheard: HashMap<String, Duration>,
+    /// Names digests gave that this node has not heard of (see
+    /// [`Driver::handle_digest`]).
+    unheard: HashMap<String, Unheard>,
     last_repair: Option<Duration>,
     actions: VecDeque<Action>,
     events: VecDeque<Event>,
@@ -340,6 +359,7 @@ impl Driver {
             self.extra_sync.map(|s| s.at),
             Some(self.next_anti_entropy),
             self.replica.next_wait(),
+            self.next_repair(),
         ]
         .into_iter()
         .flatten()
@@ -365,12 +385,14 @@ impl Driver {
         }
         if let Some(sync) = self.extra_sync.filter(|s| s.at <= now) {
             self.extra_sync = None;
-            self.start_sync(sync.gossip);
+            let peer = sync.oldest.then(|| self.one_of_the_oldest()).flatten();
+            self.start_sync_with(peer, sync.gossip);
         }
         if self.next_anti_entropy <= now {
             self.next_anti_entropy = now + self.replica.config().anti_entropy_interval;
             self.anti_entropy(now);
         }
+        self.repair_due(now);
         if self.replica.next_wait().is_some_and(|at| at <= now) {
             let mut out = std::mem::take(&mut self.scratch);
             self.replica.release_waiting(now, &mut out);
@@ -496,7 +518,8 @@ impl Driver {
     /// node has still not heard of an anti-entropy interval after a digest
     /// first named it is such a miss, and swapping member lists with the
     /// sender (or, if it is not known either, a random member) repairs
-    /// it. At most one such swap per anti-entropy interval, and one per
+    /// it. The interval is timed, not waited out until the next digest
+    /// (which made a repair take up to three intervals). At most one such swap per anti-entropy interval, and one per
     /// name a minute, so a name nobody lists as a member cannot make a
     /// node swap again and again.
     pub fn handle_digest(&mut self, now: Duration, from: &str, digest: &[(String, u64)]) {
@@ -510,14 +533,14 @@ impl Driver {
     }
 
     fn repair_membership(&mut self, now: Duration, from: &str, digest: &[(String, u64)]) {
-        let gap = self.replica.config().anti_entropy_interval;
         let local = self.core.identity().name.as_str();
         let mut names: Vec<&str> = digest
             .iter()
             .map(|(n, _)| n.as_str())
-            .filter(|n| *n != local && !self.replica.knows(n))
+            .filter(|n| *n != local && !self.replica.knows(n) && !self.unheard.contains_key(*n))
             .collect();
         if names.is_empty() || self.core.has_left() {
+            self.repair_due(now);
             return;
         }
         let members = self.core.members();
@@ -525,28 +548,48 @@ impl Driver {
         names.retain(|n| !known.contains(n));
         // A join in progress is named by some digests before its gossip
         // arrives; only a name still unheard an interval after it was
-        // first named is a miss.
-        let mut due = Vec::new();
+        // first named is a miss ([`Driver::repair_due`], on a timer).
         for n in names {
-            match self.unheard.get(n) {
-                Some(since) if now >= *since + gap => due.push(n.to_owned()),
-                Some(_) => {}
-                None => {
-                    self.unheard.insert(n.to_owned(), now);
-                }
-            }
+            self.unheard.insert(
+                n.to_owned(),
+                Unheard {
+                    since: now,
+                    from: from.to_owned(),
+                },
+            );
         }
-        let replica = &self.replica;
-        self.unheard.retain(|n, since| {
-            !known.contains(n.as_str()) && !replica.knows(n) && now < *since + 2 * REPAIR_RETRY
-        });
-        if due.is_empty() || self.last_repair.is_some_and(|at| now < at + gap) {
+        self.repair_due(now);
+    }
+
+    /// When the next unheard name falls due for a repair swap.
+    fn next_repair(&self) -> Option<Duration> {
+        let gap = self.replica.config().anti_entropy_interval;
+        let due = self.unheard.values().map(|u| u.since + gap).min()?;
+        Some(self.last_repair.map_or(due, |at| due.max(at + gap)))
+    }
+
+    /// Swaps member lists with whoever first named a name that is still
+    /// unheard an anti-entropy interval later.
+    fn repair_due(&mut self, now: Duration) {
+        if self.next_repair().is_none_or(|at| at > now) || self.core.has_left() {
             return;
         }
-        for n in due {
+        let gap = self.replica.config().anti_entropy_interval;
+        let members = self.core.members();
+        let known: HashSet<&str> = members.iter().map(|m| m.id.name.as_str()).collect();
+        let replica = &self.replica;
+        self.unheard.retain(|n, u| {
+            !known.contains(n.as_str()) && !replica.knows(n) && now < u.since + 2 * REPAIR_RETRY
+        });
+        let mut from = None;
+        for u in self.unheard.values_mut().filter(|u| u.since + gap <= now) {
+            from.get_or_insert_with(|| u.from.clone());
             // Not the reason for another swap before REPAIR_RETRY.
-            self.unheard.insert(n, now + REPAIR_RETRY - gap);
+            u.since = now + REPAIR_RETRY - gap;
         }
+        let Some(from) = from else {
+            return;
+        };
         self.last_repair = Some(now);
         self.stats.repair_syncs += 1;
         let peer = members
@@ -638,6 +681,21 @@ impl Driver {
         joining.at = now + joining.delay;
         joining.delay = (joining.delay * 2).min(JOIN_MAX_RETRY);
         self.joining = Some(joining);
+    }
+
+    /// One of the [`JOIN_SYNC_OLDEST`] active members with the lowest
+    /// generations, at random.
+    fn one_of_the_oldest(&mut self) -> Option<NodeId> {
+        let mut active: Vec<NodeId> = self
+            .core
+            .members()
+            .into_iter()
+            .filter(|m| m.state.is_active())
+            .map(|m| m.id)
+            .collect();
+        active.sort_by_key(|id| id.generation);
+        active.truncate(JOIN_SYNC_OLDEST);
+        (!active.is_empty()).then(|| active.swap_remove(self.rng.random_range(0..active.len())))
     }
 
     /// Swaps member lists with one random active member.
@@ -787,6 +845,7 @@ impl Driver {
                         self.extra_sync = Some(OneOffSync {
                             at: now + delay,
                             gossip: true,
+                            oldest: false,
                         });
                     }
                 }
@@ -798,6 +857,7 @@ impl Driver {
                         self.extra_sync = Some(OneOffSync {
                             at: now,
                             gossip: false,
+                            oldest: true,
                         });
                         // And every document, before the node says ready.
                         self.docs_exchange_due = true;
@@ -1145,6 +1205,60 @@ mod tests {
     }
 
     #[test]
+    fn a_newcomers_first_swap_goes_to_one_of_the_oldest_members() {
+        use crate::sync::{SyncMember, SyncState};
+        // Ten members; n3, n7 and n8 have the lowest generations.
+        let generations = [50, 40, 60, 5, 70, 80, 90, 3, 4, 30];
+        let members: Vec<SyncMember> = (0..10)
+            .map(|i| SyncMember {
+                id: id(i, generations[i]),
+                incarnation: 0,
+                state: SyncState::Alive,
+            })
+            .collect();
+        let mut chosen = std::collections::BTreeSet::new();
+        for seed in 0..40 {
+            let plan = JoinPlan {
+                has_seeds: true,
+                saved: Vec::new(),
+            };
+            let mut d = Driver::new(
+                id(20, 100),
+                &SwimConfig::default(),
+                ReplicaConfig::default(),
+                plan,
+                seed,
+                Duration::ZERO,
+            )
+            .unwrap();
+            let now = Duration::from_millis(10);
+            d.handle_sync_answer(
+                now,
+                SyncPayload {
+                    members: members.clone(),
+                },
+                false,
+            );
+            assert!(d.joined());
+            d.handle_timeout(now);
+            let peers: Vec<String> = std::iter::from_fn(|| d.poll_action())
+                .filter_map(|a| match a {
+                    Action::SyncMembers { peer, .. } => Some(peer.name),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(peers.len(), 1, "one join swap: {peers:?}");
+            chosen.insert(peers[0].clone());
+        }
+        let oldest: std::collections::BTreeSet<String> =
+            ["n3", "n7", "n8"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            chosen, oldest,
+            "spread over the three oldest, and only them"
+        );
+    }
+
+    #[test]
     fn join_retries_back_off_while_the_seed_is_away() {
         let mut mesh = Mesh::new(2, ReplicaConfig::default());
         mesh.cut = vec![0];
@@ -1187,24 +1301,77 @@ mod tests {
         // yet: not a miss until an anti-entropy interval (5 s) later.
         let n1_holds = [("n1".into(), 3), ("n2".into(), 1), ("n3".into(), 1)];
         d.handle_digest(secs(1), "n1", &n1_holds);
-        d.handle_digest(secs(4), "n1", &n1_holds);
+        d.handle_digest(secs(4), "n1", &[("n2".into(), 1), ("n4".into(), 1)]);
         assert!(swaps(&mut d).is_empty());
-        // Still unheard: swap with n1, without gossiping what n0 learns.
+        // Still unheard: one swap with n1 for both n2 and n3, without
+        // gossiping what n0 learns.
         d.handle_digest(secs(6), "n1", &[("n2".into(), 1)]);
         assert_eq!(swaps(&mut d), vec![("n1".to_owned(), false)]);
         assert_eq!(d.stats().repair_syncs, 1);
-        // At most one repair per interval: n3 is due, but waits.
-        d.handle_digest(secs(8), "n1", &[("n3".into(), 1)]);
+        // At most one repair per interval: n4 is due at 9 s, but waits.
+        d.handle_digest(secs(9), "n1", &[("n4".into(), 1)]);
         assert!(swaps(&mut d).is_empty());
-        d.handle_digest(secs(11), "n1", &[("n3".into(), 1)]);
+        d.handle_digest(secs(11), "n1", &[("n4".into(), 1)]);
         assert_eq!(swaps(&mut d), vec![("n1".to_owned(), false)]);
         // A name a swap did not teach waits a minute.
         d.handle_digest(secs(20), "n1", &[("n2".into(), 1)]);
         assert!(swaps(&mut d).is_empty());
-        // From a sender n0 does not know either: a random member (n1).
-        d.handle_digest(secs(70), "n9", &[("n2".into(), 1)]);
+        d.handle_digest(secs(70), "n1", &[("n2".into(), 1)]);
         assert_eq!(swaps(&mut d), vec![("n1".to_owned(), false)]);
-        assert_eq!(d.stats().repair_syncs, 3);
+        // n4's minute is up too (at 71 s, after the 70 s swap's interval).
+        d.handle_digest(secs(80), "n9", &[("n5".into(), 1)]);
+        assert_eq!(swaps(&mut d), vec![("n1".to_owned(), false)]);
+        // First named by a sender n0 does not know either: a random
+        // member (n1).
+        d.handle_digest(secs(85), "n9", &[("n5".into(), 1)]);
+        assert_eq!(swaps(&mut d), vec![("n1".to_owned(), false)]);
+        assert_eq!(d.stats().repair_syncs, 5);
+    }
+
+    #[test]
+    fn a_missed_join_is_repaired_when_due_without_waiting_for_another_digest() {
+        use crate::sync::{SyncMember, SyncState};
+        let ms = Duration::from_millis;
+        // A short interval, so that n1 (which never answers here) is
+        // still alive when n2 falls due.
+        let replica = ReplicaConfig {
+            anti_entropy_interval: ms(1000),
+            ..ReplicaConfig::default()
+        };
+        let mut d = Driver::new(
+            id(0, 1),
+            &SwimConfig::default(),
+            replica,
+            JoinPlan::default(),
+            7,
+            ms(0),
+        )
+        .unwrap();
+        let n1 = SyncMember {
+            id: id(1, 1),
+            incarnation: 0,
+            state: SyncState::Alive,
+        };
+        d.handle_sync_answer(ms(0), SyncPayload { members: vec![n1] }, false);
+        while d.poll_action().is_some() {}
+        d.handle_digest(ms(100), "n1", &[("n2".into(), 1)]);
+        assert_eq!(d.poll_timeout(), Some(ms(0)), "the join's swap is due");
+        // No digest comes after this one: the timer alone repairs.
+        let mut repairs = Vec::new();
+        let mut now = ms(100);
+        while now < ms(1500) {
+            now += ms(50);
+            let before = d.stats().repair_syncs;
+            d.handle_timeout(now);
+            while let Some(a) = d.poll_action() {
+                if let Action::SyncMembers { peer, gossip, .. } = a
+                    && d.stats().repair_syncs > before
+                {
+                    repairs.push((now, peer.name, gossip));
+                }
+            }
+        }
+        assert_eq!(repairs, vec![(ms(1100), "n1".to_owned(), false)]);
     }
 
     #[test]

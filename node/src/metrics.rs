@@ -277,6 +277,14 @@ impl Collector for AgentCollector {
             None,
             MetricType::Gauge,
         )?)?;
+        ConstGauge::new(self.transport.udp_receive_buffer() as i64).encode(
+            encoder.encode_descriptor(
+                "gossamer_transport_udp_receive_buffer_bytes",
+                "The UDP socket's receive buffer as the kernel reports it (capped by net.core.rmem_max)",
+                None,
+                MetricType::Gauge,
+            )?,
+        )?;
         counter(
             &mut encoder,
             "gossamer_transport_identity_rejections",

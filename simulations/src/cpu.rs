@@ -80,9 +80,9 @@ impl Default for Costs {
             stream_message_us: 3.0,
             sync_member_us: 2.0,
             timer_us: 2.0,
-            process_start_us: 0.0,
+            process_start_us: 3_000.0,
             agent_input_us: 50.0,
-            agent_stream_us: 330.0,
+            agent_stream_us: 265.0,
             background_us_per_s: 1_200.0,
             member_us_per_s: 0.0,
         }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use quinn::{Connection, ConnectionError, Endpoint, SendDatagramError, VarInt};
 use tokio::sync::{Semaphore, mpsc};
-use tracing::{debug, trace};
+use tracing::{debug, info, trace};
 
 use crate::pki::{self, MeshIdentity};
 use crate::revocation::{self, Revocations};
@@ -59,6 +59,15 @@ pub struct TransportConfig {
     pub dials_at_once: usize,
     /// TLS sessions kept for resumption (one per peer recently talked to).
     pub resumable_sessions: usize,
+    /// The UDP receive buffer asked of the kernel, in bytes. The kernel's
+    /// usual default (208 KiB) holds about 90 packets: an agent that
+    /// loses the CPU for a few milliseconds while its peers are busy (a
+    /// join storm, a heal, many agents on few cores) overflows it, and
+    /// the kernel drops what comes next. Lost SWIM datagrams are not
+    /// resent, so a drop there can be a missed join or a false suspicion.
+    /// The kernel caps the size at `net.core.rmem_max`; the memory is
+    /// only used while packets wait.
+    pub udp_receive_buffer: usize,
 }
 
 impl Default for TransportConfig {
@@ -74,6 +83,7 @@ impl Default for TransportConfig {
             max_streams: 1024,
             dials_at_once: 8,
             resumable_sessions: 1024,
+            udp_receive_buffer: 4 << 20,
         }
     }
 }
@@ -218,6 +228,8 @@ struct Inner {
     inbound: mpsc::Sender<Inbound>,
     streams: mpsc::Sender<Inbound>,
     blocked: RwLock<HashSet<String>>,
+    /// The socket's receive buffer as the kernel reported it.
+    udp_receive_buffer: usize,
     stats: Stats,
 }
 
@@ -232,6 +244,35 @@ impl std::fmt::Debug for Transport {
             .field("local_addr", &self.0.endpoint.local_addr().ok())
             .finish_non_exhaustive()
     }
+}
+
+/// Asks the kernel for a UDP receive buffer of `want` bytes. What the
+/// kernel grants is logged; less than asked is not an error (the socket
+/// works, it only drops sooner under bursts).
+/// Returns the size the kernel reports.
+fn size_receive_buffer(socket: &std::net::UdpSocket, want: usize) -> usize {
+    let sock = socket2::SockRef::from(socket);
+    let before = sock.recv_buffer_size().unwrap_or(0);
+    if want <= before {
+        return before;
+    }
+    if let Err(e) = sock.set_recv_buffer_size(want) {
+        debug!(error = %e, "UDP receive buffer not resized");
+        return before;
+    }
+    // Linux reports twice what it grants (the other half is bookkeeping)
+    // and grants at most `net.core.rmem_max`.
+    let got = sock.recv_buffer_size().unwrap_or(0);
+    if got < want {
+        info!(
+            asked = want,
+            granted = got,
+            "UDP receive buffer smaller than asked (raise net.core.rmem_max); bursts may drop SWIM datagrams"
+        );
+    } else {
+        debug!(granted = got, "UDP receive buffer");
+    }
+    got
 }
 
 impl Transport {
@@ -264,6 +305,7 @@ impl Transport {
         let revoked = Arc::new(Revocations::default());
         let (server, client) = quic_configs(&identity, &quic, &stats, &config, &revoked)?;
 
+        let udp_receive_buffer = size_receive_buffer(&socket, config.udp_receive_buffer);
         let runtime = quinn::default_runtime()
             .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
         let mut endpoint_config = quinn::EndpointConfig::default();
@@ -293,6 +335,7 @@ impl Transport {
             inbound: tx,
             streams: streams_tx,
             blocked: RwLock::new(HashSet::new()),
+            udp_receive_buffer,
             stats,
         });
         let this = Self(inner);
@@ -304,6 +347,12 @@ impl Transport {
                 streams: streams_rx,
             },
         ))
+    }
+
+    /// The UDP socket's receive buffer, as the kernel reported it after
+    /// [`TransportConfig::udp_receive_buffer`] was asked for.
+    pub fn udp_receive_buffer(&self) -> usize {
+        self.0.udp_receive_buffer
     }
 
     /// The bound UDP address.

@@ -474,3 +474,34 @@ fn mesh_handshakes_choose_aes_128_gcm() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_udp_receive_buffer_grows_to_what_the_kernel_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki::generate_ca("test.mesh").unwrap();
+    let config = TransportConfig::default();
+    let plain = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let default = socket2::SockRef::from(&plain).recv_buffer_size().unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (t, _queues) =
+        Transport::bind(identity(dir.path(), &ca, "a"), config.clone(), socket).unwrap();
+    let granted = t.udp_receive_buffer();
+    // Linux grants at most net.core.rmem_max and reports twice that.
+    let cap = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok());
+    match cap {
+        Some(cap) if cap >= config.udp_receive_buffer => {
+            assert!(
+                granted >= config.udp_receive_buffer,
+                "{granted} < {}",
+                config.udp_receive_buffer
+            )
+        }
+        Some(cap) => assert!(
+            granted >= default.max(cap),
+            "{granted} < max({default}, {cap})"
+        ),
+        None => assert!(granted >= default, "{granted} < {default}"),
+    }
+}

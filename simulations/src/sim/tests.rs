@@ -130,14 +130,19 @@ fn idle_links_close_and_reconnecting_resumes() {
     let mut sim = Sim::new(config).unwrap();
     let formed = form(&mut sim, 6).unwrap();
     sim.run_until("steady", formed + Duration::from_secs(30));
+    let mut idle_closes = 0;
     for x in 0..6 {
         let s = sim.link_stats(x).unwrap();
         // One full handshake per pair and direction at most: the
         // session is kept for every later one.
         assert!(s.dialled_full <= 5, "node {x}: {s:?}");
         assert!(s.dialled_resumed > 0, "node {x}: {s:?}");
-        assert!(s.idle_closes > 0, "node {x}: {s:?}");
+        // Closing closes both sides, and whichever side's sweep comes
+        // first counts it, so a node may never be the one that closed.
+        idle_closes += s.idle_closes;
     }
+    // 15 pairs, idle for 1.5 s again and again over 30 s.
+    assert!(idle_closes >= 15, "{idle_closes}");
     assert!(sim.views().agreed());
 }
 
