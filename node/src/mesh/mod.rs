@@ -256,7 +256,9 @@ impl MeshTask {
                 }
                 () = tokio::time::sleep_until(deadline) => {
                     let now = self.now();
+                    let repairs = self.driver.stats().repair_syncs;
                     self.driver.handle_timeout(now);
+                    self.log_repair(repairs, None);
                 }
                 _ = tick.tick() => {
                     self.publish();
@@ -324,8 +326,17 @@ impl MeshTask {
     fn on_digest(&mut self, now: Duration, peer: &str, digest: &[(String, u64)]) {
         let repairs = self.driver.stats().repair_syncs;
         self.driver.handle_digest(now, peer, digest);
-        if self.driver.stats().repair_syncs > repairs {
-            info!(%peer, "a peer's catalog digest names members this node never heard of; swapping member lists");
+        self.log_repair(repairs, Some(peer));
+    }
+
+    /// Logs a repair swap the driver started since it counted `before`:
+    /// on a digest (`digest_from` is its sender) or when a name fell due.
+    fn log_repair(&self, before: u64, digest_from: Option<&str>) {
+        if self.driver.stats().repair_syncs > before {
+            info!(
+                digest_from,
+                "catalog digests name members this node never heard of; swapping member lists"
+            );
         }
     }
 
