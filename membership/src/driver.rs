@@ -145,6 +145,14 @@ struct OneOffSync {
     oldest: bool,
 }
 
+/// An anti-entropy round due at `at` with one of `with` (members this
+/// node held down when it renewed its identity), or any member.
+#[derive(Debug, Clone)]
+struct CatchUp {
+    at: Duration,
+    with: Vec<String>,
+}
+
 /// A name a catalog digest gave that this node has not heard of.
 #[derive(Debug, Clone)]
 struct Unheard {
@@ -195,6 +203,9 @@ pub struct Driver {
     next_sync: Duration,
     extra_sync: Option<OneOffSync>,
     next_anti_entropy: Duration,
+    /// An extra anti-entropy round soon after this node renewed its
+    /// identity (see [`Driver::handle_timeout`]).
+    catch_up: Option<CatchUp>,
     /// Names digests gave that this node has not heard of (see
     /// [`Driver::handle_digest`]).
     unheard: HashMap<String, Unheard>,
@@ -246,6 +257,7 @@ impl Driver {
             next_sync,
             extra_sync: None,
             next_anti_entropy,
+            catch_up: None,
             unheard: HashMap::new(),
             last_repair: None,
             actions: VecDeque::new(),
@@ -358,6 +370,7 @@ impl Driver {
             Some(self.next_sync),
             self.extra_sync.map(|s| s.at),
             Some(self.next_anti_entropy),
+            self.catch_up.as_ref().map(|c| c.at),
             self.replica.next_wait(),
             self.next_repair(),
         ]
@@ -390,7 +403,23 @@ impl Driver {
         }
         if self.next_anti_entropy <= now {
             self.next_anti_entropy = now + self.replica.config().anti_entropy_interval;
-            self.anti_entropy(now);
+            self.anti_entropy(now, None);
+        }
+        if let Some(catch_up) = self.catch_up.take_if(|c| c.at <= now) {
+            // After a heal, the changes made on the other side while it
+            // was cut off are news here, but their catalog notices were
+            // gossiped before the sides could hear each other. One digest
+            // swap with a member from the other side brings every entry
+            // that side changed, a few seconds before the regular rounds
+            // would happen to pick such a member.
+            let with: Vec<&String> = catch_up
+                .with
+                .iter()
+                .filter(|n| self.replica.addr(n).is_some())
+                .collect();
+            let peer =
+                (!with.is_empty()).then(|| with[self.rng.random_range(0..with.len())].clone());
+            self.anti_entropy(now, peer);
         }
         self.repair_due(now);
         if self.replica.next_wait().is_some_and(|at| at <= now) {
@@ -605,6 +634,7 @@ impl Driver {
         let result = self.core.leave(now);
         self.joining = None;
         self.extra_sync = None;
+        self.catch_up = None;
         self.pump(now);
         result
     }
@@ -737,13 +767,18 @@ impl Driver {
         }
     }
 
-    fn anti_entropy(&mut self, now: Duration) {
+    /// An anti-entropy round with `with` if it is an active member, or a
+    /// random one.
+    fn anti_entropy(&mut self, now: Duration, with: Option<String>) {
         self.stats.anti_entropy_rounds += 1;
         let count = self.replica.active().count();
-        let peer = (count > 0)
-            .then(|| self.rng.random_range(0..count))
-            .and_then(|i| self.replica.active().nth(i))
-            .map(|(n, a)| (n.clone(), *a));
+        let peer = match with.and_then(|n| self.replica.addr(&n).map(|a| (n, a))) {
+            Some(peer) => Some(peer),
+            None => (count > 0)
+                .then(|| self.rng.random_range(0..count))
+                .and_then(|i| self.replica.active().nth(i))
+                .map(|(n, a)| (n.clone(), *a)),
+        };
         let mut out = std::mem::take(&mut self.scratch);
         self.replica.round(now, peer.clone(), &mut out);
         self.take_replica(&mut out);
@@ -837,6 +872,20 @@ impl Driver {
                 }
                 Event::Rejoined(_) => {
                     rejoined = true;
+                    if self.catch_up.is_none() {
+                        let with = self
+                            .core
+                            .members()
+                            .into_iter()
+                            .filter(|m| !m.state.is_active())
+                            .map(|m| m.id.name)
+                            .collect();
+                        let gap = self.replica.config().anti_entropy_interval;
+                        self.catch_up = Some(CatchUp {
+                            at: now + gap.mul_f64(0.1 + 0.2 * self.rng.random::<f64>()),
+                            with,
+                        });
+                    }
                     // Declared down, probably while cut off: once the
                     // rejoin has spread, swap lists once more to pick up
                     // what was missed meanwhile.
