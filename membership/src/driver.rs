@@ -716,16 +716,20 @@ impl Driver {
     /// One of the [`JOIN_SYNC_OLDEST`] active members with the lowest
     /// generations, at random.
     fn one_of_the_oldest(&mut self) -> Option<NodeId> {
-        let mut active: Vec<NodeId> = self
-            .core
+        let mut active = self.active_ids();
+        active.sort_by_key(|id| id.generation);
+        active.truncate(JOIN_SYNC_OLDEST);
+        (!active.is_empty()).then(|| active.swap_remove(self.rng.random_range(0..active.len())))
+    }
+
+    /// The identities of the active members.
+    fn active_ids(&self) -> Vec<NodeId> {
+        self.core
             .members()
             .into_iter()
             .filter(|m| m.state.is_active())
             .map(|m| m.id)
-            .collect();
-        active.sort_by_key(|id| id.generation);
-        active.truncate(JOIN_SYNC_OLDEST);
-        (!active.is_empty()).then(|| active.swap_remove(self.rng.random_range(0..active.len())))
+            .collect()
     }
 
     /// Swaps member lists with one random active member.
@@ -741,13 +745,7 @@ impl Driver {
         let peer = match peer {
             Some(peer) => peer,
             None => {
-                let active: Vec<NodeId> = self
-                    .core
-                    .members()
-                    .into_iter()
-                    .filter(|m| m.state.is_active())
-                    .map(|m| m.id)
-                    .collect();
+                let active = self.active_ids();
                 if active.is_empty() {
                     return;
                 }
