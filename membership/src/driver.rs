@@ -548,9 +548,10 @@ impl Driver {
     /// first named it is such a miss, and swapping member lists with the
     /// sender (or, if it is not known either, a random member) repairs
     /// it. The interval is timed, not waited out until the next digest
-    /// (which made a repair take up to three intervals). At most one such swap per anti-entropy interval, and one per
-    /// name a minute, so a name nobody lists as a member cannot make a
-    /// node swap again and again.
+    /// (which made a repair take up to three intervals). At most one such
+    /// swap per anti-entropy interval, and one per name a minute, so a
+    /// name nobody lists as a member cannot make a node swap again and
+    /// again.
     pub fn handle_digest(&mut self, now: Duration, from: &str, digest: &[(String, u64)]) {
         let mut out = std::mem::take(&mut self.scratch);
         self.replica.contact(now, from, &mut out);
@@ -563,29 +564,24 @@ impl Driver {
 
     fn repair_membership(&mut self, now: Duration, from: &str, digest: &[(String, u64)]) {
         let local = self.core.identity().name.as_str();
-        let mut names: Vec<&str> = digest
+        let names: Vec<&str> = digest
             .iter()
             .map(|(n, _)| n.as_str())
             .filter(|n| *n != local && !self.replica.knows(n) && !self.unheard.contains_key(*n))
             .collect();
-        if names.is_empty() || self.core.has_left() {
-            self.repair_due(now);
-            return;
-        }
-        let members = self.core.members();
-        let known: HashSet<&str> = members.iter().map(|m| m.id.name.as_str()).collect();
-        names.retain(|n| !known.contains(n));
-        // A join in progress is named by some digests before its gossip
-        // arrives; only a name still unheard an interval after it was
-        // first named is a miss ([`Driver::repair_due`], on a timer).
-        for n in names {
-            self.unheard.insert(
-                n.to_owned(),
-                Unheard {
+        if !names.is_empty() && !self.core.has_left() {
+            let members = self.core.members();
+            let known: HashSet<&str> = members.iter().map(|m| m.id.name.as_str()).collect();
+            // A join in progress is named by some digests before its
+            // gossip arrives; only a name still unheard an interval after
+            // it was first named is a miss ([`Driver::repair_due`]).
+            for n in names.into_iter().filter(|n| !known.contains(n)) {
+                let first = Unheard {
                     since: now,
                     from: from.to_owned(),
-                },
-            );
+                };
+                self.unheard.insert(n.to_owned(), first);
+            }
         }
         self.repair_due(now);
     }

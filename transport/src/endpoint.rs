@@ -246,10 +246,9 @@ impl std::fmt::Debug for Transport {
     }
 }
 
-/// Asks the kernel for a UDP receive buffer of `want` bytes. What the
-/// kernel grants is logged; less than asked is not an error (the socket
-/// works, it only drops sooner under bursts).
-/// Returns the size the kernel reports.
+/// Asks the kernel for a UDP receive buffer of `want` bytes and returns
+/// the size it reports. Less than asked is logged, not an error: the
+/// socket works, it only drops sooner under bursts.
 fn size_receive_buffer(socket: &std::net::UdpSocket, want: usize) -> usize {
     let sock = socket2::SockRef::from(socket);
     let before = sock.recv_buffer_size().unwrap_or(0);
