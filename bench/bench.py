@@ -664,7 +664,10 @@ backend b
                 print(f"P5: {logged} access-log lines at agent A; span sink got {self.sink_counts['posts']} "
                       f"batches, {self.sink_counts['bytes']} bytes", file=sys.stderr)
             self.transfer("P0 direct", runs=1)  # warms the page cache
-            for name in ["P0 direct", "P1 gossamer"] + (["T1 gossamer tcp", "T2 haproxy tcp"] if self.args.tcp else []):
+            bulk = ["P0 direct", "P1 gossamer", "P2 haproxy", "P3 nginx"]
+            if self.args.tcp:
+                bulk += ["T1 gossamer tcp", "T2 haproxy tcp"]
+            for name in [n for n in bulk if n in self.paths]:
                 transfers[name] = self.transfer(name)
                 print(f"1 GiB via {name}: {transfers[name]}", file=sys.stderr)
         finally:

@@ -4,6 +4,8 @@ recovery from CPU starvation (see docs/operations.md, "Sizing").
 
 Every agent is one `gossamer agent` process on loopback with an explicit port
 for each listener (QUIC, admin, proxy) and the first three agents as seeds.
+Each stands for a host of its own, so by default they send each other
+Ethernet-sized QUIC packets (--loopback-mtu).
 Certificates are issued before the first start. The phases, in order:
 
   form     start all agents back to back (spread over --start-over seconds);
@@ -99,6 +101,12 @@ class Agent:
         log = open(self.root / "logs" / f"{self.name}.log", "ab")
         env = dict(os.environ)
         env.pop("RUST_LOG", None)
+        # Each agent stands for a host of its own, whose connections to the
+        # others would cross a network in Ethernet-sized packets; on
+        # loopback an agent would otherwise send its neighbours 16 KiB ones
+        # and keep a send buffer that size per connection.
+        if self.args.loopback_mtu:
+            env["GOSSAMER_LOOPBACK_MTU"] = str(self.args.loopback_mtu)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
 
     def alive(self):
@@ -636,6 +644,9 @@ def main():
     p.add_argument("--log-level", default="info,gossamer_node::catalog=debug",
                    help="agent log filter (the catalog phase reads the catalog's debug lines)")
     p.add_argument("--agent-arg", action="append", default=[], help="extra agent argument (repeatable)")
+    p.add_argument("--loopback-mtu", type=int, default=1452,
+                   help="largest QUIC packet between the agents (GOSSAMER_LOOPBACK_MTU; default 1452, "
+                        "as between hosts; 0 leaves the agent's own default, 16384 on loopback)")
     p.add_argument("--wrap", help=f"run agent {WRAPPED} under this command (a profiler, e.g. 'heaptrack -o /tmp/h')")
     p.add_argument("--keep", action="store_true", help="leave the agents running at the end")
     args = p.parse_args()

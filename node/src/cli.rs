@@ -264,6 +264,12 @@ pub struct AgentArgs {
     /// the cheapest setting per request on one core.
     #[arg(long, env = "GOSSAMER_THREADS", value_name = "N")]
     pub threads: Option<usize>,
+    /// Largest QUIC packet, in bytes, to peers on this host (loopback
+    /// addresses) [default: 16384]. 1452 or less sends them Ethernet-sized
+    /// packets like every other peer: less memory per connection when many
+    /// agents share a host, slower bulk transfers between them.
+    #[arg(long, env = "GOSSAMER_LOOPBACK_MTU", value_name = "BYTES")]
+    pub loopback_mtu: Option<u32>,
     /// File holding the admin API token required on writes (mandatory when
     /// --admin is not a loopback address).
     #[arg(long, env = "GOSSAMER_ADMIN_TOKEN_FILE", value_name = "FILE")]

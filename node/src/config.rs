@@ -60,6 +60,8 @@ pub struct AgentConfig {
     pub watches: Vec<crate::events::watch::Handler>,
     /// How many connections to peers are kept open, and for how long.
     pub peer_links: LinkPolicy,
+    /// The largest QUIC packet sent to peers on this host.
+    pub loopback_mtu: u16,
     /// The admin API's bearer token for writes, read from
     /// `admin_token_file`; required when the admin listener is not on
     /// loopback.
@@ -149,6 +151,19 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
 }
 
+/// QUIC needs 1,200 bytes; UDP carries at most 65,527 (over IPv6).
+fn loopback_mtu(bytes: Option<u32>) -> Result<u16, ConfigError> {
+    let Some(bytes) = bytes else {
+        return Ok(gossamer_transport::TransportConfig::default().loopback_mtu);
+    };
+    match u16::try_from(bytes) {
+        Ok(mtu @ 1200..=65527) => Ok(mtu),
+        _ => err(format!(
+            "loopback_mtu: {bytes} is outside 1200..=65527 (QUIC needs 1,200 bytes; a UDP payload holds at most 65,527)"
+        )),
+    }
+}
+
 /// The TOML file. Unknown keys are errors.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -174,6 +189,7 @@ pub struct FileConfig {
     tracing: Option<crate::observe::trace::TraceConfig>,
     watch: Option<Vec<crate::events::watch::WatchConfig>>,
     peer_links: Option<LinkPolicy>,
+    loopback_mtu: Option<u32>,
     admin_token_file: Option<PathBuf>,
     service: Option<Vec<toml::Value>>,
     upstream: Option<Vec<toml::Value>>,
@@ -371,6 +387,7 @@ impl AgentConfig {
             .or_else(err)?;
         let peer_links = file.peer_links.unwrap_or_default();
         peer_links.validate().or_else(err)?;
+        let loopback_mtu = loopback_mtu(args.loopback_mtu.or(file.loopback_mtu))?;
         let admin_token = match args
             .admin_token_file
             .as_ref()
@@ -413,6 +430,7 @@ impl AgentConfig {
             tracing,
             watches,
             peer_links,
+            loopback_mtu,
             admin_token,
         })
     }
@@ -624,6 +642,21 @@ mod tests {
         let c = AgentConfig::from_args(&a).unwrap();
         assert_eq!(c.peer_links.idle, std::time::Duration::from_secs(120));
         assert_eq!(c.peer_links.max_links, 64);
+        assert_eq!(c.loopback_mtu, 16384);
+
+        std::fs::write(&path, "loopback_mtu = 1452\n").unwrap();
+        assert_eq!(AgentConfig::from_args(&a).unwrap().loopback_mtu, 1452);
+        for bad in ["1199", "65528", "70000"] {
+            std::fs::write(&path, format!("loopback_mtu = {bad}\n")).unwrap();
+            let e = AgentConfig::from_args(&a).unwrap_err().0;
+            assert!(
+                e.starts_with(&format!("loopback_mtu: {bad} is outside")),
+                "{e}"
+            );
+        }
+        // The flag wins over the file.
+        a.loopback_mtu = Some(9000);
+        assert_eq!(AgentConfig::from_args(&a).unwrap().loopback_mtu, 9000);
 
         let mut a = args();
         a.config = Some(dir.path().join("missing.toml"));

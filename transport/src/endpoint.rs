@@ -16,9 +16,13 @@ use crate::stats::Stats;
 use crate::stream::{self, Activity, Lease, RecvStream, SendStream};
 use crate::tls;
 
-/// The largest UDP payload accepted (quinn's path MTU discovery stops at
-/// 1,452 bytes).
+/// The largest UDP payload accepted from a peer on another host (quinn's
+/// path MTU discovery stops at 1,452 bytes there).
 const MAX_UDP_PAYLOAD: u16 = 1500;
+/// Where quinn's path MTU discovery stops by default.
+const REMOTE_MTU: u16 = 1452;
+/// Where every QUIC connection starts.
+const INITIAL_MTU: u16 = 1200;
 /// Close code for a connection the cache let go (idle, or over its cap).
 const CLOSED_IDLE: u32 = 5;
 /// Close code for a connection whose peer's certificate was revoked.
@@ -68,6 +72,18 @@ pub struct TransportConfig {
     /// The kernel caps the size at `net.core.rmem_max`; the memory is
     /// only used while packets wait.
     pub udp_receive_buffer: usize,
+    /// The UDP payload sent on a connection to a peer on this host (a
+    /// loopback address, whose path takes 64 KiB), after one probe at
+    /// that size. Eleven times fewer packets than at Ethernet's 1,452
+    /// bytes is that much less of quinn's per-packet work (framing,
+    /// acknowledgements, a seal and an open) in a bulk transfer. Such
+    /// connections send without segmentation offload: quinn keeps a send
+    /// buffer per connection as large as its largest burst (one packet
+    /// without offload, ten with it), and the kernel refuses an offloaded
+    /// burst over 64 KiB. Peers on other hosts keep quinn's defaults
+    /// (discovery up to 1,452 bytes, offload on); at 1,452 or less, so do
+    /// peers on this host.
+    pub loopback_mtu: u16,
 }
 
 impl Default for TransportConfig {
@@ -84,6 +100,7 @@ impl Default for TransportConfig {
             dials_at_once: 8,
             resumable_sessions: 1024,
             udp_receive_buffer: 4 << 20,
+            loopback_mtu: 16 * 1024,
         }
     }
 }
@@ -215,9 +232,9 @@ struct Inner {
     trust_domain: String,
     /// The certificate in use; replaced by [`Transport::reload_identity`].
     identity: RwLock<Arc<MeshIdentity>>,
-    /// What new dials use (follows the identity).
-    client: RwLock<quinn::ClientConfig>,
-    quic: Arc<quinn::TransportConfig>,
+    /// What new connections use (follows the identity).
+    quic_configs: RwLock<QuicConfigs>,
+    quic: Quic,
     revoked: Arc<Revocations>,
     config: TransportConfig,
     epoch: Instant,
@@ -284,35 +301,21 @@ impl Transport {
         config: TransportConfig,
         socket: std::net::UdpSocket,
     ) -> Result<(Self, Receivers), TransportError> {
-        let mut transport = quinn::TransportConfig::default();
-        transport
-            .max_idle_timeout(Some(
-                config
-                    .idle_timeout
-                    .try_into()
-                    .map_err(|_| TransportError::Tls("idle timeout too large".into()))?,
-            ))
-            .max_concurrent_bidi_streams(config.initial_streams.into())
-            // Uni streams only carry SWIM datagrams too big for the path.
-            .max_concurrent_uni_streams(8u32.into())
-            .keep_alive_interval(None)
-            .datagram_receive_buffer_size(Some(1 << 20))
-            .datagram_send_buffer_size(1 << 20);
-        let quic = Arc::new(transport);
+        let quic = Quic::new(&config)?;
 
         let stats = Stats::default();
         let revoked = Arc::new(Revocations::default());
-        let (server, client) = quic_configs(&identity, &quic, &stats, &config, &revoked)?;
+        let (server, configs) = quic_configs(&identity, &quic, &stats, &config, &revoked)?;
 
         let udp_receive_buffer = size_receive_buffer(&socket, config.udp_receive_buffer);
         let runtime = quinn::default_runtime()
             .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
         let mut endpoint_config = quinn::EndpointConfig::default();
-        // The receive buffer is sized from this; quinn's path MTU discovery
-        // never goes above 1,452 bytes, so 64 KiB per packet only wasted
-        // memory.
+        // Also what peers are told they may send, and what the receive
+        // buffer is sized from: quinn's own default (64 KiB) wasted memory
+        // where no path takes more than 1,500 bytes.
         endpoint_config
-            .max_udp_payload_size(MAX_UDP_PAYLOAD)
+            .max_udp_payload_size(MAX_UDP_PAYLOAD.max(config.loopback_mtu))
             .map_err(|e| TransportError::Tls(e.to_string()))?;
         let endpoint = Endpoint::new(endpoint_config, Some(server), socket, runtime)?;
 
@@ -323,7 +326,7 @@ impl Transport {
             name: identity.name.clone(),
             trust_domain: identity.trust_domain.clone(),
             identity: RwLock::new(Arc::new(identity)),
-            client: RwLock::new(client),
+            quic_configs: RwLock::new(configs),
             quic,
             revoked,
             dials: Semaphore::new(config.dials_at_once.max(1)),
@@ -416,6 +419,15 @@ impl Transport {
                 primary: primary.contains(&id),
             })
             .collect()
+    }
+
+    /// The largest UDP payload the connection to `peer` sends now, as path
+    /// MTU discovery found it (see [`TransportConfig::loopback_mtu`]).
+    pub fn path_mtu(&self, peer: &str) -> Option<u16> {
+        match self.peers().get(peer)? {
+            Slot::Ready(c) => Some(c.conn.stats().path.current_mtu),
+            Slot::Dialing(_) => None,
+        }
     }
 
     /// Closes these connections (from [`Transport::links`]) unless a stream
@@ -640,7 +652,7 @@ impl Transport {
                 identity.name, identity.trust_domain, self.0.name, self.0.trust_domain
             )));
         }
-        let (server, client) = quic_configs(
+        let (server, configs) = quic_configs(
             &identity,
             &self.0.quic,
             &self.0.stats,
@@ -648,7 +660,11 @@ impl Transport {
             &self.0.revoked,
         )?;
         self.0.endpoint.set_server_config(Some(server));
-        *self.0.client.write().unwrap_or_else(|e| e.into_inner()) = client;
+        *self
+            .0
+            .quic_configs
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = configs;
         *self.0.identity.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(identity);
         Stats::add(&self.0.stats.cert_reloads, 1);
         Ok(())
@@ -820,12 +836,7 @@ impl Transport {
         // that cannot start in time fails like one that cannot finish.
         let handshake = async {
             let _turn = self.0.dials.acquire().await;
-            let client = self
-                .0
-                .client
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
+            let client = self.quic_configs().client(addr).clone();
             self.0
                 .endpoint
                 .connect_with(client, addr, server_name)
@@ -849,12 +860,23 @@ impl Transport {
         Ok(cached)
     }
 
+    fn quic_configs(&self) -> std::sync::RwLockReadGuard<'_, QuicConfigs> {
+        self.0
+            .quic_configs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
     async fn accept_loop(self) {
         while let Some(incoming) = self.0.endpoint.accept().await {
             let this = self.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
-                match incoming.await {
+                let connecting = match this.quic_configs().server_local(remote) {
+                    Some(local) => incoming.accept_with(local),
+                    None => incoming.accept(),
+                };
+                match async { connecting?.await }.await {
                     Ok(conn) => {
                         Stats::add(&this.0.stats.handshakes_in, 1);
                         if let Err(e) = this.register(conn, None) {
@@ -1046,21 +1068,109 @@ impl Transport {
     }
 }
 
-/// The QUIC server and client configurations for `identity`.
+/// The QUIC transport settings: one for peers on other hosts, one for
+/// peers on this one (see [`TransportConfig::loopback_mtu`]).
+struct Quic {
+    remote: Arc<quinn::TransportConfig>,
+    local: Arc<quinn::TransportConfig>,
+}
+
+impl Quic {
+    fn new(config: &TransportConfig) -> Result<Self, TransportError> {
+        let idle = config
+            .idle_timeout
+            .try_into()
+            .map_err(|_| TransportError::Tls("idle timeout too large".into()))?;
+        let settings = || {
+            let mut quic = quinn::TransportConfig::default();
+            quic.max_idle_timeout(Some(idle))
+                .max_concurrent_bidi_streams(config.initial_streams.into())
+                // Uni streams only carry SWIM datagrams too big for the path.
+                .max_concurrent_uni_streams(8u32.into())
+                .keep_alive_interval(None)
+                .datagram_receive_buffer_size(Some(1 << 20))
+                .datagram_send_buffer_size(1 << 20);
+            quic
+        };
+        let remote = Arc::new(settings());
+        if config.loopback_mtu <= REMOTE_MTU {
+            return Ok(Self {
+                local: remote.clone(),
+                remote,
+            });
+        }
+        // A loopback path takes 64 KiB, so one probe at the bound is
+        // enough: quinn's binary search up from 1,200 bytes sent about ten
+        // probes of up to this size each way on every new connection, which
+        // at 200 agents on one host cost 140 CPU-seconds more to form the
+        // mesh. With a minimum change that large, the search goes straight
+        // to the bound and stops there; if that probe is lost, the
+        // connection keeps 1,200 bytes until the next search, 10 minutes
+        // later. (Starting at the bound instead, with `initial_mtu`, made
+        // every handshake on loopback time out with quinn 0.11.)
+        let mut discovery = quinn::MtuDiscoveryConfig::default();
+        discovery
+            .upper_bound(config.loopback_mtu)
+            .minimum_change(config.loopback_mtu - INITIAL_MTU);
+        let mut local = settings();
+        local
+            .mtu_discovery_config(Some(discovery))
+            .enable_segmentation_offload(false);
+        Ok(Self {
+            remote,
+            local: Arc::new(local),
+        })
+    }
+}
+
+/// What new connections are made with; follows the node's identity.
+struct QuicConfigs {
+    client: quinn::ClientConfig,
+    client_local: quinn::ClientConfig,
+    /// For inbound connections from this host (the endpoint holds the
+    /// one for everyone else).
+    server_local: Option<Arc<quinn::ServerConfig>>,
+}
+
+impl QuicConfigs {
+    fn client(&self, peer: SocketAddr) -> &quinn::ClientConfig {
+        if is_local(peer) {
+            &self.client_local
+        } else {
+            &self.client
+        }
+    }
+
+    fn server_local(&self, peer: SocketAddr) -> Option<Arc<quinn::ServerConfig>> {
+        self.server_local.clone().filter(|_| is_local(peer))
+    }
+}
+
+fn is_local(peer: SocketAddr) -> bool {
+    peer.ip().to_canonical().is_loopback()
+}
+
+/// The QUIC server configuration for `identity` (the endpoint's, for
+/// peers on other hosts), and the rest.
 fn quic_configs(
     identity: &MeshIdentity,
-    quic: &Arc<quinn::TransportConfig>,
+    quic: &Quic,
     stats: &Stats,
     config: &TransportConfig,
     revoked: &Arc<Revocations>,
-) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransportError> {
+) -> Result<(quinn::ServerConfig, QuicConfigs), TransportError> {
     let tls_err = |e: rustls::Error| TransportError::Tls(e.to_string());
     let server_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(
         tls::server_config(identity, stats.resumed.clone(), revoked.clone()).map_err(tls_err)?,
     )
     .map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-    server.transport_config(quic.clone());
+    server.transport_config(quic.remote.clone());
+    let server_local = (!Arc::ptr_eq(&quic.remote, &quic.local)).then(|| {
+        let mut local = server.clone();
+        local.transport_config(quic.local.clone());
+        Arc::new(local)
+    });
 
     let client_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(
         tls::client_config(identity, config.resumable_sessions, revoked.clone())
@@ -1068,8 +1178,17 @@ fn quic_configs(
     )
     .map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
-    client.transport_config(quic.clone());
-    Ok((server, client))
+    client.transport_config(quic.remote.clone());
+    let mut client_local = client.clone();
+    client_local.transport_config(quic.local.clone());
+    Ok((
+        server,
+        QuicConfigs {
+            client,
+            client_local,
+            server_local,
+        },
+    ))
 }
 
 /// An expired or revoked certificate, ours as the peer saw it or the

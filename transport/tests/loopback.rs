@@ -505,3 +505,65 @@ async fn the_udp_receive_buffer_grows_to_what_the_kernel_allows() {
         None => assert!(granted >= default, "{granted} < {default}"),
     }
 }
+
+/// Streams 8 MiB from `a` to `b` and back checks every byte; returns the
+/// path MTU each side's connection then uses.
+async fn bulk_transfer(config: TransportConfig) -> (u16, u16) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki::generate_ca("test.mesh").unwrap();
+    let bind = |name| {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        Transport::bind(identity(dir.path(), &ca, name), config.clone(), socket).unwrap()
+    };
+    let (a, _a_queues) = bind("a");
+    let (b, mut b_queues) = bind("b");
+    let b_addr = b.local_addr().unwrap();
+    let body: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+
+    let (mut send, _recv) = a.open_bi("b", b_addr).await.unwrap();
+    let writer = {
+        let body = body.clone();
+        tokio::spawn(async move {
+            send.write_all(&body).await.unwrap();
+            send.finish().unwrap();
+            send
+        })
+    };
+    let Some(Inbound::Stream { recv: mut br, .. }) = b_queues.streams.recv().await else {
+        panic!("expected a stream");
+    };
+    let mut got = Vec::with_capacity(body.len());
+    tokio::time::timeout(Duration::from_secs(60), br.read_to_end(&mut got))
+        .await
+        .expect("8 MiB within 60 s")
+        .unwrap();
+    assert!(got == body, "the stream delivered other bytes");
+    let _send = writer.await.unwrap();
+    let mtus = (a.path_mtu("b").unwrap(), b.path_mtu("a").unwrap());
+    a.close(Duration::from_secs(1)).await;
+    b.close(Duration::from_secs(1)).await;
+    mtus
+}
+
+#[tokio::test]
+async fn peers_on_this_host_send_large_packets_and_keep_them_under_load() {
+    let config = TransportConfig::default();
+    let (sender, receiver) = bulk_transfer(config.clone()).await;
+    // Discovery ran up to the bound, and the burst did not make quinn
+    // judge the path a black hole (which drops it to 1,200 bytes).
+    assert!(sender > 1452 * 4, "sender's path MTU {sender}");
+    assert!(sender <= config.loopback_mtu, "sender's path MTU {sender}");
+    assert!(receiver > 1452, "receiver's path MTU {receiver}");
+}
+
+#[tokio::test]
+async fn a_loopback_mtu_at_ethernets_size_keeps_quinns_defaults() {
+    let config = TransportConfig {
+        loopback_mtu: 1452,
+        ..TransportConfig::default()
+    };
+    let (sender, receiver) = bulk_transfer(config).await;
+    assert!(sender <= 1452, "sender's path MTU {sender}");
+    assert!(receiver <= 1452, "receiver's path MTU {receiver}");
+}

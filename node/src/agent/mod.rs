@@ -223,6 +223,7 @@ pub async fn run(
         idle_timeout: TransportConfig::default()
             .idle_timeout
             .max(config.peer_links.idle + std::time::Duration::from_secs(30)),
+        loopback_mtu: config.loopback_mtu,
         ..TransportConfig::default()
     };
     let documents = Arc::new(crate::documents::Documents::open(
