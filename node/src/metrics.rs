@@ -160,14 +160,23 @@ impl Collector for AgentCollector {
                 (&[("direction", "out")], get(&s.bytes_out)),
             ],
         )?;
-        let (udp_in, udp_out) = self.transport.udp_bytes();
+        let udp = self.transport.udp_totals();
         counter(
             &mut encoder,
             "gossamer_transport_udp_bytes",
             "UDP bytes on the wire for all node-to-node traffic (QUIC overhead included)",
             &[
-                (&[("direction", "in")], udp_in),
-                (&[("direction", "out")], udp_out),
+                (&[("direction", "in")], udp.bytes_in),
+                (&[("direction", "out")], udp.bytes_out),
+            ],
+        )?;
+        counter(
+            &mut encoder,
+            "gossamer_transport_udp_datagrams",
+            "UDP datagrams on the wire for all node-to-node traffic",
+            &[
+                (&[("direction", "in")], udp.datagrams_in),
+                (&[("direction", "out")], udp.datagrams_out),
             ],
         )?;
         counter(

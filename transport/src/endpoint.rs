@@ -23,6 +23,11 @@ const MAX_UDP_PAYLOAD: u16 = 1500;
 const REMOTE_MTU: u16 = 1452;
 /// Where every QUIC connection starts.
 const INITIAL_MTU: u16 = 1200;
+
+/// Ack-eliciting packets a peer may receive before it must acknowledge
+/// them (QUIC's ACK frequency extension; quinn's default asks for every
+/// second one). Agents that predate it simply keep the default.
+const ACK_THRESHOLD: u32 = 9;
 /// Close code for a connection the cache let go (idle, or over its cap).
 const CLOSED_IDLE: u32 = 5;
 /// Close code for a connection whose peer's certificate was revoked.
@@ -210,6 +215,19 @@ struct Live {
     serial: Vec<u8>,
 }
 
+/// UDP traffic of all connections, open and closed, since the start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UdpTotals {
+    /// Bytes received, QUIC and TLS overhead included.
+    pub bytes_in: u64,
+    /// Bytes sent, QUIC and TLS overhead included.
+    pub bytes_out: u64,
+    /// Datagrams received.
+    pub datagrams_in: u64,
+    /// Datagrams sent (a segmentation-offload batch counts each segment).
+    pub datagrams_out: u64,
+}
+
 /// One open connection, as the cache policy sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkInfo {
@@ -372,20 +390,24 @@ impl Transport {
         &self.0.stats
     }
 
-    /// UDP bytes (received, sent) on the wire by all connections so far,
-    /// QUIC and TLS overhead included.
-    pub fn udp_bytes(&self) -> (u64, u64) {
+    /// UDP datagrams and bytes on the wire by all connections so far.
+    pub fn udp_totals(&self) -> UdpTotals {
+        let stats = &self.0.stats;
+        let mut t = UdpTotals {
+            bytes_in: Stats::get(&stats.udp_in_closed),
+            bytes_out: Stats::get(&stats.udp_out_closed),
+            datagrams_in: Stats::get(&stats.datagrams_in_closed),
+            datagrams_out: Stats::get(&stats.datagrams_out_closed),
+        };
         let live = self.0.live.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut rx, mut tx) = (
-            Stats::get(&self.0.stats.udp_in_closed),
-            Stats::get(&self.0.stats.udp_out_closed),
-        );
         for l in live.values() {
             let s = l.cached.conn.stats();
-            rx += s.udp_rx.bytes;
-            tx += s.udp_tx.bytes;
+            t.bytes_in += s.udp_rx.bytes;
+            t.bytes_out += s.udp_tx.bytes;
+            t.datagrams_in += s.udp_rx.datagrams;
+            t.datagrams_out += s.udp_tx.datagrams;
         }
-        (rx, tx)
+        t
     }
 
     /// Open connections, duplicates included (two peers may dial each
@@ -424,8 +446,14 @@ impl Transport {
     /// The largest UDP payload the connection to `peer` sends now, as path
     /// MTU discovery found it (see [`TransportConfig::loopback_mtu`]).
     pub fn path_mtu(&self, peer: &str) -> Option<u16> {
+        Some(self.connection_stats(peer)?.path.current_mtu)
+    }
+
+    /// quinn's counters for the connection to `peer` (packets, frames by
+    /// type, path), if one is up.
+    pub fn connection_stats(&self, peer: &str) -> Option<quinn::ConnectionStats> {
         match self.peers().get(peer)? {
-            Slot::Ready(c) => Some(c.conn.stats().path.current_mtu),
+            Slot::Ready(c) => Some(c.conn.stats()),
             Slot::Dialing(_) => None,
         }
     }
@@ -1026,6 +1054,8 @@ impl Transport {
         let s = conn.stats();
         Stats::add(&self.0.stats.udp_in_closed, s.udp_rx.bytes);
         Stats::add(&self.0.stats.udp_out_closed, s.udp_tx.bytes);
+        Stats::add(&self.0.stats.datagrams_in_closed, s.udp_rx.datagrams);
+        Stats::add(&self.0.stats.datagrams_out_closed, s.udp_tx.datagrams);
         trace!(peer = %name, reason = ?conn.close_reason(), "connection closed");
     }
 
@@ -1090,6 +1120,15 @@ impl Quic {
                 .keep_alive_interval(None)
                 .datagram_receive_buffer_size(Some(1 << 20))
                 .datagram_send_buffer_size(1 << 20);
+            // Request and response each end in a packet that carries the
+            // other way's acknowledgements, so separate ACK packets are
+            // mostly waste: ask the peer for one only after more than
+            // `ACK_THRESHOLD` ack-eliciting packets (or its max_ack_delay,
+            // 25 ms). A gap in packet numbers is still acknowledged at
+            // once, so loss is noticed as soon as before.
+            let mut acks = quinn::AckFrequencyConfig::default();
+            acks.ack_eliciting_threshold(ACK_THRESHOLD.into());
+            quic.ack_frequency_config(Some(acks));
             quic
         };
         let remote = Arc::new(settings());

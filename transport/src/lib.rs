@@ -28,7 +28,7 @@ pub mod stream;
 pub mod tls;
 
 pub use crate::endpoint::{
-    Inbound, LinkInfo, Receivers, Transport, TransportConfig, TransportError,
+    Inbound, LinkInfo, Receivers, Transport, TransportConfig, TransportError, UdpTotals,
 };
 pub use crate::pki::{MeshIdentity, PkiError};
 pub use crate::stats::Stats;

@@ -45,6 +45,10 @@ pub struct Stats {
     pub(crate) udp_in_closed: AtomicU64,
     /// UDP bytes sent on connections that have since closed.
     pub(crate) udp_out_closed: AtomicU64,
+    /// UDP datagrams received on connections that have since closed.
+    pub(crate) datagrams_in_closed: AtomicU64,
+    /// UDP datagrams sent on connections that have since closed.
+    pub(crate) datagrams_out_closed: AtomicU64,
 }
 
 impl Stats {

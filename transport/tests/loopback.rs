@@ -506,9 +506,11 @@ async fn the_udp_receive_buffer_grows_to_what_the_kernel_allows() {
     }
 }
 
-/// Streams 8 MiB from `a` to `b` and back checks every byte; returns the
-/// path MTU each side's connection then uses.
-async fn bulk_transfer(config: TransportConfig) -> (u16, u16) {
+/// Streams 8 MiB from `a` to `b` and checks every byte; returns each
+/// side's counters for the connection (sender's, receiver's).
+async fn bulk_transfer(
+    config: TransportConfig,
+) -> (quinn::ConnectionStats, quinn::ConnectionStats) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let ca = pki::generate_ca("test.mesh").unwrap();
@@ -540,16 +542,21 @@ async fn bulk_transfer(config: TransportConfig) -> (u16, u16) {
         .unwrap();
     assert!(got == body, "the stream delivered other bytes");
     let _send = writer.await.unwrap();
-    let mtus = (a.path_mtu("b").unwrap(), b.path_mtu("a").unwrap());
+    let stats = (
+        a.connection_stats("b").unwrap(),
+        b.connection_stats("a").unwrap(),
+    );
+    assert_eq!(a.path_mtu("b"), Some(stats.0.path.current_mtu));
     a.close(Duration::from_secs(1)).await;
     b.close(Duration::from_secs(1)).await;
-    mtus
+    stats
 }
 
 #[tokio::test]
 async fn peers_on_this_host_send_large_packets_and_keep_them_under_load() {
     let config = TransportConfig::default();
     let (sender, receiver) = bulk_transfer(config.clone()).await;
+    let (sender, receiver) = (sender.path.current_mtu, receiver.path.current_mtu);
     // Discovery ran up to the bound, and the burst did not make quinn
     // judge the path a black hole (which drops it to 1,200 bytes).
     assert!(sender > 1452 * 4, "sender's path MTU {sender}");
@@ -564,6 +571,65 @@ async fn a_loopback_mtu_at_ethernets_size_keeps_quinns_defaults() {
         ..TransportConfig::default()
     };
     let (sender, receiver) = bulk_transfer(config).await;
+    let (sender, receiver) = (sender.path.current_mtu, receiver.path.current_mtu);
     assert!(sender <= 1452, "sender's path MTU {sender}");
     assert!(receiver <= 1452, "receiver's path MTU {receiver}");
+}
+
+#[tokio::test]
+async fn a_caller_acknowledges_answers_with_its_next_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki::generate_ca("test.mesh").unwrap();
+    let bind = |name| {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        Transport::bind(
+            identity(dir.path(), &ca, name),
+            TransportConfig::default(),
+            socket,
+        )
+        .unwrap()
+    };
+    let (a, _a_queues) = bind("a");
+    let (b, mut b_queues) = bind("b");
+    let b_addr = b.local_addr().unwrap();
+    // b answers each request in two packets, a millisecond apart.
+    tokio::spawn(async move {
+        while let Some(Inbound::Stream {
+            mut send, mut recv, ..
+        }) = b_queues.streams.recv().await
+        {
+            let mut request = Vec::new();
+            recv.read_to_end(&mut request).await.unwrap();
+            send.write_all(&[1; 500]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            send.write_all(&[2; 500]).await.unwrap();
+            send.finish().unwrap();
+        }
+    });
+    let exchange = || async {
+        let (mut send, mut recv) = a.open_bi("b", b_addr).await.unwrap();
+        send.write_all(b"request").await.unwrap();
+        send.finish().unwrap();
+        let mut answer = Vec::new();
+        recv.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer.len(), 1000);
+    };
+    exchange().await;
+    let before = a.connection_stats("b").unwrap();
+    const N: u64 = 100;
+    for _ in 0..N {
+        exchange().await;
+    }
+    let after = a.connection_stats("b").unwrap();
+    // Each side asked the other for fewer acknowledgements (QUIC's ACK
+    // frequency extension) ...
+    assert!(after.frame_tx.ack_frequency >= 1, "{:?}", after.frame_tx);
+    assert!(after.frame_rx.ack_frequency >= 1, "{:?}", after.frame_rx);
+    // ... so the second packet of an answer no longer draws an ACK packet
+    // of its own: the next request carries it.
+    let sent = after.udp_tx.datagrams - before.udp_tx.datagrams;
+    assert!(sent < N * 3 / 2, "{sent} packets for {N} requests");
+    a.close(Duration::from_secs(1)).await;
+    b.close(Duration::from_secs(1)).await;
 }

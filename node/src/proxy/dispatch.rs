@@ -813,7 +813,7 @@ impl Proxy {
             return Ok(response.body(body::empty()).expect("valid"));
         }
         if head.end_stream {
-            let _ = recv.stop(0u32.into());
+            body::end_read(&mut recv);
             return Ok(response.body(body::empty()).expect("valid"));
         }
         let counter = self.metrics.bytes(&route.name, "response");

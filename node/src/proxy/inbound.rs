@@ -252,7 +252,7 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
     let (request_body, upgrade_recv) = if head.upgrade {
         (body::empty(), Some(recv))
     } else if head.end_stream {
-        let _ = recv.stop(0u32.into());
+        body::end_read(&mut recv);
         (body::empty(), None)
     } else {
         (body::from_quic(recv, counter), None)
