@@ -741,9 +741,9 @@ def summarize(data, out):
                          f"{sum(r['saturation_errors'] for r in rs)} |")
     for name, t in data["transfer_1gib"].items():
         ratio = ""
-        direct = data["transfer_1gib"].get("P0 direct")
-        if direct and name != "P0 direct":
-            ratio = f", {direct['seconds'] / t['seconds']:.2f}x direct"
+        bulk_direct = data["transfer_1gib"].get("P0 direct")
+        if bulk_direct and name != "P0 direct":
+            ratio = f", {bulk_direct['seconds'] / t['seconds']:.2f}x direct"
         lines.append(f"\n1 GiB transfer via {name}: {t['seconds']:.2f} s ({t['bytes'] / t['seconds'] / 1e6:,.0f} MB/s{ratio}),"
                      f" median of {len(t.get('runs', [1]))} after a warm-up read")
     table = "\n".join(lines)

@@ -25,6 +25,7 @@
 //! - [`store`]: the data dir (atomic writes).
 //! - [`tasks`]: the tracker every task runs on, and the drain/stop signals.
 //! - [`logging`]: tracing setup.
+//! - [`memory`]: the heap given back to the system after a burst.
 
 pub mod admin;
 pub mod agent;
@@ -44,6 +45,7 @@ pub mod identity;
 pub mod listener;
 pub mod logging;
 pub mod members;
+pub mod memory;
 pub mod mesh;
 pub mod metrics;
 pub mod observe;

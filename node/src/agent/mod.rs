@@ -287,6 +287,7 @@ pub async fn run(
     tasks.spawn(mesh_task.run());
     tasks.spawn(mesh::links::tend(transport.clone(), config.peer_links));
     tasks.spawn(catalog_task.run());
+    tasks.spawn(crate::memory::give_back());
     tasks.spawn(crate::certs::warn_before_expiry(
         transport.clone(),
         tasks.clone(),

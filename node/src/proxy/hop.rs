@@ -32,6 +32,20 @@ pub fn connection_tokens(map: &HeaderMap) -> impl Iterator<Item = String> + '_ {
         .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
 }
 
+/// The names a `Connection` header adds to the standard hop-by-hop ones,
+/// lower-cased. Those it names that are hop-by-hop anyway (the usual
+/// `keep-alive`, `upgrade`) add nothing, and nothing is allocated for them.
+fn listed(map: &HeaderMap) -> Vec<String> {
+    map.get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !HOP_BY_HOP.iter().any(|h| t.eq_ignore_ascii_case(h)))
+        .map(str::to_ascii_lowercase)
+        .collect()
+}
+
 /// The end-to-end headers of `map`, in order. `keep_upgrade` keeps the
 /// `upgrade` and `connection` headers, which an upgrade request (and its
 /// `101` answer) needs on the next hop too.
@@ -39,7 +53,7 @@ pub fn end_to_end(
     map: &HeaderMap,
     keep_upgrade: bool,
 ) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
-    let listed: Vec<String> = connection_tokens(map).collect();
+    let listed = listed(map);
     map.iter().filter(move |(name, value)| {
         let n = name.as_str();
         if keep_upgrade && (n == "upgrade" || n == "connection") {
@@ -81,7 +95,7 @@ pub fn strip(map: &mut HeaderMap, keep_upgrade: bool) {
     // `te` is filtered by value below; an upgrade keeps its own headers.
     let spared =
         |name: &str| name == "te" || keep_upgrade && (name == "upgrade" || name == "connection");
-    let listed: Vec<String> = connection_tokens(map).collect();
+    let listed = listed(map);
     for name in NAMES.iter().filter(|n| !spared(n.as_str())) {
         map.remove(name);
     }

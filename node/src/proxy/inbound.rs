@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use gossamer_transport::frame::read_frame;
 use gossamer_transport::{RecvStream, SendStream};
+use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use hyper::body::Body;
 use prometheus_client::metrics::gauge::Gauge;
@@ -143,6 +144,23 @@ impl Drop for Signals {
     }
 }
 
+/// The request an owner makes of its instance from a proxy stream's head:
+/// its method, path and version, and the head's headers (taken from it).
+/// The error says which part does not parse.
+pub fn request_parts(head: &mut RequestHead) -> Result<Parts, &'static str> {
+    let method = Method::from_bytes(head.method.as_bytes()).map_err(|_| "bad method")?;
+    let mut parts = Request::builder()
+        .method(method)
+        .uri(&head.path)
+        .version(hop::version_from_wire(head.version))
+        .body(())
+        .map_err(|_| "bad request line")?
+        .into_parts()
+        .0;
+    parts.headers = std::mem::take(&mut head.headers);
+    Ok(parts)
+}
+
 /// Serves one proxy stream (the kind byte already read).
 pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, proxy: Arc<Proxy>) {
     let mut head =
@@ -184,29 +202,16 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
             )
             .await;
     };
-    let Ok(method) = Method::from_bytes(head.method.as_bytes()) else {
-        return signals
-            .reply(&mut send, StatusCode::BAD_REQUEST, OTHER, "bad method")
-            .await;
+    let mut parts = match request_parts(&mut head) {
+        Ok(parts) => parts,
+        Err(why) => {
+            return signals
+                .reply(&mut send, StatusCode::BAD_REQUEST, OTHER, why)
+                .await;
+        }
     };
+    let parts = &mut parts;
     let counter = proxy.metrics.bytes(&head.service, "request");
-    let mut parts = Request::builder()
-        .method(method)
-        .uri(&head.path)
-        .version(hop::version_from_wire(head.version))
-        .body(())
-        .map(|r| r.into_parts().0);
-    let Ok(parts) = parts.as_mut() else {
-        return signals
-            .reply(
-                &mut send,
-                StatusCode::BAD_REQUEST,
-                OTHER,
-                "bad request line",
-            )
-            .await;
-    };
-    parts.headers = std::mem::take(&mut head.headers);
     // Authorization: the caller is the node the handshake proved, with the
     // services its certificate names.
     let hosts = proxy

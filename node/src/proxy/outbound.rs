@@ -247,6 +247,27 @@ fn count_signals(proxy: &Proxy, service: &str, response: &Response<ProxyBody>, s
     }
 }
 
+/// What the caller's sidecar adds to a request before it leaves: `Host`
+/// from the URI's authority (so the instance sees the name it was called
+/// by, from an absolute URI or HTTP/2's `:authority` too, whatever
+/// protocol it speaks), the hop count one higher, and the caller's address
+/// appended to `X-Forwarded-For`.
+pub fn forward_headers(parts: &mut Parts, hops: u32, peer: SocketAddr) {
+    if let Some(authority) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(http::header::HOST, v);
+    }
+    parts
+        .headers
+        .insert(HOPS_HEADER, HeaderValue::from(hops + 1));
+    let mut ip = Vec::with_capacity(15);
+    access::write_ip(&mut ip, peer.ip());
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(ip)) {
+        parts.headers.append(X_FORWARDED_FOR, v);
+    }
+}
+
 async fn route_request(
     proxy: &Arc<Proxy>,
     mut req: Request<Incoming>,
@@ -289,21 +310,7 @@ async fn route_request(
     }
     let on_upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    // The instance sees the name it was called by: from an absolute URI or
-    // HTTP/2's :authority too, whatever protocol it speaks.
-    if let Some(authority) = parts.uri.authority()
-        && let Ok(v) = HeaderValue::from_str(authority.as_str())
-    {
-        parts.headers.insert(http::header::HOST, v);
-    }
-    parts
-        .headers
-        .insert(HOPS_HEADER, HeaderValue::from(hops + 1));
-    let mut ip = Vec::with_capacity(15);
-    access::write_ip(&mut ip, peer.ip());
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(ip)) {
-        parts.headers.append(X_FORWARDED_FOR, v);
-    }
+    forward_headers(&mut parts, hops, peer);
     let Some(policy) = routes.policies.get(&service).cloned() else {
         let hash = hash_key(&hash_input(&parts, &route.policy, peer));
         return proxy

@@ -168,10 +168,23 @@ impl HeadWriter {
     }
 
     fn headers(&mut self, map: &HeaderMap, keep_upgrade: bool) {
-        self.varint(hop::end_to_end(map, keep_upgrade).count() as u64);
+        // One pass: the count goes in a byte written first and filled in
+        // after, which holds up to 250 (a varint's one-byte range).
+        let at = self.0.len();
+        self.0.put_u8(0);
+        let mut count = 0u64;
         for (name, value) in hop::end_to_end(map, keep_upgrade) {
             self.bytes(name.as_str().as_bytes());
             self.bytes(value.as_bytes());
+            count += 1;
+        }
+        if count <= 250 {
+            self.0[at] = count as u8;
+        } else {
+            let pairs = self.0.split_off(at + 1);
+            self.0.truncate(at);
+            self.varint(count);
+            self.0.extend_from_slice(&pairs);
         }
     }
 
@@ -723,6 +736,42 @@ mod tests {
             prop_assert_eq!(&frame[4..], &bincode[..]);
             let back = ResponseHead::decode(Bytes::from(bincode)).unwrap();
             prop_assert_eq!(back, ResponseHead { status, headers: hop::clean(&head.headers, false), end_stream });
+        }
+    }
+
+    #[test]
+    fn header_counts_past_one_varint_byte_are_the_bytes_bincode_made() {
+        // The count is written after the headers: 250 fits its first byte,
+        // 251 does not. A listed header and the hop-by-hop ones are left
+        // out of the count.
+        for n in [249, 250, 251, 252, 300, 5_000] {
+            let mut headers = HeaderMap::new();
+            headers.append(
+                "connection",
+                HeaderValue::from_static("keep-alive, x-private"),
+            );
+            headers.append("x-private", HeaderValue::from_static("stays behind"));
+            headers.append("keep-alive", HeaderValue::from_static("timeout=5"));
+            for i in 0..n {
+                let name = HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap();
+                headers.append(name, HeaderValue::from(i));
+            }
+            let head = ResponseHead {
+                status: 200,
+                headers,
+                end_stream: false,
+            };
+            let frame = head.encode(false).unwrap();
+            let old = SerdeResponseHead {
+                status: 200,
+                headers: headers_to_wire(&head.headers, false),
+                end_stream: false,
+            };
+            assert_eq!(old.headers.len(), n, "only the x-h headers are end-to-end");
+            let bincode = codec::encode_large(&old, MAX_HEAD).unwrap();
+            assert_eq!(&frame[4..], &bincode[..], "{n} headers");
+            let back = ResponseHead::decode(Bytes::from(bincode)).unwrap();
+            assert_eq!(back.headers.len(), n);
         }
     }
 
