@@ -77,6 +77,7 @@ mod imp {
 mod tests {
     use super::*;
 
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn rss_kib() -> usize {
         let status = std::fs::read_to_string("/proc/self/status").expect("procfs");
         let line = status

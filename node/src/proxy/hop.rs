@@ -23,24 +23,22 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
-/// The tokens of the `Connection` headers, lower-cased: `upgrade`, and the
-/// names of further headers the sender declared hop-by-hop.
-pub fn connection_tokens(map: &HeaderMap) -> impl Iterator<Item = String> + '_ {
+/// The tokens of the `Connection` headers, trimmed, as sent (compare them
+/// without case): `upgrade`, and the names of further headers the sender
+/// declared hop-by-hop.
+pub fn connection_tokens(map: &HeaderMap) -> impl Iterator<Item = &str> + '_ {
     map.get_all(http::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
 }
 
 /// The names a `Connection` header adds to the standard hop-by-hop ones,
 /// lower-cased. Those it names that are hop-by-hop anyway (the usual
 /// `keep-alive`, `upgrade`) add nothing, and nothing is allocated for them.
 fn listed(map: &HeaderMap) -> Vec<String> {
-    map.get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+    connection_tokens(map)
         .filter(|t| !HOP_BY_HOP.iter().any(|h| t.eq_ignore_ascii_case(h)))
         .map(str::to_ascii_lowercase)
         .collect()

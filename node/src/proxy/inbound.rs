@@ -210,7 +210,6 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
                 .await;
         }
     };
-    let parts = &mut parts;
     let counter = proxy.metrics.bytes(&head.service, "request");
     // Authorization: the caller is the node the handshake proved, with the
     // services its certificate names.
@@ -222,7 +221,7 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
         node: &from,
         hosts: &hosts,
     };
-    let verdict = proxy.authorize(&head.service, caller, parts);
+    let verdict = proxy.authorize(&head.service, caller, &parts);
     if !verdict.allowed {
         let _ = recv.stop(0u32.into());
         let why = denial(&head.service, &verdict);
@@ -271,7 +270,7 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
     };
     let call = proxy.call_upstream(
         &upstream,
-        parts,
+        &parts,
         request_body,
         head.upgrade,
         connect_timeout,

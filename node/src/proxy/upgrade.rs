@@ -16,7 +16,7 @@ use super::hop;
 /// an `Upgrade` header).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(http::header::UPGRADE)
-        && hop::connection_tokens(headers).any(|t| t == "upgrade")
+        && hop::connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
 /// Copies bytes both ways between a connection that is switching
