@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use support::{
-    Agent, AgentOptions, DemoService, Pki, config_apply, ensure_installed, poll, wait_doc_version,
-    wait_health,
+    Agent, AgentOptions, DemoService, Pki, config_apply, ensure_installed, free_port, free_ports,
+    poll, wait_doc_version, wait_health,
 };
 
 /// Each test starts two agents and hundreds of connections: one at a time.
@@ -133,10 +133,6 @@ impl TestCa {
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// Agent `c` with `web`, gateway agent `a`, and the ingress document.
 struct Setup {
     pki: Pki,
@@ -246,7 +242,7 @@ impl Setup {
                 ..Default::default()
             },
         )?;
-        let (https, plain, redirect) = (free_port()?, free_port()?, free_port()?);
+        let [https, plain, redirect] = free_ports()?;
         let a_config = dir.join("a.toml");
         std::fs::write(
             &a_config,

@@ -200,6 +200,25 @@ pub struct Ports {
     pub proxy: u16,
 }
 
+/// `N` distinct loopback TCP ports the kernel reports free right now:
+/// all are held until every one is picked, so none repeats (another
+/// process could still take one before it is used).
+pub fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let held = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut ports = [0; N];
+    for (port, listener) in ports.iter_mut().zip(&held) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
+}
+
+/// One loopback TCP port the kernel reports free right now.
+pub fn free_port() -> Result<u16> {
+    Ok(free_ports::<1>()?[0])
+}
+
 impl Ports {
     /// Three ports the kernel reports free right now (bound to port 0 and
     /// released; another process could still take one before the agent

@@ -20,13 +20,6 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A free loopback port (bound and released).
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// A loopback listener with room for a burst of a thousand connects in
 /// its accept queue (the default 128 would drop some of them).
 fn listen() -> Result<TcpListener> {
@@ -494,8 +487,7 @@ fn upstreams_from_the_config_file_serve_http_and_obey_l4_authz() -> Result<()> {
     let first = Agent::start(&pki, "n1", AgentOptions::default())?;
     let web = DemoService::start("web-n2", None)?;
     let echo = rt.block_on(echo_server("echo-n2"))?;
-    let up_web = free_port()?;
-    let up_echo = free_port()?;
+    let [up_web, up_echo] = free_ports()?;
 
     // n2 hosts web (HTTP) and echo (TCP); n1's config file dials both
     // through upstream listeners.

@@ -362,14 +362,28 @@ impl AgentConfig {
         let mut ingress = file.ingress.unwrap_or_default();
         if let Some(flag) = &args.ingress {
             let listen = addr("ingress", flag)?;
-            if !ingress.listeners.iter().any(|l| l.listen == listen) {
-                ingress
+            // The file may declare the same plain listener; one that
+            // serves TLS or redirects there is a different listener.
+            match ingress.listeners.iter().find(|l| l.listen == listen) {
+                Some(l) if !l.tls.is_empty() || l.redirect_https_port.is_some() => {
+                    return err(format!(
+                        "ingress: --ingress {listen} is plain HTTP, but the config file's \
+                         [[ingress.listener]] on {listen} {}; give them different addresses",
+                        if l.tls.is_empty() {
+                            "redirects to HTTPS"
+                        } else {
+                            "serves TLS"
+                        }
+                    ));
+                }
+                Some(_) => {}
+                None => ingress
                     .listeners
                     .push(crate::gateway::config::ListenerConfig {
                         listen,
                         tls: Vec::new(),
                         redirect_https_port: None,
-                    });
+                    }),
             }
         }
         ingress.validate().or_else(err)?;
@@ -490,6 +504,36 @@ mod tests {
         assert_eq!(c.bind.port(), 2000);
         assert_eq!(c.seeds, vec!["a:1".to_string()]);
         assert_eq!(c.swim.probe_period, std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn ingress_flag_joins_a_plain_listener_and_refuses_a_tls_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.toml");
+        let mut a = args();
+        a.config = Some(path.clone());
+        a.ingress = Some("127.0.0.1:8080".into());
+        std::fs::write(&path, "[[ingress.listener]]\nlisten = \"127.0.0.1:8080\"\n").unwrap();
+        let c = AgentConfig::from_args(&a).unwrap();
+        assert_eq!(c.ingress.listeners.len(), 1);
+        for (listener, says) in [
+            (
+                "tls = [{ cert = \"c.pem\", key = \"k.pem\" }]",
+                "serves TLS",
+            ),
+            ("redirect_https_port = 8443", "redirects to HTTPS"),
+        ] {
+            std::fs::write(
+                &path,
+                format!("[[ingress.listener]]\nlisten = \"127.0.0.1:8080\"\n{listener}\n"),
+            )
+            .unwrap();
+            let e = AgentConfig::from_args(&a).unwrap_err().0;
+            assert!(
+                e.contains("--ingress 127.0.0.1:8080") && e.contains(says),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -25,7 +25,11 @@
 //! - [`store`]: the data dir (atomic writes).
 //! - [`tasks`]: the tracker every task runs on, and the drain/stop signals.
 //! - [`logging`]: tracing setup.
-//! - [`memory`]: the heap given back to the system after a burst.
+//! - [`memory`]: the allocator, and memory given back after a burst.
+
+/// mimalloc, without transparent huge pages; see [`memory`].
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod admin;
 pub mod agent;
