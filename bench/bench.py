@@ -768,6 +768,9 @@ def summarize(data, out):
         ax1.legend()
         all_names = list(runs)
         ax2.bar(all_names, [med([r["saturation_rps"] for r in runs[n]]) for n in all_names])
+        ax2.tick_params(axis="x", labelrotation=30)
+        for label in ax2.get_xticklabels():
+            label.set_horizontalalignment("right")
         ax2.set_ylabel("requests/s")
         ax2.set_title("Saturation throughput (higher is better)")
         fig.tight_layout()
