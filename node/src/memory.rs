@@ -31,18 +31,12 @@ pub async fn give_back() {
 
 /// Eagerly frees what the allocator holds free and returns it to the
 /// system (`mi_collect(true)`).
-pub fn collect() {
-    imp::collect();
-}
-
 #[allow(unsafe_code)]
-mod imp {
-    pub fn collect() {
-        // SAFETY: mi_collect only walks the allocator's own free pages
-        // under its own synchronisation; it has no preconditions and
-        // touches no live allocation.
-        unsafe { libmimalloc_sys::mi_collect(true) };
-    }
+pub fn collect() {
+    // SAFETY: mi_collect only walks the allocator's own free pages under
+    // its own synchronisation; it has no preconditions and touches no live
+    // allocation.
+    unsafe { libmimalloc_sys::mi_collect(true) };
 }
 
 #[cfg(test)]

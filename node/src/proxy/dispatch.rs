@@ -330,10 +330,11 @@ impl Proxy {
                 builder.pool_timer(TokioTimer::new());
                 builder.pool_idle_timeout(self.config.upstream_idle_timeout);
                 // As many as one peer may have requests open on a QUIC
-                // connection (the transport's `max_streams`): with fewer, a
-                // burst past the cap closed connections as answers came
-                // back and opened new ones for the next requests.
-                builder.pool_max_idle_per_host(1024);
+                // connection: with fewer, a burst past the cap closed
+                // connections as answers came back and opened new ones for
+                // the next requests.
+                let streams = gossamer_transport::TransportConfig::default().max_streams;
+                builder.pool_max_idle_per_host(streams as usize);
                 if h2 {
                     builder.http2_only(true);
                 }
