@@ -15,7 +15,6 @@ use gossamer_transport::Transport;
 use gossamer_transport::frame::read_frame;
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -36,6 +35,7 @@ use super::metrics::AuthzLabels;
 use super::metrics::{InstanceLabels, ProxyMetrics, RouteLabels, ServiceLabel};
 use super::outlier::{EjectionPolicy, Outliers, RetryBudget, Verdict};
 use super::policy::{Policies, Policy, RetryPolicy};
+use super::pool::{Answer, Pool, PoolError};
 use super::routes::{Backend, Routes, ServiceRoute};
 use super::upgrade::bridge;
 use super::wire::{self, ResponseHead};
@@ -45,7 +45,7 @@ use crate::documents::route::RouteSpec;
 use crate::members::Snapshot;
 use crate::tasks::Tasks;
 
-type HttpClient = Client<HttpConnector, ProxyBody>;
+type H2Client = Client<HttpConnector, ProxyBody>;
 
 /// Shared state of the data plane. Cheap to clone through `Arc`.
 #[derive(Debug)]
@@ -59,7 +59,10 @@ pub struct Proxy {
     pub(super) catalog: Arc<Shared>,
     outliers: Outliers,
     budgets: Mutex<HashMap<String, Arc<RetryBudget>>>,
-    clients: Mutex<HashMap<(Duration, bool), HttpClient>>,
+    /// Connections to this node's HTTP/1.1 instances.
+    pool: Arc<Pool>,
+    /// Clients for this node's HTTP/2 instances, by connect timeout.
+    h2_clients: Mutex<HashMap<Duration, H2Client>>,
     inflight: Mutex<HashMap<String, usize>>,
     /// Requests in flight per service under a route's circuit breaker.
     breakers: Mutex<HashMap<String, Arc<AtomicUsize>>>,
@@ -105,8 +108,15 @@ impl Proxy {
             tx,
             authz_tx,
         ));
+        // As many idle connections per instance as one peer may have
+        // requests open on a QUIC connection: with fewer, a burst past the
+        // cap closed connections as answers came back and opened new ones
+        // for the next requests.
+        let streams = gossamer_transport::TransportConfig::default().max_streams;
+        let pool = Pool::new(config.upstream_idle_timeout, streams as usize, &tasks);
         Arc::new(Self {
             tasks,
+            pool,
             config,
             node_text: Arc::<str>::from(transport.name()).into(),
             transport,
@@ -115,7 +125,7 @@ impl Proxy {
             catalog,
             outliers: Outliers::default(),
             budgets: Mutex::new(HashMap::new()),
-            clients: Mutex::new(HashMap::new()),
+            h2_clients: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
             breakers: Mutex::new(HashMap::new()),
             slots: Mutex::new(HashMap::new()),
@@ -317,10 +327,10 @@ impl Proxy {
             .clone()
     }
 
-    fn client(&self, connect_timeout: Duration, h2: bool) -> HttpClient {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+    fn h2_client(&self, connect_timeout: Duration) -> H2Client {
+        let mut clients = self.h2_clients.lock().unwrap_or_else(|e| e.into_inner());
         clients
-            .entry((connect_timeout, h2))
+            .entry(connect_timeout)
             .or_insert_with(|| {
                 let mut connector = HttpConnector::new();
                 connector.set_connect_timeout(Some(connect_timeout));
@@ -329,15 +339,7 @@ impl Proxy {
                 // Without a timer the pool never reaps idle connections.
                 builder.pool_timer(TokioTimer::new());
                 builder.pool_idle_timeout(self.config.upstream_idle_timeout);
-                // As many as one peer may have requests open on a QUIC
-                // connection: with fewer, a burst past the cap closed
-                // connections as answers came back and opened new ones for
-                // the next requests.
-                let streams = gossamer_transport::TransportConfig::default().max_streams;
-                builder.pool_max_idle_per_host(streams as usize);
-                if h2 {
-                    builder.http2_only(true);
-                }
+                builder.http2_only(true);
                 builder.build(connector)
             })
             .clone()
@@ -702,7 +704,11 @@ impl Proxy {
 
     /// An instance's answer on its way to the client: hop-by-hop headers
     /// dropped, body bytes counted.
-    fn relay(&self, route: &ServiceRoute, response: Response<Incoming>) -> Response<ProxyBody> {
+    fn relay<B>(&self, route: &ServiceRoute, response: Response<B>) -> Response<ProxyBody>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+        B::Error: Into<body::BoxError>,
+    {
         let counter = self.metrics.bytes(&route.name, "response");
         let (mut head, incoming) = response.into_parts();
         hop::strip(&mut head.headers, false);
@@ -827,7 +833,7 @@ impl Proxy {
             .expect("valid"))
     }
 
-    /// Sends a request to a local instance with the pooled client, in the
+    /// Sends a request to a local instance on a pooled connection, in the
     /// instance's protocol whatever the caller spoke, and returns its
     /// response as is (the upgrade, if any, still pending on it). Errors
     /// name the instance, its protocol and the cause.
@@ -838,13 +844,19 @@ impl Proxy {
         body: ProxyBody,
         upgrade: bool,
         connect_timeout: Duration,
-    ) -> Result<Response<Incoming>, AttemptError> {
+    ) -> Result<Response<Answer>, AttemptError> {
         let Upstream {
             instance,
             address,
             port,
             protocol,
         } = *upstream;
+        let what = || {
+            format!(
+                "{instance} at {address}:{port} (protocol {})",
+                protocol.as_str()
+            )
+        };
         let h2 = protocol.is_h2();
         if upgrade && h2 {
             return Err(AttemptError::Connect(format!(
@@ -852,43 +864,68 @@ impl Proxy {
                 protocol.as_str()
             )));
         }
-        let host = if address.contains(':') {
-            format!("[{address}]")
-        } else {
-            address.to_owned()
+        let host = || {
+            let host = if address.contains(':') {
+                format!("[{address}]")
+            } else {
+                address.to_owned()
+            };
+            if port == 80 {
+                host
+            } else {
+                format!("{host}:{port}")
+            }
         };
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut req = Request::builder()
-            .method(parts.method.clone())
-            .uri(format!("http://{host}:{port}{path}"))
-            .version(hop::version(h2))
-            .body(body)
-            .map_err(|e| AttemptError::Connect(format!("{instance}: bad request: {e}")))?;
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.version_mut() = hop::version(h2);
         *req.headers_mut() = parts.headers.clone();
         hop::strip(req.headers_mut(), upgrade);
         if h2 {
+            // HTTP/2 names the instance in the URI's authority, not Host.
             req.headers_mut().remove(http::header::HOST);
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            *req.uri_mut() = format!("http://{}{path}", host())
+                .parse()
+                .map_err(|e| AttemptError::Connect(format!("{instance}: bad request: {e}")))?;
+            return self
+                .h2_client(connect_timeout)
+                .request(req)
+                .await
+                .map(Answer::unpooled)
+                .map_err(|e| {
+                    let cause = std::error::Error::source(&e)
+                        .map(|s| format!("{e}: {s}"))
+                        .unwrap_or_else(|| e.to_string());
+                    if e.is_connect() {
+                        AttemptError::Connect(format!("cannot connect to {}: {cause}", what()))
+                    } else {
+                        AttemptError::NoResponse(format!(
+                            "{}: {cause} (does it speak HTTP/2 without TLS? register it with protocol \"http1\" if not)",
+                            what()
+                        ))
+                    }
+                });
         }
-        self.client(connect_timeout, h2)
-            .request(req)
+        // HTTP/1.1 sends the path alone, with the caller's Host.
+        *req.uri_mut() = match parts.uri.path_and_query() {
+            _ if parts.uri.authority().is_none() => parts.uri.clone(),
+            Some(path) => path.clone().into(),
+            None => http::Uri::from_static("/"),
+        };
+        if !req.headers().contains_key(http::header::HOST)
+            && let Ok(value) = http::HeaderValue::try_from(host())
+        {
+            req.headers_mut().insert(http::header::HOST, value);
+        }
+        self.pool
+            .send(address, port, req, connect_timeout)
             .await
-            .map_err(|e| {
-                let cause = std::error::Error::source(&e)
-                    .map(|s| format!("{e}: {s}"))
-                    .unwrap_or_else(|| e.to_string());
-                let what = format!(
-                    "{instance} at {address}:{port} (protocol {})",
-                    protocol.as_str()
-                );
-                if e.is_connect() {
-                    AttemptError::Connect(format!("cannot connect to {what}: {cause}"))
-                } else if h2 {
-                    AttemptError::NoResponse(format!(
-                        "{what}: {cause} (does it speak HTTP/2 without TLS? register it with protocol \"http1\" if not)"
-                    ))
-                } else {
-                    AttemptError::NoResponse(format!("{what}: {cause}"))
+            .map_err(|e| match e {
+                PoolError::Connect(cause) => {
+                    AttemptError::Connect(format!("cannot connect to {}: {cause}", what()))
                 }
+                PoolError::Request(e) => AttemptError::NoResponse(format!("{}: {e}", what())),
             })
     }
 }

@@ -20,6 +20,7 @@
 //! - [`error`]: answers the mesh makes itself and how they are marked.
 //! - [`wire`]: the proxy protocol on QUIC streams.
 //! - [`body`]: streaming bodies between HTTP and QUIC.
+//! - `pool`: connections to this node's HTTP/1.1 instances.
 //! - [`outlier`]: ejection and the retry budget.
 //! - [`metrics`]: per service and instance metrics.
 
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod outlier;
 pub mod policy;
+mod pool;
 pub mod routes;
 pub mod tcp;
 pub mod upgrade;

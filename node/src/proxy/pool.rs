@@ -1,0 +1,470 @@
+//! Connections to this node's HTTP/1.1 instances, kept open between
+//! requests. A connection carries one request at a time: a request takes
+//! an idle one that is ready (the most recently used first) or opens a new
+//! one, and the answer's body gives it back when it ends. Nothing runs per
+//! request besides the connection's own task: no pool task waiting for the
+//! connection to be ready again, no URI to format and parse. Connections
+//! idle past `idle_timeout` are closed by a sweep.
+//!
+//! HTTP/2 instances multiplex every request on one connection and go
+//! through hyper-util's client instead (see `dispatch`).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::body::ProxyBody;
+use crate::tasks::Tasks;
+
+type Sender = http1::SendRequest<ProxyBody>;
+
+/// Why a request did not get an answer.
+#[derive(Debug)]
+pub(super) enum PoolError {
+    /// No connection: the cause.
+    Connect(String),
+    /// The request went out (or may have) and no answer came back.
+    Request(hyper::Error),
+}
+
+/// Idle HTTP/1.1 connections by instance address.
+#[derive(Debug)]
+pub(super) struct Pool {
+    idle_timeout: Duration,
+    max_idle: usize,
+    /// By port, then address: no key to build for a lookup.
+    slots: Mutex<HashMap<u16, Vec<Slot>>>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    address: Arc<str>,
+    idle: Vec<Idle>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+/// A connection out of the pool, and where it goes back.
+#[derive(Debug)]
+struct Lease {
+    pool: Weak<Pool>,
+    address: Arc<str>,
+    port: u16,
+    sender: Sender,
+}
+
+impl Pool {
+    /// Keeps up to `max_idle` idle connections per instance, each for at
+    /// most `idle_timeout`; a task closes expired ones while the pool lives.
+    pub(super) fn new(idle_timeout: Duration, max_idle: usize, tasks: &Tasks) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            idle_timeout,
+            max_idle,
+            slots: Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&pool);
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(idle_timeout / 2);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(pool) = weak.upgrade() else { return };
+                pool.sweep(Instant::now());
+            }
+        });
+        pool
+    }
+
+    /// Sends `req` (origin-form, with its Host) to the instance at
+    /// `address`:`port` on an idle connection, or on a new one opened
+    /// within `connect_timeout`. The answer's body returns the connection
+    /// to the pool when it ends; an upgrade's answer keeps it.
+    pub(super) async fn send(
+        self: &Arc<Self>,
+        address: &str,
+        port: u16,
+        mut req: Request<ProxyBody>,
+        connect_timeout: Duration,
+    ) -> Result<Response<Answer>, PoolError> {
+        while let Some(mut lease) = self.take(address, port) {
+            match lease.sender.try_send_request(req).await {
+                Ok(response) => return Ok(Answer::new(response, Some(lease))),
+                Err(mut e) => match e.take_message() {
+                    // It closed before the request went out: try the next.
+                    Some(back) => req = back,
+                    None => return Err(PoolError::Request(e.into_error())),
+                },
+            }
+        }
+        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect((address, port)))
+            .await
+            .map_err(|_| PoolError::Connect(format!("no connection within {connect_timeout:?}")))?
+            .map_err(|e| PoolError::Connect(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| PoolError::Connect(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(error = %e, "upstream connection ended by an error");
+            }
+        });
+        let response = sender.send_request(req).await.map_err(PoolError::Request)?;
+        let lease = Lease {
+            pool: Arc::downgrade(self),
+            address: self.address(address, port),
+            port,
+            sender,
+        };
+        Ok(Answer::new(response, Some(lease)))
+    }
+
+    /// The most recently used idle connection to `address`:`port` that is
+    /// ready for a request. Closed and expired ones are dropped on the
+    /// way; one still finishing its last exchange stays.
+    fn take(self: &Arc<Self>, address: &str, port: u16) -> Option<Lease> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = slots
+            .get_mut(&port)?
+            .iter_mut()
+            .find(|s| &*s.address == address)?;
+        let now = Instant::now();
+        let mut i = slot.idle.len();
+        while i > 0 {
+            i -= 1;
+            let idle = &slot.idle[i];
+            if idle.sender.is_closed() || now.duration_since(idle.since) >= self.idle_timeout {
+                slot.idle.swap_remove(i);
+            } else if idle.sender.is_ready() {
+                return Some(Lease {
+                    pool: Arc::downgrade(self),
+                    address: slot.address.clone(),
+                    port,
+                    sender: slot.idle.swap_remove(i).sender,
+                });
+            }
+        }
+        None
+    }
+
+    /// The shared name of `address`, its slot made if new.
+    fn address(&self, address: &str, port: u16) -> Arc<str> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let list = slots.entry(port).or_default();
+        if let Some(slot) = list.iter().find(|s| &*s.address == address) {
+            return slot.address.clone();
+        }
+        let address: Arc<str> = address.into();
+        list.push(Slot {
+            address: address.clone(),
+            idle: Vec::new(),
+        });
+        address
+    }
+
+    fn give_back(&self, lease: Lease) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(slot) = slots
+            .get_mut(&lease.port)
+            .and_then(|list| list.iter_mut().find(|s| s.address == lease.address))
+        else {
+            return;
+        };
+        if slot.idle.len() < self.max_idle && !lease.sender.is_closed() {
+            slot.idle.push(Idle {
+                sender: lease.sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes connections idle since before `now - idle_timeout`, or
+    /// closed by their instance, and forgets instances with none left.
+    fn sweep(&self, now: Instant) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.retain(|_, list| {
+            list.retain_mut(|slot| {
+                slot.idle.retain(|idle| {
+                    !idle.sender.is_closed() && now.duration_since(idle.since) < self.idle_timeout
+                });
+                !slot.idle.is_empty()
+            });
+            !list.is_empty()
+        });
+    }
+
+    /// Idle connections held, all instances together.
+    #[cfg(test)]
+    fn idle(&self) -> usize {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.values().flatten().map(|s| s.idle.len()).sum()
+    }
+}
+
+/// An instance's answer body. When it has been read to its end, its
+/// connection goes back to the pool; dropped earlier, the connection is
+/// closed with it.
+#[derive(Debug)]
+pub(super) struct Answer {
+    inner: Incoming,
+    lease: Option<Lease>,
+}
+
+impl Answer {
+    /// An answer that came on a connection of this pool, or (`None`) on
+    /// one it does not keep.
+    fn new(response: Response<Incoming>, lease: Option<Lease>) -> Response<Self> {
+        // After a 101 the connection belongs to the upgrade.
+        let keep = response.status() != http::StatusCode::SWITCHING_PROTOCOLS;
+        response.map(|inner| Self {
+            inner,
+            lease: lease.filter(|_| keep),
+        })
+    }
+
+    /// An answer on a connection kept elsewhere (HTTP/2).
+    pub(super) fn unpooled(response: Response<Incoming>) -> Response<Self> {
+        Self::new(response, None)
+    }
+
+    fn give_back(&mut self) {
+        if let Some(lease) = self.lease.take()
+            && let Some(pool) = lease.pool.upgrade()
+        {
+            pool.give_back(lease);
+        }
+    }
+}
+
+impl Body for Answer {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.give_back(),
+            Poll::Ready(Some(Err(_))) => self.lease = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        // Read to its declared end: whoever read it need not poll for
+        // the end itself.
+        if self.inner.is_end_stream() {
+            self.give_back();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::proxy::body;
+
+    /// An HTTP/1.1 instance answering "hello" to every request, keeping
+    /// connections open unless `close`; counts the connections it accepts.
+    async fn instance(close: bool) -> (u16, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        let Ok(n) = stream.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let answer = if close {
+                                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello"
+                            } else {
+                                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"
+                            };
+                            if stream.write_all(answer.as_bytes()).await.is_err() || close {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (port, accepted)
+    }
+
+    fn get() -> Request<ProxyBody> {
+        let mut req = Request::new(body::empty());
+        *req.uri_mut() = http::Uri::from_static("/");
+        req.headers_mut()
+            .insert(http::header::HOST, http::HeaderValue::from_static("x"));
+        req
+    }
+
+    async fn call(pool: &Arc<Pool>, port: u16) -> Result<Bytes, PoolError> {
+        let response = pool
+            .send("127.0.0.1", port, get(), Duration::from_secs(5))
+            .await?;
+        Ok(response.into_body().collect().await.unwrap().to_bytes())
+    }
+
+    #[tokio::test]
+    async fn sequential_requests_share_one_connection() {
+        let tasks = Tasks::new();
+        let pool = Pool::new(Duration::from_secs(30), 8, &tasks);
+        let (port, accepted) = instance(false).await;
+        for _ in 0..50 {
+            assert_eq!(call(&pool, port).await.unwrap(), "hello");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.idle(), 1);
+    }
+
+    /// With the connection's task on another thread, it may not have
+    /// taken up the next request yet when the answer ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sequential_requests_reuse_connections_on_many_threads() {
+        let tasks = Tasks::new();
+        let pool = Pool::new(Duration::from_secs(30), 8, &tasks);
+        let (port, accepted) = instance(false).await;
+        for _ in 0..500 {
+            assert_eq!(call(&pool, port).await.unwrap(), "hello");
+        }
+        let opened = accepted.load(Ordering::SeqCst);
+        assert!(
+            opened <= 8,
+            "{opened} connections for 500 requests in a row"
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_each_get_a_connection_and_at_most_max_idle_stay() {
+        let tasks = Tasks::new();
+        let pool = Pool::new(Duration::from_secs(30), 3, &tasks);
+        let (port, accepted) = instance(false).await;
+        // Ten answers held unread at once need ten connections.
+        let mut held = Vec::new();
+        for _ in 0..10 {
+            held.push(
+                pool.send("127.0.0.1", port, get(), Duration::from_secs(5))
+                    .await
+                    .unwrap(),
+            );
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 10);
+        for response in held {
+            response.into_body().collect().await.unwrap();
+        }
+        assert_eq!(pool.idle(), 3);
+        for _ in 0..10 {
+            call(&pool, port).await.unwrap();
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            10,
+            "the kept ones are reused"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_instance_closes_is_not_used_again() {
+        let tasks = Tasks::new();
+        let pool = Pool::new(Duration::from_secs(30), 8, &tasks);
+        let (port, accepted) = instance(true).await;
+        for _ in 0..20 {
+            assert_eq!(call(&pool, port).await.unwrap(), "hello");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 20);
+    }
+
+    #[tokio::test]
+    async fn an_answer_dropped_unread_closes_its_connection() {
+        let tasks = Tasks::new();
+        let pool = Pool::new(Duration::from_secs(30), 8, &tasks);
+        let (port, accepted) = instance(false).await;
+        let response = pool
+            .send("127.0.0.1", port, get(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        drop(response);
+        assert_eq!(pool.idle(), 0);
+        call(&pool, port).await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_expire() {
+        let tasks = Tasks::new();
+        let timeout = Duration::from_secs(30);
+        let pool = Pool::new(timeout, 8, &tasks);
+        let (port, accepted) = instance(false).await;
+        call(&pool, port).await.unwrap();
+        pool.sweep(Instant::now());
+        assert_eq!(pool.idle(), 1, "not yet expired");
+        pool.sweep(Instant::now() + timeout);
+        assert_eq!(pool.idle(), 0);
+        call(&pool, port).await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_a_connect_error() {
+        let tasks = Tasks::new();
+        let pool = Pool::new(Duration::from_secs(30), 8, &tasks);
+        let port = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        match call(&pool, port).await {
+            Err(PoolError::Connect(cause)) => assert!(cause.contains("refused"), "{cause}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
