@@ -208,11 +208,12 @@ impl Pool {
         });
     }
 
-    /// Idle connections held, all instances together.
+    /// Idle connections held open, all instances together.
     #[cfg(test)]
     fn idle(&self) -> usize {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.values().flatten().map(|s| s.idle.len()).sum()
+        let open = |s: &Slot| s.idle.iter().filter(|i| !i.sender.is_closed()).count();
+        slots.values().flatten().map(open).sum()
     }
 }
 
@@ -301,6 +302,12 @@ mod tests {
     /// An HTTP/1.1 instance answering "hello" to every request, keeping
     /// connections open unless `close`; counts the connections it accepts.
     async fn instance(close: bool) -> (u16, Arc<AtomicUsize>) {
+        instance_closing(close, false).await
+    }
+
+    /// With `hang_up`, it closes each connection right after its first
+    /// answer without saying so (as an instance's own idle timeout does).
+    async fn instance_closing(close: bool, hang_up: bool) -> (u16, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -326,7 +333,10 @@ mod tests {
                             } else {
                                 "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"
                             };
-                            if stream.write_all(answer.as_bytes()).await.is_err() || close {
+                            if stream.write_all(answer.as_bytes()).await.is_err()
+                                || close
+                                || hang_up
+                            {
                                 return;
                             }
                         }
@@ -419,6 +429,20 @@ mod tests {
             assert_eq!(call(&pool, port).await.unwrap(), "hello");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 20);
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_not_used_again() {
+        let tasks = Tasks::new();
+        let pool = Pool::new(Duration::from_secs(30), 8, &tasks);
+        let (port, accepted) = instance_closing(false, true).await;
+        for _ in 0..5 {
+            assert_eq!(call(&pool, port).await.unwrap(), "hello");
+            // Let the hang-up arrive while the connection sits idle.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 5);
+        assert_eq!(pool.idle(), 0, "closed connections are not kept");
     }
 
     #[tokio::test]
