@@ -165,27 +165,22 @@ impl Pool {
     /// The shared name of `address`, its slot made if new.
     fn address(&self, address: &str, port: u16) -> Arc<str> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let list = slots.entry(port).or_default();
-        if let Some(slot) = list.iter().find(|s| &*s.address == address) {
-            return slot.address.clone();
-        }
-        let address: Arc<str> = address.into();
-        list.push(Slot {
-            address: address.clone(),
-            idle: Vec::new(),
-        });
-        address
+        slot(&mut slots, address, port, || address.into())
+            .address
+            .clone()
     }
 
     fn give_back(&self, lease: Lease) {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(slot) = slots
-            .get_mut(&lease.port)
-            .and_then(|list| list.iter_mut().find(|s| s.address == lease.address))
-        else {
+        if lease.sender.is_closed() {
             return;
-        };
-        if slot.idle.len() < self.max_idle && !lease.sender.is_closed() {
+        }
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        // The sweep forgets instances with no idle connection, which
+        // includes one whose connections are all out.
+        let slot = slot(&mut slots, &lease.address, lease.port, || {
+            lease.address.clone()
+        });
+        if slot.idle.len() < self.max_idle {
             slot.idle.push(Idle {
                 sender: lease.sender,
                 since: Instant::now(),
@@ -215,6 +210,27 @@ impl Pool {
         let open = |s: &Slot| s.idle.iter().filter(|i| !i.sender.is_closed()).count();
         slots.values().flatten().map(open).sum()
     }
+}
+
+/// The slot for `address`:`port`, made (named by `name`) if new.
+fn slot<'a>(
+    slots: &'a mut HashMap<u16, Vec<Slot>>,
+    address: &str,
+    port: u16,
+    name: impl FnOnce() -> Arc<str>,
+) -> &'a mut Slot {
+    let list = slots.entry(port).or_default();
+    let i = match list.iter().position(|s| &*s.address == address) {
+        Some(i) => i,
+        None => {
+            list.push(Slot {
+                address: name(),
+                idle: Vec::new(),
+            });
+            list.len() - 1
+        }
+    };
+    &mut list[i]
 }
 
 /// An instance's answer body. When it has been read to its end, its
@@ -474,6 +490,23 @@ mod tests {
         assert_eq!(pool.idle(), 0);
         call(&pool, port).await.unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_out_during_a_sweep_is_kept_when_it_comes_back() {
+        let tasks = Tasks::new();
+        let pool = Pool::new(Duration::from_secs(30), 8, &tasks);
+        let (port, accepted) = instance(false).await;
+        let response = pool
+            .send("127.0.0.1", port, get(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        // No idle connection: the sweep forgets the instance.
+        pool.sweep(Instant::now());
+        response.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle(), 1);
+        call(&pool, port).await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
