@@ -371,17 +371,28 @@ mod tests {
         req
     }
 
+    /// A pool keeping connections 30 s, and the tasks its sweep runs in.
+    fn pool(max_idle: usize) -> (Tasks, Arc<Pool>) {
+        let tasks = Tasks::new();
+        let pool = Pool::new(Duration::from_secs(30), max_idle, &tasks);
+        (tasks, pool)
+    }
+
+    /// A GET to the instance on `port`, its answer not yet read.
+    async fn send(pool: &Arc<Pool>, port: u16) -> Result<Response<Answer>, PoolError> {
+        pool.send("127.0.0.1", port, get(), Duration::from_secs(5))
+            .await
+    }
+
+    /// A GET to the instance on `port`, its answer read to its end.
     async fn call(pool: &Arc<Pool>, port: u16) -> Result<Bytes, PoolError> {
-        let response = pool
-            .send("127.0.0.1", port, get(), Duration::from_secs(5))
-            .await?;
+        let response = send(pool, port).await?;
         Ok(response.into_body().collect().await.unwrap().to_bytes())
     }
 
     #[tokio::test]
     async fn sequential_requests_share_one_connection() {
-        let tasks = Tasks::new();
-        let pool = Pool::new(Duration::from_secs(30), 8, &tasks);
+        let (_tasks, pool) = pool(8);
         let (port, accepted) = instance(false).await;
         for _ in 0..50 {
             assert_eq!(call(&pool, port).await.unwrap(), "hello");
@@ -394,8 +405,7 @@ mod tests {
     /// taken up the next request yet when the answer ends.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sequential_requests_reuse_connections_on_many_threads() {
-        let tasks = Tasks::new();
-        let pool = Pool::new(Duration::from_secs(30), 8, &tasks);
+        let (_tasks, pool) = pool(8);
         let (port, accepted) = instance(false).await;
         for _ in 0..500 {
             assert_eq!(call(&pool, port).await.unwrap(), "hello");
@@ -409,17 +419,12 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_requests_each_get_a_connection_and_at_most_max_idle_stay() {
-        let tasks = Tasks::new();
-        let pool = Pool::new(Duration::from_secs(30), 3, &tasks);
+        let (_tasks, pool) = pool(3);
         let (port, accepted) = instance(false).await;
         // Ten answers held unread at once need ten connections.
         let mut held = Vec::new();
         for _ in 0..10 {
-            held.push(
-                pool.send("127.0.0.1", port, get(), Duration::from_secs(5))
-                    .await
-                    .unwrap(),
-            );
+            held.push(send(&pool, port).await.unwrap());
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 10);
         for response in held {
@@ -438,8 +443,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_the_instance_closes_is_not_used_again() {
-        let tasks = Tasks::new();
-        let pool = Pool::new(Duration::from_secs(30), 8, &tasks);
+        let (_tasks, pool) = pool(8);
         let (port, accepted) = instance(true).await;
         for _ in 0..20 {
             assert_eq!(call(&pool, port).await.unwrap(), "hello");
@@ -449,8 +453,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_closed_while_idle_is_not_used_again() {
-        let tasks = Tasks::new();
-        let pool = Pool::new(Duration::from_secs(30), 8, &tasks);
+        let (_tasks, pool) = pool(8);
         let (port, accepted) = instance_closing(false, true).await;
         for _ in 0..5 {
             assert_eq!(call(&pool, port).await.unwrap(), "hello");
@@ -463,13 +466,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_dropped_unread_closes_its_connection() {
-        let tasks = Tasks::new();
-        let pool = Pool::new(Duration::from_secs(30), 8, &tasks);
+        let (_tasks, pool) = pool(8);
         let (port, accepted) = instance(false).await;
-        let response = pool
-            .send("127.0.0.1", port, get(), Duration::from_secs(5))
-            .await
-            .unwrap();
+        let response = send(&pool, port).await.unwrap();
         drop(response);
         assert_eq!(pool.idle(), 0);
         call(&pool, port).await.unwrap();
@@ -479,9 +478,8 @@ mod tests {
 
     #[tokio::test]
     async fn idle_connections_expire() {
-        let tasks = Tasks::new();
         let timeout = Duration::from_secs(30);
-        let pool = Pool::new(timeout, 8, &tasks);
+        let (_tasks, pool) = pool(8);
         let (port, accepted) = instance(false).await;
         call(&pool, port).await.unwrap();
         pool.sweep(Instant::now());
@@ -494,13 +492,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_out_during_a_sweep_is_kept_when_it_comes_back() {
-        let tasks = Tasks::new();
-        let pool = Pool::new(Duration::from_secs(30), 8, &tasks);
+        let (_tasks, pool) = pool(8);
         let (port, accepted) = instance(false).await;
-        let response = pool
-            .send("127.0.0.1", port, get(), Duration::from_secs(5))
-            .await
-            .unwrap();
+        let response = send(&pool, port).await.unwrap();
         // No idle connection: the sweep forgets the instance.
         pool.sweep(Instant::now());
         response.into_body().collect().await.unwrap();
@@ -511,8 +505,7 @@ mod tests {
 
     #[tokio::test]
     async fn nothing_listening_is_a_connect_error() {
-        let tasks = Tasks::new();
-        let pool = Pool::new(Duration::from_secs(30), 8, &tasks);
+        let (_tasks, pool) = pool(8);
         let port = TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap()
