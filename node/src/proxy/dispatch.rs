@@ -908,11 +908,10 @@ impl Proxy {
                 });
         }
         // HTTP/1.1 sends the path alone, with the caller's Host.
-        *req.uri_mut() = match parts.uri.path_and_query() {
-            _ if parts.uri.authority().is_none() => parts.uri.clone(),
-            Some(path) => path.clone().into(),
-            None => http::Uri::from_static("/"),
-        };
+        *req.uri_mut() = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| http::Uri::from_static("/"), |path| path.clone().into());
         if !req.headers().contains_key(http::header::HOST)
             && let Ok(value) = http::HeaderValue::try_from(host())
         {
