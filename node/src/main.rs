@@ -246,6 +246,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run_agent(args: &AgentArgs) -> ExitCode {
+    gossamer_node::memory::purge_at_once();
     let config = match AgentConfig::from_args(args) {
         Ok(c) => c,
         Err(e) => {
