@@ -68,17 +68,18 @@ fn restore_delay() {
     }
 }
 
-/// Restores the purge delay after [`SETTLING`], then collects every
-/// [`CHECK_EVERY`] until the agent stops.
+/// Collects every [`CHECK_EVERY`] until the agent stops, restoring the
+/// purge delay at the first collection after [`SETTLING`].
 pub async fn give_back() {
-    tokio::time::sleep(SETTLING).await;
-    restore_delay();
-    collect();
+    let start = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
+        if start.elapsed() >= SETTLING {
+            restore_delay();
+        }
         collect();
     }
 }

@@ -371,10 +371,13 @@ mod tests {
         req
     }
 
-    /// A pool keeping connections 30 s, and the tasks its sweep runs in.
+    /// How long the tests' pools keep an idle connection.
+    const IDLE: Duration = Duration::from_secs(30);
+
+    /// A pool keeping connections [`IDLE`], and the tasks its sweep runs in.
     fn pool(max_idle: usize) -> (Tasks, Arc<Pool>) {
         let tasks = Tasks::new();
-        let pool = Pool::new(Duration::from_secs(30), max_idle, &tasks);
+        let pool = Pool::new(IDLE, max_idle, &tasks);
         (tasks, pool)
     }
 
@@ -478,13 +481,12 @@ mod tests {
 
     #[tokio::test]
     async fn idle_connections_expire() {
-        let timeout = Duration::from_secs(30);
         let (_tasks, pool) = pool(8);
         let (port, accepted) = instance(false).await;
         call(&pool, port).await.unwrap();
         pool.sweep(Instant::now());
         assert_eq!(pool.idle(), 1, "not yet expired");
-        pool.sweep(Instant::now() + timeout);
+        pool.sweep(Instant::now() + IDLE);
         assert_eq!(pool.idle(), 0);
         call(&pool, port).await.unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
