@@ -250,7 +250,11 @@ fn route_documents_split_match_inject_and_limit() -> Result<()> {
         .count();
     let share = aborted as f64 / 2_000.0;
     eprintln!("aborted {:.1} % of /flaky", 100.0 * share);
-    ensure!((share - 0.10).abs() <= 0.02, "abort share {share}");
+    // Each request is aborted at random with p = 0.1: over 2,000 the
+    // share's standard deviation is 0.67 points, so ±3 points (4.5σ) fails
+    // a wrong probability, not an unlucky run (±2 failed about one run in
+    // 400).
+    ensure!((share - 0.10).abs() <= 0.03, "abort share {share}");
 
     // A 200 ms delay: never less, and about that much more than without.
     let mean = |path: &str| -> Result<f64> {
