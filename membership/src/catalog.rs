@@ -11,6 +11,7 @@
 //! `(node, version)` notices that make peers fetch from the owner.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -252,9 +253,13 @@ impl NodeEntry {
 }
 
 /// Per-node entries, merged by highest `(version, content)`.
+///
+/// Entries are shared: a clone of the catalog (every change publishes
+/// one) copies a pointer per node, not every instance, and the owner's
+/// published entry is the catalog's own.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Catalog {
-    entries: BTreeMap<String, NodeEntry>,
+    entries: BTreeMap<String, Arc<NodeEntry>>,
 }
 
 impl Catalog {
@@ -264,9 +269,10 @@ impl Catalog {
     }
 
     /// Merges one entry; returns whether the catalog changed.
-    pub fn merge(&mut self, entry: NodeEntry) -> bool {
+    pub fn merge(&mut self, entry: impl Into<Arc<NodeEntry>>) -> bool {
+        let entry = entry.into();
         match self.entries.get(&entry.node) {
-            Some(current) if (current.version, current) >= (entry.version, &entry) => false,
+            Some(current) if (current.version, &**current) >= (entry.version, &*entry) => false,
             _ => {
                 self.entries.insert(entry.node.clone(), entry);
                 true
@@ -285,17 +291,17 @@ impl Catalog {
 
     /// The entry of `node`.
     pub fn get(&self, node: &str) -> Option<&NodeEntry> {
-        self.entries.get(node)
+        self.entries.get(node).map(|e| &**e)
     }
 
     /// Drops the entry of `node` (purge after it has been down long enough).
-    pub fn remove(&mut self, node: &str) -> Option<NodeEntry> {
+    pub fn remove(&mut self, node: &str) -> Option<Arc<NodeEntry>> {
         self.entries.remove(node)
     }
 
     /// All entries, by node name.
     pub fn entries(&self) -> impl Iterator<Item = &NodeEntry> {
-        self.entries.values()
+        self.entries.values().map(|e| &**e)
     }
 
     /// Number of nodes with an entry.

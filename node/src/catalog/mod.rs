@@ -462,7 +462,8 @@ impl CatalogTask {
                 .map(|s| s.instance(self.health.get(&s.id).copied().unwrap_or(Health::Critical)))
                 .collect(),
         };
-        self.local_tx.send_replace(Arc::new(entry.clone()));
+        let entry = Arc::new(entry);
+        self.local_tx.send_replace(entry.clone());
         self.catalog.merge(entry);
         self.publish_catalog();
     }

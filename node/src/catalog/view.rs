@@ -45,17 +45,22 @@ pub struct InstanceView {
     pub health: Effective,
 }
 
+/// An instance's health as callers see it: unavailable while its node is.
+pub fn effective(available: bool, health: Health) -> Effective {
+    match (available, health) {
+        (false, _) => Effective::Unavailable,
+        (true, Health::Passing) => Effective::Passing,
+        (true, Health::Critical) => Effective::Critical,
+    }
+}
+
 /// Every service with its instances, sorted by node then id.
 pub fn services(catalog: &Catalog, members: &Snapshot) -> BTreeMap<String, Vec<InstanceView>> {
     let mut out: BTreeMap<String, Vec<InstanceView>> = BTreeMap::new();
     for entry in catalog.entries() {
         let available = members.is_available(&entry.node);
         for s in &entry.services {
-            let health = match (available, s.health) {
-                (false, _) => Effective::Unavailable,
-                (true, Health::Passing) => Effective::Passing,
-                (true, Health::Critical) => Effective::Critical,
-            };
+            let health = effective(available, s.health);
             out.entry(s.name.clone()).or_default().push(InstanceView {
                 id: s.id.clone(),
                 node: entry.node.clone(),

@@ -14,13 +14,30 @@ use crate::catalog::view::{self, Effective};
 use crate::documents::Documents;
 use crate::members::Snapshot;
 
-type InstanceKey = (String, String, String); // service, node, id
+type InstanceKey<'a> = (&'a str, &'a str, &'a str); // service, node, id
+
+/// Every instance's effective health, by service, node and id.
+fn effective<'a>(
+    catalog: &'a Catalog,
+    snapshot: &Snapshot,
+) -> BTreeMap<InstanceKey<'a>, Effective> {
+    let mut out = BTreeMap::new();
+    for entry in catalog.entries() {
+        let available = snapshot.is_available(&entry.node);
+        for s in &entry.services {
+            let key = (s.name.as_str(), entry.node.as_str(), s.id.as_str());
+            out.insert(key, view::effective(available, s.health));
+        }
+    }
+    out
+}
 
 #[derive(Debug, Default)]
 struct Seen {
     members: HashMap<String, (MemberState, u64)>,
     revoked: BTreeSet<String>,
-    instances: BTreeMap<InstanceKey, Effective>,
+    /// The catalog and membership last compared.
+    instances: Option<(Arc<Catalog>, Arc<Snapshot>)>,
     documents: HashMap<(String, String), (u64, bool)>,
     refusals: BTreeSet<(u64, String, String, u64)>,
 }
@@ -75,42 +92,48 @@ impl Seen {
 
     /// Instances: registered, deregistered and health changes (effective
     /// health, so an instance whose node went down becomes unavailable).
-    fn instances(&mut self, catalog: &Catalog, snapshot: &Snapshot, out: &mut Vec<Event>) {
-        let mut now = BTreeMap::new();
-        for (service, list) in view::services(catalog, snapshot) {
-            for i in list {
-                now.insert((service.clone(), i.node, i.id), i.health);
-            }
-        }
-        let event = |kind, action: &str, key: &InstanceKey| {
+    /// The last catalog and membership are kept rather than a copy of
+    /// every instance: their entries are shared with the agent's own.
+    fn instances(
+        &mut self,
+        catalog: &Arc<Catalog>,
+        snapshot: &Arc<Snapshot>,
+        out: &mut Vec<Event>,
+    ) {
+        let now = effective(catalog, snapshot);
+        let before = match &self.instances {
+            Some((c, m)) => effective(c, m),
+            None => BTreeMap::new(),
+        };
+        let event = |kind, action: &str, (service, node, id): InstanceKey<'_>| {
             let mut e = Event::new(kind, action);
-            e.service = Some(key.0.clone());
-            e.node = Some(key.1.clone());
-            e.instance = Some(key.2.clone());
+            e.service = Some(service.to_owned());
+            e.node = Some(node.to_owned());
+            e.instance = Some(id.to_owned());
             e
         };
         for (key, health) in &now {
-            match self.instances.get(key) {
+            match before.get(key) {
                 None => {
-                    let mut e = event(Kind::Service, "registered", key);
+                    let mut e = event(Kind::Service, "registered", *key);
                     e.to = Some(health_name(*health).into());
                     out.push(e);
                 }
-                Some(before) if before != health => {
-                    let mut e = event(Kind::Health, "changed", key);
-                    e.from = Some(health_name(*before).into());
+                Some(was) if was != health => {
+                    let mut e = event(Kind::Health, "changed", *key);
+                    e.from = Some(health_name(*was).into());
                     e.to = Some(health_name(*health).into());
                     out.push(e);
                 }
                 Some(_) => {}
             }
         }
-        for key in self.instances.keys() {
+        for key in before.keys() {
             if !now.contains_key(key) {
-                out.push(event(Kind::Service, "deregistered", key));
+                out.push(event(Kind::Service, "deregistered", *key));
             }
         }
-        self.instances = now;
+        self.instances = Some((catalog.clone(), snapshot.clone()));
     }
 
     /// Documents applied or deleted, and refusals.
@@ -200,5 +223,109 @@ pub async fn run(
         for event in out {
             events.publish(event);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gossamer_membership::catalog::{Health, NodeEntry, ServiceInstance};
+    use gossamer_membership::{MemberView, NodeId};
+
+    use super::*;
+
+    fn instance(id: &str, health: Health) -> ServiceInstance {
+        ServiceInstance {
+            id: id.into(),
+            name: "web".into(),
+            address: "127.0.0.1".into(),
+            port: 8080,
+            tags: Vec::new(),
+            version: String::new(),
+            weight: 100,
+            hash_policy: String::new(),
+            health,
+            protocol: Default::default(),
+        }
+    }
+
+    fn catalog(version: u64, services: Vec<ServiceInstance>) -> Arc<Catalog> {
+        let mut c = Catalog::new();
+        c.merge(NodeEntry {
+            node: "b".into(),
+            version,
+            services,
+        });
+        Arc::new(c)
+    }
+
+    fn members(b: MemberState) -> Arc<Snapshot> {
+        let id = |name| NodeId::new(name, "127.0.0.1:7946".parse().unwrap(), 1).unwrap();
+        let mut s = Snapshot::empty(id("a"));
+        s.members = Arc::new(vec![MemberView {
+            id: id("b"),
+            incarnation: 0,
+            state: b,
+        }]);
+        Arc::new(s)
+    }
+
+    fn seen(events: &[Event]) -> Vec<(String, String, Option<String>)> {
+        let name = |e: &Event| {
+            serde_json::to_value(e).unwrap()["type"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        events
+            .iter()
+            .map(|e| (name(e), e.instance.clone().unwrap(), e.to.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn instances_are_compared_with_the_last_catalog_and_membership() {
+        let mut s = Seen::default();
+        let mut out = Vec::new();
+        let alive = members(MemberState::Alive);
+        let first = catalog(
+            1,
+            vec![
+                instance("w1", Health::Passing),
+                instance("w2", Health::Passing),
+            ],
+        );
+        s.instances(&first, &alive, &mut out);
+        assert_eq!(out.len(), 2, "the first view registers everything");
+        out.clear();
+        s.instances(&first, &alive, &mut out);
+        assert!(out.is_empty(), "no change, no event: {out:?}");
+
+        let second = catalog(
+            2,
+            vec![
+                instance("w1", Health::Critical),
+                instance("w3", Health::Passing),
+            ],
+        );
+        s.instances(&second, &alive, &mut out);
+        assert_eq!(
+            seen(&out),
+            [
+                ("health".into(), "w1".into(), Some("critical".into())),
+                ("service".into(), "w3".into(), Some("passing".into())),
+                ("service".into(), "w2".into(), None),
+            ]
+        );
+        assert_eq!(out[2].action, "deregistered");
+        out.clear();
+
+        s.instances(&second, &members(MemberState::Down), &mut out);
+        assert_eq!(
+            seen(&out),
+            [
+                ("health".into(), "w1".into(), Some("unavailable".into())),
+                ("health".into(), "w3".into(), Some("unavailable".into())),
+            ]
+        );
     }
 }
