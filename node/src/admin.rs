@@ -18,6 +18,7 @@ use crate::config::AdminToken;
 use crate::listener::{self, Limits, ListenerMetrics};
 use crate::members::Snapshot;
 use crate::metrics::Metrics;
+use crate::observe::access::Logged;
 use crate::proxy::routes::HashPolicy;
 use gossamer_transport::Transport;
 use gossamer_transport::pki::Hosts;
@@ -101,6 +102,14 @@ pub async fn serve(
                 .map(Either::Left)
         }
     };
+    let handler = listener::handler(move |req, peer| {
+        let response = handler(req, peer);
+        async move {
+            response
+                .await
+                .map(|body| Logged::plain(body.boxed_unsync()))
+        }
+    });
     listener::serve(listener, "admin", limits, metrics, tasks, handler).await;
 }
 

@@ -5,11 +5,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::BodyExt;
 
 use crate::config::AdminToken;
+use crate::proxy::body;
 
 /// Why the agent could not be asked.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +46,7 @@ pub async fn call(
         addr: admin,
         reason,
     };
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let client = body::http_client();
     let mut req = Request::builder()
         .method(method)
         .uri(format!("http://{admin}{path}"));
@@ -58,7 +57,7 @@ pub async fn call(
         req = req.header(http::header::AUTHORIZATION, token.header());
     }
     let req = req
-        .body(Full::new(body.unwrap_or_default().into()))
+        .body(body::full(body.unwrap_or_default()))
         .map_err(|e| unreachable(e.to_string()))?;
     let response = tokio::time::timeout(Duration::from_secs(10), client.request(req))
         .await
@@ -103,13 +102,13 @@ pub async fn stream_lines_after_head(
         addr: admin,
         reason,
     };
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let client = body::http_client();
     let mut req = Request::builder().uri(format!("http://{admin}{path}"));
     if let Some(token) = token {
         req = req.header(http::header::AUTHORIZATION, token.header());
     }
     let req = req
-        .body(Full::new(Bytes::new()))
+        .body(body::empty())
         .map_err(|e| unreachable(e.to_string()))?;
     let response = tokio::time::timeout(Duration::from_secs(10), client.request(req))
         .await

@@ -22,10 +22,8 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -37,6 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
+use crate::observe::access::Logged;
 use crate::tasks::Tasks;
 
 /// How long a connection asked to close gracefully may take to finish.
@@ -285,7 +284,7 @@ impl Drop for OpenRequest {
 #[derive(Debug)]
 pub struct Tracked<B> {
     inner: B,
-    _open: OpenRequest,
+    _open: Option<OpenRequest>,
 }
 
 impl<B: Body + Unpin> Body for Tracked<B> {
@@ -380,22 +379,106 @@ impl Drop for Slot {
 
 /// Serves HTTP/1.1 and h2c (with upgrades) on `listener` until `tasks`
 /// drain (connections run on `tasks` too), calling `handler` for every request with the client's address.
-pub async fn serve<H, F, B>(
+pub async fn serve(
     listener: TcpListener,
     name: &'static str,
     limits: Limits,
     metrics: ListenerMetrics,
     tasks: Tasks,
-    handler: H,
-) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<B>> + Send + 'static,
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+    handler: Handler,
+) {
     let mut acceptor = Acceptor::new(name, limits, metrics, tasks);
     while let Some((stream, peer, slot)) = acceptor.accept(&listener).await {
         acceptor.serve_http(stream, peer, slot, handler.clone());
+    }
+}
+
+/// A client's byte stream: a TCP socket or a TLS session over one.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Stream for S {}
+
+/// What a listener answers a request with.
+pub type Reply = Pin<Box<dyn Future<Output = Response<Logged>> + Send>>;
+
+/// A listener's request handler, shared by its connections.
+///
+/// Every listener in the binary (the proxy, the upstream listeners, the
+/// gateways, the admin API, the demo's services) serves through this one
+/// type, a boxed stream and one response body, so hyper's HTTP/1.1 and
+/// HTTP/2 server code exists once in the binary rather than once per
+/// listener and stream type.
+pub type Handler = Arc<dyn Fn(Request<Incoming>, SocketAddr) -> Reply + Send + Sync>;
+
+/// `f` as a [`Handler`].
+pub fn handler<F, R>(f: F) -> Handler
+where
+    F: Fn(Request<Incoming>, SocketAddr) -> R + Send + Sync + 'static,
+    R: Future<Output = Response<Logged>> + Send + 'static,
+{
+    // Boxed: the request path's future is several kilobytes, and HTTP/2
+    // spawns a task per stream that would copy it whole at every move.
+    Arc::new(move |req, peer| Box::pin(f(req, peer)))
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on one connection until it ends, without a
+/// listener's limits (the demo's services).
+pub async fn serve_connection(stream: impl Stream + 'static, peer: SocketAddr, handler: Handler) {
+    let state = Arc::new(ConnState::new());
+    let io: Box<dyn Stream> = Box::new(Watched {
+        stream,
+        state: state.clone(),
+    });
+    let service = Service {
+        handler,
+        peer,
+        state,
+    };
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
+    {
+        debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// The hyper service of every listener: calls the handler and marks the
+/// request open until its response body is dropped.
+#[derive(Clone)]
+struct Service {
+    handler: Handler,
+    peer: SocketAddr,
+    state: Arc<ConnState>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for Service {
+    type Response = Response<Tracked<Logged>>;
+    type Error = Infallible;
+    type Future = Answer;
+
+    fn call(&self, req: Request<Incoming>) -> Answer {
+        let open = OpenRequest::new(self.state.clone());
+        Answer {
+            response: (self.handler)(req, self.peer),
+            open: Some(open),
+        }
+    }
+}
+
+/// A response on its way, holding its request open.
+struct Answer {
+    response: Reply,
+    open: Option<OpenRequest>,
+}
+
+impl Future for Answer {
+    type Output = Result<Response<Tracked<Logged>>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let response = std::task::ready!(self.response.as_mut().poll(cx));
+        let open = self.open.take();
+        Poll::Ready(Ok(response.map(|inner| Tracked { inner, _open: open })))
     }
 }
 
@@ -493,33 +576,26 @@ impl Acceptor {
     /// Serves HTTP/1.1 and HTTP/2 (with upgrades) on one accepted
     /// connection (plain TCP or a TLS session), on the agent's tasks, with
     /// the listener's timeouts.
-    pub fn serve_http<S, H, F, B>(&self, stream: S, peer: SocketAddr, slot: Slot, handler: H)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
-        F: Future<Output = Response<B>> + Send + 'static,
-        B: Body<Data = Bytes> + Send + Unpin + 'static,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+    pub fn serve_http(
+        &self,
+        stream: impl Stream + 'static,
+        peer: SocketAddr,
+        slot: Slot,
+        handler: Handler,
+    ) {
         let name = self.name;
         let limits = self.limits;
         let state = Arc::new(ConnState::new());
-        let io = TokioIo::new(Watched {
+        let io: Box<dyn Stream> = Box::new(Watched {
             stream,
             state: state.clone(),
         });
-        let conn_state = state.clone();
-        let service = service_fn(move |req| {
-            let open = OpenRequest::new(conn_state.clone());
-            // Boxed: the request path's future is several kilobytes, and
-            // HTTP/2 spawns a task per stream that would copy it whole at
-            // every move.
-            let response = Box::pin(handler(req, peer));
-            async move {
-                let response = response.await;
-                Ok::<_, Infallible>(response.map(|inner| Tracked { inner, _open: open }))
-            }
-        });
+        let io = TokioIo::new(io);
+        let service = Service {
+            handler,
+            peer,
+            state: state.clone(),
+        };
         let builder = self.builder.clone();
         let metrics = self.metrics.clone();
         let conn_tasks = self.tasks.clone();

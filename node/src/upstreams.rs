@@ -363,9 +363,10 @@ async fn run(
             }
             Some(_) => {
                 let (proxy, service) = (proxy.clone(), service.clone());
-                acceptor.serve_http(stream, peer, slot, move |req, peer| {
+                let handler = crate::listener::handler(move |req, peer| {
                     crate::proxy::outbound::handle_for(proxy.clone(), req, peer, service.clone())
                 });
+                acceptor.serve_http(stream, peer, slot, handler);
             }
             None => {
                 // Nothing to reach (and no way to know the protocol): the

@@ -7,14 +7,11 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use gossamer_membership::catalog::Health;
-use http_body_util::Empty;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::proxy::body::{self, HttpClient};
 use crate::tasks::Tasks;
 use tracing::{debug, info};
 
@@ -32,7 +29,7 @@ pub fn spawn(
     cancel: CancellationToken,
 ) {
     let checks = async move {
-        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+        let client = body::http_client();
         let mut health = Health::Critical;
         let mut first = true;
         let (mut passes, mut fails) = (0u32, 0u32);
@@ -87,7 +84,7 @@ pub fn spawn(
 }
 
 async fn probe(
-    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    client: &HttpClient,
     address: &str,
     port: u16,
     kind: &CheckKind,
@@ -106,7 +103,7 @@ async fn probe(
             let uri = format!("http://{host}:{port}{path}");
             let req = http::Request::get(&uri)
                 .header(http::header::USER_AGENT, "gossamer-health-check")
-                .body(Empty::new())
+                .body(body::empty())
                 .map_err(|e| e.to_string())?;
             let response = client.request(req).await.map_err(|e| e.to_string())?;
             let status = response.status();

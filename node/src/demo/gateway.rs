@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 
 use super::run::{DemoError, Http, apply_document, wait_for};
+use crate::proxy::body;
 
 /// The demo's ingress document: shop.local/api goes to web, 20 requests a
 /// second per client.
@@ -39,7 +40,7 @@ pub(super) struct Seen {
 async fn get(http: &Http, gateway: SocketAddr, path: &str) -> Result<(u16, Bytes), String> {
     let req = Request::get(format!("http://{gateway}{path}"))
         .header(http::header::HOST, "shop.local")
-        .body(Empty::new())
+        .body(body::empty())
         .map_err(|e| e.to_string())?;
     let resp = tokio::time::timeout(Duration::from_secs(10), http.request(req))
         .await

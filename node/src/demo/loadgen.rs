@@ -5,12 +5,11 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::BodyExt;
 use serde::Serialize;
+
+use crate::proxy::body;
 
 /// Options of `gossamer loadgen`.
 #[derive(Debug, Clone)]
@@ -44,7 +43,7 @@ pub struct LoadReport {
 
 /// Runs until the duration is over (or forever) and returns the totals.
 pub async fn run(options: LoadOptions) -> LoadReport {
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let client = body::http_client();
     let mut total = LoadReport::default();
     let mut second = LoadReport::default();
     let start = Instant::now();
@@ -64,7 +63,7 @@ pub async fn run(options: LoadOptions) -> LoadReport {
         let req = Request::get(format!("http://{}/", options.proxy))
             .header(http::header::HOST, &options.service)
             .header("x-hash-key", key)
-            .body(Empty::new())
+            .body(body::empty())
             .expect("valid request");
         let outcome = tokio::time::timeout(Duration::from_secs(10), client.request(req)).await;
         second.sent += 1;

@@ -6,12 +6,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{Method, Request};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::BodyExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -20,6 +16,7 @@ use crate::agent::{self, Sockets};
 use crate::catalog::registry::ServiceSpec;
 use crate::client;
 use crate::config::{AgentConfig, LogFormat, TlsSource};
+use crate::proxy::body::{self, HttpClient};
 use gossamer_transport::pki;
 
 /// Options of `gossamer demo`.
@@ -51,7 +48,7 @@ pub(super) struct Node {
     service_task: JoinHandle<()>,
 }
 
-pub(super) type Http = Client<HttpConnector, Empty<Bytes>>;
+pub(super) type Http = HttpClient;
 
 pub(super) async fn served_by(
     client: &Http,
@@ -61,7 +58,7 @@ pub(super) async fn served_by(
     let req = Request::get(format!("http://{proxy}/"))
         .header(http::header::HOST, "web")
         .header("x-hash-key", key)
-        .body(Empty::new())
+        .body(body::empty())
         .map_err(|e| e.to_string())?;
     let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
         .await
@@ -287,7 +284,7 @@ pub async fn run(
         "all 3 agents list 3 members alive and 3 passing instances",
     );
 
-    let http: Http = Client::builder(TokioExecutor::new()).build_http();
+    let http: Http = body::http_client();
     let keys: Vec<String> = (0..options.keys).map(|i| format!("user-{i}")).collect();
     let t = step(
         3,

@@ -29,11 +29,11 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+use crate::observe::access::Logged;
 use crate::proxy::body::{self, BoxError, ProxyBody};
 
 #[derive(Debug, Default)]
@@ -80,23 +80,27 @@ pub async fn serve_until(
         health: AtomicU16::new(200),
         ..State::default()
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let handler = crate::listener::handler(move |req, _peer| {
+        let answer = handle(state.clone(), req);
+        async move {
+            let Ok(response) = answer.await;
+            response.map(Logged::plain)
+        }
+    });
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop.changed() => return,
         };
-        let Ok((stream, _)) = accepted else {
+        let Ok((stream, peer)) = accepted else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let builder = builder.clone();
+        let handler = handler.clone();
         let mut stop = stop.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(state.clone(), req));
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            let conn = crate::listener::serve_connection(stream, peer, handler);
             tokio::select! {
                 _ = conn => {}
                 _ = stop.changed() => {}

@@ -222,9 +222,12 @@ async fn accept_loop(
     side: Side,
     handshake_timeout: Duration,
 ) {
+    let handler = crate::listener::handler(move |req, peer| {
+        let response = handle(gateway.clone(), req, peer, side);
+        async move { response.await.map(access::Logged::plain) }
+    });
     while let Some((stream, peer, slot)) = acceptor.accept(&socket).await {
-        let gateway = gateway.clone();
-        let handler = move |req, peer| handle(gateway.clone(), req, peer, side);
+        let handler = handler.clone();
         match &tls {
             None => acceptor.serve_http(stream, peer, slot, handler),
             Some(tls) => {

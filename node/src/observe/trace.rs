@@ -24,13 +24,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
-use http_body_util::Full;
 use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::access::Record;
+use crate::proxy::body::{self, HttpsClient};
 
 /// Spans waiting for the exporter at most.
 /// W3C Trace Context headers.
@@ -495,7 +495,7 @@ async fn export(
         .https_or_http()
         .enable_http1()
         .build();
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+    let client: HttpsClient = Client::builder(TokioExecutor::new()).build(connector);
     let mut batch = Vec::with_capacity(BATCH);
     let mut warned = false;
     loop {
@@ -529,7 +529,7 @@ async fn export(
             }
             let request = http::Request::post(uri.clone())
                 .header(http::header::CONTENT_TYPE, "application/x-protobuf")
-                .body(Full::new(body.clone()))
+                .body(body::full(body.clone()))
                 .expect("valid request");
             match tokio::time::timeout(EXPORT_TIMEOUT, client.request(request)).await {
                 Ok(Ok(response)) if response.status().is_success() => {

@@ -10,6 +10,9 @@ use gossamer_transport::{RecvStream, SendStream};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::{Body, Frame as HttpFrame, Incoming, SizeHint};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 
@@ -19,6 +22,18 @@ use super::wire::{self, CHUNK, Frame, FrameDecoder};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type the proxy hands to hyper, both ways.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The HTTP client over plain TCP: B's HTTP/2 upstreams, health checks,
+/// the CLI and the demo all use this one type, so hyper's client code
+/// exists once in the binary for it.
+pub type HttpClient = Client<HttpConnector, ProxyBody>;
+/// The HTTP client over TLS (external services, trace export).
+pub type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
+
+/// An [`HttpClient`] with hyper's defaults.
+pub fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
 
 /// A body that is empty.
 pub fn empty() -> ProxyBody {

@@ -45,7 +45,7 @@ use crate::documents::route::RouteSpec;
 use crate::members::Snapshot;
 use crate::tasks::Tasks;
 
-type H2Client = Client<HttpConnector, ProxyBody>;
+type H2Client = super::body::HttpClient;
 
 /// Shared state of the data plane. Cheap to clone through `Arc`.
 #[derive(Debug)]

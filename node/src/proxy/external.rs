@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::{CertificateDer, ServerName};
 use tracing::warn;
 
-use super::body::ProxyBody;
+use super::body::{HttpsClient, ProxyBody};
 use super::error::AttemptError;
 use super::hop;
 use crate::documents::Documents;
@@ -30,8 +30,6 @@ use crate::documents::external::{Endpoint, ExternalSpec, parse_roots};
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle pooled connections to an external API are closed after this.
 const POOL_IDLE: Duration = Duration::from_secs(60);
-
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>;
 
 /// One endpoint of an external service, with the client that calls it.
 #[derive(Debug)]

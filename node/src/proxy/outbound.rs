@@ -43,7 +43,7 @@ pub async fn serve(
     metrics: ListenerMetrics,
     tasks: crate::tasks::Tasks,
 ) {
-    let handler = move |req, peer| handle(proxy.clone(), req, peer);
+    let handler = listener::handler(move |req, peer| handle(proxy.clone(), req, peer));
     listener::serve(listener, "proxy", limits, metrics, tasks, handler).await;
 }
 
