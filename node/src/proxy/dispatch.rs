@@ -363,7 +363,7 @@ impl Proxy {
         let total: usize = route
             .keys
             .iter()
-            .map(|k| inflight.get(k).copied().unwrap_or(0))
+            .map(|k| inflight.get(&**k).copied().unwrap_or(0))
             .sum();
         let cap = ((total + 1) as f64 / usable as f64 * (1.0 + epsilon)).ceil() as usize;
         table

@@ -72,7 +72,7 @@ impl Outliers {
     pub fn failure(
         &self,
         key: &str,
-        instances: &[String],
+        instances: &[impl AsRef<str>],
         policy: &EjectionPolicy,
         now: Instant,
     ) -> Verdict {
@@ -81,7 +81,7 @@ impl Outliers {
             .iter()
             .filter(|k| {
                 state
-                    .get(*k)
+                    .get(k.as_ref())
                     .and_then(|s| s.ejected_until)
                     .is_some_and(|u| u > now)
             })

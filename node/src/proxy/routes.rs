@@ -104,11 +104,11 @@ pub struct ServiceRoute {
     /// Instances sorted by (node, id).
     pub backends: Vec<Backend>,
     /// Keys of all backends, for ejection caps.
-    pub keys: Vec<String>,
+    pub keys: Vec<Arc<str>>,
     /// Whether an instance registered `protocol = "tcp"`: then the service
     /// is reached through upstream listeners, not the HTTP proxy.
     pub tcp: bool,
-    signature: Vec<(String, u32)>,
+    signature: Vec<(Arc<str>, u32)>,
     hashed: Arc<Hashed>,
 }
 
@@ -125,9 +125,14 @@ struct Hashed {
 }
 
 impl Hashed {
-    fn new(signature: &[(String, u32)]) -> Self {
+    fn new(signature: &[(Arc<str>, u32)]) -> Self {
         Self {
-            scorer: Scorer::new(signature),
+            scorer: Scorer::new(
+                &signature
+                    .iter()
+                    .map(|(k, w)| (&**k, *w))
+                    .collect::<Vec<_>>(),
+            ),
             table: OnceLock::new(),
             building: AtomicBool::new(false),
         }
@@ -213,10 +218,9 @@ impl ServiceRoute {
         backends: Vec<Backend>,
         previous: Option<&ServiceRoute>,
     ) -> Self {
-        let signature: Vec<(String, u32)> = backends
-            .iter()
-            .map(|b| (b.key.to_string(), b.weight))
-            .collect();
+        // The backends' own keys, shared: a route holds each key once.
+        let signature: Vec<(Arc<str>, u32)> =
+            backends.iter().map(|b| (b.key.clone(), b.weight)).collect();
         let hashed = match previous {
             Some(old) if old.signature == signature => old.hashed.clone(),
             Some(old) => {
@@ -228,7 +232,7 @@ impl ServiceRoute {
             }
             None => Arc::new(Hashed::new(&signature)),
         };
-        let keys = backends.iter().map(|b| b.key.to_string()).collect();
+        let keys = backends.iter().map(|b| b.key.clone()).collect();
         let tcp = backends.iter().any(|b| b.protocol == Protocol::Tcp);
         Self {
             name,
