@@ -37,7 +37,7 @@ struct Seen {
     members: HashMap<String, (MemberState, u64)>,
     revoked: BTreeSet<String>,
     /// The catalog and membership last compared.
-    instances: Option<(Arc<Catalog>, Arc<Snapshot>)>,
+    last_view: Option<(Arc<Catalog>, Arc<Snapshot>)>,
     documents: HashMap<(String, String), (u64, bool)>,
     refusals: BTreeSet<(u64, String, String, u64)>,
 }
@@ -101,7 +101,7 @@ impl Seen {
         out: &mut Vec<Event>,
     ) {
         let now = effective(catalog, snapshot);
-        let before = match &self.instances {
+        let before = match &self.last_view {
             Some((c, m)) => effective(c, m),
             None => BTreeMap::new(),
         };
@@ -133,7 +133,7 @@ impl Seen {
                 out.push(event(Kind::Service, "deregistered", *key));
             }
         }
-        self.instances = Some((catalog.clone(), snapshot.clone()));
+        self.last_view = Some((catalog.clone(), snapshot.clone()));
     }
 
     /// Documents applied or deleted, and refusals.
