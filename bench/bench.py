@@ -275,7 +275,9 @@ http {{
                                    "--data-dir", str(self.dir / f"data-a{sub}"),
                                    "--config", str(self.dir / f"ga{sub}.toml")] + common,
                        ports["aa"])
-        deadline = time.time() + 60
+        # Longer under valgrind (bench/layout.py).
+        slow = getattr(self.args, "startup_seconds", 60)
+        deadline = time.time() + slow
         while time.time() < deadline:
             try:
                 body = http_get(ports["aa"], "/v1/catalog").split(b"\r\n\r\n", 1)[1]
@@ -299,7 +301,7 @@ http {{
             doc = self.dir / "ingress.toml"
             doc.write_text('[[ingress]]\nname = "bench"\n[[ingress.route]]\nhosts = ["*"]\nservice = "bench"\n')
             run([g, "config", "apply", str(doc), *self.operator(), "--admin", f"127.0.0.1:{ports['aa']}"])
-            deadline = time.time() + 30
+            deadline = time.time() + slow / 2
             while time.time() < deadline:
                 out = subprocess.run(["curl", "-sk", f"https://127.0.0.1:{ports['ga']}/1k"], capture_output=True).stdout
                 if out == b"x" * 1024:

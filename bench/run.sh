@@ -31,5 +31,8 @@ if ! python3 -c 'import matplotlib' 2>/dev/null; then
 fi
 echo "building gossamer (release)"
 (cd "$root" && cargo build --release --locked -p gossamer-node)
+# The code layout the release build links in (node/build.rs) names
+# functions by their hashed symbols; say so when it no longer fits.
+python3 "$here/layout.py" --gossamer "$root/target/release/gossamer" --check || true
 exec python3 "$here/bench.py" --gossamer "$root/target/release/gossamer" --oha "$tools/bin/oha" \
     --out "$root/docs/bench" --tcp --gateway --h2c "$@"
