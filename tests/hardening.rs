@@ -395,11 +395,7 @@ fn loops_and_self_registration_are_refused() -> Result<()> {
             ..Default::default()
         },
     )?;
-    for (what, port) in [
-        ("admin", agent.admin.port()),
-        ("proxy", agent.proxy.port()),
-        ("quic", agent.quic.port()),
-    ] {
+    for (what, port) in [("admin", agent.admin.port()), ("proxy", agent.proxy.port())] {
         for address in ["127.0.0.1", "localhost", "0.0.0.0"] {
             let (status, text) = agent.register(
                 "self-1",
@@ -411,6 +407,20 @@ fn loops_and_self_registration_are_refused() -> Result<()> {
             );
         }
     }
+
+    // The QUIC listener is UDP: a TCP service may have its port number.
+    let (status, text) = agent.register(
+        "beside-quic-1",
+        &format!(
+            r#"{{"name": "beside-quic", "port": {}}}"#,
+            agent.quic.port()
+        ),
+    )?;
+    ensure!(
+        status == 200,
+        "a TCP service on the QUIC port's number: {status} {text}"
+    );
+    agent.deregister("beside-quic-1")?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let relay = relay(agent.proxy, stop.clone())?;

@@ -196,12 +196,9 @@ pub async fn run(
     let advertise = config
         .advertise
         .unwrap_or_else(|| advertise_for(bound, &config.seeds));
-    let listeners = AgentListeners(vec![
-        ("admin API", admin_addr),
-        ("proxy", proxy_addr),
-        ("QUIC", bound),
-        ("QUIC", advertise),
-    ]);
+    // The QUIC listener is not among them: it is UDP, and services are
+    // reached over TCP, so a service may use the same port number.
+    let listeners = AgentListeners(vec![("admin API", admin_addr), ("proxy", proxy_addr)]);
     for (i, spec) in config.services.iter().enumerate() {
         listeners
             .check(spec)
