@@ -159,6 +159,12 @@ def functions(profile):
     return {name: c for (obj, name), c in cost.items() if obj and binary and Path(obj).name == binary}
 
 
+def defined_symbols(binary):
+    """The names the binary defines, as `nm` lists them."""
+    nm = subprocess.run(["nm", "--defined-only", binary], check=True, capture_output=True, text=True).stdout
+    return {line.split()[-1] for line in nm.splitlines() if line.strip()}
+
+
 def check(binary, order):
     """Reports how many of the ordered names the binary defines. The
     order's names carry hashes of the crates' build metadata: a new
@@ -167,8 +173,7 @@ def check(binary, order):
     without failing a build. Returns an error text when under 90 % are
     found."""
     want = [n for n in Path(order).read_text().splitlines() if n]
-    nm = subprocess.run(["nm", "--defined-only", binary], check=True, capture_output=True, text=True).stdout
-    defined = {line.split()[-1] for line in nm.splitlines() if line.strip()}
+    defined = defined_symbols(binary)
     found = sum(1 for n in want if n in defined)
     print(f"layout: {found:,} of the {len(want):,} ordered functions are in {binary}")
     if found < 0.9 * len(want):
@@ -222,8 +227,7 @@ def main():
         sorted(b.dir.glob("callgrind.agent-[ab].out")),
         sorted(b.dir.glob("callgrind.agent-[ab]-observe.out*")),
     ]
-    nm = subprocess.run(["nm", "--defined-only", gossamer], check=True, capture_output=True, text=True).stdout
-    defined = {line.split()[-1] for line in nm.splitlines() if line.strip()}
+    defined = defined_symbols(gossamer)
     order, placed = [], set()
     for profiles in tiers:
         total = {}

@@ -1,10 +1,10 @@
 //! Release builds of the `gossamer` binary lay out the code an agent runs
 //! together, in the order `layout/symbol-order.txt` gives: the functions a
 //! profiled pair of agents ran (`bench/layout.py`), hottest first. Fewer of
-//! the binary's pages are then mapped into each agent, and the request
-//! path's code shares fewer cache lines and TLB entries with code that never
-//! runs. It only orders code: a name missing from the binary is skipped, and
-//! every function not named follows in the linker's own order.
+//! the binary's pages are then mapped into each agent (docs/benchmarks.md,
+//! "The code an agent runs, laid out together"). It only orders code: a
+//! name missing from the binary is skipped, and every function not named
+//! follows in the linker's own order.
 //!
 //! The order is a flag of lld, which Rust uses to link
 //! `x86_64-unknown-linux-gnu` since 1.90; a build that picks another linker
