@@ -17,8 +17,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -173,12 +173,10 @@ impl ListenerMetrics {
     }
 }
 
-/// Milliseconds on a process-wide monotonic clock (0 is never returned, so
-/// 0 can mean "unset").
+/// Milliseconds on a monotonic clock, to a kernel tick (never 0, so 0 can
+/// mean "unset"): read twice a request, for timeouts of seconds.
 fn now_ms() -> u64 {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    let base = *BASE.get_or_init(|| Instant::now() - Duration::from_millis(1));
-    base.elapsed().as_millis() as u64
+    gossamer_transport::clock::coarse_ms()
 }
 
 /// What the watchdog knows about one connection.
@@ -194,13 +192,23 @@ struct ConnState {
     seen: AtomicBool,
     /// HTTP/2 has no "partial head" to time out; only idleness counts.
     h2: AtomicBool,
-    /// Wakes the watchdog when a head starts, so its timeout runs from
-    /// then (an idle connection's watchdog sleeps until its idle deadline).
+    /// Wakes the watchdog when a head starts whose deadline comes before
+    /// the watchdog's next look (`armed`): the first head after an idle
+    /// spell, whose watchdog sleeps until the idle deadline.
     head_started: tokio::sync::Notify,
+    /// When the watchdog looks next ([`now_ms`]). While requests come, it
+    /// looks at least once a header timeout, so a head that starts then
+    /// needs no wake-up: its deadline is after the next look, which sleeps
+    /// until it. `u64::MAX` until a watchdog arms it.
+    armed: AtomicU64,
+    /// The header timeout in milliseconds (`u64::MAX`: none).
+    head_timeout_ms: u64,
 }
 
 impl ConnState {
-    fn new() -> Self {
+    /// A connection's state; `header_read_timeout` decides when a head that
+    /// starts must wake the watchdog (`None`: no watchdog).
+    fn new(header_read_timeout: Option<Duration>) -> Self {
         Self {
             open: AtomicU32::new(0),
             idle_since: AtomicU64::new(now_ms()),
@@ -208,6 +216,8 @@ impl ConnState {
             seen: AtomicBool::new(false),
             h2: AtomicBool::new(false),
             head_started: tokio::sync::Notify::new(),
+            armed: AtomicU64::new(u64::MAX),
+            head_timeout_ms: header_read_timeout.map_or(u64::MAX, |t| t.as_millis() as u64),
         }
     }
 
@@ -222,9 +232,18 @@ impl ConnState {
             && self.head_since.load(Ordering::Relaxed) == 0
             && !self.h2.load(Ordering::Relaxed)
         {
-            self.head_since.store(now_ms(), Ordering::Relaxed);
-            self.head_started.notify_one();
+            let now = now_ms();
+            self.head_since.store(now, Ordering::Relaxed);
+            if now.saturating_add(self.head_timeout_ms) < self.armed.load(Ordering::Relaxed) {
+                self.head_started.notify_one();
+            }
         }
+    }
+
+    /// Records when the watchdog, about to sleep for `wait`, looks next.
+    fn arm(&self, wait: Duration) {
+        let at = now_ms().saturating_add(wait.as_millis() as u64);
+        self.armed.store(at, Ordering::Relaxed);
     }
 
     /// The next instant worth looking at, and what is wrong now if anything.
@@ -240,7 +259,9 @@ impl ConnState {
             };
         }
         if self.open.load(Ordering::Relaxed) > 0 {
-            return (None, limits.idle_timeout);
+            // Looking again within a header timeout lets the heads of the
+            // requests that follow start without waking the watchdog.
+            return (None, limits.idle_timeout.min(limits.header_read_timeout));
         }
         let deadline =
             self.idle_since.load(Ordering::Relaxed) + limits.idle_timeout.as_millis() as u64;
@@ -424,7 +445,7 @@ where
 /// Serves HTTP/1.1 and HTTP/2 on one connection until it ends, without a
 /// listener's limits (the demo's services).
 pub async fn serve_connection(stream: impl Stream + 'static, peer: SocketAddr, handler: Handler) {
-    let state = Arc::new(ConnState::new());
+    let state = Arc::new(ConnState::new(None));
     let io: Box<dyn Stream> = Box::new(Watched {
         stream,
         state: state.clone(),
@@ -585,7 +606,7 @@ impl Acceptor {
     ) {
         let name = self.name;
         let limits = self.limits;
-        let state = Arc::new(ConnState::new());
+        let state = Arc::new(ConnState::new(Some(limits.header_read_timeout)));
         let io: Box<dyn Stream> = Box::new(Watched {
             stream,
             state: state.clone(),
@@ -643,6 +664,8 @@ impl Acceptor {
                     closing = Some(Instant::now());
                     continue;
                 }
+                let wait = wait.max(Duration::from_millis(5));
+                state.arm(wait);
                 tokio::select! {
                     result = conn.as_mut() => {
                         if let Err(e) = result {
@@ -650,7 +673,7 @@ impl Acceptor {
                         }
                         break;
                     }
-                    () = tokio::time::sleep(wait.max(Duration::from_millis(5))) => {}
+                    () = tokio::time::sleep(wait) => {}
                     () = state.head_started.notified() => {}
                     () = tasks.draining(), if !stopping => stopping = true,
                 }
@@ -673,11 +696,12 @@ mod tests {
 
     #[test]
     fn partial_head_times_out_and_requests_reset_it() {
-        let s = Arc::new(ConnState::new());
+        let s = Arc::new(ConnState::new(Some(limits().header_read_timeout)));
         assert_eq!(s.check(&limits()).0, None);
         s.on_read(b"GET / HT");
         assert_eq!(s.check(&limits()).0, None, "not yet");
-        std::thread::sleep(Duration::from_millis(30));
+        // The clock is a kernel tick's (up to 10 ms): sleep past that too.
+        std::thread::sleep(Duration::from_millis(45));
         assert_eq!(s.check(&limits()).0, Some(Closing::HeaderTimeout));
         let open = OpenRequest::new(s.clone());
         assert_eq!(s.check(&limits()).0, None, "a request is open");
@@ -690,13 +714,46 @@ mod tests {
         drop(open);
         assert_eq!(s.open.load(Ordering::Relaxed), 0);
         assert_eq!(s.check(&limits()).0, None, "idle only just now");
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(70));
         assert_eq!(s.check(&limits()).0, Some(Closing::Idle));
+    }
+
+    #[tokio::test]
+    async fn a_head_wakes_the_watchdog_only_when_it_would_look_too_late() {
+        let l = limits();
+        let woken = |s: &Arc<ConnState>| {
+            let s = s.clone();
+            async move {
+                tokio::time::timeout(Duration::from_millis(20), s.head_started.notified())
+                    .await
+                    .is_ok()
+            }
+        };
+        let s = Arc::new(ConnState::new(Some(l.header_read_timeout)));
+        // Idle: the watchdog sleeps until the idle deadline, which comes
+        // after the head's.
+        s.arm(l.idle_timeout * 10);
+        s.on_read(b"GET / HTTP/1.1\r\n");
+        assert!(woken(&s).await, "the first head after an idle spell");
+        // While a request is open the watchdog looks again within a header
+        // timeout, so the next head needs no wake-up.
+        let open = OpenRequest::new(s.clone());
+        let (verdict, wait) = s.check(&l);
+        assert_eq!(verdict, None);
+        assert!(wait <= l.header_read_timeout, "{wait:?}");
+        s.arm(wait);
+        drop(open);
+        s.on_read(b"GET / HTTP/1.1\r\n");
+        assert!(
+            !woken(&s).await,
+            "a head while the watchdog looks soon anyway"
+        );
+        assert_ne!(s.head_since.load(Ordering::Relaxed), 0, "the head is timed");
     }
 
     #[test]
     fn h2_connections_only_time_out_when_idle() {
-        let s = Arc::new(ConnState::new());
+        let s = Arc::new(ConnState::new(Some(limits().header_read_timeout)));
         s.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
         s.on_read(b"settings");
         assert_eq!(s.head_since.load(Ordering::Relaxed), 0);

@@ -9,6 +9,8 @@
 //! attributed to ([`Inbound`]), so a peer cannot speak for another.
 //!
 //! # Layout
+//! - [`clock`]: a cheap clock, to a few milliseconds, for per-request
+//!   bookkeeping.
 //! - [`pki`]: the mesh CA, node certificates, and loading a [`MeshIdentity`].
 //! - [`revocation`]: CRLs from the mesh CA and the revoked serials in force.
 //! - [`sign`]: signatures by operator certificates (configuration documents).
@@ -18,6 +20,7 @@
 //! - [`frame`]: size-capped length-prefixed frames on streams.
 //! - [`stats`]: counters for metrics.
 
+pub mod clock;
 pub mod endpoint;
 pub mod frame;
 pub mod pki;

@@ -15,11 +15,17 @@ use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::clock::coarse_ms;
+
 /// Use of one connection, shared by the cache and the streams on it.
 #[derive(Debug)]
 pub(crate) struct Activity {
     epoch: Instant,
-    /// Milliseconds since `epoch` of the last datagram or stream event.
+    /// `epoch` on [`coarse_ms`]'s clock.
+    epoch_ms: u64,
+    /// Milliseconds since `epoch` of the last datagram or stream event, to
+    /// a kernel tick: it is read on every stream, and only idleness of
+    /// seconds depends on it.
     last: AtomicU64,
     /// Streams open now.
     streams: AtomicUsize,
@@ -29,8 +35,10 @@ pub(crate) struct Activity {
 
 impl Activity {
     pub(crate) fn new(epoch: Instant, bidi_limit: u32) -> Arc<Self> {
+        let since = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         let this = Arc::new(Self {
             epoch,
+            epoch_ms: coarse_ms().saturating_sub(since),
             last: AtomicU64::new(0),
             streams: AtomicUsize::new(0),
             bidi_limit: AtomicU32::new(bidi_limit),
@@ -40,7 +48,7 @@ impl Activity {
     }
 
     pub(crate) fn touch(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let ms = coarse_ms().saturating_sub(self.epoch_ms);
         self.last.fetch_max(ms, Ordering::Relaxed);
     }
 

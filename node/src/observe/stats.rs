@@ -247,12 +247,19 @@ impl Stats {
         Some(all.entry(service.to_owned()).or_default().clone())
     }
 
-    /// Counts one answered request to `service`.
-    pub fn record(&self, direction: Direction, service: &str, latency: Duration, failed: bool) {
+    /// Counts one request to `service`, answered `at`.
+    pub fn record(
+        &self,
+        direction: Direction,
+        service: &str,
+        latency: Duration,
+        failed: bool,
+        at: Instant,
+    ) {
         let Some(series) = self.series(service) else {
             return;
         };
-        let epoch = self.epoch(Instant::now());
+        let epoch = self.epoch(at);
         let mut s = series.lock().expect("stats lock");
         match direction {
             Direction::Outbound => s.outbound.record(epoch, latency, failed),
@@ -260,8 +267,8 @@ impl Stats {
         }
     }
 
-    /// Counts one answered request under `service`'s route document, by
-    /// the rule that matched and the arm taken.
+    /// Counts one request under `service`'s route document, by the rule
+    /// that matched and the arm taken, answered `at`.
     pub fn record_route(
         &self,
         service: &str,
@@ -269,11 +276,12 @@ impl Stats {
         arm: &str,
         latency: Duration,
         failed: bool,
+        at: Instant,
     ) {
         let Some(series) = self.series(service) else {
             return;
         };
-        let epoch = self.epoch(Instant::now());
+        let epoch = self.epoch(at);
         let mut s = series.lock().expect("stats lock");
         let found = s.routes.iter().position(|(r, a, _)| r == rule && a == arm);
         let index = match found {
@@ -548,8 +556,14 @@ mod tests {
             } else {
                 Duration::from_millis(50)
             };
-            stats.record(Direction::Outbound, "web", latency, i % 10 == 0);
-            stats.record_route("web", "0", "v2", latency, i % 10 == 0);
+            stats.record(
+                Direction::Outbound,
+                "web",
+                latency,
+                i % 10 == 0,
+                Instant::now(),
+            );
+            stats.record_route("web", "0", "v2", latency, i % 10 == 0, Instant::now());
         }
         let (rows, secs) = stats.window(Duration::from_secs(10));
         assert!(secs > 0.0);
@@ -571,10 +585,22 @@ mod tests {
         let a = Stats::default();
         let b = Stats::default();
         for _ in 0..90 {
-            a.record(Direction::Inbound, "db", Duration::from_millis(1), false);
+            a.record(
+                Direction::Inbound,
+                "db",
+                Duration::from_millis(1),
+                false,
+                Instant::now(),
+            );
         }
         for _ in 0..10 {
-            b.record(Direction::Inbound, "db", Duration::from_millis(100), true);
+            b.record(
+                Direction::Inbound,
+                "db",
+                Duration::from_millis(100),
+                true,
+                Instant::now(),
+            );
         }
         let mut rows = a.window(Duration::from_secs(10)).0;
         merge(&mut rows, b.window(Duration::from_secs(10)).0);

@@ -322,6 +322,9 @@ impl Proxy {
 
     fn budget(&self, service: &str) -> Arc<RetryBudget> {
         let mut b = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(budget) = b.get(service) {
+            return budget.clone();
+        }
         b.entry(service.to_owned())
             .or_insert_with(|| Arc::new(RetryBudget::new(self.config.retry_budget, 10)))
             .clone()
@@ -349,8 +352,18 @@ impl Proxy {
     /// backend in hash order that is not in `exclude` (and, in bounded-load
     /// mode, not over its share of in-flight requests).
     pub fn pick(&self, route: &ServiceRoute, hash: u64, exclude: &[usize]) -> Option<usize> {
+        self.pick_at(route, hash, exclude, Instant::now())
+    }
+
+    /// [`Self::pick`] with ejections as they stand at `now`.
+    fn pick_at(
+        &self,
+        route: &ServiceRoute,
+        hash: u64,
+        exclude: &[usize],
+        now: Instant,
+    ) -> Option<usize> {
         let table = route.table();
-        let now = Instant::now();
         let ok = |i: usize| {
             let b = &route.backends[i];
             b.usable && !exclude.contains(&i) && !self.outliers.is_ejected(&b.key, now)
@@ -417,11 +430,13 @@ impl Proxy {
             timeouts.callers_deadline = false;
         }
         let (request_timeout, connect_timeout) = (timeouts.request, timeouts.connect);
-        let deadline = Instant::now() + request_timeout;
+        // One reading of the clock serves the first attempt throughout.
+        let mut now = Instant::now();
+        let deadline = now + request_timeout;
         let retry = overrides.retries;
         let attempts = retry.map_or(self.config.max_retries + 1, |r| r.attempts) as usize;
         let budget = self.budget(service);
-        budget.request();
+        budget.request(now);
         // The client side of an upgrade goes to the first attempt; a retry
         // would be a plain request, so upgrades are never retried.
         let upgrade = on_upgrade.is_some();
@@ -429,12 +444,15 @@ impl Proxy {
         let mut made = 0usize;
         let mut last_error = None;
         loop {
-            let mut picked = self.pick(route, hash, &tried);
+            if made > 0 {
+                now = Instant::now();
+            }
+            let mut picked = self.pick_at(route, hash, &tried, now);
             // A route's retries may go back to an instance already tried
             // once every usable one has been.
             if picked.is_none() && retry.is_some() && !tried.is_empty() {
                 tried.clear();
-                picked = self.pick(route, hash, &tried);
+                picked = self.pick_at(route, hash, &tried, now);
             }
             let Some(index) = picked else {
                 self.count(service, "none", "5xx");
@@ -449,7 +467,7 @@ impl Proxy {
             tried.push(index);
             made += 1;
             let backend = &route.backends[index];
-            let started = Instant::now();
+            let started = now;
             let left = deadline.saturating_duration_since(started);
             let per_try = retry.and_then(|r| r.per_try_timeout).filter(|t| *t < left);
             let in_flight = self.begin(&backend.key);

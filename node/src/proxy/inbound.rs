@@ -104,11 +104,13 @@ impl Signals {
     fn answered(&mut self, status: u16) {
         if self.status.is_none() {
             self.status = Some(status);
+            let now = std::time::Instant::now();
             self.proxy.stats().record(
                 crate::observe::stats::Direction::Inbound,
                 &self.service,
-                self.started.elapsed(),
+                now.saturating_duration_since(self.started),
                 status >= 500,
+                now,
             );
         }
     }

@@ -239,11 +239,13 @@ fn count_signals(proxy: &Proxy, service: &str, response: &Response<ProxyBody>, s
     if unknown {
         return;
     }
-    let (latency, failed) = (started.elapsed(), response.status().is_server_error());
+    let now = Instant::now();
+    let latency = now.saturating_duration_since(started);
+    let failed = response.status().is_server_error();
     let stats = proxy.stats();
-    stats.record(Direction::Outbound, service, latency, failed);
+    stats.record(Direction::Outbound, service, latency, failed, now);
     if let Some(choice) = response.extensions().get::<access::RouteChoice>() {
-        stats.record_route(service, &choice.rule, &choice.arm, latency, failed);
+        stats.record_route(service, &choice.rule, &choice.arm, latency, failed, now);
     }
 }
 

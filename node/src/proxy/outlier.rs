@@ -129,23 +129,23 @@ impl RetryBudget {
         }
     }
 
-    fn roll(w: &mut (Instant, u64, u64)) {
-        if w.0.elapsed() >= WINDOW {
-            *w = (Instant::now(), 0, 0);
+    fn roll(w: &mut (Instant, u64, u64), now: Instant) {
+        if now.saturating_duration_since(w.0) >= WINDOW {
+            *w = (now, 0, 0);
         }
     }
 
-    /// Counts a request.
-    pub fn request(&self) {
+    /// Counts a request made `now`.
+    pub fn request(&self, now: Instant) {
         let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        Self::roll(&mut w);
+        Self::roll(&mut w, now);
         w.1 += 1;
     }
 
     /// Takes one retry from the budget if there is one.
     pub fn try_retry(&self) -> bool {
         let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        Self::roll(&mut w);
+        Self::roll(&mut w, Instant::now());
         let allowed = ((w.1 as f64 * self.ratio) as u64).max(self.min_per_window);
         if w.2 < allowed {
             w.2 += 1;
@@ -209,7 +209,7 @@ mod tests {
         assert!(b.try_retry());
         assert!(!b.try_retry());
         for _ in 0..100 {
-            b.request();
+            b.request(Instant::now());
         }
         let granted = (0..100).filter(|_| b.try_retry()).count();
         assert_eq!(granted, 18, "20 allowed, 2 already used");
