@@ -382,10 +382,15 @@ fn relay(to: SocketAddr, stop: Arc<AtomicBool>) -> Result<SocketAddr> {
 fn loops_and_self_registration_are_refused() -> Result<()> {
     let pki = Pki::new()?;
     let config = pki.dir.path().join("agent.toml");
+    let [gateway, upstream] = support::free_ports::<2>()?;
     // Short idle timeouts, so the connections each hop pooled are reaped.
     std::fs::write(
         &config,
-        "[limits]\nidle_timeout = \"2s\"\n[proxy]\nupstream_idle_timeout = \"1s\"\n",
+        format!(
+            "[limits]\nidle_timeout = \"2s\"\n[proxy]\nupstream_idle_timeout = \"1s\"\n\
+             [[upstream]]\nservice = \"db\"\nlisten = \"127.0.0.1:{upstream}\"\n\
+             [[ingress.listener]]\nlisten = \"127.0.0.1:{gateway}\"\n"
+        ),
     )?;
     let agent = Agent::start(
         &pki,
@@ -395,7 +400,12 @@ fn loops_and_self_registration_are_refused() -> Result<()> {
             ..Default::default()
         },
     )?;
-    for (what, port) in [("admin", agent.admin.port()), ("proxy", agent.proxy.port())] {
+    for (what, port) in [
+        ("admin", agent.admin.port()),
+        ("proxy", agent.proxy.port()),
+        ("gateway", gateway),
+        ("upstream", upstream),
+    ] {
         for address in ["127.0.0.1", "localhost", "0.0.0.0"] {
             let (status, text) = agent.register(
                 "self-1",

@@ -389,6 +389,20 @@ async fn route(
     }
 }
 
+/// The agent's listeners a registration may not point at, the upstream
+/// listeners running now included.
+fn own_listeners(state: &AdminState) -> AgentListeners {
+    let mut own = state.listeners.clone();
+    own.0.extend(
+        state
+            .upstreams
+            .list()
+            .into_iter()
+            .map(|(u, _)| ("upstream", u.listen)),
+    );
+    own
+}
+
 async fn register(state: &AdminState, id: &str, body: &[u8]) -> Response<Body> {
     let value: serde_json::Value = match serde_json::from_slice(body) {
         Ok(v) => v,
@@ -396,7 +410,7 @@ async fn register(state: &AdminState, id: &str, body: &[u8]) -> Response<Body> {
     };
     let spec = match ServiceSpec::from_json(Some(id), &value)
         .and_then(|s| HashPolicy::parse(&s.hash_policy).map(|_| s))
-        .and_then(|s| state.listeners.check(&s).map(|()| s))
+        .and_then(|s| own_listeners(state).check(&s).map(|()| s))
     {
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),

@@ -198,9 +198,23 @@ pub async fn run(
         .unwrap_or_else(|| advertise_for(bound, &config.seeds));
     // The QUIC listener is not among them: it is UDP, and services are
     // reached over TCP, so a service may use the same port number.
-    let listeners = AgentListeners(vec![("admin API", admin_addr), ("proxy", proxy_addr)]);
+    let mut own = vec![("admin API", admin_addr), ("proxy", proxy_addr)];
+    own.extend(
+        sockets
+            .ingress
+            .addresses()
+            .into_iter()
+            .map(|a| ("gateway", a)),
+    );
+    let listeners = AgentListeners(own);
+    // Upstream listeners too: a service at one would have each connection
+    // to it proxied back to it. The admin API checks the live ones.
+    let mut at_start = listeners.clone();
+    at_start
+        .0
+        .extend(config.upstreams.iter().map(|u| ("upstream", u.listen)));
     for (i, spec) in config.services.iter().enumerate() {
-        listeners
+        at_start
             .check(spec)
             .map_err(|e| StartError::Service(format!("service[{i}].{}: {}", e.field, e.problem)))?;
     }

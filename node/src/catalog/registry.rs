@@ -269,7 +269,8 @@ impl ServiceSpec {
 
 /// The agent's own listeners, which no registration may point at: a
 /// service at the admin port would expose the admin API to the whole mesh,
-/// and one at the proxy port would send every request round in a loop.
+/// and one at the proxy, a gateway or an upstream listener would send
+/// every request or connection round in a loop.
 #[derive(Debug, Clone, Default)]
 pub struct AgentListeners(pub Vec<(&'static str, SocketAddr)>);
 
