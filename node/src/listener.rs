@@ -203,6 +203,10 @@ struct ConnState {
     armed: AtomicU64,
     /// The header timeout in milliseconds (`u64::MAX`: none).
     head_timeout_ms: u64,
+    /// How many times the connection's task has polled hyper's connection
+    /// ([`Counted`]): an HTTP/2 connection's writes wait for the next poll
+    /// ([`Watched`]).
+    polls: AtomicU64,
 }
 
 impl ConnState {
@@ -218,6 +222,7 @@ impl ConnState {
             head_started: tokio::sync::Notify::new(),
             armed: AtomicU64::new(u64::MAX),
             head_timeout_ms: header_read_timeout.map_or(u64::MAX, |t| t.as_millis() as u64),
+            polls: AtomicU64::new(0),
         }
     }
 
@@ -329,11 +334,120 @@ impl<B: Body + Unpin> Body for Tracked<B> {
 }
 
 /// The client's socket (or TLS session), telling the watchdog when bytes
-/// arrive.
+/// arrive, and holding an HTTP/2 connection's writes until the next poll of
+/// its task.
+///
+/// Why hold them: h2 writes a DATA frame of 256 bytes or more from the
+/// body's own buffer and must flush it before it queues the next frame, and
+/// a response's HEADERS are often flushed before its body has arrived. So
+/// without this each response cost the client's connection one to three
+/// writes, and each write on loopback is the sender's and the receiver's
+/// TCP work. Held, everything the connection's streams answered in one turn
+/// of the runtime goes out in one write: the first flush with bytes held
+/// wakes the task again instead of writing, and the flush of that later
+/// poll (h2 flushes on every poll) writes them. HTTP/1.1 writes through: it
+/// writes a whole response at once.
 #[derive(Debug)]
 struct Watched<S> {
     stream: S,
     state: Arc<ConnState>,
+    /// HTTP/2 bytes accepted but not yet written.
+    held: Vec<u8>,
+    /// The poll ([`ConnState::polls`]) in which `held` was last found
+    /// waiting: they are written at the first flush of a later poll.
+    held_since: Option<u64>,
+}
+
+/// Most bytes an HTTP/2 connection holds; a write that would pass it goes
+/// out at once, with what is held before it.
+const HOLD_MAX: usize = 64 * 1024;
+
+/// Writes this large go out at once (with what is held before them): a
+/// bulk body's frames, which gain nothing from waiting and would cost a
+/// copy.
+const WRITE_THROUGH: usize = 4 * 1024;
+
+impl<S> Watched<S> {
+    fn new(stream: S, state: Arc<ConnState>) -> Self {
+        Self {
+            stream,
+            state,
+            held: Vec::new(),
+            held_since: None,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Watched<S> {
+    /// Whether writes are held: on HTTP/2 connections.
+    fn holds(&self) -> bool {
+        self.state.h2.load(Ordering::Relaxed)
+    }
+
+    /// Writes out what is held.
+    fn poll_release(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let mut done = 0;
+        let result = loop {
+            if done == self.held.len() {
+                break Poll::Ready(Ok(()));
+            }
+            match Pin::new(&mut self.stream).poll_write(cx, &self.held[done..]) {
+                Poll::Ready(Ok(0)) => break Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => done += n,
+                Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                Poll::Pending => break Poll::Pending,
+            }
+        };
+        self.held.drain(..done);
+        if self.held.is_empty() {
+            self.held_since = None;
+            // An idle connection keeps no large buffer.
+            if self.held.capacity() > 16 * 1024 {
+                self.held = Vec::new();
+            }
+        }
+        result
+    }
+
+    /// Holds `bufs` when they are small and fit; else writes them, after
+    /// what is held, in one write.
+    fn poll_hold(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        if len < WRITE_THROUGH && self.held.len() + len <= HOLD_MAX {
+            self.held.reserve(len);
+            for b in bufs {
+                self.held.extend_from_slice(b);
+            }
+            return Poll::Ready(Ok(len));
+        }
+        loop {
+            if self.held.is_empty() {
+                return Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+            }
+            let mut slices = [std::io::IoSlice::new(&[]); 4];
+            slices[0] = std::io::IoSlice::new(&self.held);
+            let n = bufs.len().min(3);
+            slices[1..=n].copy_from_slice(&bufs[..n]);
+            let written = std::task::ready!(
+                Pin::new(&mut self.stream).poll_write_vectored(cx, &slices[..=n])
+            )?;
+            if written == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            let held = self.held.len();
+            self.held.drain(..written.min(held));
+            if self.held.is_empty() {
+                self.held_since = None;
+            }
+            if written > held {
+                return Poll::Ready(Ok(written - held));
+            }
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
@@ -359,6 +473,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if self.holds() {
+            return self.poll_hold(cx, &[std::io::IoSlice::new(buf)]);
+        }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -367,6 +484,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        if self.holds() {
+            return self.poll_hold(cx, bufs);
+        }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
@@ -375,11 +495,40 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if !self.held.is_empty() {
+            let poll = self.state.polls.load(Ordering::Relaxed);
+            match self.held_since {
+                // Held since an earlier poll: the streams had their turn.
+                Some(since) if since != poll => std::task::ready!(self.poll_release(cx))?,
+                Some(_) => return Poll::Ready(Ok(())),
+                None => {
+                    self.held_since = Some(poll);
+                    cx.waker().wake_by_ref();
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_release(cx))?;
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Polls a connection, counting its polls in [`ConnState::polls`].
+struct Counted<'a, F> {
+    conn: Pin<&'a mut F>,
+    state: &'a ConnState,
+}
+
+impl<F: Future> Future for Counted<'_, F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.state.polls.fetch_add(1, Ordering::Relaxed);
+        self.conn.as_mut().poll(cx)
     }
 }
 
@@ -446,19 +595,20 @@ where
 /// listener's limits (the demo's services).
 pub async fn serve_connection(stream: impl Stream + 'static, peer: SocketAddr, handler: Handler) {
     let state = Arc::new(ConnState::new(None));
-    let io: Box<dyn Stream> = Box::new(Watched {
-        stream,
-        state: state.clone(),
-    });
+    let io: Box<dyn Stream> = Box::new(Watched::new(stream, state.clone()));
     let service = Service {
         handler,
         peer,
-        state,
+        state: state.clone(),
     };
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .await
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    if let Err(e) = (Counted {
+        conn,
+        state: &state,
+    })
+    .await
     {
         debug!(%peer, error = %e, "connection ended with an error");
     }
@@ -607,10 +757,7 @@ impl Acceptor {
         let name = self.name;
         let limits = self.limits;
         let state = Arc::new(ConnState::new(Some(limits.header_read_timeout)));
-        let io: Box<dyn Stream> = Box::new(Watched {
-            stream,
-            state: state.clone(),
-        });
+        let io: Box<dyn Stream> = Box::new(Watched::new(stream, state.clone()));
         let io = TokioIo::new(io);
         let service = Service {
             handler,
@@ -667,7 +814,7 @@ impl Acceptor {
                 let wait = wait.max(Duration::from_millis(5));
                 state.arm(wait);
                 tokio::select! {
-                    result = conn.as_mut() => {
+                    result = Counted { conn: conn.as_mut(), state: &state } => {
                         if let Err(e) = result {
                             debug!(listener = name, %peer, error = %e, "connection ended with an error");
                         }
@@ -758,5 +905,170 @@ mod tests {
         s.on_read(b"settings");
         assert_eq!(s.head_since.load(Ordering::Relaxed), 0);
         assert_eq!(s.check(&limits()).0, None);
+    }
+}
+
+#[cfg(test)]
+mod held_writes {
+    use super::*;
+    use std::io::IoSlice;
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    /// Each write a [`Recorder`] was given.
+    type Writes = Arc<Mutex<Vec<Vec<u8>>>>;
+
+    /// A socket that records each write it is given.
+    #[derive(Default)]
+    struct Recorder {
+        writes: Writes,
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.writes.lock().unwrap().push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn watched(h2: bool) -> (Watched<Recorder>, Writes, Arc<ConnState>) {
+        let state = Arc::new(ConnState::new(None));
+        state.h2.store(h2, Ordering::Relaxed);
+        let recorder = Recorder::default();
+        let writes = recorder.writes.clone();
+        (Watched::new(recorder, state.clone()), writes, state)
+    }
+
+    #[test]
+    fn an_h2_connections_writes_in_one_poll_go_out_together_at_the_next() {
+        let (mut w, writes, state) = watched(true);
+        let wakes = Arc::new(Wakes::default());
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut w = Pin::new(&mut w);
+        let vectored = [IoSlice::new(b"head"), IoSlice::new(b"er")];
+        assert!(matches!(
+            w.as_mut().poll_write_vectored(&mut cx, &vectored),
+            Poll::Ready(Ok(6))
+        ));
+        assert!(matches!(
+            w.as_mut().poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert!(matches!(
+            w.as_mut().poll_write(&mut cx, b"+body"),
+            Poll::Ready(Ok(5))
+        ));
+        assert!(matches!(
+            w.as_mut().poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert!(
+            writes.lock().unwrap().is_empty(),
+            "nothing is written in the poll that wrote"
+        );
+        assert_eq!(
+            wakes.0.load(Ordering::Relaxed),
+            1,
+            "the task is woken once to write them"
+        );
+        state.polls.fetch_add(1, Ordering::Relaxed);
+        assert!(matches!(
+            w.as_mut().poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(*writes.lock().unwrap(), vec![b"header+body".to_vec()]);
+        // Nothing held: a flush writes nothing and wakes nobody.
+        assert!(matches!(
+            w.as_mut().poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(writes.lock().unwrap().len(), 1);
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+        // Held bytes are written before the connection shuts down.
+        assert!(matches!(
+            w.as_mut().poll_write(&mut cx, b"goaway"),
+            Poll::Ready(Ok(6))
+        ));
+        assert!(matches!(
+            w.as_mut().poll_shutdown(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(writes.lock().unwrap().last().unwrap(), b"goaway");
+    }
+
+    #[test]
+    fn large_writes_and_writes_past_the_cap_go_out_at_once_after_what_is_held() {
+        let (mut w, writes, _) = watched(true);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut w = Pin::new(&mut w);
+        assert!(matches!(
+            w.as_mut().poll_write(&mut cx, b"small"),
+            Poll::Ready(Ok(5))
+        ));
+        // The recorder writes one slice at a time, as a TLS session does:
+        // what is held goes first, then the large write itself.
+        let big = vec![7u8; WRITE_THROUGH];
+        assert!(
+            matches!(w.as_mut().poll_write(&mut cx, &big), Poll::Ready(Ok(n)) if n == big.len())
+        );
+        assert_eq!(
+            *writes.lock().unwrap(),
+            vec![b"small".to_vec(), big.clone()]
+        );
+        // Small writes up to the cap are held; the one past it goes out.
+        let small = vec![1u8; WRITE_THROUGH - 1];
+        let mut accepted = 0;
+        while accepted + small.len() <= HOLD_MAX {
+            assert!(matches!(
+                w.as_mut().poll_write(&mut cx, &small),
+                Poll::Ready(Ok(_))
+            ));
+            accepted += small.len();
+        }
+        assert_eq!(writes.lock().unwrap().len(), 2);
+        assert!(matches!(
+            w.as_mut().poll_write(&mut cx, &small),
+            Poll::Ready(Ok(_))
+        ));
+        let writes = writes.lock().unwrap();
+        assert_eq!(writes.len(), 4);
+        assert_eq!(writes[2].len(), accepted);
+        assert_eq!(writes[3], small);
+        assert!(w.held.is_empty());
+    }
+
+    #[test]
+    fn http1_writes_go_straight_through() {
+        let (mut w, writes, _) = watched(false);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut w = Pin::new(&mut w);
+        assert!(matches!(
+            w.as_mut().poll_write(&mut cx, b"HTTP/1.1 200 OK\r\n"),
+            Poll::Ready(Ok(17))
+        ));
+        assert_eq!(writes.lock().unwrap().len(), 1);
     }
 }
