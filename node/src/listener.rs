@@ -588,7 +588,7 @@ where
 {
     // Boxed: the request path's future is several kilobytes, and HTTP/2
     // spawns a task per stream that would copy it whole at every move.
-    Arc::new(move |req, peer| Box::pin(f(req, peer)))
+    Arc::new(move |req, peer| crate::tasks::boxed(|| f(req, peer)))
 }
 
 /// Serves HTTP/1.1 and HTTP/2 on one connection until it ends, without a

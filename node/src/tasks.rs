@@ -13,6 +13,16 @@ use std::time::Duration;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
 
+/// The future `build` returns, boxed where it is built: the box is
+/// allocated first and the future written into it, so a request's future of
+/// several kilobytes is not built on the stack and then copied whole into
+/// its box (`Box::pin(f())` copied it: 1.3 % of agent A's CPU on the h2c
+/// path).
+#[inline(always)]
+pub fn boxed<F: Future>(build: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), build()))
+}
+
 /// The agent's task tracker and its two stop signals. Cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct Tasks {

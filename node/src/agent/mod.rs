@@ -591,10 +591,10 @@ async fn dispatch_streams(
                     tokio::time::timeout(STREAM_KIND_TIMEOUT, recv.read_exact(&mut kind)).await;
                 match (read, kind[0]) {
                     (Ok(Ok(())), crate::proxy::wire::STREAM_PROXY) => {
-                        Box::pin(crate::proxy::inbound::serve(from, send, recv, proxy)).await;
+                        crate::tasks::boxed(|| crate::proxy::inbound::serve(from, send, recv, proxy)).await;
                     }
                     (Ok(Ok(())), crate::proxy::tcp::STREAM_TCP) => {
-                        Box::pin(crate::proxy::tcp::serve_stream(from, send, recv, proxy)).await;
+                        crate::tasks::boxed(|| crate::proxy::tcp::serve_stream(from, send, recv, proxy)).await;
                     }
                     (Ok(Ok(())), mesh::sync::STREAM_MEMBERS) => {
                         Box::pin(mesh::sync::serve(from, send, recv, inbox.sync)).await;
