@@ -223,8 +223,14 @@ async fn accept_loop(
     handshake_timeout: Duration,
 ) {
     let handler = crate::listener::handler(move |req, peer| {
-        let response = handle(gateway.clone(), req, peer, side);
-        async move { response.await.map(access::Logged::plain) }
+        // The request's future is built inside this one: built outside and
+        // moved in, it was held twice (13 KB a request instead of 6.6).
+        let gateway = gateway.clone();
+        async move {
+            handle(gateway, req, peer, side)
+                .await
+                .map(access::Logged::plain)
+        }
     });
     while let Some((stream, peer, slot)) = acceptor.accept(&socket).await {
         let handler = handler.clone();
