@@ -398,7 +398,13 @@ impl<S: AsyncWrite + Unpin> Watched<S> {
                 Poll::Pending => break Poll::Pending,
             }
         };
-        self.held.drain(..done);
+        self.written(done);
+        result
+    }
+
+    /// Drops the first `n` held bytes, which the socket took.
+    fn written(&mut self, n: usize) {
+        self.held.drain(..n);
         if self.held.is_empty() {
             self.held_since = None;
             // An idle connection keeps no large buffer.
@@ -406,7 +412,6 @@ impl<S: AsyncWrite + Unpin> Watched<S> {
                 self.held = Vec::new();
             }
         }
-        result
     }
 
     /// Holds `bufs` when they are small and fit; else writes them, after
@@ -439,10 +444,7 @@ impl<S: AsyncWrite + Unpin> Watched<S> {
                 return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
             let held = self.held.len();
-            self.held.drain(..written.min(held));
-            if self.held.is_empty() {
-                self.held_since = None;
-            }
+            self.written(written.min(held));
             if written > held {
                 return Poll::Ready(Ok(written - held));
             }

@@ -582,9 +582,9 @@ async fn dispatch_streams(
         let proxy = proxy.clone();
         let inbox = inbox.clone();
         let documents = documents.clone();
-        // Each kind's future is boxed: the task is spawned per stream, and
-        // the largest of them (a proxied request) would otherwise be copied
-        // whole, for every kind, at every move.
+        // Each kind's future is boxed, and built in its box: the task is
+        // spawned per stream, and the largest of them (a proxied request)
+        // would otherwise be copied whole, for every kind, at every move.
         tasks.spawn(async move {
                 let mut kind = [0u8; 1];
                 let read =
@@ -597,10 +597,10 @@ async fn dispatch_streams(
                         crate::tasks::boxed(|| crate::proxy::tcp::serve_stream(from, send, recv, proxy)).await;
                     }
                     (Ok(Ok(())), mesh::sync::STREAM_MEMBERS) => {
-                        Box::pin(mesh::sync::serve(from, send, recv, inbox.sync)).await;
+                        crate::tasks::boxed(|| mesh::sync::serve(from, send, recv, inbox.sync)).await;
                     }
                     (Ok(Ok(())), crate::catalog::sync::STREAM_CATALOG) => {
-                        Box::pin(crate::catalog::sync::serve(
+                        crate::tasks::boxed(|| crate::catalog::sync::serve(
                             from,
                             send,
                             recv,
@@ -610,10 +610,10 @@ async fn dispatch_streams(
                         .await;
                     }
                     (Ok(Ok(())), crate::observe::stats::STREAM_STATS) => {
-                        Box::pin(crate::observe::stats::serve(from, send, recv, proxy.stats().clone())).await;
+                        crate::tasks::boxed(|| crate::observe::stats::serve(from, send, recv, proxy.stats().clone())).await;
                     }
                     (Ok(Ok(())), crate::documents::sync::STREAM_DOCS) => {
-                        Box::pin(crate::documents::sync::serve(from, send, recv, documents, inbox.doc_lists))
+                        crate::tasks::boxed(|| crate::documents::sync::serve(from, send, recv, documents, inbox.doc_lists))
                             .await;
                     }
                     _ => {
