@@ -22,7 +22,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
+use bytes::BytesMut;
+use http::uri::{Authority, PathAndQuery};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -570,6 +572,59 @@ pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Stream for S {}
 
+/// Gives a request's URI and header values bytes of their own: one copy,
+/// the size of what they hold, into one allocation.
+///
+/// hyper parses a head in place, so its URI and header values are slices
+/// of the connection's read buffer (of an HTTP/2 frame's, likewise). The
+/// proxy keeps a request's head until its response is back (a retry sends
+/// it again), and all that time the whole buffer stays shared: an HTTP/1.1
+/// connection, reading on for the next request, cannot reuse it and takes
+/// a new one of 8 KiB or more for each request. After this copy the
+/// buffer is the connection's alone again.
+fn own_head(uri: &mut Uri, headers: &mut HeaderMap) {
+    let authority = uri.authority().map_or("", Authority::as_str);
+    let path = uri.path_and_query().map_or("", PathAndQuery::as_str);
+    let values: usize = headers.values().map(|v| v.len()).sum();
+    let mut buf = BytesMut::with_capacity(authority.len() + path.len() + values);
+    buf.extend_from_slice(authority.as_bytes());
+    buf.extend_from_slice(path.as_bytes());
+    for v in headers.values() {
+        buf.extend_from_slice(v.as_bytes());
+    }
+    let buf = buf.freeze();
+    let mut at = 0;
+    let mut next = |len: usize| {
+        at += len;
+        buf.slice(at - len..at)
+    };
+    let owned_authority = next(authority.len());
+    let owned_path = next(path.len());
+    for v in headers.values_mut() {
+        let sensitive = v.is_sensitive();
+        let Ok(mut owned) = HeaderValue::from_maybe_shared(next(v.len())) else {
+            continue;
+        };
+        owned.set_sensitive(sensitive);
+        *v = owned;
+    }
+    let mut parts = uri.clone().into_parts();
+    if parts.authority.is_some()
+        && let Ok(a) = Authority::from_maybe_shared(owned_authority)
+    {
+        parts.authority = Some(a);
+    }
+    if parts.path_and_query.is_some()
+        && let Ok(p) = PathAndQuery::from_maybe_shared(owned_path)
+    {
+        parts.path_and_query = Some(p);
+    }
+    // The parts of a valid URI, with the same text, make it again.
+    if let Ok(owned) = Uri::from_parts(parts) {
+        *uri = owned;
+    }
+}
+
 /// What a listener answers a request with.
 pub type Reply = Pin<Box<dyn Future<Output = Response<Logged>> + Send>>;
 
@@ -632,6 +687,9 @@ impl hyper::service::Service<Request<Incoming>> for Service {
 
     fn call(&self, req: Request<Incoming>) -> Answer {
         let open = OpenRequest::new(self.state.clone());
+        let (mut parts, body) = req.into_parts();
+        own_head(&mut parts.uri, &mut parts.headers);
+        let req = Request::from_parts(parts, body);
         Answer {
             response: (self.handler)(req, self.peer),
             open: Some(open),
@@ -907,6 +965,53 @@ mod tests {
         s.on_read(b"settings");
         assert_eq!(s.head_since.load(Ordering::Relaxed), 0);
         assert_eq!(s.check(&limits()).0, None);
+    }
+
+    #[test]
+    fn a_head_keeps_no_part_of_the_read_buffer() {
+        // A head as hyper leaves it: every part a slice of one buffer.
+        let read = {
+            let mut b = BytesMut::with_capacity(8192);
+            b.extend_from_slice(b"example.com:8080/a/b?c=d\"quoted\"secret");
+            b.freeze()
+        };
+        let part = |a: usize, b: usize| read.slice(a..b);
+        let mut uri = Uri::from_parts({
+            let mut p = http::uri::Parts::default();
+            p.scheme = Some(http::uri::Scheme::HTTP);
+            p.authority = Some(Authority::from_maybe_shared(part(0, 16)).unwrap());
+            p.path_and_query = Some(PathAndQuery::from_maybe_shared(part(16, 24)).unwrap());
+            p
+        })
+        .unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "etag",
+            HeaderValue::from_maybe_shared(part(24, 32)).unwrap(),
+        );
+        let mut secret = HeaderValue::from_maybe_shared(part(32, 38)).unwrap();
+        secret.set_sensitive(true);
+        headers.append("authorization", secret);
+        headers.append("etag", HeaderValue::from_static("w"));
+        let mut read = read;
+        assert!(!read.is_unique(), "shared before");
+
+        own_head(&mut uri, &mut headers);
+
+        assert!(read.is_unique(), "no part of the buffer is left shared");
+        read.clear();
+        assert_eq!(uri.to_string(), "http://example.com:8080/a/b?c=d");
+        assert_eq!(uri.query(), Some("c=d"));
+        let etags: Vec<_> = headers.get_all("etag").iter().collect();
+        assert_eq!(etags, ["\"quoted\"", "w"]);
+        assert_eq!(headers["authorization"], "secret");
+        assert!(headers["authorization"].is_sensitive());
+
+        // An origin-form URI, as HTTP/1.1 sends: no authority made up.
+        let mut uri: Uri = "/x?y".parse().unwrap();
+        own_head(&mut uri, &mut HeaderMap::new());
+        assert_eq!(uri, "/x?y");
+        assert!(uri.authority().is_none());
     }
 }
 
