@@ -26,6 +26,7 @@ pub mod frame;
 pub mod pki;
 pub mod revocation;
 pub mod sign;
+pub mod socket;
 pub mod stats;
 pub mod stream;
 pub mod tls;
