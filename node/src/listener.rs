@@ -1012,6 +1012,15 @@ mod tests {
         own_head(&mut uri, &mut HeaderMap::new());
         assert_eq!(uri, "/x?y");
         assert!(uri.authority().is_none());
+
+        // CONNECT's authority-form: no path made up either.
+        let mut uri: Uri = "example.com:443".parse().unwrap();
+        own_head(&mut uri, &mut HeaderMap::new());
+        assert_eq!(
+            uri.authority().map(Authority::as_str),
+            Some("example.com:443")
+        );
+        assert!(uri.path_and_query().is_none());
     }
 }
 
