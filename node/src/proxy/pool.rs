@@ -3,8 +3,15 @@
 //! an idle one that is ready (the most recently used first) or opens a new
 //! one, and the answer's body gives it back when it ends. Nothing runs per
 //! request besides the connection's own task: no pool task waiting for the
-//! connection to be ready again, no URI to format and parse. Connections
-//! idle past `idle_timeout` are closed by a sweep.
+//! connection to be ready again, no URI to format and parse.
+//!
+//! A sweep every second closes connections idle past `idle_timeout`, and
+//! half of those a burst left behind: the ones no request needed since the
+//! last sweep (the fewest idle at any moment of the second), the longest
+//! idle first, while two or more are spare. After a burst of 640
+//! concurrent requests the pool is back to a spare connection or two in
+//! about ten seconds instead of holding every one (and its buffers) for the
+//! whole idle timeout; under steady load the spare ones are kept.
 //!
 //! HTTP/2 instances multiplex every request on one connection and go
 //! through hyper-util's client instead (see `dispatch`).
@@ -25,6 +32,10 @@ use tracing::debug;
 
 use super::body::ProxyBody;
 use crate::tasks::Tasks;
+
+/// How often the pool is swept: expired connections are closed, and half
+/// of each instance's spare ones.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 type Sender = http1::SendRequest<ProxyBody>;
 
@@ -49,7 +60,11 @@ pub(super) struct Pool {
 #[derive(Debug)]
 struct Slot {
     address: Arc<str>,
+    /// The most recently given back last.
     idle: Vec<Idle>,
+    /// The fewest idle connections since the last sweep: that many were
+    /// not needed all that time.
+    spare: usize,
 }
 
 #[derive(Debug)]
@@ -69,7 +84,7 @@ struct Lease {
 
 impl Pool {
     /// Keeps up to `max_idle` idle connections per instance, each for at
-    /// most `idle_timeout`; a task closes expired ones while the pool lives.
+    /// most `idle_timeout`; a task sweeps the pool while it lives.
     pub(super) fn new(idle_timeout: Duration, max_idle: usize, tasks: &Tasks) -> Arc<Self> {
         let pool = Arc::new(Self {
             idle_timeout,
@@ -77,8 +92,11 @@ impl Pool {
             slots: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&pool);
+        let every = SWEEP_EVERY
+            .min(idle_timeout / 2)
+            .max(Duration::from_millis(1));
         tasks.spawn(async move {
-            let mut tick = tokio::time::interval(idle_timeout / 2);
+            let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {
@@ -151,14 +169,17 @@ impl Pool {
             if idle.sender.is_closed() || now.duration_since(idle.since) >= self.idle_timeout {
                 slot.idle.swap_remove(i);
             } else if idle.sender.is_ready() {
+                let sender = slot.idle.swap_remove(i).sender;
+                slot.spare = slot.spare.min(slot.idle.len());
                 return Some(Lease {
                     pool: Arc::downgrade(self),
                     address: slot.address.clone(),
                     port,
-                    sender: slot.idle.swap_remove(i).sender,
+                    sender,
                 });
             }
         }
+        slot.spare = slot.spare.min(slot.idle.len());
         None
     }
 
@@ -189,7 +210,9 @@ impl Pool {
     }
 
     /// Closes connections idle since before `now - idle_timeout`, or
-    /// closed by their instance, and forgets instances with none left.
+    /// closed by their instance, then half of each instance's spare ones
+    /// (rounded down: one spare stays), the longest idle first; forgets
+    /// instances with none left.
     fn sweep(&self, now: Instant) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.retain(|_, list| {
@@ -197,6 +220,14 @@ impl Pool {
                 slot.idle.retain(|idle| {
                     !idle.sender.is_closed() && now.duration_since(idle.since) < self.idle_timeout
                 });
+                let surplus = slot.spare.min(slot.idle.len()) / 2;
+                if surplus > 0 {
+                    // Oldest first: a connection is pushed when given back
+                    // and taken from the end.
+                    slot.idle.sort_unstable_by_key(|idle| idle.since);
+                    slot.idle.drain(..surplus);
+                }
+                slot.spare = slot.idle.len();
                 !slot.idle.is_empty()
             });
             !list.is_empty()
@@ -226,6 +257,7 @@ fn slot<'a>(
             list.push(Slot {
                 address: name(),
                 idle: Vec::new(),
+                spare: 0,
             });
             list.len() - 1
         }
@@ -318,20 +350,28 @@ mod tests {
     /// An HTTP/1.1 instance answering "hello" to every request, keeping
     /// connections open unless `close`; counts the connections it accepts.
     async fn instance(close: bool) -> (u16, Arc<AtomicUsize>) {
-        instance_closing(close, false).await
+        let (port, accepted, _) = instance_closing(close, false).await;
+        (port, accepted)
     }
 
     /// With `hang_up`, it closes each connection right after its first
     /// answer without saying so (as an instance's own idle timeout does).
-    async fn instance_closing(close: bool, hang_up: bool) -> (u16, Arc<AtomicUsize>) {
+    /// Also counts the connections open now.
+    async fn instance_closing(
+        close: bool,
+        hang_up: bool,
+    ) -> (u16, Arc<AtomicUsize>, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
+        let open = Arc::new(AtomicUsize::new(0));
+        let (count, open_now) = (accepted.clone(), open.clone());
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
+                let open = Open::new(&open_now);
                 tokio::spawn(async move {
+                    let _open = open;
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 1024];
                     loop {
@@ -360,7 +400,23 @@ mod tests {
                 });
             }
         });
-        (port, accepted)
+        (port, accepted, open)
+    }
+
+    /// Counts a connection open while alive.
+    struct Open(Arc<AtomicUsize>);
+
+    impl Open {
+        fn new(count: &Arc<AtomicUsize>) -> Self {
+            count.fetch_add(1, Ordering::SeqCst);
+            Self(count.clone())
+        }
+    }
+
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     fn get() -> Request<ProxyBody> {
@@ -457,7 +513,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_closed_while_idle_is_not_used_again() {
         let (_tasks, pool) = pool(8);
-        let (port, accepted) = instance_closing(false, true).await;
+        let (port, accepted, _) = instance_closing(false, true).await;
         for _ in 0..5 {
             assert_eq!(call(&pool, port).await.unwrap(), "hello");
             // Let the hang-up arrive while the connection sits idle.
@@ -490,6 +546,72 @@ mod tests {
         assert_eq!(pool.idle(), 0);
         call(&pool, port).await.unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// `n` requests in flight at once to the instance on `port`, their
+    /// answers then read, so that `n` connections go back to the pool.
+    async fn burst(pool: &Arc<Pool>, port: u16, n: usize) {
+        let mut held = Vec::new();
+        for _ in 0..n {
+            held.push(send(pool, port).await.unwrap());
+        }
+        for response in held {
+            response.into_body().collect().await.unwrap();
+        }
+    }
+
+    /// Polls until the instance has `n` connections open.
+    async fn open_reaches(open: &AtomicUsize, n: usize) {
+        for _ in 0..500 {
+            if open.load(Ordering::SeqCst) == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{} connections open, not {n}", open.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn each_sweep_closes_half_the_connections_a_burst_left_spare() {
+        let (_tasks, pool) = pool(64);
+        let (port, accepted, open) = instance_closing(false, false).await;
+        burst(&pool, port, 16).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 16);
+        let mut kept = Vec::new();
+        for _ in 0..6 {
+            pool.sweep(Instant::now());
+            kept.push(pool.idle());
+        }
+        // All 16 were in use during the first second: none is spare yet.
+        assert_eq!(kept, [16, 8, 4, 2, 1, 1]);
+        open_reaches(&open, 1).await;
+        // The one kept is reused; a second request at once opens one more.
+        call(&pool, port).await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 16);
+        burst(&pool, port, 2).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 17);
+    }
+
+    #[tokio::test]
+    async fn connections_needed_since_the_last_sweep_are_not_spare() {
+        let (_tasks, pool) = pool(64);
+        let (port, accepted, open) = instance_closing(false, false).await;
+        burst(&pool, port, 16).await;
+        pool.sweep(Instant::now());
+        assert_eq!(pool.idle(), 16);
+        // Ten at once: six stayed idle the whole second, three of them go.
+        burst(&pool, port, 10).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 16, "all reused");
+        pool.sweep(Instant::now());
+        assert_eq!(pool.idle(), 13);
+        open_reaches(&open, 13).await;
+        // A steady trickle, one request at a time, keeps one in use.
+        for _ in 0..4 {
+            call(&pool, port).await.unwrap();
+            pool.sweep(Instant::now());
+        }
+        assert_eq!(pool.idle(), 2, "13 - 6 - 3 - 1 - 1: one in use, one spare");
+        assert_eq!(accepted.load(Ordering::SeqCst), 16);
     }
 
     #[tokio::test]
