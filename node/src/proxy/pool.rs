@@ -11,13 +11,16 @@
 //! idle first, while two or more are spare. After a burst of 640
 //! concurrent requests the pool is back to a spare connection or two in
 //! about ten seconds instead of holding every one (and its buffers) for the
-//! whole idle timeout; under steady load the spare ones are kept.
+//! whole idle timeout; under steady load the spare ones are kept. With no
+//! idle connection left the sweep sleeps until one comes back, so an agent
+//! that proxies nothing does not wake for it.
 //!
 //! HTTP/2 instances multiplex every request on one connection and go
 //! through hyper-util's client instead (see `dispatch`).
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -28,6 +31,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tracing::debug;
 
 use super::body::ProxyBody;
@@ -55,6 +59,10 @@ pub(super) struct Pool {
     max_idle: usize,
     /// By port, then address: no key to build for a lookup.
     slots: Mutex<HashMap<u16, Vec<Slot>>>,
+    /// The sweep found nothing idle and waits for `woken`. Read and
+    /// written with `slots` locked.
+    asleep: AtomicBool,
+    woken: Arc<Notify>,
 }
 
 #[derive(Debug)]
@@ -90,8 +98,11 @@ impl Pool {
             idle_timeout,
             max_idle,
             slots: Mutex::new(HashMap::new()),
+            asleep: AtomicBool::new(false),
+            woken: Arc::new(Notify::new()),
         });
         let weak = Arc::downgrade(&pool);
+        let woken = pool.woken.clone();
         let every = SWEEP_EVERY
             .min(idle_timeout / 2)
             .max(Duration::from_millis(1));
@@ -102,7 +113,13 @@ impl Pool {
             loop {
                 tick.tick().await;
                 let Some(pool) = weak.upgrade() else { return };
-                pool.sweep(Instant::now());
+                let idle = pool.sweep(Instant::now());
+                drop(pool);
+                if !idle {
+                    // Until a connection comes back, or the pool is dropped.
+                    woken.notified().await;
+                    tick.reset();
+                }
             }
         });
         pool
@@ -206,14 +223,19 @@ impl Pool {
                 sender: lease.sender,
                 since: Instant::now(),
             });
+            if self.asleep.load(Ordering::Relaxed) {
+                self.asleep.store(false, Ordering::Relaxed);
+                self.woken.notify_one();
+            }
         }
     }
 
     /// Closes connections idle since before `now - idle_timeout`, or
     /// closed by their instance, then half of each instance's spare ones
     /// (rounded down: one spare stays), the longest idle first; forgets
-    /// instances with none left.
-    fn sweep(&self, now: Instant) {
+    /// instances with none left. False when no connection is idle: the
+    /// sweep then sleeps until one is given back.
+    fn sweep(&self, now: Instant) -> bool {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.retain(|_, list| {
             list.retain_mut(|slot| {
@@ -232,6 +254,9 @@ impl Pool {
             });
             !list.is_empty()
         });
+        let idle = !slots.is_empty();
+        self.asleep.store(!idle, Ordering::Relaxed);
+        idle
     }
 
     /// Idle connections held open, all instances together.
@@ -240,6 +265,13 @@ impl Pool {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let open = |s: &Slot| s.idle.iter().filter(|i| !i.sender.is_closed()).count();
         slots.values().flatten().map(open).sum()
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // A sleeping sweep wakes to find the pool gone and ends.
+        self.woken.notify_one();
     }
 }
 
@@ -612,6 +644,26 @@ mod tests {
         }
         assert_eq!(pool.idle(), 2, "13 - 6 - 3 - 1 - 1: one in use, one spare");
         assert_eq!(accepted.load(Ordering::SeqCst), 16);
+    }
+
+    #[tokio::test]
+    async fn the_sweep_sleeps_while_nothing_is_idle_and_wakes_when_a_connection_comes_back() {
+        let tasks = Tasks::new();
+        // Swept every 200 ms.
+        let pool = Pool::new(Duration::from_millis(400), 8, &tasks);
+        let (port, _) = instance(false).await;
+        // Nothing idle at the first sweep: it sleeps.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        call(&pool, port).await.unwrap();
+        assert_eq!(pool.idle(), 1);
+        // Woken by the connection's return, it closes it when it expires.
+        for _ in 0..500 {
+            if pool.idle() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the idle connection outlived its timeout by 5 s");
     }
 
     #[tokio::test]
