@@ -230,11 +230,17 @@ pub const REPLAY_LIMIT: usize = 64 * 1024;
 #[derive(Clone)]
 #[allow(missing_debug_implementations)]
 pub struct Replayable {
-    shared: Arc<Mutex<Replay>>,
-    state: Arc<AtomicU8>,
+    /// One allocation for the kept frames and the state: made for every
+    /// proxied request.
+    shared: Arc<Shared>,
     end_stream: bool,
     /// The whole body's length, when known.
     length: Option<u64>,
+}
+
+struct Shared {
+    replay: Mutex<Replay>,
+    state: AtomicU8,
 }
 
 struct Replay {
@@ -289,24 +295,26 @@ impl Replayable {
             })
             .sum();
         Self {
-            shared: Arc::new(Mutex::new(Replay {
-                read: kept.len(),
-                incoming,
-                kept,
-                kept_bytes,
-                overflow: false,
-                generation: 0,
-                limit: u64::MAX,
-                total: 0,
-            })),
-            state: Arc::new(AtomicU8::new(if complete { COMPLETE } else { READING })),
+            shared: Arc::new(Shared {
+                replay: Mutex::new(Replay {
+                    read: kept.len(),
+                    incoming,
+                    kept,
+                    kept_bytes,
+                    overflow: false,
+                    generation: 0,
+                    limit: u64::MAX,
+                    total: 0,
+                }),
+                state: AtomicU8::new(if complete { COMPLETE } else { READING }),
+            }),
             end_stream,
             length,
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Replay> {
-        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+        self.shared.replay.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Caps the body at `limit` bytes: past it, reading fails and
@@ -320,7 +328,7 @@ impl Replayable {
 
     /// Whether the client sent more than the cap.
     pub fn too_large(&self) -> bool {
-        self.state.load(Ordering::Relaxed) == TOO_LARGE
+        self.shared.state.load(Ordering::Relaxed) == TOO_LARGE
     }
 
     /// Whether another attempt can still send the whole body.
@@ -336,12 +344,12 @@ impl Replayable {
     /// Whether reading the client's body failed (its fault, not the
     /// instance's).
     pub fn client_failed(&self) -> bool {
-        self.state.load(Ordering::Relaxed) == CLIENT_FAILED
+        self.shared.state.load(Ordering::Relaxed) == CLIENT_FAILED
     }
 
     /// Whether the client has sent its whole body.
     pub fn complete(&self) -> bool {
-        self.state.load(Ordering::Relaxed) == COMPLETE
+        self.shared.state.load(Ordering::Relaxed) == COMPLETE
     }
 
     /// A body for one attempt: what earlier attempts read, then the rest
@@ -415,7 +423,7 @@ impl Body for Attempt {
                     if r.total > r.limit {
                         let limit = r.limit;
                         r.incoming = None;
-                        this.body.state.store(TOO_LARGE, Ordering::Relaxed);
+                        this.body.shared.state.store(TOO_LARGE, Ordering::Relaxed);
                         return Poll::Ready(Some(Err(format!(
                             "request body larger than {limit} bytes"
                         )
@@ -441,14 +449,18 @@ impl Body for Attempt {
                 }
                 if end {
                     r.incoming = None;
-                    this.body.state.store(COMPLETE, Ordering::Relaxed);
+                    this.body.shared.state.store(COMPLETE, Ordering::Relaxed);
                 }
             }
             Poll::Ready(None) => {
                 r.incoming = None;
-                this.body.state.store(COMPLETE, Ordering::Relaxed);
+                this.body.shared.state.store(COMPLETE, Ordering::Relaxed);
             }
-            Poll::Ready(Some(Err(_))) => this.body.state.store(CLIENT_FAILED, Ordering::Relaxed),
+            Poll::Ready(Some(Err(_))) => this
+                .body
+                .shared
+                .state
+                .store(CLIENT_FAILED, Ordering::Relaxed),
             Poll::Pending => {}
         }
         polled.map(|f| f.map(|r| r.map_err(Into::into)))

@@ -440,7 +440,8 @@ impl Proxy {
         // The client side of an upgrade goes to the first attempt; a retry
         // would be a plain request, so upgrades are never retried.
         let upgrade = on_upgrade.is_some();
-        let mut tried = Vec::new();
+        // Instances tried, kept inline: a request tries one or a few.
+        let mut tried: smallvec::SmallVec<[usize; 4]> = smallvec::SmallVec::new();
         let mut made = 0usize;
         let mut last_error = None;
         loop {

@@ -260,13 +260,21 @@ pub fn forward_headers(parts: &mut Parts, hops: u32, peer: SocketAddr) {
     {
         parts.headers.insert(http::header::HOST, v);
     }
-    parts
-        .headers
-        .insert(HOPS_HEADER, HeaderValue::from(hops + 1));
+    parts.headers.insert(HOPS_HEADER, hop_value(hops + 1));
     let mut ip = Vec::with_capacity(15);
     access::write_ip(&mut ip, peer.ip());
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(ip)) {
         parts.headers.append(X_FORWARDED_FOR, v);
+    }
+}
+
+/// The hop count's header value; the counts a request can reach are
+/// static, not allocated for each request.
+fn hop_value(hops: u32) -> HeaderValue {
+    const VALUES: [&str; MAX_HOPS as usize + 1] = ["0", "1", "2", "3", "4", "5", "6", "7", "8"];
+    match VALUES.get(hops as usize) {
+        Some(v) => HeaderValue::from_static(v),
+        None => HeaderValue::from(hops),
     }
 }
 
@@ -514,4 +522,16 @@ fn send_mirror(
         let _ = response.into_body().collect().await;
         proxy.mirrors.fetch_sub(1, Ordering::AcqRel);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hop_count_s_static_value_reads_as_the_count() {
+        for n in 0..=MAX_HOPS + 3 {
+            assert_eq!(hop_value(n), HeaderValue::from(n), "{n}");
+        }
+    }
 }

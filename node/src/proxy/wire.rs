@@ -10,7 +10,7 @@
 //! For an HTTP upgrade (WebSocket), once a `101` head has been sent both
 //! directions carry raw bytes.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use gossamer_membership::codec::{self, CodecError};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -469,32 +469,32 @@ impl FrameDecoder {
 
     /// The next complete frame in what was fed, if any.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
-        // The header: type byte and length.
-        if self.buf.len() < 5 {
-            if self.buf.is_empty() && self.input.len() >= 5 {
-                // The usual case: the header is whole in the input.
-                self.buf.extend_from_slice(&self.input[..5]);
-                let _ = self.input.split_to(5);
-            } else {
-                let n = (5 - self.buf.len()).min(self.input.len());
-                self.buf.extend_from_slice(&self.input.split_to(n));
-                if self.buf.len() < 5 {
-                    return Ok(None);
-                }
+        // The usual case: a whole frame in the input, nothing gathered. It
+        // is cut out of the input without touching `buf`, which would
+        // allocate on its first use.
+        if self.buf.is_empty() && self.input.len() >= 5 {
+            let (kind, len) = frame_header(&self.input[..5])?;
+            if self.input.len() - 5 >= len {
+                self.input.advance(5);
+                let payload = if self.input.len() == len {
+                    std::mem::take(&mut self.input)
+                } else {
+                    self.input.split_to(len)
+                };
+                return frame(kind, payload).map(Some);
             }
         }
-        let kind = self.buf[0];
-        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-        let cap = match kind {
-            TYPE_DATA => MAX_FRAME,
-            TYPE_TRAILERS => MAX_HEAD,
-            other => return Err(FrameError::UnknownType(other)),
-        };
-        if len > cap {
-            return Err(FrameError::TooLarge(len));
+        // The header: type byte and length.
+        if self.buf.len() < 5 {
+            let n = (5 - self.buf.len()).min(self.input.len());
+            self.buf.extend_from_slice(&self.input.split_to(n));
+            if self.buf.len() < 5 {
+                return Ok(None);
+            }
         }
+        let (kind, len) = frame_header(&self.buf[..5])?;
         let payload = if self.buf.len() == 5 && self.input.len() >= len {
-            // Whole in this chunk: a slice of it.
+            // The header was split, the payload is whole: a slice of it.
             self.input.split_to(len)
         } else {
             if self.buf.len() == 5 {
@@ -508,11 +508,31 @@ impl FrameDecoder {
             self.buf.split_off(5).freeze()
         };
         self.buf.clear();
-        Ok(Some(match kind {
-            TYPE_DATA => Frame::Data(payload),
-            _ => Frame::Trailers(codec::decode_large(&payload, MAX_HEAD)?),
-        }))
+        frame(kind, payload).map(Some)
     }
+}
+
+/// A body frame's type and length, checked against the type's cap.
+fn frame_header(header: &[u8]) -> Result<(u8, usize), FrameError> {
+    let kind = header[0];
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    let cap = match kind {
+        TYPE_DATA => MAX_FRAME,
+        TYPE_TRAILERS => MAX_HEAD,
+        other => return Err(FrameError::UnknownType(other)),
+    };
+    if len > cap {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok((kind, len))
+}
+
+/// A whole body frame of a type [`frame_header`] accepted.
+fn frame(kind: u8, payload: Bytes) -> Result<Frame, FrameError> {
+    Ok(match kind {
+        TYPE_DATA => Frame::Data(payload),
+        _ => Frame::Trailers(codec::decode_large(&payload, MAX_HEAD)?),
+    })
 }
 
 /// The 5-byte header of a data frame of `len` bytes (sent ahead of the
@@ -595,8 +615,9 @@ mod tests {
             panic!("a data frame");
         };
         assert_eq!(&d[..], b"abcdefgh");
-        // The same memory as the chunk.
+        // The same memory as the chunk, and nothing gathered on the way.
         assert_eq!(d.as_ptr(), chunk[5..].as_ptr());
+        assert_eq!(dec.buf.capacity(), 0, "a whole frame allocates nothing");
         // Cut inside the data: gathered, then handed on whole.
         let mut dec = FrameDecoder::default();
         dec.push(chunk.slice(..9));
