@@ -476,11 +476,7 @@ impl FrameDecoder {
             let (kind, len) = frame_header(&self.input[..5])?;
             if self.input.len() - 5 >= len {
                 self.input.advance(5);
-                let payload = if self.input.len() == len {
-                    std::mem::take(&mut self.input)
-                } else {
-                    self.input.split_to(len)
-                };
+                let payload = self.input.split_to(len);
                 return frame(kind, payload).map(Some);
             }
         }
