@@ -937,7 +937,7 @@ impl Proxy {
             req.headers_mut().insert(http::header::HOST, value);
         }
         self.pool
-            .send(address, port, req, connect_timeout)
+            .send(address, port, req, upgrade, connect_timeout)
             .await
             .map_err(|e| match e {
                 PoolError::Connect(cause) => {

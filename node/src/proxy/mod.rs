@@ -21,6 +21,7 @@
 //! - [`wire`]: the proxy protocol on QUIC streams.
 //! - [`body`]: streaming bodies between HTTP and QUIC.
 //! - `pool`: connections to this node's HTTP/1.1 instances.
+//! - `h1`: HTTP/1.1 on those connections, spoken by the request's task.
 //! - [`outlier`]: ejection and the retry budget.
 //! - [`metrics`]: per service and instance metrics.
 
@@ -30,6 +31,7 @@ pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod external;
+mod h1;
 pub mod hop;
 pub mod inbound;
 pub mod metrics;

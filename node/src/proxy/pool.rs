@@ -1,9 +1,11 @@
 //! Connections to this node's HTTP/1.1 instances, kept open between
 //! requests. A connection carries one request at a time: a request takes
-//! an idle one that is ready (the most recently used first) or opens a new
-//! one, and the answer's body gives it back when it ends. Nothing runs per
-//! request besides the connection's own task: no pool task waiting for the
-//! connection to be ready again, no URI to format and parse.
+//! an idle one that is still open (the most recently used first) or opens
+//! a new one, and the answer's body gives it back when it ends. The
+//! request's own task speaks HTTP/1.1 on it ([`h1`](super::h1)): no task
+//! per connection, no channel between them, no URI to format and parse.
+//! Upgrade requests (WebSocket) go through hyper on a connection of their
+//! own, which the upgrade then keeps.
 //!
 //! A sweep every second closes connections idle past `idle_timeout`, and
 //! half of those a burst left behind: the ones no request needed since the
@@ -34,14 +36,13 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tracing::debug;
 
-use super::body::ProxyBody;
+use super::body::{BoxError, ProxyBody};
+use super::h1::{self, Conn, Outgoing};
 use crate::tasks::Tasks;
 
 /// How often the pool is swept: expired connections are closed, and half
 /// of each instance's spare ones.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-
-type Sender = http1::SendRequest<ProxyBody>;
 
 /// Why a request did not get an answer.
 #[derive(Debug)]
@@ -49,7 +50,7 @@ pub(super) enum PoolError {
     /// No connection: the cause.
     Connect(String),
     /// The request went out (or may have) and no answer came back.
-    Request(hyper::Error),
+    Request(String),
 }
 
 /// Idle HTTP/1.1 connections by instance address.
@@ -77,17 +78,26 @@ struct Slot {
 
 #[derive(Debug)]
 struct Idle {
-    sender: Sender,
+    conn: Conn,
     since: Instant,
 }
 
-/// A connection out of the pool, and where it goes back.
+/// Where a connection out of the pool goes back.
 #[derive(Debug)]
-struct Lease {
+pub(super) struct Lease {
     pool: Weak<Pool>,
     address: Arc<str>,
     port: u16,
-    sender: Sender,
+}
+
+impl Lease {
+    /// Returns `conn`, ready for another request, to the pool (if it is
+    /// still there).
+    pub(super) fn give_back(self, conn: Conn) {
+        if let Some(pool) = self.pool.upgrade() {
+            pool.give_back(self, conn);
+        }
+    }
 }
 
 impl Pool {
@@ -128,29 +138,60 @@ impl Pool {
     /// Sends `req` (origin-form, with its Host) to the instance at
     /// `address`:`port` on an idle connection, or on a new one opened
     /// within `connect_timeout`. The answer's body returns the connection
-    /// to the pool when it ends; an upgrade's answer keeps it.
+    /// to the pool when it ends. An `upgrade` request goes on a connection
+    /// of its own, which a `101` answer hands to the upgrade.
     pub(super) async fn send(
         self: &Arc<Self>,
         address: &str,
         port: u16,
-        mut req: Request<ProxyBody>,
+        req: Request<ProxyBody>,
+        upgrade: bool,
         connect_timeout: Duration,
     ) -> Result<Response<Answer>, PoolError> {
-        while let Some(mut lease) = self.take(address, port) {
-            match lease.sender.try_send_request(req).await {
-                Ok(response) => return Ok(Answer::new(response, Some(lease))),
-                Err(mut e) => match e.take_message() {
-                    // It closed before the request went out: try the next.
-                    Some(back) => req = back,
-                    None => return Err(PoolError::Request(e.into_error())),
-                },
+        if upgrade {
+            return self.send_upgrade(address, port, req, connect_timeout).await;
+        }
+        let (parts, body) = req.into_parts();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let (head, outgoing) = h1::encode_head(&parts.method, path, &parts.headers, &body)
+            .map_err(|e| PoolError::Request(e.to_string()))?;
+        // Sent again on another connection when an idle one turns out to
+        // have been closed by the instance before it answered: only
+        // without a body, and only if sending it twice is harmless.
+        let again = outgoing == Outgoing::Length(0) && parts.method.is_idempotent();
+        let mut body = Some(body);
+        while let Some((conn, lease)) = self.take(address, port) {
+            let sent = body.take().unwrap_or_else(super::body::empty);
+            match h1::exchange(conn, head.clone(), sent, outgoing, &parts.method, lease).await {
+                Ok(response) => return Ok(response.map(Answer::own)),
+                Err(e) if e.closed_unanswered && again => {
+                    debug!(error = %e, "idle upstream connection was closed; sending again");
+                }
+                Err(e) => return Err(PoolError::Request(e.to_string())),
             }
         }
-        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect((address, port)))
+        let conn = Conn::new(connect(address, port, connect_timeout).await?);
+        let lease = Lease {
+            pool: Arc::downgrade(self),
+            address: self.address(address, port),
+            port,
+        };
+        let sent = body.take().unwrap_or_else(super::body::empty);
+        h1::exchange(conn, head, sent, outgoing, &parts.method, lease)
             .await
-            .map_err(|_| PoolError::Connect(format!("no connection within {connect_timeout:?}")))?
-            .map_err(|e| PoolError::Connect(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
+            .map(|response| response.map(Answer::own))
+            .map_err(|e| PoolError::Request(e.to_string()))
+    }
+
+    /// An upgrade request, through hyper on a new connection.
+    async fn send_upgrade(
+        &self,
+        address: &str,
+        port: u16,
+        req: Request<ProxyBody>,
+        connect_timeout: Duration,
+    ) -> Result<Response<Answer>, PoolError> {
+        let stream = connect(address, port, connect_timeout).await?;
         let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| PoolError::Connect(e.to_string()))?;
@@ -159,44 +200,35 @@ impl Pool {
                 debug!(error = %e, "upstream connection ended by an error");
             }
         });
-        let response = sender.send_request(req).await.map_err(PoolError::Request)?;
-        let lease = Lease {
-            pool: Arc::downgrade(self),
-            address: self.address(address, port),
-            port,
-            sender,
-        };
-        Ok(Answer::new(response, Some(lease)))
+        let response = sender
+            .send_request(req)
+            .await
+            .map_err(|e| PoolError::Request(e.to_string()))?;
+        Ok(Answer::unpooled(response))
     }
 
     /// The most recently used idle connection to `address`:`port` that is
-    /// ready for a request. Closed and expired ones are dropped on the
-    /// way; one still finishing its last exchange stays.
-    fn take(self: &Arc<Self>, address: &str, port: u16) -> Option<Lease> {
+    /// still open, and where it goes back. Closed and expired ones are
+    /// dropped on the way.
+    fn take(self: &Arc<Self>, address: &str, port: u16) -> Option<(Conn, Lease)> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let slot = slots
             .get_mut(&port)?
             .iter_mut()
             .find(|s| &*s.address == address)?;
         let now = Instant::now();
-        let mut i = slot.idle.len();
-        while i > 0 {
-            i -= 1;
-            let idle = &slot.idle[i];
-            if idle.sender.is_closed() || now.duration_since(idle.since) >= self.idle_timeout {
-                slot.idle.swap_remove(i);
-            } else if idle.sender.is_ready() {
-                let sender = slot.idle.swap_remove(i).sender;
+        while let Some(idle) = slot.idle.pop() {
+            if now.duration_since(idle.since) < self.idle_timeout && idle.conn.is_open() {
                 slot.spare = slot.spare.min(slot.idle.len());
-                return Some(Lease {
+                let lease = Lease {
                     pool: Arc::downgrade(self),
                     address: slot.address.clone(),
                     port,
-                    sender,
-                });
+                };
+                return Some((idle.conn, lease));
             }
         }
-        slot.spare = slot.spare.min(slot.idle.len());
+        slot.spare = 0;
         None
     }
 
@@ -208,10 +240,7 @@ impl Pool {
             .clone()
     }
 
-    fn give_back(&self, lease: Lease) {
-        if lease.sender.is_closed() {
-            return;
-        }
+    fn give_back(&self, lease: Lease, conn: Conn) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         // The sweep forgets instances with no idle connection, which
         // includes one whose connections are all out.
@@ -220,7 +249,7 @@ impl Pool {
         });
         if slot.idle.len() < self.max_idle {
             slot.idle.push(Idle {
-                sender: lease.sender,
+                conn,
                 since: Instant::now(),
             });
             if self.asleep.load(Ordering::Relaxed) {
@@ -240,7 +269,7 @@ impl Pool {
         slots.retain(|_, list| {
             list.retain_mut(|slot| {
                 slot.idle.retain(|idle| {
-                    !idle.sender.is_closed() && now.duration_since(idle.since) < self.idle_timeout
+                    now.duration_since(idle.since) < self.idle_timeout && idle.conn.is_open()
                 });
                 let surplus = slot.spare.min(slot.idle.len()) / 2;
                 if surplus > 0 {
@@ -261,9 +290,9 @@ impl Pool {
 
     /// Idle connections held open, all instances together.
     #[cfg(test)]
-    fn idle(&self) -> usize {
+    pub(super) fn idle(&self) -> usize {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let open = |s: &Slot| s.idle.iter().filter(|i| !i.sender.is_closed()).count();
+        let open = |s: &Slot| s.idle.iter().filter(|i| i.conn.is_open()).count();
         slots.values().flatten().map(open).sum()
     }
 }
@@ -297,73 +326,66 @@ fn slot<'a>(
     &mut list[i]
 }
 
-/// An instance's answer body. When it has been read to its end, its
-/// connection goes back to the pool; dropped earlier, the connection is
-/// closed with it.
+/// Opens a connection to `address`:`port` within `timeout`.
+async fn connect(address: &str, port: u16, timeout: Duration) -> Result<TcpStream, PoolError> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect((address, port)))
+        .await
+        .map_err(|_| PoolError::Connect(format!("no connection within {timeout:?}")))?
+        .map_err(|e| PoolError::Connect(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// An instance's answer body. Read to its end, on a connection of the
+/// pool, it gives the connection back; dropped earlier, the connection
+/// is closed with it.
 #[derive(Debug)]
-pub(super) struct Answer {
-    inner: Incoming,
-    lease: Option<Lease>,
+pub(super) struct Answer(Inner);
+
+#[derive(Debug)]
+enum Inner {
+    /// On a pooled connection.
+    Own(h1::Exchange),
+    /// Through hyper: HTTP/2, and upgrade requests.
+    Hyper(Incoming),
 }
 
 impl Answer {
-    /// An answer that came on a connection of this pool, or (`None`) on
-    /// one it does not keep.
-    fn new(response: Response<Incoming>, lease: Option<Lease>) -> Response<Self> {
-        // After a 101 the connection belongs to the upgrade.
-        let keep = response.status() != http::StatusCode::SWITCHING_PROTOCOLS;
-        response.map(|inner| Self {
-            inner,
-            lease: lease.filter(|_| keep),
-        })
+    fn own(exchange: h1::Exchange) -> Self {
+        Self(Inner::Own(exchange))
     }
 
-    /// An answer on a connection kept elsewhere (HTTP/2).
+    /// An answer on a connection kept elsewhere (HTTP/2, an upgrade).
     pub(super) fn unpooled(response: Response<Incoming>) -> Response<Self> {
-        Self::new(response, None)
-    }
-
-    fn give_back(&mut self) {
-        if let Some(lease) = self.lease.take()
-            && let Some(pool) = lease.pool.upgrade()
-        {
-            pool.give_back(lease);
-        }
+        response.map(|inner| Self(Inner::Hyper(inner)))
     }
 }
 
 impl Body for Answer {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.give_back(),
-            Poll::Ready(Some(Err(_))) => self.lease = None,
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.0 {
+            Inner::Own(x) => Pin::new(x).poll_frame(cx).map_err(Into::into),
+            Inner::Hyper(x) => Pin::new(x).poll_frame(cx).map_err(Into::into),
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.0 {
+            Inner::Own(x) => x.is_end_stream(),
+            Inner::Hyper(x) => x.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Answer {
-    fn drop(&mut self) {
-        // Read to its declared end: whoever read it need not poll for
-        // the end itself.
-        if self.inner.is_end_stream() {
-            self.give_back();
+        match &self.0 {
+            Inner::Own(x) => x.size_hint(),
+            Inner::Hyper(x) => x.size_hint(),
         }
     }
 }
@@ -471,7 +493,7 @@ mod tests {
 
     /// A GET to the instance on `port`, its answer not yet read.
     async fn send(pool: &Arc<Pool>, port: u16) -> Result<Response<Answer>, PoolError> {
-        pool.send("127.0.0.1", port, get(), Duration::from_secs(5))
+        pool.send("127.0.0.1", port, get(), false, Duration::from_secs(5))
             .await
     }
 

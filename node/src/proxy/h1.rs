@@ -1,0 +1,1291 @@
+//! HTTP/1.1 to an instance on this node, spoken by the task that proxies
+//! the request.
+//!
+//! hyper's client runs every connection as a task of its own: a request
+//! goes to it through a channel, its answer comes back through another
+//! and each body chunk through a third, so each request wakes two tasks
+//! several times. Here the request's own task writes the request and reads
+//! the answer on the connection it took from the [`Pool`](super::pool),
+//! and the answer's body gives the connection back when it ends.
+//!
+//! What it speaks (RFC 9112): a request framed by its `content-length`, by
+//! its body's known size, or chunked; an answer framed by
+//! `transfer-encoding: chunked`, `content-length` or the connection's end,
+//! with none after `HEAD`, `204` and `304`; interim `1xx` answers skipped.
+//! The request's body keeps going out while the answer comes in, as a
+//! server may answer before it has read the whole request. A connection is
+//! kept only after an exchange that ended cleanly on both sides and did
+//! not ask for it to close. Upgrades (`101`) are not spoken here; the pool
+//! sends those through hyper.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker, ready};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+
+use super::body::ProxyBody;
+use super::pool::Lease;
+
+/// The largest answer head (status line and headers), and trailer block.
+pub(super) const MAX_HEAD: usize = 64 * 1024;
+/// The most headers an answer head may have.
+const MAX_HEADERS: usize = 128;
+/// The longest chunk-size line (size and extensions).
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+/// A read asks for this much at first, and for up to [`READ_MAX`] while
+/// reads fill what they asked for (a large body).
+const READ_MIN: usize = 8 * 1024;
+const READ_MAX: usize = 256 * 1024;
+/// Request body bytes queued for one write.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// An open connection to an instance, between exchanges or in one.
+#[derive(Debug)]
+pub(super) struct Conn {
+    io: TcpStream,
+    /// Bytes read and not yet taken: part of an answer.
+    buf: BytesMut,
+    read_size: usize,
+}
+
+impl Conn {
+    pub(super) fn new(io: TcpStream) -> Self {
+        Self {
+            io,
+            buf: BytesMut::new(),
+            read_size: READ_MIN,
+        }
+    }
+
+    /// Whether the connection looks usable for a new request: the
+    /// instance has not closed it or sent anything unasked. Costs a system
+    /// call only when the socket turned readable since the last read that
+    /// drained it.
+    pub(super) fn is_open(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => matches!(
+                self.io.try_read(&mut [0u8; 1]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock
+            ),
+        }
+    }
+
+    /// Reads more of the answer into `buf`: the count, 0 at the end.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.buf.reserve(self.read_size);
+        let asked = self.buf.capacity() - self.buf.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.buf
+        ))?;
+        if n == asked && self.read_size < READ_MAX {
+            self.read_size *= 2;
+        }
+        Poll::Ready(Ok(n))
+    }
+}
+
+/// Why an exchange failed.
+#[derive(Debug)]
+pub(super) struct ExchangeError {
+    pub(super) error: io::Error,
+    /// No byte of an answer came, and the connection was found closed:
+    /// on a reused connection, the instance closed it while it was idle,
+    /// most likely before reading the request.
+    pub(super) closed_unanswered: bool,
+}
+
+impl ExchangeError {
+    fn new(error: io::Error, closed_unanswered: bool) -> Self {
+        Self {
+            error,
+            closed_unanswered,
+        }
+    }
+}
+
+impl std::fmt::Display for ExchangeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+fn invalid(what: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.into())
+}
+
+/// How a request's body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outgoing {
+    /// Exactly this many bytes (0: no body).
+    Length(u64),
+    Chunked,
+}
+
+/// The request head in HTTP/1.1 form (`path` in origin form, the headers
+/// as given plus the framing header the body needs), and its framing.
+pub(super) fn encode_head(
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: &ProxyBody,
+) -> io::Result<(Bytes, Outgoing)> {
+    let declared = match headers.get(http::header::CONTENT_LENGTH) {
+        Some(value) => Some(
+            content_length(value)
+                .ok_or_else(|| invalid("the request has a malformed content-length"))?,
+        ),
+        None => None,
+    };
+    let (outgoing, add) = match declared {
+        Some(n) => (Outgoing::Length(n), None),
+        None if body.is_end_stream() => {
+            // A method whose request normally carries content says it has
+            // none (RFC 9110 §8.6); the others say nothing.
+            let say = matches!(*method, Method::POST | Method::PUT | Method::PATCH);
+            (Outgoing::Length(0), say.then_some(0))
+        }
+        None => match body.size_hint().exact() {
+            Some(n) => (Outgoing::Length(n), Some(n)),
+            None => (Outgoing::Chunked, None),
+        },
+    };
+    let size = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + method.as_str().len()
+        + path.len()
+        + 64;
+    let mut out = BytesMut::with_capacity(size);
+    out.put_slice(method.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(path.as_bytes());
+    out.put_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    if let Some(n) = add {
+        out.put_slice(b"content-length: ");
+        out.put_slice(n.to_string().as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    if outgoing == Outgoing::Chunked {
+        out.put_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.put_slice(b"\r\n");
+    Ok((out.freeze(), outgoing))
+}
+
+/// A `content-length` value: a number, or a list of the same number.
+fn content_length(value: &HeaderValue) -> Option<u64> {
+    let mut found = None;
+    for part in value.to_str().ok()?.split(',') {
+        let part = part.trim();
+        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let n: u64 = part.parse().ok()?;
+        if found.is_some_and(|f| f != n) {
+            return None;
+        }
+        found = Some(n);
+    }
+    found
+}
+
+/// The request's side of an exchange: what is still to be written.
+#[derive(Debug)]
+struct Sending {
+    /// The body still to be read; `None` once it ended.
+    body: Option<ProxyBody>,
+    outgoing: Outgoing,
+    /// Bytes a `content-length` body may still send.
+    left: u64,
+    out: VecDeque<Bytes>,
+    queued: usize,
+    /// The body itself failed (its sender's fault, not the instance's).
+    failed: bool,
+}
+
+impl Sending {
+    fn new(head: Bytes, body: ProxyBody, outgoing: Outgoing) -> Self {
+        let (body, left) = match outgoing {
+            Outgoing::Length(0) => (None, 0),
+            Outgoing::Length(n) => (Some(body), n),
+            Outgoing::Chunked => (Some(body), 0),
+        };
+        let queued = head.len();
+        Self {
+            body,
+            outgoing,
+            left,
+            out: VecDeque::from([head]),
+            queued,
+            failed: false,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.body.is_none() && self.out.is_empty()
+    }
+
+    fn queue(&mut self, bytes: Bytes) {
+        self.queued += bytes.len();
+        self.out.push_back(bytes);
+    }
+
+    /// Takes a frame the body has ready into the queue. Ready(false) once
+    /// the body ended.
+    fn take_frame(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        let Some(body) = self.body.as_mut() else {
+            return Poll::Ready(Ok(false));
+        };
+        let chunked = self.outgoing == Outgoing::Chunked;
+        match ready!(Pin::new(body).poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    if data.is_empty() {
+                        return Poll::Ready(Ok(true));
+                    }
+                    let n = data.len() as u64;
+                    if chunked {
+                        self.queue(Bytes::from(format!("{n:x}\r\n")));
+                        self.queue(data);
+                        self.queue(Bytes::from_static(b"\r\n"));
+                    } else if n > self.left {
+                        return Poll::Ready(Err(invalid(
+                            "the request's body is longer than its content-length",
+                        )));
+                    } else {
+                        self.left -= n;
+                        self.queue(data);
+                    }
+                    Poll::Ready(Ok(true))
+                }
+                Err(frame) => {
+                    // Trailers end the body; chunked framing carries them.
+                    if let (Ok(trailers), true) = (frame.into_trailers(), chunked) {
+                        let mut block = BytesMut::from(&b"0\r\n"[..]);
+                        for (name, value) in &trailers {
+                            block.put_slice(name.as_str().as_bytes());
+                            block.put_slice(b": ");
+                            block.put_slice(value.as_bytes());
+                            block.put_slice(b"\r\n");
+                        }
+                        block.put_slice(b"\r\n");
+                        self.queue(block.freeze());
+                        self.body = None;
+                        return Poll::Ready(Ok(false));
+                    }
+                    Poll::Ready(Ok(true))
+                }
+            },
+            Some(Err(e)) => {
+                self.failed = true;
+                Poll::Ready(Err(io::Error::other(e)))
+            }
+            None => {
+                self.body = None;
+                if chunked {
+                    self.queue(Bytes::from_static(b"0\r\n\r\n"));
+                } else if self.left > 0 {
+                    return Poll::Ready(Err(invalid(
+                        "the request's body ended before its content-length",
+                    )));
+                }
+                Poll::Ready(Ok(false))
+            }
+        }
+    }
+
+    /// Writes what there is to write; Ready once the whole request went
+    /// out. Frames the body has ready go out with the head, in one write.
+    fn poll_send(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            while self.body.is_some() && self.queued < WRITE_BATCH {
+                match self.take_frame(cx) {
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                }
+            }
+            if self.out.is_empty() {
+                return if self.body.is_none() {
+                    Poll::Ready(Ok(()))
+                } else {
+                    Poll::Pending
+                };
+            }
+            let mut slices = [IoSlice::new(&[]); 16];
+            let mut count = 0;
+            for (slot, bytes) in slices.iter_mut().zip(&self.out) {
+                *slot = IoSlice::new(bytes);
+                count += 1;
+            }
+            let mut n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.queued -= n;
+            while n > 0 {
+                let front = &mut self.out[0];
+                if n >= front.len() {
+                    n -= front.len();
+                    self.out.pop_front();
+                } else {
+                    front.advance(n);
+                    n = 0;
+                }
+            }
+        }
+    }
+}
+
+/// How an answer's body is framed, and how much of it is left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Incoming {
+    /// This many bytes left (0: the body has ended).
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the instance closes the connection.
+    Close,
+    /// It has ended.
+    Done,
+}
+
+/// Where a chunked body's reader is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// At a chunk-size line.
+    Size,
+    /// In a chunk's data, this many bytes left.
+    Data(u64),
+    /// At the line end after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailers, then an empty line.
+    Trailers,
+}
+
+/// One request and its answer on a connection.
+#[derive(Debug)]
+pub(super) struct Exchange {
+    /// Taken when the connection goes back to the pool or is closed.
+    conn: Option<Conn>,
+    sending: Sending,
+    incoming: Incoming,
+    /// The connection may carry another exchange after this one.
+    reusable: bool,
+    /// Where the connection goes when the exchange ends cleanly.
+    back: Option<Lease>,
+    /// Why the request stopped going out before the answer's head came.
+    send_error: Option<io::Error>,
+}
+
+/// Sends the request (its `head` from [`encode_head`], then `body`) on
+/// `conn` and reads the answer's head. The body keeps going out while
+/// the caller reads the answer's. The connection goes back to the pool
+/// through `back` when the exchange ended cleanly and may be followed by
+/// another.
+pub(super) async fn exchange(
+    conn: Conn,
+    head: Bytes,
+    body: ProxyBody,
+    outgoing: Outgoing,
+    method: &Method,
+    back: Lease,
+) -> Result<http::Response<Exchange>, ExchangeError> {
+    let mut x = Exchange {
+        conn: Some(conn),
+        sending: Sending::new(head, body, outgoing),
+        incoming: Incoming::Done,
+        reusable: true,
+        back: Some(back),
+        send_error: None,
+    };
+    let mut answered = false;
+    let parts = std::future::poll_fn(|cx| x.poll_head(cx, method, &mut answered))
+        .await
+        .map_err(|e| {
+            let closed = matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+            );
+            if closed && !answered {
+                let e = io::Error::new(
+                    e.kind(),
+                    format!("the connection closed before an answer came ({e})"),
+                );
+                return ExchangeError::new(e, true);
+            }
+            ExchangeError::new(e, false)
+        })?;
+    Ok(http::Response::from_parts(parts, x))
+}
+
+impl Exchange {
+    fn conn(&mut self) -> &mut Conn {
+        self.conn
+            .as_mut()
+            .expect("the connection is held until the end")
+    }
+
+    /// Keeps the request going out; a failure after the answer began
+    /// only costs the connection.
+    fn poll_sending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.sending.done() {
+            return Poll::Ready(Ok(()));
+        }
+        let Self { conn, sending, .. } = self;
+        let io = &mut conn.as_mut().expect("held until the end").io;
+        sending.poll_send(io, cx)
+    }
+
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        method: &Method,
+        answered: &mut bool,
+    ) -> Poll<io::Result<http::response::Parts>> {
+        if let Poll::Ready(Err(e)) = self.poll_sending(cx) {
+            if self.sending.failed {
+                // Nothing to wait for: the instance waits for the rest.
+                return Poll::Ready(Err(e));
+            }
+            // The instance may have answered without reading the rest (and
+            // closed): the answer is still worth reading.
+            self.abandon_request();
+            self.send_error = Some(e);
+        }
+        loop {
+            if !self.conn().buf.is_empty() {
+                *answered = true;
+                if let Some(parts) = self.parse_head(method)? {
+                    return Poll::Ready(Ok(parts));
+                }
+            }
+            let n = match ready!(self.conn().poll_fill(cx)) {
+                Ok(n) => n,
+                Err(e) => return Poll::Ready(Err(self.send_error.take().unwrap_or(e))),
+            };
+            if n == 0 {
+                if let (Some(e), false) = (self.send_error.take(), *answered) {
+                    return Poll::Ready(Err(e));
+                }
+                return Poll::Ready(Err(if *answered {
+                    invalid("the instance closed the connection in the middle of its answer's head")
+                } else {
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "end of stream")
+                }));
+            }
+        }
+    }
+
+    fn abandon_request(&mut self) {
+        self.sending.body = None;
+        self.sending.out.clear();
+        self.reusable = false;
+    }
+
+    /// The answer's head if `buf` holds all of it (interim answers are
+    /// dropped on the way), with the body's framing set.
+    fn parse_head(&mut self, method: &Method) -> io::Result<Option<http::response::Parts>> {
+        loop {
+            let conn = self.conn.as_mut().expect("held until the end");
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut response = httparse::Response::new(&mut headers);
+            let len = match response.parse(&conn.buf) {
+                Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
+                Ok(httparse::Status::Partial) if conn.buf.len() <= MAX_HEAD => return Ok(None),
+                Ok(_) => {
+                    return Err(invalid(format!(
+                        "the instance's answer head is larger than {MAX_HEAD} bytes"
+                    )));
+                }
+                Err(e) => return Err(invalid(format!("the instance's answer head: {e}"))),
+            };
+            let code = response.code.unwrap_or(0);
+            let status = StatusCode::from_u16(code)
+                .map_err(|_| invalid(format!("the instance answered status {code}")))?;
+            if status.is_informational() {
+                if status == StatusCode::SWITCHING_PROTOCOLS {
+                    return Err(invalid("the instance switched protocols unasked"));
+                }
+                conn.buf.advance(len);
+                continue;
+            }
+            let version = if response.version == Some(0) {
+                Version::HTTP_10
+            } else {
+                Version::HTTP_11
+            };
+            let mut names = smallvec::SmallVec::<[(HeaderName, usize, usize); 16]>::new();
+            let base = conn.buf.as_ptr() as usize;
+            for h in response.headers.iter() {
+                let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
+                    invalid(format!("the instance sent a bad header name {:?}", h.name))
+                })?;
+                let start = h.value.as_ptr() as usize - base;
+                names.push((name, start, start + h.value.len()));
+            }
+            let head = conn.buf.split_to(len).freeze();
+            let mut map = HeaderMap::with_capacity(names.len());
+            for (name, start, end) in names {
+                let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+                    .map_err(|_| invalid(format!("the instance sent a bad value for {name}")))?;
+                map.append(name, value);
+            }
+            self.reusable &= keeps_alive(version, &map);
+            self.incoming = self.framing(method, status, &map)?;
+            let (mut parts, ()) = http::Response::new(()).into_parts();
+            parts.status = status;
+            parts.version = version;
+            parts.headers = map;
+            if self.incoming == Incoming::Length(0) {
+                self.finish();
+            }
+            return Ok(Some(parts));
+        }
+    }
+
+    /// How the answer's body is framed (RFC 9112 §6.3).
+    fn framing(
+        &mut self,
+        method: &Method,
+        status: StatusCode,
+        headers: &HeaderMap,
+    ) -> io::Result<Incoming> {
+        if *method == Method::HEAD
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return Ok(Incoming::Length(0));
+        }
+        if let Some(te) = headers
+            .get_all(http::header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+        {
+            let last = te
+                .to_str()
+                .ok()
+                .and_then(|v| v.rsplit(',').next())
+                .map(str::trim);
+            if last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")) {
+                if headers.contains_key(http::header::CONTENT_LENGTH) {
+                    // Both: chunked wins, and the connection is not kept.
+                    self.reusable = false;
+                }
+                return Ok(Incoming::Chunked(Chunk::Size));
+            }
+            self.reusable = false;
+            return Ok(Incoming::Close);
+        }
+        let mut lengths = headers.get_all(http::header::CONTENT_LENGTH).iter();
+        if let Some(first) = lengths.next() {
+            let n = content_length(first)
+                .filter(|&n| lengths.all(|v| content_length(v) == Some(n)))
+                .ok_or_else(|| invalid("the instance sent a malformed content-length"))?;
+            return Ok(Incoming::Length(n));
+        }
+        self.reusable = false;
+        Ok(Incoming::Close)
+    }
+
+    /// The body has ended: the connection goes back if both sides ended
+    /// cleanly, or is closed.
+    fn finish(&mut self) {
+        self.incoming = Incoming::Done;
+        if !self.reusable || !self.sending.done() {
+            self.conn = None;
+            return;
+        }
+        if let Some(mut conn) = self.conn.take()
+            && conn.buf.is_empty()
+            && let Some(back) = self.back.take()
+        {
+            if conn.read_size > READ_MIN {
+                // A large body's buffer is not kept while idle.
+                conn.read_size = READ_MIN;
+                conn.buf = BytesMut::new();
+            }
+            back.give_back(conn);
+        }
+    }
+
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        if self.conn.is_some() && !self.sending.done() {
+            match self.poll_sending(cx) {
+                Poll::Ready(Err(_)) => self.abandon_request(),
+                Poll::Ready(Ok(())) | Poll::Pending => {}
+            }
+        }
+        loop {
+            match self.incoming {
+                Incoming::Done => return Poll::Ready(None),
+                Incoming::Length(0) => {
+                    self.finish();
+                    return Poll::Ready(None);
+                }
+                Incoming::Length(left) => {
+                    let conn = self.conn();
+                    if conn.buf.is_empty() && ready!(conn.poll_fill(cx))? == 0 {
+                        return Poll::Ready(Some(Err(cut_short())));
+                    }
+                    let take = (conn.buf.len() as u64).min(left) as usize;
+                    let data = conn.buf.split_to(take).freeze();
+                    self.incoming = Incoming::Length(left - take as u64);
+                    if left == take as u64 {
+                        self.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Incoming::Close => {
+                    let conn = self.conn();
+                    if conn.buf.is_empty() && ready!(conn.poll_fill(cx))? == 0 {
+                        self.finish();
+                        return Poll::Ready(None);
+                    }
+                    let data = conn.buf.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Incoming::Chunked(chunk) => {
+                    if let Some(frame) = ready!(self.poll_chunked(chunk, cx))? {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One step of a chunked body: a frame, or None when the reader only
+    /// moved on (the caller loops).
+    fn poll_chunked(
+        &mut self,
+        chunk: Chunk,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Option<Frame<Bytes>>>> {
+        let conn = self.conn();
+        match chunk {
+            Chunk::Size => {
+                let Some(end) = conn.buf.iter().position(|&b| b == b'\n') else {
+                    if conn.buf.len() > MAX_CHUNK_LINE {
+                        return Poll::Ready(Err(invalid("a chunk-size line is too long")));
+                    }
+                    return fill(conn, cx);
+                };
+                let size = chunk_size(&conn.buf[..end])?;
+                conn.buf.advance(end + 1);
+                self.incoming = Incoming::Chunked(if size == 0 {
+                    Chunk::Trailers
+                } else {
+                    Chunk::Data(size)
+                });
+                Poll::Ready(Ok(None))
+            }
+            Chunk::Data(left) => {
+                if conn.buf.is_empty() {
+                    return fill(conn, cx);
+                }
+                let take = (conn.buf.len() as u64).min(left) as usize;
+                let data = conn.buf.split_to(take).freeze();
+                let left = left - take as u64;
+                self.incoming = Incoming::Chunked(if left == 0 {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(left)
+                });
+                Poll::Ready(Ok(Some(Frame::data(data))))
+            }
+            Chunk::DataEnd => {
+                if conn.buf.len() < 2 {
+                    return fill(conn, cx);
+                }
+                if &conn.buf[..2] != b"\r\n" {
+                    return Poll::Ready(Err(invalid("a chunk's data is longer than its size")));
+                }
+                conn.buf.advance(2);
+                self.incoming = Incoming::Chunked(Chunk::Size);
+                Poll::Ready(Ok(None))
+            }
+            Chunk::Trailers => {
+                if conn.buf.starts_with(b"\r\n") {
+                    conn.buf.advance(2);
+                    self.finish();
+                    return Poll::Ready(Ok(None));
+                }
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                match httparse::parse_headers(&conn.buf, &mut headers) {
+                    Ok(httparse::Status::Complete((len, found))) => {
+                        let mut trailers = HeaderMap::with_capacity(found.len());
+                        for h in found {
+                            if let (Ok(name), Ok(value)) = (
+                                HeaderName::from_bytes(h.name.as_bytes()),
+                                HeaderValue::from_bytes(h.value),
+                            ) {
+                                trailers.append(name, value);
+                            }
+                        }
+                        conn.buf.advance(len);
+                        self.finish();
+                        Poll::Ready(Ok(Some(Frame::trailers(trailers))))
+                    }
+                    Ok(httparse::Status::Partial) if conn.buf.len() > MAX_HEAD => {
+                        Poll::Ready(Err(invalid("the answer's trailers are too large")))
+                    }
+                    Ok(httparse::Status::Partial) => fill(conn, cx),
+                    Err(e) => Poll::Ready(Err(invalid(format!("the answer's trailers: {e}")))),
+                }
+            }
+        }
+    }
+}
+
+/// Reads more; the caller steps again (`Ok(None)`) unless the connection
+/// ended.
+fn fill(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<Option<Frame<Bytes>>>> {
+    if ready!(conn.poll_fill(cx))? == 0 {
+        return Poll::Ready(Err(cut_short()));
+    }
+    Poll::Ready(Ok(None))
+}
+
+fn cut_short() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the instance closed the connection before its answer's end",
+    )
+}
+
+/// A chunk-size line's size (extensions ignored).
+fn chunk_size(line: &[u8]) -> io::Result<u64> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let digits = line
+        .iter()
+        .position(|&b| b == b';' || b == b' ' || b == b'\t')
+        .map_or(line, |end| &line[..end]);
+    if digits.is_empty() || digits.len() > 15 {
+        return Err(invalid("a malformed chunk size"));
+    }
+    let mut n = 0u64;
+    for &b in digits {
+        let d = (b as char)
+            .to_digit(16)
+            .ok_or_else(|| invalid("a malformed chunk size"))?;
+        n = n * 16 + u64::from(d);
+    }
+    Ok(n)
+}
+
+/// Whether the connection may carry another exchange after this answer.
+fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    let said =
+        |token: &str| super::hop::connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(token));
+    if version == Version::HTTP_10 {
+        said("keep-alive")
+    } else {
+        !said("close")
+    }
+}
+
+impl Body for Exchange {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        let polled = self.poll_body(cx);
+        if let Poll::Ready(Some(Err(_))) = polled {
+            // Where the answer stands is unknown: the connection goes.
+            self.conn = None;
+            self.incoming = Incoming::Done;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming == Incoming::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.incoming {
+            Incoming::Length(n) => SizeHint::with_exact(n),
+            Incoming::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use http::Request;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::proxy::body;
+    use crate::proxy::pool::{Answer, Pool, PoolError};
+    use crate::tasks::Tasks;
+
+    /// An instance on a port of its own: `conn` serves each connection it
+    /// accepts (with the connection's number); counts them.
+    async fn instance<F, Fut>(conn: F) -> (u16, Arc<AtomicUsize>)
+    where
+        F: Fn(TcpStream, usize) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(conn(stream, n));
+            }
+        });
+        (port, accepted)
+    }
+
+    /// Reads one request head (and nothing after it) off `stream`: None
+    /// at the connection's end.
+    async fn read_head(stream: &mut TcpStream) -> Option<String> {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte).await.ok()? == 0 {
+                return None;
+            }
+            head.push(byte[0]);
+        }
+        Some(String::from_utf8(head).unwrap())
+    }
+
+    /// An instance answering every request head with `answer`, then
+    /// closing the connection if `close`.
+    async fn answering(answer: &'static [u8], close: bool) -> (u16, Arc<AtomicUsize>) {
+        instance(move |mut stream, _| async move {
+            while read_head(&mut stream).await.is_some() {
+                if stream.write_all(answer).await.is_err() || close {
+                    return;
+                }
+            }
+        })
+        .await
+    }
+
+    fn pool() -> (Tasks, Arc<Pool>) {
+        let tasks = Tasks::new();
+        let pool = Pool::new(Duration::from_secs(30), 8, &tasks);
+        (tasks, pool)
+    }
+
+    fn request(method: Method, body: ProxyBody) -> Request<ProxyBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = http::Uri::from_static("/x?y=1");
+        req.headers_mut()
+            .insert(http::header::HOST, HeaderValue::from_static("svc"));
+        req
+    }
+
+    async fn send(
+        pool: &Arc<Pool>,
+        port: u16,
+        req: Request<ProxyBody>,
+    ) -> Result<http::Response<Answer>, PoolError> {
+        pool.send("127.0.0.1", port, req, false, Duration::from_secs(5))
+            .await
+    }
+
+    /// The answer's status, body and trailers.
+    async fn call(
+        pool: &Arc<Pool>,
+        port: u16,
+        req: Request<ProxyBody>,
+    ) -> (StatusCode, Bytes, Option<HeaderMap>) {
+        let response = send(pool, port, req).await.unwrap();
+        let status = response.status();
+        let collected = response.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned();
+        (status, collected.to_bytes(), trailers)
+    }
+
+    fn get() -> Request<ProxyBody> {
+        request(Method::GET, body::empty())
+    }
+
+    #[tokio::test]
+    async fn a_chunked_answer_and_its_trailers_are_read_and_the_connection_kept() {
+        let (_tasks, pool) = pool();
+        let (port, accepted) = answering(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+              5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 42\r\n\r\n",
+            false,
+        )
+        .await;
+        for _ in 0..3 {
+            let (status, body, trailers) = call(&pool, port, get()).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(body, "hello world");
+            assert_eq!(trailers.unwrap()["x-sum"], "42");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_answer_ended_by_closing_is_read_whole_and_its_connection_not_kept() {
+        let (_tasks, pool) = pool();
+        let (port, accepted) =
+            answering(b"HTTP/1.1 200 OK\r\nx-a: b\r\n\r\nuntil the end", true).await;
+        for _ in 0..2 {
+            let (_, body, _) = call(&pool, port, get()).await;
+            assert_eq!(body, "until the end");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.idle(), 0);
+    }
+
+    #[tokio::test]
+    async fn interim_answers_are_skipped_and_204_and_head_answers_have_no_body() {
+        let (_tasks, pool) = pool();
+        let (port, accepted) = instance(|mut stream, _| async move {
+            let mut n = 0;
+            while let Some(head) = read_head(&mut stream).await {
+                n += 1;
+                let answer: &[u8] = if head.starts_with("HEAD ") {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
+                } else if n == 1 {
+                    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n\
+                      HTTP/1.1 204 No Content\r\nx-n: 1\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                };
+                stream.write_all(answer).await.unwrap();
+            }
+        })
+        .await;
+        let response = send(&pool, port, get()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+        assert_eq!(response.headers()["x-n"], "1");
+        assert!(
+            response.body().is_end_stream(),
+            "nothing to read after a 204"
+        );
+        drop(response);
+        let (status, body, _) = call(&pool, port, request(Method::HEAD, body::empty())).await;
+        assert_eq!((status, body.len()), (StatusCode::OK, 0));
+        let (_, body, _) = call(&pool, port, get()).await;
+        assert_eq!(body, "ok");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection for all three"
+        );
+    }
+
+    /// An instance that records each whole request it reads (head and
+    /// body, the body framed by its content-length, or chunked to its last
+    /// chunk and trailers) and answers it 200.
+    async fn recording() -> (u16, Arc<Mutex<Vec<String>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let (port, _) = instance(move |mut stream, _| {
+            let log = log.clone();
+            async move {
+                let mut raw = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let text = String::from_utf8_lossy(&raw).into_owned();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let head = &text[..end + 4];
+                        let whole = if head.contains("transfer-encoding: chunked") {
+                            text[end..].find("\r\n0\r\n").and_then(|last| {
+                                let from = end + last + 5;
+                                text[from..]
+                                    .find("\r\n\r\n")
+                                    .map(|e| from + e + 4)
+                                    .or(text[from..].starts_with("\r\n").then_some(from + 2))
+                            })
+                        } else {
+                            let len = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length: "))
+                                .map_or(0, |n| n.parse::<usize>().unwrap());
+                            (raw.len() >= end + 4 + len).then_some(end + 4 + len)
+                        };
+                        if let Some(whole) = whole {
+                            log.lock().unwrap().push(text[..whole].to_owned());
+                            raw.drain(..whole);
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                            stream.write_all(ok).await.unwrap();
+                            continue;
+                        }
+                    }
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => raw.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            }
+        })
+        .await;
+        (port, seen)
+    }
+
+    #[tokio::test]
+    async fn a_body_goes_with_its_length_when_known_and_chunked_when_not() {
+        let (_tasks, pool) = pool();
+        let (port, seen) = recording().await;
+        call(&pool, port, request(Method::POST, body::full("hello"))).await;
+        call(&pool, port, request(Method::POST, body::empty())).await;
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"hello"))))
+            .await
+            .unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b", world"))))
+            .await
+            .unwrap();
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", HeaderValue::from_static("7"));
+        tx.send(Ok(Frame::trailers(trailers))).await.unwrap();
+        drop(tx);
+        call(&pool, port, request(Method::PUT, body::from_channel(rx))).await;
+        let seen = seen.lock().unwrap();
+        assert!(
+            seen[0].starts_with("POST /x?y=1 HTTP/1.1\r\n"),
+            "{}",
+            seen[0]
+        );
+        assert!(seen[0].contains("\r\nhost: svc\r\n"), "{}", seen[0]);
+        assert!(
+            seen[0].ends_with("content-length: 5\r\n\r\nhello"),
+            "{}",
+            seen[0]
+        );
+        assert!(
+            seen[1].ends_with("content-length: 0\r\n\r\n"),
+            "{}",
+            seen[1]
+        );
+        assert!(
+            seen[2].ends_with(
+                "transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n7\r\n, world\r\n0\r\nx-sum: 7\r\n\r\n"
+            ),
+            "{}",
+            seen[2]
+        );
+        assert!(!seen[2].contains("content-length"), "{}", seen[2]);
+    }
+
+    #[tokio::test]
+    async fn an_instance_answering_before_reading_the_body_is_heard() {
+        let (_tasks, pool) = pool();
+        let (port, _) = instance(|mut stream, _| async move {
+            read_head(&mut stream).await;
+            let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 3\r\nconnection: close\r\n\r\nbig";
+            stream.write_all(answer).await.unwrap();
+        })
+        .await;
+        // A body that never ends.
+        let (tx, rx) = mpsc::channel(1);
+        tx.send(Ok(Frame::data(Bytes::from(vec![b'x'; 1 << 20]))))
+            .await
+            .unwrap();
+        let (status, body, _) =
+            call(&pool, port, request(Method::POST, body::from_channel(rx))).await;
+        assert_eq!(
+            (status, &body[..]),
+            (StatusCode::PAYLOAD_TOO_LARGE, &b"big"[..])
+        );
+        assert_eq!(
+            pool.idle(),
+            0,
+            "the request did not end: the connection goes"
+        );
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn a_request_body_that_fails_ends_the_exchange_at_once() {
+        let (_tasks, pool) = pool();
+        // It waits for the whole body, and never answers.
+        let (port, _) = instance(|mut stream, _| async move {
+            read_head(&mut stream).await;
+            let _ = stream.read(&mut [0u8; 64]).await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        })
+        .await;
+        let (tx, rx) = mpsc::channel(2);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"part"))))
+            .await
+            .unwrap();
+        tx.send(Err("the client's chunk size is malformed".into()))
+            .await
+            .unwrap();
+        let sent = send(&pool, port, request(Method::POST, body::from_channel(rx)));
+        match tokio::time::timeout(Duration::from_secs(10), sent).await {
+            Ok(Err(PoolError::Request(e))) => assert!(e.contains("malformed"), "{e}"),
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => panic!("still waiting for an answer after 10 s"),
+        }
+    }
+
+    #[tokio::test]
+    async fn close_and_http_1_0_answers_do_not_keep_their_connection() {
+        let (_tasks, pool) = pool();
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"[..],
+            b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ] {
+            let (port, accepted) = instance(move |mut stream, _| async move {
+                while read_head(&mut stream).await.is_some() {
+                    stream.write_all(answer).await.unwrap();
+                }
+            })
+            .await;
+            for _ in 0..2 {
+                assert_eq!(call(&pool, port, get()).await.1, "ok");
+            }
+            assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        }
+        let (port, accepted) = answering(
+            b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok",
+            false,
+        )
+        .await;
+        for _ in 0..2 {
+            call(&pool, port, get()).await;
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "HTTP/1.0 asking to keep it"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_answers_are_clear_errors() {
+        let (_tasks, pool) = pool();
+        let huge: &'static [u8] = Box::leak(
+            format!("HTTP/1.1 200 OK\r\nx-big: {}\r\n\r\n", "a".repeat(MAX_HEAD))
+                .into_bytes()
+                .into_boxed_slice(),
+        );
+        for (answer, says) in [
+            (
+                &b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n"[..],
+                "answer head",
+            ),
+            (b"SMTP ready\r\n\r\n", "answer head"),
+            (huge, "larger than 65536 bytes"),
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\n",
+                "malformed content-length",
+            ),
+            (
+                b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+                "switched protocols",
+            ),
+        ] {
+            let (port, _) = answering(answer, true).await;
+            match send(&pool, port, get()).await {
+                Err(PoolError::Request(e)) => assert!(e.contains(says), "{e}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        for (answer, says) in [
+            (
+                &b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf"[..],
+                "before its answer's end",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+                "chunk size",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabc\r\n",
+                "longer than its size",
+            ),
+        ] {
+            let (port, _) = answering(answer, true).await;
+            let response = send(&pool, port, get()).await.unwrap();
+            let e = response.into_body().collect().await.unwrap_err();
+            assert!(e.to_string().contains(says), "{e}");
+        }
+        assert_eq!(pool.idle(), 0);
+    }
+
+    /// An instance that answers the first request on each connection and
+    /// closes it on reading the second: as if it closed the connection
+    /// while idle and the close crossed the request.
+    async fn closing_after_one() -> (u16, Arc<AtomicUsize>) {
+        instance(|mut stream, _| async move {
+            if read_head(&mut stream).await.is_some() {
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                stream.write_all(answer).await.unwrap();
+            }
+            read_head(&mut stream).await;
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_get_the_instance_closed_unanswered_is_sent_again_on_a_new_connection() {
+        let (_tasks, pool) = pool();
+        let (port, accepted) = closing_after_one().await;
+        for _ in 0..3 {
+            assert_eq!(call(&pool, port, get()).await.1, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_post_the_instance_closed_unanswered_is_an_error_not_sent_twice() {
+        let (_tasks, pool) = pool();
+        let (port, accepted) = closing_after_one().await;
+        call(&pool, port, get()).await;
+        match send(&pool, port, request(Method::POST, body::full("once"))).await {
+            Err(PoolError::Request(e)) => {
+                assert!(e.contains("closed before an answer came"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn chunk_sizes_are_hex_with_extensions_ignored() {
+        assert_eq!(chunk_size(b"1a\r").unwrap(), 26);
+        assert_eq!(chunk_size(b"0;name=value").unwrap(), 0);
+        assert_eq!(chunk_size(b"FF ; x").unwrap(), 255);
+        for bad in [&b""[..], b"\r", b"g", b"-1", b"1111111111111111"] {
+            assert!(chunk_size(bad).is_err(), "{bad:?}");
+        }
+    }
+}
