@@ -502,109 +502,19 @@ impl Exchange {
         self.reusable = false;
     }
 
-    /// The answer's head if `buf` holds all of it (interim answers are
-    /// dropped on the way), with the body's framing set.
+    /// The answer's head if the connection's buffer holds all of it, with
+    /// the body's framing set.
     fn parse_head(&mut self, method: &Method) -> io::Result<Option<http::response::Parts>> {
-        loop {
-            let conn = self.conn.as_mut().expect("held until the end");
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut response = httparse::Response::new(&mut headers);
-            let len = match response.parse(&conn.buf) {
-                Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
-                Ok(httparse::Status::Partial) if conn.buf.len() <= MAX_HEAD => return Ok(None),
-                Ok(_) => {
-                    return Err(invalid(format!(
-                        "the instance's answer head is larger than {MAX_HEAD} bytes"
-                    )));
-                }
-                Err(e) => return Err(invalid(format!("the instance's answer head: {e}"))),
-            };
-            let code = response.code.unwrap_or(0);
-            let status = StatusCode::from_u16(code)
-                .map_err(|_| invalid(format!("the instance answered status {code}")))?;
-            if status.is_informational() {
-                if status == StatusCode::SWITCHING_PROTOCOLS {
-                    return Err(invalid("the instance switched protocols unasked"));
-                }
-                conn.buf.advance(len);
-                continue;
-            }
-            let version = if response.version == Some(0) {
-                Version::HTTP_10
-            } else {
-                Version::HTTP_11
-            };
-            let mut names = smallvec::SmallVec::<[(HeaderName, usize, usize); 16]>::new();
-            let base = conn.buf.as_ptr() as usize;
-            for h in response.headers.iter() {
-                let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
-                    invalid(format!("the instance sent a bad header name {:?}", h.name))
-                })?;
-                let start = h.value.as_ptr() as usize - base;
-                names.push((name, start, start + h.value.len()));
-            }
-            let head = conn.buf.split_to(len).freeze();
-            let mut map = HeaderMap::with_capacity(names.len());
-            for (name, start, end) in names {
-                let value = HeaderValue::from_maybe_shared(head.slice(start..end))
-                    .map_err(|_| invalid(format!("the instance sent a bad value for {name}")))?;
-                map.append(name, value);
-            }
-            self.reusable &= keeps_alive(version, &map);
-            self.incoming = self.framing(method, status, &map)?;
-            let (mut parts, ()) = http::Response::new(()).into_parts();
-            parts.status = status;
-            parts.version = version;
-            parts.headers = map;
-            if self.incoming == Incoming::Length(0) {
-                self.finish();
-            }
-            return Ok(Some(parts));
+        let conn = self.conn.as_mut().expect("held until the end");
+        let Some(head) = parse_head(&mut conn.buf, method)? else {
+            return Ok(None);
+        };
+        self.reusable &= head.keep;
+        self.incoming = head.incoming;
+        if self.incoming == Incoming::Length(0) {
+            self.finish();
         }
-    }
-
-    /// How the answer's body is framed (RFC 9112 §6.3).
-    fn framing(
-        &mut self,
-        method: &Method,
-        status: StatusCode,
-        headers: &HeaderMap,
-    ) -> io::Result<Incoming> {
-        if *method == Method::HEAD
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-        {
-            return Ok(Incoming::Length(0));
-        }
-        if let Some(te) = headers
-            .get_all(http::header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-        {
-            let last = te
-                .to_str()
-                .ok()
-                .and_then(|v| v.rsplit(',').next())
-                .map(str::trim);
-            if last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")) {
-                if headers.contains_key(http::header::CONTENT_LENGTH) {
-                    // Both: chunked wins, and the connection is not kept.
-                    self.reusable = false;
-                }
-                return Ok(Incoming::Chunked(Chunk::Size));
-            }
-            self.reusable = false;
-            return Ok(Incoming::Close);
-        }
-        let mut lengths = headers.get_all(http::header::CONTENT_LENGTH).iter();
-        if let Some(first) = lengths.next() {
-            let n = content_length(first)
-                .filter(|&n| lengths.all(|v| content_length(v) == Some(n)))
-                .ok_or_else(|| invalid("the instance sent a malformed content-length"))?;
-            return Ok(Incoming::Length(n));
-        }
-        self.reusable = false;
-        Ok(Incoming::Close)
+        Ok(Some(head.parts))
     }
 
     /// The body has ended: the connection goes back if both sides ended
@@ -681,76 +591,221 @@ impl Exchange {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<Option<Frame<Bytes>>>> {
         let conn = self.conn();
-        match chunk {
-            Chunk::Size => {
-                let Some(end) = conn.buf.iter().position(|&b| b == b'\n') else {
-                    if conn.buf.len() > MAX_CHUNK_LINE {
-                        return Poll::Ready(Err(invalid("a chunk-size line is too long")));
-                    }
-                    return fill(conn, cx);
-                };
-                let size = chunk_size(&conn.buf[..end])?;
-                conn.buf.advance(end + 1);
-                self.incoming = Incoming::Chunked(if size == 0 {
-                    Chunk::Trailers
-                } else {
-                    Chunk::Data(size)
-                });
+        match chunk_step(chunk, &mut conn.buf)? {
+            Step::More => fill(conn, cx),
+            Step::Next(next) => {
+                self.incoming = Incoming::Chunked(next);
                 Poll::Ready(Ok(None))
             }
-            Chunk::Data(left) => {
-                if conn.buf.is_empty() {
-                    return fill(conn, cx);
-                }
-                let take = (conn.buf.len() as u64).min(left) as usize;
-                let data = conn.buf.split_to(take).freeze();
-                let left = left - take as u64;
-                self.incoming = Incoming::Chunked(if left == 0 {
-                    Chunk::DataEnd
-                } else {
-                    Chunk::Data(left)
-                });
+            Step::Data(data, next) => {
+                self.incoming = Incoming::Chunked(next);
                 Poll::Ready(Ok(Some(Frame::data(data))))
             }
-            Chunk::DataEnd => {
-                if conn.buf.len() < 2 {
-                    return fill(conn, cx);
-                }
-                if &conn.buf[..2] != b"\r\n" {
-                    return Poll::Ready(Err(invalid("a chunk's data is longer than its size")));
-                }
-                conn.buf.advance(2);
-                self.incoming = Incoming::Chunked(Chunk::Size);
-                Poll::Ready(Ok(None))
+            Step::End(trailers) => {
+                self.finish();
+                Poll::Ready(Ok(trailers.map(Frame::trailers)))
             }
-            Chunk::Trailers => {
-                if conn.buf.starts_with(b"\r\n") {
-                    conn.buf.advance(2);
-                    self.finish();
-                    return Poll::Ready(Ok(None));
+        }
+    }
+}
+
+/// An answer's head: its parts, how its body is framed, and whether the
+/// connection may be kept after it.
+#[derive(Debug)]
+struct Head {
+    parts: http::response::Parts,
+    incoming: Incoming,
+    keep: bool,
+}
+
+/// The answer to a `method` request whose head `buf` starts with, taken
+/// out of it (interim `1xx` answers before it too); None while `buf`
+/// holds only part of it. At most [`MAX_HEAD`] bytes and
+/// [`MAX_HEADERS`] headers.
+fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head>> {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut headers);
+        let len = match response.parse(buf) {
+            Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
+            Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return Ok(None),
+            Ok(_) => {
+                return Err(invalid(format!(
+                    "the instance's answer head is larger than {MAX_HEAD} bytes"
+                )));
+            }
+            Err(e) => return Err(invalid(format!("the instance's answer head: {e}"))),
+        };
+        let code = response.code.unwrap_or(0);
+        let status = StatusCode::from_u16(code)
+            .map_err(|_| invalid(format!("the instance answered status {code}")))?;
+        if status.is_informational() {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(invalid("the instance switched protocols unasked"));
+            }
+            buf.advance(len);
+            continue;
+        }
+        let version = if response.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // Names now, values as slices of the head once it is split off.
+        let mut names = smallvec::SmallVec::<[(HeaderName, usize, usize); 16]>::new();
+        let base = buf.as_ptr() as usize;
+        for h in response.headers.iter() {
+            let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
+                invalid(format!("the instance sent a bad header name {:?}", h.name))
+            })?;
+            let start = h.value.as_ptr() as usize - base;
+            names.push((name, start, start + h.value.len()));
+        }
+        let head = buf.split_to(len).freeze();
+        let mut map = HeaderMap::with_capacity(names.len());
+        for (name, start, end) in names {
+            let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+                .map_err(|_| invalid(format!("the instance sent a bad value for {name}")))?;
+            map.append(name, value);
+        }
+        let (incoming, framed_to_keep) = framing(method, status, &map)?;
+        let keep = framed_to_keep && keeps_alive(version, &map);
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        parts.status = status;
+        parts.version = version;
+        parts.headers = map;
+        return Ok(Some(Head {
+            parts,
+            incoming,
+            keep,
+        }));
+    }
+}
+
+/// How an answer's body is framed (RFC 9112 §6.3), and whether that
+/// framing lets the connection be kept.
+fn framing(
+    method: &Method,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> io::Result<(Incoming, bool)> {
+    if *method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((Incoming::Length(0), true));
+    }
+    if let Some(te) = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
+        let last = te
+            .to_str()
+            .ok()
+            .and_then(|v| v.rsplit(',').next())
+            .map(str::trim);
+        if last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")) {
+            // With a content-length too, chunked wins and the connection
+            // is not kept.
+            let keep = !headers.contains_key(http::header::CONTENT_LENGTH);
+            return Ok((Incoming::Chunked(Chunk::Size), keep));
+        }
+        return Ok((Incoming::Close, false));
+    }
+    let mut lengths = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    if let Some(first) = lengths.next() {
+        let n = content_length(first)
+            .filter(|&n| lengths.all(|v| content_length(v) == Some(n)))
+            .ok_or_else(|| invalid("the instance sent a malformed content-length"))?;
+        return Ok((Incoming::Length(n), true));
+    }
+    Ok((Incoming::Close, false))
+}
+
+/// What one step of a chunked body's decoder found.
+#[derive(Debug)]
+enum Step {
+    /// The buffer holds too little to go on: read more.
+    More,
+    /// It moved on, to this.
+    Next(Chunk),
+    /// Body bytes, and where it is after them.
+    Data(Bytes, Chunk),
+    /// The body ended, with these trailers if any.
+    End(Option<HeaderMap>),
+}
+
+/// One step of decoding a chunked body at `chunk` from `buf`, taking what
+/// it read out of `buf`. A chunk-size line is at most [`MAX_CHUNK_LINE`]
+/// bytes and the trailers at most [`MAX_HEAD`].
+fn chunk_step(chunk: Chunk, buf: &mut BytesMut) -> io::Result<Step> {
+    match chunk {
+        Chunk::Size => {
+            let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+                if buf.len() > MAX_CHUNK_LINE {
+                    return Err(invalid("a chunk-size line is too long"));
                 }
-                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                match httparse::parse_headers(&conn.buf, &mut headers) {
-                    Ok(httparse::Status::Complete((len, found))) => {
-                        let mut trailers = HeaderMap::with_capacity(found.len());
-                        for h in found {
-                            if let (Ok(name), Ok(value)) = (
-                                HeaderName::from_bytes(h.name.as_bytes()),
-                                HeaderValue::from_bytes(h.value),
-                            ) {
-                                trailers.append(name, value);
-                            }
+                return Ok(Step::More);
+            };
+            if end > MAX_CHUNK_LINE {
+                return Err(invalid("a chunk-size line is too long"));
+            }
+            let size = chunk_size(&buf[..end])?;
+            buf.advance(end + 1);
+            Ok(Step::Next(if size == 0 {
+                Chunk::Trailers
+            } else {
+                Chunk::Data(size)
+            }))
+        }
+        Chunk::Data(left) => {
+            if buf.is_empty() {
+                return Ok(Step::More);
+            }
+            let take = (buf.len() as u64).min(left) as usize;
+            let data = buf.split_to(take).freeze();
+            let left = left - take as u64;
+            let next = if left == 0 {
+                Chunk::DataEnd
+            } else {
+                Chunk::Data(left)
+            };
+            Ok(Step::Data(data, next))
+        }
+        Chunk::DataEnd => {
+            if buf.len() < 2 {
+                return Ok(Step::More);
+            }
+            if &buf[..2] != b"\r\n" {
+                return Err(invalid("a chunk's data is longer than its size"));
+            }
+            buf.advance(2);
+            Ok(Step::Next(Chunk::Size))
+        }
+        Chunk::Trailers => {
+            if buf.starts_with(b"\r\n") {
+                buf.advance(2);
+                return Ok(Step::End(None));
+            }
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            match httparse::parse_headers(buf, &mut headers) {
+                Ok(httparse::Status::Complete((len, found))) if len <= MAX_HEAD => {
+                    let mut trailers = HeaderMap::with_capacity(found.len());
+                    for h in found {
+                        if let (Ok(name), Ok(value)) = (
+                            HeaderName::from_bytes(h.name.as_bytes()),
+                            HeaderValue::from_bytes(h.value),
+                        ) {
+                            trailers.append(name, value);
                         }
-                        conn.buf.advance(len);
-                        self.finish();
-                        Poll::Ready(Ok(Some(Frame::trailers(trailers))))
                     }
-                    Ok(httparse::Status::Partial) if conn.buf.len() > MAX_HEAD => {
-                        Poll::Ready(Err(invalid("the answer's trailers are too large")))
-                    }
-                    Ok(httparse::Status::Partial) => fill(conn, cx),
-                    Err(e) => Poll::Ready(Err(invalid(format!("the answer's trailers: {e}")))),
+                    buf.advance(len);
+                    Ok(Step::End(Some(trailers)))
                 }
+                Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => Ok(Step::More),
+                Ok(_) => Err(invalid("the answer's trailers are too large")),
+                Err(e) => Err(invalid(format!("the answer's trailers: {e}"))),
             }
         }
     }
@@ -1277,6 +1332,112 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// Feeds `input` to a chunked body's decoder `piece` bytes at a time,
+    /// as reads would: the body's bytes and its trailers, or the error.
+    fn decode_chunked(input: &[u8], piece: usize) -> io::Result<(Vec<u8>, Option<HeaderMap>)> {
+        let mut buf = BytesMut::new();
+        let mut fed = 0;
+        let mut chunk = Chunk::Size;
+        let mut body = Vec::new();
+        // Every step consumes input or asks for more: bounded.
+        for _ in 0..4 * input.len() + 16 {
+            match chunk_step(chunk, &mut buf)? {
+                Step::More if fed == input.len() => {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                Step::More => {
+                    let end = (fed + piece).min(input.len());
+                    buf.extend_from_slice(&input[fed..end]);
+                    fed = end;
+                }
+                Step::Next(next) => chunk = next,
+                Step::Data(data, next) => {
+                    body.extend_from_slice(&data);
+                    chunk = next;
+                }
+                Step::End(trailers) => {
+                    assert!(
+                        buf.is_empty() && fed == input.len(),
+                        "all read, nothing left"
+                    );
+                    return Ok((body, trailers));
+                }
+            }
+        }
+        panic!("the decoder stopped making progress");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn chunked_bodies_decode_to_what_was_encoded(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000),
+            cuts in proptest::collection::vec(1usize..700, 0..12),
+            ext in proptest::prelude::any::<bool>(),
+            trailer in proptest::prelude::any::<bool>(),
+            piece in 1usize..300,
+        ) {
+            let mut wire = Vec::new();
+            let mut rest = &body[..];
+            for cut in cuts.iter().copied().chain(std::iter::once(usize::MAX)) {
+                if rest.is_empty() {
+                    break;
+                }
+                let (now, later) = rest.split_at(cut.min(rest.len()));
+                wire.extend_from_slice(format!("{:X}", now.len()).as_bytes());
+                if ext {
+                    wire.extend_from_slice(b";name=\"v\"");
+                }
+                wire.extend_from_slice(b"\r\n");
+                wire.extend_from_slice(now);
+                wire.extend_from_slice(b"\r\n");
+                rest = later;
+            }
+            wire.extend_from_slice(b"0\r\n");
+            if trailer {
+                wire.extend_from_slice(b"x-sum: 9\r\n");
+            }
+            wire.extend_from_slice(b"\r\n");
+            let (decoded, trailers) = decode_chunked(&wire, piece).unwrap();
+            proptest::prop_assert_eq!(decoded, body);
+            proptest::prop_assert_eq!(trailers.map(|t| t["x-sum"].clone()), trailer.then(|| HeaderValue::from_static("9")));
+        }
+
+        #[test]
+        fn the_answer_decoders_survive_garbage_and_stay_bounded(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+            piece in 1usize..512,
+        ) {
+            let _ = decode_chunked(&bytes, piece);
+            let mut buf = BytesMut::new();
+            for part in bytes.chunks(piece) {
+                buf.extend_from_slice(part);
+                match parse_head(&mut buf, &Method::GET) {
+                    Ok(None) => proptest::prop_assert!(buf.len() <= MAX_HEAD),
+                    Ok(Some(_)) | Err(_) => break,
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_head_split_anywhere_parses_the_same() {
+        let answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-a: b\r\nx-a: c\r\n\r\nabc";
+        for split in 0..answer.len() {
+            let mut buf = BytesMut::from(&answer[..split]);
+            let first = parse_head(&mut buf, &Method::GET).unwrap();
+            buf.extend_from_slice(&answer[split..]);
+            let head = match first {
+                Some(head) => head,
+                None => parse_head(&mut buf, &Method::GET).unwrap().unwrap(),
+            };
+            assert_eq!(head.parts.status, StatusCode::OK);
+            let values: Vec<_> = head.parts.headers.get_all("x-a").iter().collect();
+            assert_eq!(values, ["b", "c"]);
+            assert_eq!((head.incoming, head.keep), (Incoming::Length(3), true));
+            assert_eq!(&buf[..], b"abc", "the body stays in the buffer");
+        }
     }
 
     #[test]
