@@ -13,7 +13,10 @@
 //! `transfer-encoding: chunked`, `content-length` or the connection's end,
 //! with none after `HEAD`, `204` and `304`; interim `1xx` answers skipped.
 //! The request's body keeps going out while the answer comes in, as a
-//! server may answer before it has read the whole request. A connection is
+//! server may answer before it has read the whole request: while the head
+//! is awaited, and then whenever the answer's body is read (so an instance
+//! that streams its answer while it reads the request goes at the pace the
+//! client reads the answer). A connection is
 //! kept only after an exchange that ended cleanly on both sides and did
 //! not ask for it to close. Upgrades (`101`) are not spoken here; the pool
 //! sends those through hyper.
@@ -21,7 +24,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
@@ -64,19 +67,14 @@ impl Conn {
     }
 
     /// Whether the connection looks usable for a new request: the
-    /// instance has not closed it or sent anything unasked. Costs a system
-    /// call only when the socket turned readable since the last read that
-    /// drained it.
+    /// instance has not closed it or sent anything unasked. tokio answers
+    /// from the socket's readiness without a system call unless the socket
+    /// turned readable since the last read that drained it.
     pub(super) fn is_open(&self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => matches!(
-                self.io.try_read(&mut [0u8; 1]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock
-            ),
-        }
+        matches!(
+            self.io.try_read(&mut [0u8; 1]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        )
     }
 
     /// Reads more of the answer into `buf`: the count, 0 at the end.
@@ -140,15 +138,10 @@ pub(super) fn encode_head(
     headers: &HeaderMap,
     body: &ProxyBody,
 ) -> io::Result<(Bytes, Outgoing)> {
-    let declared = match headers.get(http::header::CONTENT_LENGTH) {
-        Some(value) => Some(
-            content_length(value)
-                .ok_or_else(|| invalid("the request has a malformed content-length"))?,
-        ),
-        None => None,
-    };
+    let declared = content_lengths(headers)
+        .map_err(|()| invalid("the request has a malformed content-length"))?;
     let (outgoing, add) = match declared {
-        Some(n) => (Outgoing::Length(n), None),
+        Some(n) => (Outgoing::Length(n), Some(n)),
         None if body.is_end_stream() => {
             // A method whose request normally carries content says it has
             // none (RFC 9110 §8.6); the others say nothing.
@@ -173,6 +166,10 @@ pub(super) fn encode_head(
     out.put_slice(path.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
     for (name, value) in headers {
+        if name == http::header::CONTENT_LENGTH {
+            // Written once below, as one number.
+            continue;
+        }
         out.put_slice(name.as_str().as_bytes());
         out.put_slice(b": ");
         out.put_slice(value.as_bytes());
@@ -188,6 +185,20 @@ pub(super) fn encode_head(
     }
     out.put_slice(b"\r\n");
     Ok((out.freeze(), outgoing))
+}
+
+/// The length every `content-length` line of `headers` gives (None if
+/// there is none); an error if one is malformed or they differ.
+fn content_lengths(headers: &HeaderMap) -> Result<Option<u64>, ()> {
+    let mut found = None;
+    for value in headers.get_all(http::header::CONTENT_LENGTH) {
+        let n = content_length(value).ok_or(())?;
+        if found.is_some_and(|f| f != n) {
+            return Err(());
+        }
+        found = Some(n);
+    }
+    Ok(found)
 }
 
 /// A `content-length` value: a number, or a list of the same number.
@@ -217,7 +228,9 @@ struct Sending {
     left: u64,
     out: VecDeque<Bytes>,
     queued: usize,
-    /// The body itself failed (its sender's fault, not the instance's).
+    /// The body itself failed, or did not match its declared length: the
+    /// sender's fault, not the instance's, and the instance still waits
+    /// for the rest.
     failed: bool,
 }
 
@@ -267,12 +280,17 @@ impl Sending {
                         self.queue(data);
                         self.queue(Bytes::from_static(b"\r\n"));
                     } else if n > self.left {
+                        self.failed = true;
                         return Poll::Ready(Err(invalid(
                             "the request's body is longer than its content-length",
                         )));
                     } else {
                         self.left -= n;
                         self.queue(data);
+                        if self.left == 0 {
+                            // All it declared: its end need not be awaited.
+                            self.body = None;
+                        }
                     }
                     Poll::Ready(Ok(true))
                 }
@@ -303,6 +321,7 @@ impl Sending {
                 if chunked {
                     self.queue(Bytes::from_static(b"0\r\n\r\n"));
                 } else if self.left > 0 {
+                    self.failed = true;
                     return Poll::Ready(Err(invalid(
                         "the request's body ended before its content-length",
                     )));
@@ -668,8 +687,13 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head>> {
                 .map_err(|_| invalid(format!("the instance sent a bad value for {name}")))?;
             map.append(name, value);
         }
-        let (incoming, framed_to_keep) = framing(method, status, &map)?;
+        let (incoming, framed_to_keep) = framing(method, status, version, &map)?;
         let keep = framed_to_keep && keeps_alive(version, &map);
+        if matches!(incoming, Incoming::Chunked(_)) {
+            // The chunks frame the body: a content-length beside them is
+            // wrong, and is not passed on (RFC 9112 §6.3).
+            map.remove(http::header::CONTENT_LENGTH);
+        }
         let (mut parts, ()) = http::Response::new(()).into_parts();
         parts.status = status;
         parts.version = version;
@@ -687,6 +711,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Option<Head>> {
 fn framing(
     method: &Method,
     status: StatusCode,
+    version: Version,
     headers: &HeaderMap,
 ) -> io::Result<(Incoming, bool)> {
     if *method == Method::HEAD
@@ -707,20 +732,18 @@ fn framing(
             .map(str::trim);
         if last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")) {
             // With a content-length too, chunked wins and the connection
-            // is not kept.
-            let keep = !headers.contains_key(http::header::CONTENT_LENGTH);
+            // is not kept; nor after HTTP/1.0, which has no chunks.
+            let keep =
+                version == Version::HTTP_11 && !headers.contains_key(http::header::CONTENT_LENGTH);
             return Ok((Incoming::Chunked(Chunk::Size), keep));
         }
         return Ok((Incoming::Close, false));
     }
-    let mut lengths = headers.get_all(http::header::CONTENT_LENGTH).iter();
-    if let Some(first) = lengths.next() {
-        let n = content_length(first)
-            .filter(|&n| lengths.all(|v| content_length(v) == Some(n)))
-            .ok_or_else(|| invalid("the instance sent a malformed content-length"))?;
-        return Ok((Incoming::Length(n), true));
+    match content_lengths(headers) {
+        Ok(Some(n)) => Ok((Incoming::Length(n), true)),
+        Ok(None) => Ok((Incoming::Close, false)),
+        Err(()) => Err(invalid("the instance sent a malformed content-length")),
     }
-    Ok((Incoming::Close, false))
 }
 
 /// What one step of a chunked body's decoder found.
@@ -774,13 +797,14 @@ fn chunk_step(chunk: Chunk, buf: &mut BytesMut) -> io::Result<Step> {
             Ok(Step::Data(data, next))
         }
         Chunk::DataEnd => {
-            if buf.len() < 2 {
-                return Ok(Step::More);
-            }
-            if &buf[..2] != b"\r\n" {
-                return Err(invalid("a chunk's data is longer than its size"));
-            }
-            buf.advance(2);
+            // A line end, as after the size: CRLF, or a bare LF.
+            let end = match &buf[..] {
+                [b'\n', ..] => 1,
+                [b'\r', b'\n', ..] => 2,
+                [] | [b'\r'] => return Ok(Step::More),
+                _ => return Err(invalid("a chunk's data is longer than its size")),
+            };
+            buf.advance(end);
             Ok(Step::Next(Chunk::Size))
         }
         Chunk::Trailers => {
@@ -827,21 +851,32 @@ fn cut_short() -> io::Error {
     )
 }
 
-/// A chunk-size line's size (extensions ignored).
+/// A chunk-size line's size: hex digits, then optional whitespace and
+/// extensions (`;name=value`, ignored), then the line end.
 fn chunk_size(line: &[u8]) -> io::Result<u64> {
+    let bad = || invalid("a malformed chunk size");
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let digits = line
+    let end = line
         .iter()
-        .position(|&b| b == b';' || b == b' ' || b == b'\t')
-        .map_or(line, |end| &line[..end]);
-    if digits.is_empty() || digits.len() > 15 {
-        return Err(invalid("a malformed chunk size"));
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    let (digits, rest) = line.split_at(end);
+    let rest = rest.trim_ascii_start();
+    if digits.is_empty() || !(rest.is_empty() || rest.starts_with(b";")) {
+        return Err(bad());
+    }
+    // Leading zeros add nothing; more than 15 digits would not fit.
+    let first = digits
+        .iter()
+        .position(|&b| b != b'0')
+        .unwrap_or(digits.len() - 1);
+    let significant = &digits[first..];
+    if significant.len() > 15 {
+        return Err(bad());
     }
     let mut n = 0u64;
-    for &b in digits {
-        let d = (b as char)
-            .to_digit(16)
-            .ok_or_else(|| invalid("a malformed chunk size"))?;
+    for &b in significant {
+        let d = (b as char).to_digit(16).ok_or_else(bad)?;
         n = n * 16 + u64::from(d);
     }
     Ok(n)
@@ -1212,6 +1247,108 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_body_shorter_than_its_content_length_fails_at_once() {
+        let (_tasks, pool) = pool();
+        let (port, _) = instance(|mut stream, _| async move {
+            read_head(&mut stream).await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        })
+        .await;
+        let mut req = request(Method::PUT, body::full("hello"));
+        req.headers_mut()
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("10"));
+        match tokio::time::timeout(Duration::from_secs(10), send(&pool, port, req)).await {
+            Ok(Err(PoolError::Request(e))) => assert!(e.contains("ended before"), "{e}"),
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => panic!("still waiting for an answer after 10 s"),
+        }
+    }
+
+    #[tokio::test]
+    async fn content_length_lines_go_out_as_one_and_conflicting_ones_are_refused() {
+        let (_tasks, pool) = pool();
+        let (port, seen) = recording().await;
+        let mut req = request(Method::POST, body::full("hello"));
+        req.headers_mut()
+            .append(http::header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        req.headers_mut().append(
+            http::header::CONTENT_LENGTH,
+            HeaderValue::from_static("5, 5"),
+        );
+        call(&pool, port, req).await;
+        let first = seen.lock().unwrap()[0].clone();
+        assert_eq!(first.matches("content-length").count(), 1, "{first}");
+        assert!(first.ends_with("content-length: 5\r\n\r\nhello"), "{first}");
+        let mut req = request(Method::POST, body::full("hello"));
+        req.headers_mut()
+            .append(http::header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        req.headers_mut()
+            .append(http::header::CONTENT_LENGTH, HeaderValue::from_static("10"));
+        match send(&pool, port, req).await {
+            Err(PoolError::Request(e)) => assert!(e.contains("malformed content-length"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(seen.lock().unwrap().len(), 1, "nothing sent");
+    }
+
+    #[test]
+    fn chunks_beat_a_content_length_which_is_dropped_and_http_1_0_chunks_are_not_kept() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+        );
+        let head = parse_head(&mut buf, &Method::GET).unwrap().unwrap();
+        assert_eq!(head.incoming, Incoming::Chunked(Chunk::Size));
+        assert!(!head.keep);
+        assert!(
+            !head
+                .parts
+                .headers
+                .contains_key(http::header::CONTENT_LENGTH)
+        );
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+        );
+        let head = parse_head(&mut buf, &Method::GET).unwrap().unwrap();
+        assert!(!head.keep);
+    }
+
+    #[tokio::test]
+    async fn a_get_is_sent_again_at_most_once() {
+        let (_tasks, pool) = pool();
+        let heads = Arc::new(AtomicUsize::new(0));
+        let read = heads.clone();
+        // The first connection answers one request; every other request,
+        // on any connection, is read and left unanswered.
+        let (port, accepted) = instance(move |mut stream, n| {
+            let read = read.clone();
+            async move {
+                let mut answered = n > 0;
+                while read_head(&mut stream).await.is_some() {
+                    read.fetch_add(1, Ordering::SeqCst);
+                    if answered {
+                        return;
+                    }
+                    answered = true;
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    stream.write_all(answer).await.unwrap();
+                }
+            }
+        })
+        .await;
+        call(&pool, port, get()).await;
+        match send(&pool, port, get()).await {
+            Err(PoolError::Request(e)) => assert!(e.contains("closed before an answer"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            heads.load(Ordering::SeqCst),
+            3,
+            "sent once, then once again"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
     async fn close_and_http_1_0_answers_do_not_keep_their_connection() {
         let (_tasks, pool) = pool();
         for answer in [
@@ -1445,7 +1582,17 @@ mod tests {
         assert_eq!(chunk_size(b"1a\r").unwrap(), 26);
         assert_eq!(chunk_size(b"0;name=value").unwrap(), 0);
         assert_eq!(chunk_size(b"FF ; x").unwrap(), 255);
-        for bad in [&b""[..], b"\r", b"g", b"-1", b"1111111111111111"] {
+        assert_eq!(chunk_size(b"00000000000000000001\r").unwrap(), 1);
+        assert_eq!(chunk_size(b"0000").unwrap(), 0);
+        for bad in [
+            &b""[..],
+            b"\r",
+            b"g",
+            b"-1",
+            b"1111111111111111",
+            b"5 junk",
+            b"5x",
+        ] {
             assert!(chunk_size(bad).is_err(), "{bad:?}");
         }
     }

@@ -155,12 +155,13 @@ impl Pool {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let (head, outgoing) = h1::encode_head(&parts.method, path, &parts.headers, &body)
             .map_err(|e| PoolError::Request(e.to_string()))?;
-        // Sent again on another connection when an idle one turns out to
-        // have been closed by the instance before it answered: only
-        // without a body, and only if sending it twice is harmless.
+        // Sent again, once, on a new connection when an idle one turns out
+        // to have been closed by the instance before it answered: only
+        // without a body, and only if sending it twice is harmless (the
+        // instance may have read it before it closed).
         let again = outgoing == Outgoing::Length(0) && parts.method.is_idempotent();
         let mut body = Some(body);
-        while let Some((conn, lease)) = self.take(address, port) {
+        if let Some((conn, lease)) = self.take(address, port) {
             let sent = body.take().unwrap_or_else(super::body::empty);
             match h1::exchange(conn, head.clone(), sent, outgoing, &parts.method, lease).await {
                 Ok(response) => return Ok(response.map(Answer::own)),
