@@ -702,39 +702,50 @@ pub struct DemoService {
 }
 
 impl DemoService {
-    /// Starts one on `addr` (port 0 picks a free port first).
+    /// Starts one on `addr`, or (None) on a free port. A free port can be
+    /// taken by another test between the check and the service's bind: if
+    /// the service exits before it listens, it starts again on another.
     pub fn start(name: &str, addr: Option<SocketAddr>) -> Result<Self> {
-        let addr = match addr {
-            Some(a) => a,
-            None => std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?,
-        };
-        let child = Command::new(binary())
-            .args([
-                "demo-service",
-                "--listen",
-                &addr.to_string(),
-                "--name",
-                name,
-            ])
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        poll(
-            &format!("{name} to listen"),
-            Duration::from_secs(10),
-            || {
-                TcpStream::connect(addr)
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            },
-        )?;
-        Ok(Self {
-            name: name.to_owned(),
-            addr,
-            child,
-        })
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let at = match addr {
+                Some(a) => a,
+                None => std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?,
+            };
+            let mut child = Command::new(binary())
+                .args(["demo-service", "--listen", &at.to_string(), "--name", name])
+                .env_remove("RUST_LOG")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let listening = poll(
+                &format!("{name} to listen"),
+                Duration::from_secs(30),
+                || {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Ok(Err(status));
+                    }
+                    TcpStream::connect(at)
+                        .map(|_| Ok(()))
+                        .map_err(|e| e.to_string())
+                },
+            )?;
+            match listening.0 {
+                Ok(()) => {
+                    return Ok(Self {
+                        name: name.to_owned(),
+                        addr: at,
+                        child,
+                    });
+                }
+                Err(status) if addr.is_none() && tries < 5 => {
+                    eprintln!("{name} exited ({status}) before listening on {at}; another port");
+                }
+                Err(status) => bail!("{name} exited ({status}) before listening on {at}"),
+            }
+        }
     }
 
     /// Stops it (kill -9).
