@@ -170,10 +170,7 @@ pub(super) fn encode_head(
             // Written once below, as one number.
             continue;
         }
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
+        put_field(&mut out, name, value);
     }
     if let Some(n) = add {
         out.put_slice(b"content-length: ");
@@ -185,6 +182,14 @@ pub(super) fn encode_head(
     }
     out.put_slice(b"\r\n");
     Ok((out.freeze(), outgoing))
+}
+
+/// One `name: value` line of a head or a trailer block.
+fn put_field(out: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
+    out.put_slice(name.as_str().as_bytes());
+    out.put_slice(b": ");
+    out.put_slice(value.as_bytes());
+    out.put_slice(b"\r\n");
 }
 
 /// The length every `content-length` line of `headers` gives (None if
@@ -299,10 +304,7 @@ impl Sending {
                     if let (Ok(trailers), true) = (frame.into_trailers(), chunked) {
                         let mut block = BytesMut::from(&b"0\r\n"[..]);
                         for (name, value) in &trailers {
-                            block.put_slice(name.as_str().as_bytes());
-                            block.put_slice(b": ");
-                            block.put_slice(value.as_bytes());
-                            block.put_slice(b"\r\n");
+                            put_field(&mut block, name, value);
                         }
                         block.put_slice(b"\r\n");
                         self.queue(block.freeze());
