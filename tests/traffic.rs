@@ -584,26 +584,35 @@ fn route_retries_mirrors_and_connection_limits() -> Result<()> {
         "a mirrored request failed"
     );
     let with_mirror = median(mirrored.into_iter().map(|r| r.2).collect());
-    let sent = || {
+    let mirrored = |outcome: &str| {
         agents[0]
-            .metric(
-                "gossamer_route_mirrored_total{service=\"web\",mirror=\"shadow\",outcome=\"sent\"}",
-            )
+            .metric(&format!(
+                "gossamer_route_mirrored_total{{service=\"web\",mirror=\"shadow\",outcome=\"{outcome}\"}}"
+            ))
             .unwrap_or(0.0) as u64
     };
+    let sent = || mirrored("sent");
     let (copies, _) = poll("the mirror to catch up", Duration::from_secs(30), || {
         let (n, in_flight, _) = stats(shadow, false).map_err(|e| e.to_string())?;
         (in_flight == 0 && n == sent())
             .then_some(n)
             .ok_or(format!("{n} copies arrived, {} sent", sent()))
     })?;
+    // A copy past the cap on copies in flight is dropped and counted; on
+    // a fast machine the slow shadow can hold that many.
+    let drawn = copies + mirrored("overflow");
     eprintln!(
-        "mirror: {copies} of 1000 copied; median {:?} without a mirror, {:?} with",
+        "mirror: {drawn} of 1000 drawn, {copies} copied; median {:?} without a mirror, {:?} with",
         plain, with_mirror
     );
     ensure!(
-        (400..=600).contains(&copies),
-        "{copies} copies of 1000 at 50 %"
+        (400..=600).contains(&drawn),
+        "{drawn} copies of 1000 drawn at 50 %"
+    );
+    // The first 256 copies (the cap) always find room.
+    ensure!(
+        copies >= drawn.min(256),
+        "only {copies} of {drawn} copies were sent"
     );
     ensure!(
         with_mirror < plain + Duration::from_millis(30),
