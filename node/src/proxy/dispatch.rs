@@ -772,7 +772,8 @@ impl Proxy {
         }
         .encode_opening()
         .map_err(|e| AttemptError::Connect(e.to_string()))?;
-        send.write_all(&opening)
+        // Handed over whole: quinn keeps the buffer instead of a copy.
+        send.write_chunk(opening)
             .await
             .map_err(|e| AttemptError::NoResponse(format!("node {}: {e}", backend.node)))?;
         let mut send = Some(send);

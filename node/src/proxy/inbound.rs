@@ -315,7 +315,7 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
             )
             .await;
     };
-    if send.write_all(&encoded).await.is_err() {
+    if send.write_chunk(encoded).await.is_err() {
         return;
     }
     if keep_upgrade {

@@ -100,9 +100,9 @@ pub fn target_service<B>(req: &Request<B>) -> Result<String, TargetError> {
 
 /// The bytes the hash policy picks from a request; the client IP when the
 /// policy's value is absent.
-pub fn hash_input(parts: &Parts, policy: &HashPolicy, peer: SocketAddr) -> Vec<u8> {
-    let found: Option<Vec<u8>> = match policy {
-        HashPolicy::Header(name) => parts.headers.get(name).map(|v| v.as_bytes().to_vec()),
+pub fn hash_input<'a>(parts: &'a Parts, policy: &HashPolicy, peer: SocketAddr) -> HashInput<'a> {
+    let found: Option<&[u8]> = match policy {
+        HashPolicy::Header(name) => parts.headers.get(name).map(HeaderValue::as_bytes),
         HashPolicy::Cookie(name) => parts
             .headers
             .get_all(http::header::COOKIE)
@@ -111,23 +111,47 @@ pub fn hash_input(parts: &Parts, policy: &HashPolicy, peer: SocketAddr) -> Vec<u
             .flat_map(|v| v.split(';'))
             .filter_map(|pair| pair.trim().split_once('='))
             .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_bytes().to_vec()),
+            .map(|(_, v)| v.as_bytes()),
         HashPolicy::Query(name) => parts.uri.query().and_then(|q| {
             q.split('&')
                 .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
                 .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_bytes().to_vec())
+                .map(|(_, v)| v.as_bytes())
         }),
-        HashPolicy::Path => Some(parts.uri.path().as_bytes().to_vec()),
+        HashPolicy::Path => Some(parts.uri.path().as_bytes()),
         HashPolicy::SourceIp => None,
     };
-    found.unwrap_or_else(|| {
+    match found {
+        Some(bytes) => HashInput::Picked(bytes),
         // The text of the address (as before), without `fmt`: this runs
         // for every request under the default policy.
-        let mut ip = Vec::with_capacity(15);
-        crate::observe::access::write_ip(&mut ip, peer.ip());
-        ip
-    })
+        None => {
+            let (text, len) = access::ip_text(peer.ip());
+            HashInput::Ip(text, len)
+        }
+    }
+}
+
+/// What [`hash_input`] picked, without a copy: bytes of the request, or
+/// the client IP's text.
+#[derive(Debug)]
+pub enum HashInput<'a> {
+    /// Bytes of the request (a header, a cookie, a query parameter, the
+    /// path).
+    Picked(&'a [u8]),
+    /// The client IP as text, and the text's length.
+    Ip([u8; 45], usize),
+}
+
+impl std::ops::Deref for HashInput<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Picked(bytes) => bytes,
+            Self::Ip(text, len) => &text[..*len],
+        }
+    }
 }
 
 /// A request to an upstream listener of `service`: whatever its Host
@@ -261,11 +285,30 @@ pub fn forward_headers(parts: &mut Parts, hops: u32, peer: SocketAddr) {
         parts.headers.insert(http::header::HOST, v);
     }
     parts.headers.insert(HOPS_HEADER, hop_value(hops + 1));
-    let mut ip = Vec::with_capacity(15);
-    access::write_ip(&mut ip, peer.ip());
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(ip)) {
+    if let Some(v) = ip_value(peer.ip()) {
         parts.headers.append(X_FORWARDED_FOR, v);
     }
+}
+
+/// The caller's address as a header value. A sidecar's callers are nearly
+/// always the same local address, so each thread keeps the last one and
+/// hands out clones of it instead of building it again.
+fn ip_value(ip: std::net::IpAddr) -> Option<HeaderValue> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(std::net::IpAddr, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| {
+        if let Some((kept, value)) = last.as_ref()
+            && *kept == ip
+        {
+            return Some(value.clone());
+        }
+        let (text, len) = access::ip_text(ip);
+        let value = HeaderValue::from_bytes(&text[..len]).ok()?;
+        *last = Some((ip, value.clone()));
+        Some(value)
+    })
 }
 
 /// The hop count's header value; the counts a request can reach are
@@ -533,5 +576,41 @@ mod tests {
         for n in 0..=MAX_HOPS + 3 {
             assert_eq!(hop_value(n), HeaderValue::from(n), "{n}");
         }
+    }
+
+    #[test]
+    fn each_caller_s_own_address_is_forwarded_and_hashed() {
+        let policy = HashPolicy::SourceIp;
+        // The same address twice (the kept value), then others.
+        for peer in [
+            "127.0.0.1:1",
+            "127.0.0.1:2",
+            "10.0.0.7:3",
+            "[::1]:4",
+            "127.0.0.1:5",
+        ] {
+            let peer: SocketAddr = peer.parse().unwrap();
+            let (mut parts, ()) = Request::get("http://web/")
+                .header(X_FORWARDED_FOR, "192.0.2.1")
+                .body(())
+                .unwrap()
+                .into_parts();
+            forward_headers(&mut parts, 0, peer);
+            let forwarded: Vec<_> = parts.headers.get_all(X_FORWARDED_FOR).iter().collect();
+            let ip = peer.ip().to_string();
+            assert_eq!(forwarded, ["192.0.2.1", ip.as_str()], "{peer}");
+            assert_eq!(&*hash_input(&parts, &policy, peer), ip.as_bytes());
+        }
+        let (parts, ()) = Request::get("http://web/a/b")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(&*hash_input(&parts, &HashPolicy::Path, peer), b"/a/b");
+        let name = HeaderName::from_static("x-user");
+        assert_eq!(
+            &*hash_input(&parts, &HashPolicy::Header(name), peer),
+            b"127.0.0.1"
+        );
     }
 }
