@@ -335,7 +335,7 @@ impl Transport {
         endpoint_config
             .max_udp_payload_size(MAX_UDP_PAYLOAD.max(config.loopback_mtu))
             .map_err(|e| TransportError::Tls(e.to_string()))?;
-        let socket = crate::socket::Socket::new(runtime.wrap_udp_socket(socket)?);
+        let socket = crate::socket::Socket::new(socket)?;
         let endpoint =
             Endpoint::new_with_abstract_socket(endpoint_config, Some(server), socket, runtime)?;
 

@@ -1,54 +1,101 @@
-//! The endpoint's UDP socket, as quinn sees it: quinn-udp's own, receiving
-//! into fewer of quinn's buffers at a time.
+//! The endpoint's UDP socket, as quinn sees it: quinn-udp's system calls
+//! on a socket registered with tokio for reading only, receiving into few
+//! of quinn's buffers at a time.
 //!
-//! quinn's endpoint keeps one receive buffer for its life: 32 slots (one
-//! per datagram `recvmmsg` may return) of the largest payload times the
-//! most segments GRO may join, 32 MiB at the 16 KiB loopback payload. It
-//! is zeroed memory the kernel only maps as datagrams are written into it,
-//! and a GRO batch is at most 64 KiB, so each slot a burst ever reached
-//! keeps up to 64 KiB resident from then on: up to 2 MiB per agent after
-//! a burst or a bulk transfer, against about 6 MiB of heap for all else.
-//! Receiving into the first [`RECV_SLOTS`] slots caps that at 512 KiB. A
-//! backlog larger than that is read by the next `recvmmsg`, in the same
-//! turn of the endpoint's loop.
+//! **No wake-up for writing.** tokio's own UDP socket (quinn's default)
+//! is registered for readable and writable events, and the kernel raises
+//! a writable event each time a sent datagram's buffer is freed: on
+//! loopback, just after every send. At a sidecar's rates that is one more
+//! turn of the event loop (an `epoll_wait` that finds only that) for each
+//! request. Writes here go straight to the socket; only when the kernel
+//! says it would block does a copy of the descriptor register for
+//! writable events, and only until the socket is writable again.
+//!
+//! **No empty read after a short one.** quinn reads until the socket has
+//! nothing left, which is one `recvmmsg` that finds nothing after each
+//! that found something. A read that filled fewer slots than it offered
+//! emptied the socket's queue, so the socket's readiness is cleared then
+//! (tokio keeps it if an event arrived since) and the next read waits for
+//! the kernel's next event instead of asking.
+//!
+//! **A bounded receive.** quinn's endpoint keeps one receive buffer for
+//! its life: 32 slots (one per datagram `recvmmsg` may return) of the
+//! largest payload times the most segments GRO may join, 32 MiB at the
+//! 16 KiB loopback payload. It is zeroed memory the kernel only maps as
+//! datagrams are written into it, and a GRO batch is at most 64 KiB, so
+//! each slot a burst ever reached keeps up to 64 KiB resident from then
+//! on: up to 2 MiB per agent after a burst or a bulk transfer, against
+//! about 6 MiB of heap for all else. Receiving into the first
+//! [`RECV_SLOTS`] slots caps that at 512 KiB. A backlog larger than that
+//! is read by the next `recvmmsg`, in the same turn of the endpoint's
+//! loop.
 
 use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
 
-use quinn::udp::{RecvMeta, Transmit};
+use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 
 /// Slots of quinn's receive buffer one `recvmmsg` fills, at most.
 pub const RECV_SLOTS: usize = 8;
 
-/// quinn-udp's socket for the runtime, receiving into at most
-/// [`RECV_SLOTS`] buffers a call.
-pub struct Socket(Arc<dyn AsyncUdpSocket>);
+/// A UDP socket for quinn's endpoint, registered with tokio for reading.
+pub struct Socket {
+    io: AsyncFd<std::net::UdpSocket>,
+    state: UdpSocketState,
+    /// The last send would have blocked, and no wait has seen the socket
+    /// writable since.
+    blocked: AtomicBool,
+}
 
 impl Socket {
-    /// Wraps the runtime's socket.
-    pub fn new(inner: Arc<dyn AsyncUdpSocket>) -> Arc<Self> {
-        Arc::new(Self(inner))
+    /// Takes over `socket` (made non-blocking here); must be called
+    /// within a tokio runtime.
+    pub fn new(socket: std::net::UdpSocket) -> io::Result<Arc<Self>> {
+        let state = UdpSocketState::new((&socket).into())?;
+        socket.set_nonblocking(true)?;
+        let io = register(socket, Interest::READABLE)?;
+        Ok(Arc::new(Self {
+            io,
+            state,
+            blocked: AtomicBool::new(false),
+        }))
     }
 }
 
 impl fmt::Debug for Socket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("Socket").field(&self.0).finish()
+        f.debug_struct("Socket")
+            .field("local", &self.io.get_ref().local_addr().ok())
+            .finish_non_exhaustive()
     }
 }
 
 impl AsyncUdpSocket for Socket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-        self.0.clone().create_io_poller()
+        Box::pin(Writable {
+            socket: self,
+            waiting: None,
+        })
     }
 
     fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
-        self.0.try_send(transmit)
+        let sent = self.state.send(self.io.get_ref().into(), transmit);
+        if sent
+            .as_ref()
+            .is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock)
+        {
+            self.blocked.store(true, Ordering::Release);
+        }
+        sent
     }
 
     fn poll_recv(
@@ -57,24 +104,88 @@ impl AsyncUdpSocket for Socket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        let n = bufs.len().min(meta.len()).min(RECV_SLOTS);
-        self.0.poll_recv(cx, &mut bufs[..n], &mut meta[..n])
+        let slots = bufs.len().min(meta.len()).min(RECV_SLOTS);
+        loop {
+            let mut guard = ready!(self.io.poll_read_ready(cx))?;
+            let read = guard.try_io(|io| {
+                self.state
+                    .recv(io.get_ref().into(), &mut bufs[..slots], &mut meta[..slots])
+            });
+            match read {
+                Ok(Ok(n)) => {
+                    if n < slots {
+                        guard.clear_ready();
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                // Nothing there after all: readiness cleared, wait again.
+                Err(_would_block) => {}
+            }
+        }
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.local_addr()
+        self.io.get_ref().local_addr()
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.0.max_transmit_segments()
+        self.state.max_gso_segments()
     }
 
     fn max_receive_segments(&self) -> usize {
-        self.0.max_receive_segments()
+        self.state.gro_segments()
     }
 
     fn may_fragment(&self) -> bool {
-        self.0.may_fragment()
+        self.state.may_fragment()
+    }
+}
+
+/// Registers `fd` with the runtime's reactor for `interest` alone.
+#[allow(unsafe_code)]
+fn register<T: AsRawFd>(fd: T, interest: Interest) -> io::Result<AsyncFd<T>> {
+    // SAFETY: `T` is a `UdpSocket` or an `OwnedFd` here. Each owns its
+    // descriptor, keeps it open until it is dropped with the `AsyncFd`, and
+    // returns that same descriptor from every `as_raw_fd`.
+    Ok(unsafe { AsyncFd::register_with_interest(fd, interest) }?)
+}
+
+/// Tells quinn, for one connection or the endpoint, whether to send: at
+/// once, unless the last send would have blocked. Then a copy of the
+/// socket's descriptor is registered for writable events until one comes.
+struct Writable {
+    socket: Arc<Socket>,
+    waiting: Option<AsyncFd<OwnedFd>>,
+}
+
+impl fmt::Debug for Writable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Writable")
+            .field("waiting", &self.waiting.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl UdpPoller for Writable {
+    fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.socket.blocked.load(Ordering::Acquire) {
+            this.waiting = None;
+            return Poll::Ready(Ok(()));
+        }
+        let waiting = match &mut this.waiting {
+            Some(fd) => fd,
+            None => {
+                // Registering reports a socket already writable at once.
+                let copy = this.socket.io.get_ref().as_fd().try_clone_to_owned()?;
+                this.waiting.insert(register(copy, Interest::WRITABLE)?)
+            }
+        };
+        let _writable = ready!(waiting.poll_write_ready(cx))?;
+        this.waiting = None;
+        this.socket.blocked.store(false, Ordering::Release);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -84,10 +195,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_backlog_is_read_a_few_slots_at_a_time_and_whole() {
-        let runtime = quinn::default_runtime().expect("tokio runtime");
         let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let to = std_socket.local_addr().unwrap();
-        let socket = Socket::new(runtime.wrap_udp_socket(std_socket).unwrap());
+        let socket = Socket::new(std_socket).unwrap();
         let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         // Different sizes, so GRO cannot join them into fewer messages.
         let sent: Vec<Vec<u8>> = (0..3 * RECV_SLOTS)
@@ -114,5 +224,58 @@ mod tests {
             }
         }
         assert_eq!(got, sent);
+    }
+
+    #[tokio::test]
+    async fn each_datagram_after_a_short_read_wakes_the_reader() {
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = std_socket.local_addr().unwrap();
+        let socket = Socket::new(std_socket).unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut storage = vec![[0u8; 2048]; RECV_SLOTS];
+        for i in 0..200u32 {
+            // One datagram at a time: every read is short and clears the
+            // readiness, so only the kernel's next event can wake it.
+            let sending = tokio::spawn({
+                let sender = sender.try_clone().unwrap();
+                async move {
+                    tokio::task::yield_now().await;
+                    sender.send_to(&i.to_be_bytes(), to).unwrap();
+                }
+            });
+            let mut bufs: Vec<IoSliceMut<'_>> =
+                storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            let mut meta = [RecvMeta::default(); RECV_SLOTS];
+            let n = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                std::future::poll_fn(|cx| socket.poll_recv(cx, &mut bufs, &mut meta)),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("datagram {i} never woke the reader"))
+            .unwrap();
+            assert_eq!(n, 1);
+            assert_eq!(&bufs[0][..meta[0].len], &i.to_be_bytes());
+            sending.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn quinn_sends_at_once_and_waits_only_after_a_blocked_send() {
+        let socket = Socket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let mut poller = socket.clone().create_io_poller();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(poller.as_mut().poll_writable(&mut cx).is_ready());
+        // As after a send the kernel refused: the wait registers for
+        // writable events and ends at the first.
+        socket.blocked.store(true, Ordering::Release);
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx)),
+        )
+        .await
+        .expect("a writable socket is reported writable")
+        .unwrap();
+        assert!(!socket.blocked.load(Ordering::Acquire));
+        assert!(poller.as_mut().poll_writable(&mut cx).is_ready());
     }
 }
