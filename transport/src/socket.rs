@@ -31,6 +31,7 @@
 //! loop.
 
 use std::fmt;
+use std::future::Future;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -156,7 +157,47 @@ fn register<T: AsRawFd>(fd: T, interest: Interest) -> io::Result<AsyncFd<T>> {
 /// socket's descriptor is registered for writable events until one comes.
 struct Writable {
     socket: Arc<Socket>,
-    waiting: Option<AsyncFd<OwnedFd>>,
+    waiting: Option<Wait>,
+}
+
+/// What a blocked sender waits on.
+enum Wait {
+    /// A copy of the socket's descriptor, registered for writable events.
+    Event(AsyncFd<OwnedFd>),
+    /// A short sleep, when no copy could be made or registered (the
+    /// process is out of descriptors, say): the sender tries again after
+    /// it instead of failing its connection.
+    Retry(Pin<Box<tokio::time::Sleep>>),
+}
+
+/// How long a blocked sender waits before trying again when the socket
+/// cannot be watched for writable events.
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
+
+impl Wait {
+    fn new(socket: &Socket) -> Self {
+        let watched = socket
+            .io
+            .get_ref()
+            .as_fd()
+            .try_clone_to_owned()
+            .and_then(|copy| register(copy, Interest::WRITABLE));
+        match watched {
+            // Registering reports a socket already writable at once.
+            Ok(fd) => Self::Event(fd),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot watch the UDP socket for writing; retrying the send shortly");
+                Self::Retry(Box::pin(tokio::time::sleep(RETRY_AFTER)))
+            }
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Self::Event(fd) => fd.poll_write_ready(cx).map_ok(|_writable| ()),
+            Self::Retry(sleep) => sleep.as_mut().poll(cx).map(Ok),
+        }
+    }
 }
 
 impl fmt::Debug for Writable {
@@ -174,18 +215,11 @@ impl UdpPoller for Writable {
             this.waiting = None;
             return Poll::Ready(Ok(()));
         }
-        let waiting = match &mut this.waiting {
-            Some(fd) => fd,
-            None => {
-                // Registering reports a socket already writable at once.
-                let copy = this.socket.io.get_ref().as_fd().try_clone_to_owned()?;
-                this.waiting.insert(register(copy, Interest::WRITABLE)?)
-            }
-        };
-        let _writable = ready!(waiting.poll_write_ready(cx))?;
+        let waiting = this.waiting.get_or_insert_with(|| Wait::new(&this.socket));
+        let waited = ready!(waiting.poll(cx));
         this.waiting = None;
         this.socket.blocked.store(false, Ordering::Release);
-        Poll::Ready(Ok(()))
+        Poll::Ready(waited)
     }
 }
 
@@ -277,5 +311,25 @@ mod tests {
         .unwrap();
         assert!(!socket.blocked.load(Ordering::Acquire));
         assert!(poller.as_mut().poll_writable(&mut cx).is_ready());
+    }
+
+    #[tokio::test]
+    async fn a_sender_that_cannot_watch_the_socket_tries_again_after_a_pause() {
+        let socket = Socket::new(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        // As when no descriptor could be spared for the writable events.
+        let mut poller = Writable {
+            socket: socket.clone(),
+            waiting: Some(Wait::Retry(Box::pin(tokio::time::sleep(RETRY_AFTER)))),
+        };
+        socket.blocked.store(true, Ordering::Release);
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            std::future::poll_fn(|cx| Pin::new(&mut poller).poll_writable(cx)),
+        )
+        .await
+        .expect("the pause ends")
+        .unwrap();
+        assert!(!socket.blocked.load(Ordering::Acquire));
+        assert!(poller.waiting.is_none());
     }
 }
