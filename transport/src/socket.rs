@@ -119,7 +119,11 @@ impl AsyncUdpSocket for Socket {
                     }
                     return Poll::Ready(Ok(n));
                 }
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                // An error the socket reports once (an ICMP error for an
+                // earlier datagram, say) is not the endpoint's end: quinn
+                // stops its endpoint on any error but a reset, so read on,
+                // as quinn's own tokio socket does.
+                Ok(Err(e)) => tracing::debug!(error = %e, "UDP receive failed; reading on"),
                 // Nothing there after all: readiness cleared, wait again.
                 Err(_would_block) => {}
             }
