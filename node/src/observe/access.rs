@@ -758,41 +758,61 @@ pub fn write_addr(out: &mut Vec<u8>, addr: std::net::SocketAddr) {
 
 /// Appends `ip` as text, the same text as its `Display`.
 pub fn write_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
-    let (text, len) = ip_text(ip);
-    out.extend_from_slice(&text[..len]);
+    out.extend_from_slice(&IpText::new(ip));
 }
 
-/// `ip` as text in a buffer of its own, and the text's length: the same
-/// text as its `Display`, IPv4 without the formatting machinery (every
-/// request pays for this) and without an allocation.
-pub fn ip_text(ip: std::net::IpAddr) -> ([u8; 45], usize) {
-    let mut text = [0u8; 45];
-    let std::net::IpAddr::V4(v4) = ip else {
-        use std::io::Write;
-        let mut cursor = std::io::Cursor::new(&mut text[..]);
-        // The longest IPv6 text (with an embedded IPv4) is 45 bytes.
-        let _ = write!(cursor, "{ip}");
-        let len = usize::try_from(cursor.position()).unwrap_or(0);
-        return (text, len);
-    };
-    let mut len = 0;
-    for (i, octet) in v4.octets().into_iter().enumerate() {
-        if i > 0 {
-            text[len] = b'.';
+/// An address's text in a buffer of its own: the same text as its
+/// `Display`, IPv4 without the formatting machinery (every request pays
+/// for this) and without an allocation.
+#[derive(Debug, Clone, Copy)]
+pub struct IpText {
+    // 45 bytes hold any IPv6 text; Rust writes at most 39.
+    text: [u8; 45],
+    len: u8,
+}
+
+impl IpText {
+    /// The text of `ip`.
+    pub fn new(ip: std::net::IpAddr) -> Self {
+        let mut text = [0u8; 45];
+        let std::net::IpAddr::V4(v4) = ip else {
+            use std::io::Write;
+            let mut cursor = std::io::Cursor::new(&mut text[..]);
+            let _ = write!(cursor, "{ip}");
+            let len = u8::try_from(cursor.position()).unwrap_or(0);
+            return Self { text, len };
+        };
+        let mut len = 0;
+        for (i, octet) in v4.octets().into_iter().enumerate() {
+            if i > 0 {
+                text[len] = b'.';
+                len += 1;
+            }
+            if octet >= 100 {
+                text[len] = b'0' + octet / 100;
+                len += 1;
+            }
+            if octet >= 10 {
+                text[len] = b'0' + octet / 10 % 10;
+                len += 1;
+            }
+            text[len] = b'0' + octet % 10;
             len += 1;
         }
-        if octet >= 100 {
-            text[len] = b'0' + octet / 100;
-            len += 1;
+        // At most 15 bytes.
+        Self {
+            text,
+            len: len as u8,
         }
-        if octet >= 10 {
-            text[len] = b'0' + octet / 10 % 10;
-            len += 1;
-        }
-        text[len] = b'0' + octet % 10;
-        len += 1;
     }
-    (text, len)
+}
+
+impl std::ops::Deref for IpText {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.text[..usize::from(self.len)]
+    }
 }
 
 /// Fills in what the answer tells and logs it when its body ends; the
@@ -1283,11 +1303,13 @@ mod tests {
             write_ip(&mut ip, addr.ip());
             assert_eq!(ip, addr.ip().to_string().into_bytes());
         }
-        let longest: std::net::IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
-            .parse()
-            .unwrap();
-        let (text, len) = ip_text(longest);
-        assert_eq!(&text[..len], longest.to_string().as_bytes());
+        for long in [
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
+        ] {
+            let ip: std::net::IpAddr = long.parse().unwrap();
+            assert_eq!(&*IpText::new(ip), ip.to_string().as_bytes());
+        }
     }
 
     #[test]

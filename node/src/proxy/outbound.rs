@@ -125,10 +125,7 @@ pub fn hash_input<'a>(parts: &'a Parts, policy: &HashPolicy, peer: SocketAddr) -
         Some(bytes) => HashInput::Picked(bytes),
         // The text of the address (as before), without `fmt`: this runs
         // for every request under the default policy.
-        None => {
-            let (text, len) = access::ip_text(peer.ip());
-            HashInput::Ip(text, len)
-        }
+        None => HashInput::Ip(access::IpText::new(peer.ip())),
     }
 }
 
@@ -139,8 +136,8 @@ pub enum HashInput<'a> {
     /// Bytes of the request (a header, a cookie, a query parameter, the
     /// path).
     Picked(&'a [u8]),
-    /// The client IP as text, and the text's length.
-    Ip([u8; 45], usize),
+    /// The client IP as text.
+    Ip(access::IpText),
 }
 
 impl std::ops::Deref for HashInput<'_> {
@@ -149,7 +146,7 @@ impl std::ops::Deref for HashInput<'_> {
     fn deref(&self) -> &[u8] {
         match self {
             Self::Picked(bytes) => bytes,
-            Self::Ip(text, len) => &text[..*len],
+            Self::Ip(text) => text,
         }
     }
 }
@@ -304,8 +301,7 @@ fn ip_value(ip: std::net::IpAddr) -> Option<HeaderValue> {
         {
             return Some(value.clone());
         }
-        let (text, len) = access::ip_text(ip);
-        let value = HeaderValue::from_bytes(&text[..len]).ok()?;
+        let value = HeaderValue::from_bytes(&access::IpText::new(ip)).ok()?;
         *last = Some((ip, value.clone()));
         Some(value)
     })
