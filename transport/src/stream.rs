@@ -31,6 +31,11 @@ pub(crate) struct Activity {
     streams: AtomicUsize,
     /// The concurrent bidirectional streams the peer may open now.
     pub(crate) bidi_limit: AtomicU32,
+    /// Streams the peer opened since `counted_since` (see
+    /// [`Activity::opened_quickly`]).
+    opened: AtomicU32,
+    /// When `opened` started counting, on [`coarse_ms`]'s clock.
+    counted_since: AtomicU64,
 }
 
 impl Activity {
@@ -42,6 +47,8 @@ impl Activity {
             last: AtomicU64::new(0),
             streams: AtomicUsize::new(0),
             bidi_limit: AtomicU32::new(bidi_limit),
+            opened: AtomicU32::new(0),
+            counted_since: AtomicU64::new(coarse_ms()),
         });
         this.touch();
         this
@@ -59,6 +66,19 @@ impl Activity {
 
     pub(crate) fn streams(&self) -> usize {
         self.streams.load(Ordering::Relaxed)
+    }
+
+    /// Counts a stream the peer opened; true when it has opened `limit`
+    /// streams within `within_ms`, one after another or at once. The count
+    /// starts again either way.
+    pub(crate) fn opened_quickly(&self, limit: u32, within_ms: u64) -> bool {
+        if self.opened.fetch_add(1, Ordering::Relaxed) + 1 < limit {
+            return false;
+        }
+        self.opened.store(0, Ordering::Relaxed);
+        let now = coarse_ms();
+        let since = self.counted_since.swap(now, Ordering::Relaxed);
+        now.saturating_sub(since) < within_ms
     }
 }
 
@@ -163,5 +183,22 @@ impl AsyncWrite for SendStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         AsyncWrite::poll_shutdown(Pin::new(&mut self.inner), cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_allowance_opened_within_the_window_counts_as_busy_and_the_count_starts_again() {
+        let activity = Activity::new(Instant::now(), 4);
+        let quick: Vec<bool> = (0..8).map(|_| activity.opened_quickly(4, 60_000)).collect();
+        assert_eq!(
+            quick,
+            [false, false, false, true, false, false, false, true]
+        );
+        // A window no count can finish within: never busy, however many.
+        assert!((0..12).all(|_| !activity.opened_quickly(4, 0)));
     }
 }

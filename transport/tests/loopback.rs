@@ -253,6 +253,57 @@ async fn a_busy_connection_is_allowed_more_streams() {
 }
 
 #[tokio::test]
+async fn streams_opened_one_at_a_time_at_a_steady_rate_grow_the_allowance() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki::generate_ca("test.mesh").unwrap();
+    let (a, _a_rx, _a_streams) = start(identity(dir.path(), &ca, "a"));
+    let (b, _b_rx, mut b_streams) = start(identity(dir.path(), &ca, "b"));
+    let b_addr = b.local_addr().unwrap();
+    // The receiver answers each stream and closes it, as an agent answers
+    // a proxied request.
+    tokio::spawn(async move {
+        while let Some(item) = b_streams.recv().await {
+            if let Inbound::Stream {
+                mut send, mut recv, ..
+            } = item
+            {
+                tokio::spawn(async move {
+                    if recv.read_to_end(1024).await.is_ok() {
+                        let _ = send.write_all(b"answer").await;
+                        let _ = send.finish();
+                    }
+                });
+            }
+        }
+    });
+
+    // Never more than one open: only the rate can make the allowance grow.
+    const STREAMS: u64 = 2_000;
+    for i in 0..STREAMS {
+        let (mut tx, mut rx) =
+            tokio::time::timeout(Duration::from_secs(10), a.open_bi("b", b_addr))
+                .await
+                .unwrap_or_else(|_| panic!("stream {i} not allowed within 10 s"))
+                .unwrap();
+        tx.write_all(b"request").await.unwrap();
+        tx.finish().unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), rx.read_to_end(1024))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer, b"answer");
+    }
+    // quinn grants streams in a MAX_STREAMS frame each time an eighth of
+    // the allowance has closed: at the first allowance (32) that would be
+    // one frame every 5 streams, 400 here; grown to 1,024, one every 129.
+    let sent = b.connection_stats("a").unwrap().frame_tx.max_streams_bidi;
+    assert!(
+        sent < STREAMS / 20,
+        "{sent} MAX_STREAMS frames for {STREAMS} streams: the allowance did not grow"
+    );
+}
+
+#[tokio::test]
 async fn only_connections_with_a_quiet_stream_get_keep_alives() {
     let dir = tempfile::tempdir().unwrap();
     let ca = pki::generate_ca("test.mesh").unwrap();

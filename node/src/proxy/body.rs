@@ -175,8 +175,31 @@ impl Body for ChannelBody {
     }
 }
 
+/// How long a response head waits for its body's first bytes, when the
+/// body's length is known and they are not in yet.
+pub const HEAD_WAITS_FOR_BODY: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Writes an HTTP body to a QUIC stream as frames, then finishes it.
-pub async fn to_quic<B>(
+pub async fn to_quic<B>(body: B, send: &mut SendStream, counter: &Counter) -> Result<(), BoxError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    send_body(None, body, send, counter).await
+}
+
+/// Writes a response's encoded `head`, then its body as [`to_quic`] does.
+///
+/// An instance often writes its head and its body in two writes (nginx: a
+/// `writev`, then a `sendfile`), and the agent may read between them. The
+/// head then left in a packet of its own, and the caller's agent woke and
+/// wrote to its client twice for the one answer. So a head whose body has
+/// a known length waits for the body's first bytes, up to
+/// [`HEAD_WAITS_FOR_BODY`], and leaves with them. A body without a length
+/// (chunked, or read to the connection's close, as event streams are) does
+/// not hold its head back.
+pub async fn head_then_body<B>(
+    head: Bytes,
     mut body: B,
     send: &mut SendStream,
     counter: &Counter,
@@ -185,26 +208,67 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
+    if body.is_end_stream() || body.size_hint().exact().is_none() {
+        send.write_chunk(head).await?;
+        return send_body(None, body, send, counter).await;
+    }
+    // Polled before the timer is set: a body already read costs no timer.
+    match tokio::time::timeout(HEAD_WAITS_FOR_BODY, body.frame()).await {
+        Ok(Some(Ok(first))) => send_body(Some((head, first)), body, send, counter).await,
+        Ok(Some(Err(e))) => {
+            // The caller hears the head, then the stream's reset.
+            send.write_chunk(head).await?;
+            Err(e.into())
+        }
+        Ok(None) | Err(_) => {
+            send.write_chunk(head).await?;
+            send_body(None, body, send, counter).await
+        }
+    }
+}
+
+/// The body's frames, from `start` on if given (a head not yet written,
+/// and the frame read while it waited), then the stream's end.
+async fn send_body<B>(
+    start: Option<(Bytes, HttpFrame<Bytes>)>,
+    mut body: B,
+    send: &mut SendStream,
+    counter: &Counter,
+) -> Result<(), BoxError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let (mut head, mut first) = start.map_or((None, None), |(h, f)| (Some(h), Some(f)));
     // A body that knows it has ended (its declared length all read) is
     // not polled for its end: that can take one more wake-up, and the
     // stream's end would then leave in a packet of its own.
-    while !body.is_end_stream() {
-        let Some(frame) = body.frame().await else {
-            break;
+    while first.is_some() || !body.is_end_stream() {
+        let frame = match first.take() {
+            Some(frame) => frame,
+            None => match body.frame().await {
+                Some(frame) => frame.map_err(Into::into)?,
+                None => break,
+            },
         };
-        let frame = frame.map_err(Into::into)?;
         match frame.into_data() {
             Ok(mut data) => {
                 counter.inc_by(data.len() as u64);
                 while !data.is_empty() {
                     // The header, then the data as it is: quinn queues
-                    // both without copying.
+                    // both (and a head still waiting) without copying.
                     let piece = data.split_to(data.len().min(CHUNK));
-                    send.write_all_chunks(&mut [wire::data_header(piece.len()), piece])
-                        .await?;
+                    let header = wire::data_header(piece.len());
+                    match head.take() {
+                        Some(h) => send.write_all_chunks(&mut [h, header, piece]).await?,
+                        None => send.write_all_chunks(&mut [header, piece]).await?,
+                    }
                 }
             }
             Err(frame) => {
+                if let Some(h) = head.take() {
+                    send.write_chunk(h).await?;
+                }
                 if let Ok(trailers) = frame.into_trailers() {
                     let t = wire::headers_to_wire(&trailers, false);
                     send.write_all(&wire::encode_frame(&Frame::Trailers(t))?)
@@ -212,6 +276,9 @@ where
                 }
             }
         }
+    }
+    if let Some(h) = head {
+        send.write_chunk(h).await?;
     }
     send.finish()?;
     Ok(())
@@ -567,5 +634,126 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use gossamer_transport::pki;
+    use gossamer_transport::{Inbound, MeshIdentity, Transport, TransportConfig};
+
+    use super::*;
+
+    fn identity(dir: &std::path::Path, ca: &pki::PemPair, name: &str) -> MeshIdentity {
+        let node = pki::issue_node_cert(ca, name, "test.mesh").unwrap();
+        let (cert, key) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(dir.join("ca.pem"), &ca.cert).unwrap();
+        std::fs::write(&cert, &node.cert).unwrap();
+        std::fs::write(&key, &node.key).unwrap();
+        MeshIdentity::load(&dir.join("ca.pem"), &cert, &key, Some(name)).unwrap()
+    }
+
+    /// A body of `data` that arrives `after` its head, with its length
+    /// known or not, as an instance's answer read from its connection.
+    struct Late {
+        data: Option<Bytes>,
+        sleep: Pin<Box<tokio::time::Sleep>>,
+        known: bool,
+    }
+
+    impl Body for Late {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<HttpFrame<Bytes>, BoxError>>> {
+            std::task::ready!(self.sleep.as_mut().poll(cx));
+            Poll::Ready(self.data.take().map(|d| Ok(HttpFrame::data(d))))
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.data.is_none()
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            match (&self.data, self.known) {
+                (Some(d), true) => SizeHint::with_exact(d.len() as u64),
+                (None, _) => SizeHint::with_exact(0),
+                _ => SizeHint::default(),
+            }
+        }
+    }
+
+    /// The bytes of the first STREAM frame the caller receives, and all of
+    /// them, for a head and a 1 KiB body sent `after` it.
+    async fn first_chunk(after: Duration, known: bool) -> (usize, usize) {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = pki::generate_ca("test.mesh").unwrap();
+        let bind = |id| {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            Transport::bind(id, TransportConfig::default(), socket).unwrap()
+        };
+        let (caller, _caller_q) = bind(identity(dir.path(), &ca, "caller"));
+        let (owner, mut owner_q) = bind(identity(dir.path(), &ca, "owner"));
+        let (mut send, mut recv) = caller
+            .open_bi("owner", owner.local_addr().unwrap())
+            .await
+            .unwrap();
+        send.write_all(b"request").await.unwrap();
+        send.finish().unwrap();
+        let Some(Inbound::Stream {
+            send: mut answer, ..
+        }) = owner_q.streams.recv().await
+        else {
+            panic!("no stream");
+        };
+        let body = Late {
+            data: Some(Bytes::from(vec![b'x'; 1024])),
+            sleep: Box::pin(tokio::time::sleep(after)),
+            known,
+        };
+        let head = Bytes::from_static(b"a response head");
+        let sent = tokio::spawn(async move {
+            head_then_body(head, body, &mut answer, &Counter::default()).await
+        });
+        let first = recv.read_chunk(usize::MAX, true).await.unwrap().unwrap();
+        let mut total = first.bytes.len();
+        while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.unwrap() {
+            total += chunk.bytes.len();
+        }
+        sent.await.unwrap().unwrap();
+        (first.bytes.len(), total)
+    }
+
+    #[tokio::test]
+    async fn a_head_waits_for_its_body_s_first_bytes_when_its_length_is_known() {
+        let head = b"a response head".len();
+        let (first, total) = first_chunk(Duration::from_micros(200), true).await;
+        assert!(
+            total > head + 1024,
+            "the whole answer arrives ({total} bytes)"
+        );
+        assert_eq!(first, total, "head and body arrive together");
+    }
+
+    #[tokio::test]
+    async fn a_head_waits_no_longer_than_its_limit_or_for_a_body_of_unknown_length() {
+        let head = b"a response head".len();
+        let late = HEAD_WAITS_FOR_BODY * 50;
+        let (first, total) = first_chunk(late, true).await;
+        assert_eq!(first, head, "the head leaves alone once the wait is over");
+        assert!(total > head + 1024);
+        let (first, _) = first_chunk(late, false).await;
+        assert_eq!(
+            first, head,
+            "a body of unknown length does not hold its head"
+        );
     }
 }

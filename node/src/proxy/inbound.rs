@@ -315,10 +315,10 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
             )
             .await;
     };
-    if send.write_chunk(encoded).await.is_err() {
-        return;
-    }
     if keep_upgrade {
+        if send.write_chunk(encoded).await.is_err() {
+            return;
+        }
         if let Some(recv) = upgrade_recv {
             bridge(
                 hyper::upgrade::on(&mut response),
@@ -330,11 +330,13 @@ pub async fn serve(from: String, mut send: SendStream, mut recv: RecvStream, pro
         return;
     }
     if end_stream {
-        let _ = send.finish();
+        if send.write_chunk(encoded).await.is_ok() {
+            let _ = send.finish();
+        }
         return;
     }
     let counter = proxy.metrics.bytes(&head.service, "response");
-    if let Err(e) = body::to_quic(response.into_body(), &mut send, &counter).await {
+    if let Err(e) = body::head_then_body(encoded, response.into_body(), &mut send, &counter).await {
         debug!(peer = %from, error = %e, "response body not fully sent");
         let _ = send.reset(1u32.into());
     }
