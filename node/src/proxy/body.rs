@@ -185,7 +185,7 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    send_body(None, body, send, counter).await
+    send_body(None, None, body, send, counter).await
 }
 
 /// Writes a response's encoded `head`, then its body as [`to_quic`] does.
@@ -210,11 +210,11 @@ where
 {
     if body.is_end_stream() || body.size_hint().exact().is_none() {
         send.write_chunk(head).await?;
-        return send_body(None, body, send, counter).await;
+        return send_body(None, None, body, send, counter).await;
     }
     // Polled before the timer is set: a body already read costs no timer.
     match tokio::time::timeout(HEAD_WAITS_FOR_BODY, body.frame()).await {
-        Ok(Some(Ok(first))) => send_body(Some((head, first)), body, send, counter).await,
+        Ok(Some(Ok(first))) => send_body(Some(head), Some(first), body, send, counter).await,
         Ok(Some(Err(e))) => {
             // The caller hears the head, then the stream's reset.
             send.write_chunk(head).await?;
@@ -222,15 +222,17 @@ where
         }
         Ok(None) | Err(_) => {
             send.write_chunk(head).await?;
-            send_body(None, body, send, counter).await
+            send_body(None, None, body, send, counter).await
         }
     }
 }
 
-/// The body's frames, from `start` on if given (a head not yet written,
-/// and the frame read while it waited), then the stream's end.
+/// The body's frames, then the stream's end; `head`, if given, is not yet
+/// written and leaves with the first data, and `first` is a frame already
+/// read from `body`.
 async fn send_body<B>(
-    start: Option<(Bytes, HttpFrame<Bytes>)>,
+    mut head: Option<Bytes>,
+    mut first: Option<HttpFrame<Bytes>>,
     mut body: B,
     send: &mut SendStream,
     counter: &Counter,
@@ -239,7 +241,6 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    let (mut head, mut first) = start.map_or((None, None), |(h, f)| (Some(h), Some(f)));
     // A body that knows it has ended (its declared length all read) is
     // not polled for its end: that can take one more wake-up, and the
     // stream's end would then leave in a packet of its own.
